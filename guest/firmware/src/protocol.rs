@@ -1,0 +1,118 @@
+//! What the test guest and the host agree on: fixed addresses, the shell's replies, the on-disk
+//! record format and the benchmark ports.
+//!
+//! This file is compiled twice: into the freestanding guest, and into the host crate `vmms-guest`
+//! (via `#[path]`) so host tests verify exactly the format the guest writes. It must stay `no_std`
+//! and free of allocation.
+
+/// Guest-physical address of the [`StatusBlock`]: the first page of the guest image.
+pub const STATUS_GPA: u64 = 0x10_0000;
+
+/// `StatusBlock::magic` once the guest has initialised it ("VMMSGST1").
+pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"VMMSGST1");
+
+/// Live counters the guest publishes at [`STATUS_GPA`], readable by the host through guest memory
+/// (for instance while the partition is paused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusBlock {
+    /// [`STATUS_MAGIC`] once the guest is up.
+    pub magic: u64,
+    /// Advances continuously while the guest's main loop runs.
+    pub counter: u64,
+    /// Records appended to the disk since this disk was formatted (the next record's sequence number).
+    pub records_written: u64,
+    /// TSC reading at the last main-loop pass.
+    pub ticks: u64,
+    /// Base guest-physical address of the page range that `dirty N` touches.
+    pub dirty_base: u64,
+    /// How many boots this guest image has seen since the VM was created (reset by power-off).
+    pub boot_count: u64,
+}
+
+/// Size of one on-disk record and the disk block it occupies.
+pub const RECORD_SIZE: usize = 4096;
+/// `Record::magic` ("VMMSREC1").
+pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"VMMSREC1");
+/// Byte offset of the checksum: the last 8 bytes of a record.
+pub const RECORD_CHECKSUM_OFFSET: usize = RECORD_SIZE - 8;
+
+/// Record `seq` lives at byte offset `seq * RECORD_SIZE` of the disk. Layout (little-endian):
+/// `[0..8)` magic, `[8..16)` seq, `[16..RECORD_CHECKSUM_OFFSET)` payload where byte `i` is
+/// `payload_byte(seq, i)`, `[RECORD_CHECKSUM_OFFSET..)` FNV-1a 64 of everything before it.
+pub fn payload_byte(seq: u64, index: usize) -> u8 {
+    (seq.wrapping_mul(31).wrapping_add(index as u64) & 0xff) as u8
+}
+
+/// FNV-1a 64 over `bytes`.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Fills `buf` with record `seq`.
+pub fn encode_record(seq: u64, buf: &mut [u8; RECORD_SIZE]) {
+    buf[0..8].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    buf[8..16].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in buf[16..RECORD_CHECKSUM_OFFSET].iter_mut().enumerate() {
+        *b = payload_byte(seq, i);
+    }
+    let sum = fnv1a64(&buf[..RECORD_CHECKSUM_OFFSET]);
+    buf[RECORD_CHECKSUM_OFFSET..].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// Why a block is not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// The block does not start with [`RECORD_MAGIC`] (never written).
+    NoMagic,
+    /// The block holds another sequence number than its position says.
+    WrongSequence {
+        /// The sequence number found in the block.
+        found: u64,
+    },
+    /// The checksum does not match the contents (a torn or corrupted write).
+    BadChecksum,
+    /// The payload differs from what the sequence number implies.
+    BadPayload,
+}
+
+/// Checks that `block` is record `seq`, intact.
+pub fn verify_record(seq: u64, block: &[u8; RECORD_SIZE]) -> Result<(), RecordError> {
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&block[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    if word(0) != RECORD_MAGIC {
+        return Err(RecordError::NoMagic);
+    }
+    if word(8) != seq {
+        return Err(RecordError::WrongSequence { found: word(8) });
+    }
+    if word(RECORD_CHECKSUM_OFFSET) != fnv1a64(&block[..RECORD_CHECKSUM_OFFSET]) {
+        return Err(RecordError::BadChecksum);
+    }
+    let payload_ok = block[16..RECORD_CHECKSUM_OFFSET]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == payload_byte(seq, i));
+    if payload_ok { Ok(()) } else { Err(RecordError::BadPayload) }
+}
+
+/// The first line the guest prints on COM1 once its main loop runs.
+pub const BANNER: &str = "vmms test guest ready";
+/// The shell prompt on COM1.
+pub const PROMPT: &str = "> ";
+
+/// Command-line key selecting a benchmark loop instead of the shell: `bench=<mode>`.
+pub const BENCH_CMDLINE_KEY: &str = "bench";
+/// Benchmark port: the `pio-out` loop writes one byte here, `pio-in` reads one byte.
+pub const BENCH_PIO_PORT: u16 = 0x510;
+/// Benchmark MMIO address: `mmio-write` writes 4 bytes here, `mmio-read` reads 4 bytes. It lies in the
+/// MMIO gap, above the virtio-mmio windows.
+pub const BENCH_MMIO_ADDR: u64 = 0xd100_0000;

@@ -1,0 +1,3 @@
+//! The vmms test guest: placeholder until the firmware lands.
+#[path = "../firmware/src/protocol.rs"]
+pub mod protocol;

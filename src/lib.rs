@@ -1,0 +1,16 @@
+//! vmms: the management half of Microsoft Hyper-V — VMMS and the modules around it — rebuilt as
+//! embeddable Rust crates over Linux KVM and the rust-vmm crates.
+//!
+//! This facade re-exports the member crates so an integrator can depend on one crate and reach every
+//! module by its Hyper-V role. Each member also stands alone; depend on it directly to take only what
+//! you need.
+//!
+//! | module | Hyper-V module it rebuilds |
+//! |---|---|
+//! | [`partition`] | child partitions: one KVM VM with its memory, vCPUs, devices and state |
+//! | [`core`] | VMMS: the VM catalog, the EnabledState machine, jobs and events |
+//! | [`guest`] | the test guest embedded as the default boot image |
+
+pub use partition;
+pub use vmm_core as core;
+pub use vmms_guest as guest;

@@ -1,0 +1,1 @@
+//! VMMS: placeholder until the vmm-core issue lands.
