@@ -5,5 +5,6 @@
 pub mod bus;
 pub mod error;
 pub mod layout;
+pub mod memory;
 
 pub use error::{Error, Result};

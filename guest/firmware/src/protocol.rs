@@ -26,8 +26,6 @@ pub struct StatusBlock {
     pub ticks: u64,
     /// Base guest-physical address of the page range that `dirty N` touches.
     pub dirty_base: u64,
-    /// How many boots this guest image has seen since the VM was created (reset by power-off).
-    pub boot_count: u64,
 }
 
 /// Size of one on-disk record and the disk block it occupies.
@@ -116,3 +114,11 @@ pub const BENCH_PIO_PORT: u16 = 0x510;
 /// Benchmark MMIO address: `mmio-write` writes 4 bytes here, `mmio-read` reads 4 bytes. It lies in the
 /// MMIO gap, above the virtio-mmio windows.
 pub const BENCH_MMIO_ADDR: u64 = 0xd100_0000;
+
+/// Paravirtual idle port: a 32-bit write of `n` asks the VMM to stop running this vCPU for up to `n`
+/// microseconds (less if the VMM has something to deliver or wants the vCPU back). A polling guest
+/// at CPL3 cannot `hlt`, so without this each idle guest would spin a host core. Command-line key
+/// `idle_us=<n>` sets the guest's idle period; `idle_us=0` disables idling.
+pub const IDLE_PORT: u16 = 0x511;
+/// Default idle period of the guest's main loop in microseconds.
+pub const DEFAULT_IDLE_US: u32 = 1000;
