@@ -64,6 +64,109 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
+    /// The configuration asks for more memory than can be mapped.
+    #[error("memory size {mib} MiB is too large")]
+    MemoryTooLarge {
+        /// Requested size.
+        mib: u64,
+    },
+    /// A disk's changed-block granularity is not a power of two of at least 512.
+    #[error("changed-block size {size} is not a power of two >= 512")]
+    InvalidChangedBlockSize {
+        /// Requested size.
+        size: u64,
+    },
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("kvm ioctl failed")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// Guest memory could not be created, mapped or accessed.
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    /// The memory file could not be read or written.
+    #[error("memory file")]
+    MemoryFile(#[source] std::io::Error),
+    /// The memory file is shorter than the memory it should hold.
+    #[error("memory file holds {len} bytes, {needed} needed")]
+    MemoryFileTooShort {
+        /// File length.
+        len: u64,
+        /// Bytes of RAM to map.
+        needed: u64,
+    },
+    /// The kernel image is malformed, truncated, or does not fit in guest memory.
+    #[error("cannot load kernel")]
+    KernelLoad(#[source] linux_loader::loader::Error),
+    /// The kernel is neither an ELF nor a bzImage.
+    #[error("kernel image is neither ELF nor bzImage")]
+    UnknownKernelFormat,
+    /// PVH boot was requested for a kernel without a PVH entry note.
+    #[error("kernel has no PVH entry point")]
+    NoPvhEntry,
+    /// The initrd does not fit between the kernel and the end of low memory.
+    #[error("initrd of {size} bytes does not fit in the {available} bytes above the kernel")]
+    InitrdTooLarge {
+        /// Initrd size.
+        size: u64,
+        /// Room available.
+        available: u64,
+    },
+    /// The command line is longer than the kernel accepts.
+    #[error("command line of {len} bytes exceeds {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
+    #[error("command line contains a nul byte")]
+    CmdlineHasNul,
+    /// More MSRs than KVM's list type holds.
+    #[error("too many msrs")]
+    MsrsTooMany,
+    /// KVM refused to set or read an MSR.
+    #[error("kvm rejected msr {index:#x}")]
+    MsrRejected {
+        /// The MSR.
+        index: u32,
+    },
+    /// Saved state is malformed.
+    #[error("invalid saved state: {0}")]
+    InvalidState(String),
+    /// Saved state has a version this build cannot restore.
+    #[error("saved state version {found} is not supported (expected {supported})")]
+    StateVersion {
+        /// Version found.
+        found: u32,
+        /// Version this build writes.
+        supported: u32,
+    },
+    /// Saved state describes another machine (vCPU count or memory size) than the configuration.
+    #[error("saved state does not match the configuration (vcpus or memory)")]
+    StateMismatch,
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vcpu kick signal handler")]
+    Signal(#[source] std::io::Error),
+    /// A vCPU thread could not be started.
+    #[error("cannot spawn vcpu thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The operation is not possible in the partition's current run state.
+    #[error("cannot {operation} a partition that is {state}")]
+    InvalidRunState {
+        /// What was asked.
+        operation: &'static str,
+        /// The state it is in.
+        state: String,
+    },
+    /// The dirty log was read but the partition was built without `dirty_log`.
+    #[error("dirty-page logging is not enabled for this partition")]
+    DirtyLogDisabled,
 }
 
 /// Result of partition operations.

@@ -64,3 +64,5 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const CMOS_PORT: u16 = 0x70;
 /// The ACPI PM1a control register (the port QEMU's PIIX4 uses): writing SLP_EN powers off.
 pub const PM1A_CONTROL_PORT: u16 = 0x604;
+/// The paravirtual idle port (see [`IdlePort`](crate::devices::idle::IdlePort)).
+pub const IDLE_PORT: u16 = 0x511;

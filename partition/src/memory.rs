@@ -1,6 +1,23 @@
-//! Guest memory of a partition.
+//! Guest memory of a partition: its layout, its KVM memory slots, the dirty-page log, and saving it
+//! to / mapping it back from a file.
 
+use std::fs::File;
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+    ReadVolatile, WriteVolatile,
+};
+
+use crate::error::{Error, Result};
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 /// The guest memory type every device of a partition works on.
 ///
@@ -8,3 +25,228 @@ use vm_memory::bitmap::AtomicBitmap;
 /// buffer) are tracked next to the guest's own writes that KVM's dirty log sees; both feed the
 /// partition's dirty-page log.
 pub type PartitionMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Size of a page in the dirty-page log.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One contiguous range of guest RAM, backed by one KVM memory slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    /// Guest-physical start.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The RAM ranges for `size` bytes of memory: below the MMIO gap, then the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![RamRange { start: 0, len: low }];
+    if size > low {
+        ranges.push(RamRange { start: MMIO_GAP_END, len: size - low });
+    }
+    ranges
+}
+
+/// Anonymous, zeroed guest memory for `ranges`.
+pub(crate) fn create_memory(ranges: &[RamRange]) -> Result<PartitionMemory> {
+    let ranges: Vec<_> = ranges.iter().map(|r| (GuestAddress(r.start), r.len as usize)).collect();
+    PartitionMemory::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
+}
+
+/// Guest memory mapped copy-on-write from a memory file written by [`save_memory`].
+///
+/// Pages are read from the file only when first touched and guest writes never reach the file, so a
+/// restore costs the same for 64 MiB as for 64 GiB, and the file can be restored again.
+pub(crate) fn map_memory_file(file: &File, ranges: &[RamRange]) -> Result<PartitionMemory> {
+    let file_len = file.metadata().map_err(Error::MemoryFile)?.len();
+    let needed: u64 = ranges.iter().map(|r| r.len).sum();
+    if file_len < needed {
+        return Err(Error::MemoryFileTooShort { len: file_len, needed });
+    }
+    let page = NonZeroUsize::new(PAGE_SIZE as usize).expect("page size is non-zero");
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for range in ranges {
+        let len = range.len as usize;
+        let file = file.try_clone().map_err(Error::MemoryFile)?;
+        let mapping: MmapRegion<AtomicBitmap> =
+            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
+                .with_file_offset(FileOffset::new(file, offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(range.start))
+            .ok_or_else(|| Error::GuestMemory("memory range wraps".into()))?;
+        regions.push(Arc::new(region));
+        offset += range.len;
+    }
+    PartitionMemory::from_arc_regions(regions).map_err(|e| Error::GuestMemory(e.to_string()))
+}
+
+/// Writes every RAM range of `memory`, in address order, to `out`.
+pub(crate) fn save_memory(memory: &PartitionMemory, out: &mut File) -> Result<u64> {
+    let mut written = 0u64;
+    for region in memory.iter() {
+        let slice = region
+            .get_slice(vm_memory::MemoryRegionAddress(0), region.len() as usize)
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let mut done = 0usize;
+        while done < slice.len() {
+            let chunk = slice
+                .subslice(done, slice.len() - done)
+                .map_err(|e| Error::GuestMemory(e.to_string()))?;
+            let n = out.write_volatile(&chunk).map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
+            if n == 0 {
+                return Err(Error::MemoryFile(std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
+        }
+        written += region.len();
+    }
+    out.flush().map_err(Error::MemoryFile)?;
+    Ok(written)
+}
+
+/// Reads a memory file into already-created memory (used when a restore must not keep the file open).
+#[allow(dead_code)]
+pub(crate) fn load_memory(memory: &PartitionMemory, input: &mut File) -> Result<()> {
+    for region in memory.iter() {
+        let slice = region
+            .get_slice(vm_memory::MemoryRegionAddress(0), region.len() as usize)
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let mut done = 0usize;
+        while done < slice.len() {
+            let mut chunk = slice
+                .subslice(done, slice.len() - done)
+                .map_err(|e| Error::GuestMemory(e.to_string()))?;
+            let n = input.read_volatile(&mut chunk).map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
+            if n == 0 {
+                return Err(Error::MemoryFile(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Gives every region of `memory` to KVM, one slot per region in address order.
+pub(crate) fn register_memory(vm: &VmFd, memory: &PartitionMemory, dirty_log: bool) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let entry = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [host, host + len) is a live mapping owned by `memory`, and every
+        // caller keeps that memory (an `Arc`-shared collection) alive as long as the VM exists: the
+        // partition drops its VmFd before its memory.
+        unsafe { vm.set_user_memory_region(entry) }.map_err(Error::Kvm)?;
+    }
+    Ok(())
+}
+
+/// The pages written since the log was last read, for one RAM range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRange {
+    /// The range the bitmap covers.
+    pub range: RamRange,
+    /// One bit per 4 KiB page, little-endian words: bit `i` of word `w` is page `w * 64 + i`.
+    pub bitmap: Vec<u64>,
+}
+
+impl DirtyRange {
+    /// Guest-physical addresses of the dirty pages.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bitmap.iter().enumerate().flat_map(move |(w, &word)| {
+            (0..64)
+                .filter(move |bit| word & (1 << bit) != 0)
+                .map(move |bit| self.range.start + ((w as u64) * 64 + bit) * PAGE_SIZE)
+        })
+    }
+
+    /// How many pages are dirty.
+    pub fn count(&self) -> u64 {
+        self.bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// Reads and clears the dirty-page log of every region: pages the guest wrote (KVM's log) or the VMM
+/// wrote on the guest's behalf (the regions' bitmaps).
+pub(crate) fn read_dirty_log(vm: &VmFd, memory: &PartitionMemory) -> Result<Vec<DirtyRange>> {
+    let mut out = Vec::new();
+    for (slot, region) in memory.iter().enumerate() {
+        let mut bitmap = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(Error::Kvm)?;
+        // The region derefs to its mapping, whose bitmap records the VMM's own writes.
+        let vmm_bitmap = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        for (word, vmm_word) in bitmap.iter_mut().zip(vmm_bitmap) {
+            *word |= vmm_word;
+        }
+        out.push(DirtyRange {
+            range: RamRange { start: region.start_addr().0, len: region.len() },
+            bitmap,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range_from_zero() {
+        assert_eq!(ram_ranges(64 << 20), vec![RamRange { start: 0, len: 64 << 20 }]);
+    }
+
+    #[test]
+    fn memory_larger_than_the_gap_continues_above_4g() {
+        let ranges = ram_ranges(4 << 30);
+
+        assert_eq!(ranges[0], RamRange { start: 0, len: MMIO_GAP_START });
+        assert_eq!(ranges[1], RamRange { start: MMIO_GAP_END, len: (4 << 30) - MMIO_GAP_START });
+    }
+
+    #[test]
+    fn dirty_range_lists_set_pages_by_address() {
+        let dirty = DirtyRange { range: RamRange { start: 0x1000_0000, len: 1 << 20 }, bitmap: vec![0b101, 1] };
+
+        let pages: Vec<_> = dirty.pages().collect();
+
+        assert_eq!(pages, vec![0x1000_0000, 0x1000_2000, 0x1000_0000 + 64 * 4096]);
+        assert_eq!(dirty.count(), 3);
+    }
+
+    #[test]
+    fn saved_memory_maps_back_with_the_same_contents_and_private_writes() {
+        use vm_memory::Bytes;
+        let ranges = ram_ranges(2 << 20);
+        let memory = create_memory(&ranges).unwrap();
+        memory.write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        save_memory(&memory, &mut file).unwrap();
+
+        let restored = map_memory_file(&file, &ranges).unwrap();
+        restored.write_obj(7u32, GuestAddress(0x2000)).unwrap();
+        let again = map_memory_file(&file, &ranges).unwrap();
+
+        assert_eq!(restored.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(again.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn memory_file_shorter_than_the_ranges_is_rejected() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+
+        let err = map_memory_file(&file, &ram_ranges(2 << 20)).unwrap_err();
+
+        assert!(matches!(err, Error::MemoryFileTooShort { .. }));
+    }
+}

@@ -1,0 +1,28 @@
+//! The CPUID a vCPU reports: what KVM supports, with this vCPU's APIC ID and topology filled in.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use crate::error::{Error, Result};
+
+/// KVM's supported CPUID with per-vCPU fields set for vCPU `index` of `count`.
+pub(crate) fn vcpu_cpuid(kvm: &Kvm, index: u8, count: u8) -> Result<CpuId> {
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                // HTT: the count above is meaningful.
+                entry.edx |= 1 << 28;
+            }
+            0xb | 0x1f => {
+                // x2APIC ID of this vCPU in every sub-leaf.
+                entry.edx = u32::from(index);
+            }
+            _ => {}
+        }
+    }
+    crate::software_kvm::adjust_cpuid(&mut cpuid);
+    Ok(cpuid)
+}

@@ -1,0 +1,391 @@
+//! [`Partition`]: one KVM VM, from creation through run control to state capture.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, configure_boot_vcpu, configure_lapic, configure_msrs, vcpu_cpuid};
+use crate::bus::{Bus, BusDevice};
+use crate::config::PartitionConfig;
+use crate::devices::cmos::Cmos;
+use crate::devices::i8042::I8042;
+use crate::devices::idle::IdlePort;
+use crate::devices::power::PowerControl;
+use crate::devices::serial::Uart;
+use crate::error::{Error, Result};
+use crate::exit::ExitReason;
+use crate::layout::{
+    CMOS_PORT, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, I8042_DATA_PORT, IDLE_PORT,
+    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE,
+};
+use crate::memory::{
+    self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_file, ram_ranges,
+    register_memory,
+};
+use crate::software_kvm;
+use crate::state::{
+    DeviceStates, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu, restore_vm,
+    saveable_msrs,
+};
+use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};
+
+/// Where a partition is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Built (booted or restored) but never run.
+    Created,
+    /// vCPUs are running guest code.
+    Running,
+    /// Every vCPU is parked outside KVM_RUN with no half-done I/O; state can be captured.
+    Paused,
+    /// The run ended; the partition cannot run again.
+    Stopped(ExitReason),
+}
+
+/// Devices added by the integrator next to the partition's own.
+#[derive(Default)]
+struct ExtraDevices {
+    pio: Vec<(u64, u64, Arc<dyn BusDevice>)>,
+    mmio: Vec<(u64, u64, Arc<dyn BusDevice>)>,
+}
+
+/// Builds a [`Partition`]: booting a kernel ([`build`](Self::build)) or restoring saved state
+/// ([`restore`](Self::restore)).
+pub struct PartitionBuilder {
+    config: PartitionConfig,
+    extra: ExtraDevices,
+}
+
+impl std::fmt::Debug for PartitionBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionBuilder").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl PartitionBuilder {
+    /// Adds a device answering port I/O in `[base, base + len)`.
+    pub fn pio_device(mut self, base: u16, len: u16, device: Arc<dyn BusDevice>) -> Self {
+        self.extra.pio.push((u64::from(base), u64::from(len), device));
+        self
+    }
+
+    /// Adds a device answering MMIO in `[base, base + len)` (which should lie in the MMIO gap).
+    pub fn mmio_device(mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Self {
+        self.extra.mmio.push((base, len, device));
+        self
+    }
+
+    /// Creates the VM and loads the boot source; the partition is [`RunState::Created`].
+    pub fn build(self) -> Result<Partition> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        self.config.validate(kvm.get_max_vcpus())?;
+        let ranges = ram_ranges(self.config.memory_mib << 20);
+        let memory = create_memory(&ranges)?;
+        let mut cmdline = self.config.boot.cmdline.clone();
+        let flags = software_kvm::linux_cmdline_flags();
+        if !flags.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(flags);
+        }
+        let loaded = boot::load(&memory, &self.config.boot, cmdline.trim())?;
+        let partition = Partition::assemble(kvm, self.config, self.extra, memory, ranges)?;
+        let boot_vcpu = partition.parked.first().ok_or(Error::InvalidVcpuCount { count: 0, max: 0 })?;
+        configure_boot_vcpu(&boot_vcpu.fd, &partition.memory, loaded.entry)?;
+        Ok(partition)
+    }
+
+    /// Creates the VM from `state`, with memory mapped copy-on-write from `memory_file` (written by
+    /// [`Partition::save_memory`]). The configuration must describe the same machine (vCPUs,
+    /// memory size); its boot source is ignored.
+    pub fn restore(self, state: &PartitionState, memory_file: &File) -> Result<Partition> {
+        if state.version != STATE_VERSION {
+            return Err(Error::StateVersion { found: state.version, supported: STATE_VERSION });
+        }
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        self.config.validate(kvm.get_max_vcpus())?;
+        let ranges = ram_ranges(self.config.memory_mib << 20);
+        if state.memory != ranges || state.vcpus.len() != usize::from(self.config.vcpus) {
+            return Err(Error::StateMismatch);
+        }
+        let memory = map_memory_file(memory_file, &ranges)?;
+        let partition = Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, Some(state))?;
+        for (vcpu, saved) in partition.parked.iter().zip(&state.vcpus) {
+            restore_vcpu(&vcpu.fd, saved)?;
+        }
+        restore_vm(&partition.vm, &state.vm)?;
+        Ok(partition)
+    }
+}
+
+/// One child partition: a KVM VM with its memory, vCPUs and devices.
+///
+/// A partition is built booted ([`PartitionBuilder::build`]) or restored
+/// ([`PartitionBuilder::restore`]), then run with [`resume`](Self::resume) and controlled with
+/// [`pause`](Self::pause) / [`resume`](Self::resume) / [`stop`](Self::stop). It ends, on its own or
+/// when stopped, with an [`ExitReason`]. While paused (or before the first run) its full state can
+/// be captured and its memory saved.
+pub struct Partition {
+    threads: Option<VcpuThreads>,
+    parked: Vec<Vcpu>,
+    ctx: Arc<VcpuContext>,
+    run_state: RunState,
+    com1: Arc<Uart>,
+    com2: Arc<Uart>,
+    ranges: Vec<RamRange>,
+    config: PartitionConfig,
+    msr_indices: Vec<u32>,
+    // Field order is drop order: the VM goes before the memory it maps.
+    vm: VmFd,
+    memory: PartitionMemory,
+    _kvm: Kvm,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("run_state", &self.run_state)
+            .field("vcpus", &self.config.vcpus)
+            .field("memory_mib", &self.config.memory_mib)
+            .finish_non_exhaustive()
+    }
+}
+
+fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&evt, gsi).map_err(Error::Kvm)?;
+    Ok(evt)
+}
+
+impl Partition {
+    /// A builder for a partition described by `config`.
+    pub fn builder(config: PartitionConfig) -> PartitionBuilder {
+        PartitionBuilder { config, extra: ExtraDevices::default() }
+    }
+
+    /// Builds and boots a partition with no extra devices (see [`PartitionBuilder::build`]).
+    pub fn new(config: PartitionConfig) -> Result<Self> {
+        Self::builder(config).build()
+    }
+
+    fn assemble(
+        kvm: Kvm,
+        config: PartitionConfig,
+        extra: ExtraDevices,
+        memory: PartitionMemory,
+        ranges: Vec<RamRange>,
+    ) -> Result<Self> {
+        Self::assemble_with(kvm, config, extra, memory, ranges, None)
+    }
+
+    /// Creates the VM, its in-kernel devices, memory slots, vCPUs and emulated devices; `saved`
+    /// supplies device state on restore.
+    fn assemble_with(
+        kvm: Kvm,
+        config: PartitionConfig,
+        extra: ExtraDevices,
+        memory: PartitionMemory,
+        ranges: Vec<RamRange>,
+        saved: Option<&PartitionState>,
+    ) -> Result<Self> {
+        let vm = kvm.create_vm().map_err(Error::Kvm)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::Kvm)?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(Error::Kvm)?;
+        vm.create_irq_chip().map_err(Error::Kvm)?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(Error::Kvm)?;
+        register_memory(&vm, &memory, config.dirty_log)?;
+
+        let mut parked = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
+            fd.set_cpuid2(&vcpu_cpuid(&kvm, index, config.vcpus)?).map_err(Error::Kvm)?;
+            configure_msrs(&fd)?;
+            configure_lapic(&fd)?;
+            parked.push(Vcpu { fd, index });
+        }
+        let msr_indices = match parked.first() {
+            Some(vcpu) => saveable_msrs(&kvm, &vcpu.fd)?,
+            None => Vec::new(),
+        };
+
+        let control = Arc::new(RunControl::default());
+        let com1_irq = irq_eventfd(&vm, COM1_IRQ)?;
+        let com2_irq = irq_eventfd(&vm, COM2_IRQ)?;
+        let (com1, com2) = match saved {
+            Some(state) => (
+                Uart::from_state(&state.devices.com1, com1_irq)?,
+                Uart::from_state(&state.devices.com2, com2_irq)?,
+            ),
+            None => (Uart::new(com1_irq), Uart::new(com2_irq)),
+        };
+        let com1 = Arc::new(com1);
+        let com2 = Arc::new(com2);
+
+        let mut io_bus = Bus::new();
+        io_bus.insert(com1.clone(), u64::from(COM1_PORT), UART_PORT_SIZE)?;
+        io_bus.insert(com2.clone(), u64::from(COM2_PORT), UART_PORT_SIZE)?;
+        io_bus.insert(Arc::new(I8042::new(control.clone())), u64::from(I8042_DATA_PORT), 5)?;
+        io_bus.insert(Arc::new(Cmos::default()), u64::from(CMOS_PORT), 2)?;
+        io_bus.insert(Arc::new(PowerControl::new(control.clone())), u64::from(PM1A_CONTROL_PORT), 2)?;
+        io_bus.insert(Arc::new(IdlePort), u64::from(IDLE_PORT), 4)?;
+        for (base, len, device) in extra.pio {
+            io_bus.insert(device, base, len)?;
+        }
+        let mut mmio_bus = Bus::new();
+        for (base, len, device) in extra.mmio {
+            mmio_bus.insert(device, base, len)?;
+        }
+
+        let ctx = Arc::new(VcpuContext { io_bus, mmio_bus, memory: memory.clone(), control });
+        Ok(Self {
+            threads: None,
+            parked,
+            ctx,
+            run_state: RunState::Created,
+            com1,
+            com2,
+            ranges,
+            config,
+            msr_indices,
+            vm,
+            memory,
+            _kvm: kvm,
+        })
+    }
+
+    /// Runs the vCPUs: the first run of a created partition, or the continuation of a paused one.
+    pub fn resume(&mut self) -> Result<()> {
+        match self.run_state {
+            RunState::Created | RunState::Paused => {}
+            ref other => return Err(Error::InvalidRunState { operation: "resume", state: format!("{other:?}") }),
+        }
+        let vcpus = std::mem::take(&mut self.parked);
+        self.threads = Some(VcpuThreads::spawn(vcpus, &self.ctx)?);
+        self.run_state = RunState::Running;
+        Ok(())
+    }
+
+    /// Kicks every vCPU out of the guest, completes half-done I/O and parks them. If the guest stopped
+    /// on its own meanwhile, the partition is [`RunState::Stopped`] instead.
+    pub fn pause(&mut self) -> Result<()> {
+        let threads = match (&self.run_state, self.threads.take()) {
+            (RunState::Running, Some(threads)) => threads,
+            (other, threads) => {
+                self.threads = threads;
+                return Err(Error::InvalidRunState { operation: "pause", state: format!("{other:?}") });
+            }
+        };
+        self.parked = threads.join(&self.ctx, false);
+        self.run_state = match self.ctx.control.exit_reason() {
+            Some(reason) => RunState::Stopped(reason),
+            None => RunState::Paused,
+        };
+        Ok(())
+    }
+
+    /// Ends the run (from any state) and returns its reason: the guest's own if it stopped first,
+    /// [`ExitReason::Stopped`] otherwise.
+    pub fn stop(&mut self) -> ExitReason {
+        if let RunState::Stopped(reason) = &self.run_state {
+            return reason.clone();
+        }
+        match self.threads.take() {
+            Some(threads) => self.parked = threads.join(&self.ctx, true),
+            None => self.ctx.control.request_stop(ExitReason::Stopped),
+        }
+        let reason = self.ctx.control.exit_reason().unwrap_or(ExitReason::Stopped);
+        self.run_state = RunState::Stopped(reason.clone());
+        reason
+    }
+
+    /// Waits until the guest stops on its own (or `timeout` passes: `None` is returned and the
+    /// partition keeps running).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Option<ExitReason> {
+        if let RunState::Stopped(reason) = &self.run_state {
+            return Some(reason.clone());
+        }
+        if self.run_state != RunState::Running {
+            return None;
+        }
+        self.ctx.control.wait_for_exit(timeout)?;
+        Some(self.stop())
+    }
+
+    /// Where the partition is in its life.
+    pub fn run_state(&self) -> &RunState {
+        &self.run_state
+    }
+
+    /// The configuration the partition was built from.
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    /// Guest memory (shared; reading it while the partition runs sees live values).
+    pub fn memory(&self) -> &PartitionMemory {
+        &self.memory
+    }
+
+    /// COM1, the console UART.
+    pub fn com1(&self) -> &Arc<Uart> {
+        &self.com1
+    }
+
+    /// COM2, the integration-channel UART.
+    pub fn com2(&self) -> &Arc<Uart> {
+        &self.com2
+    }
+
+    fn require_parked(&self, operation: &'static str) -> Result<()> {
+        match self.run_state {
+            RunState::Created | RunState::Paused => Ok(()),
+            ref other => Err(Error::InvalidRunState { operation, state: format!("{other:?}") }),
+        }
+    }
+
+    /// Captures every vCPU, the irqchip, PIT, clock and devices. The partition must be paused (or
+    /// not yet run).
+    pub fn capture_state(&self) -> Result<PartitionState> {
+        self.require_parked("capture state")?;
+        let vcpus = self
+            .parked
+            .iter()
+            .map(|vcpu| capture_vcpu(&vcpu.fd, &self.msr_indices))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PartitionState {
+            version: STATE_VERSION,
+            memory: self.ranges.clone(),
+            vcpus,
+            vm: capture_vm(&self.vm)?,
+            devices: DeviceStates { com1: self.com1.state(), com2: self.com2.state(), disks: Vec::new() },
+        })
+    }
+
+    /// Writes guest memory to `out` (RAM ranges in address order); the partition must be paused.
+    /// Returns the bytes written.
+    pub fn save_memory(&self, out: &mut File) -> Result<u64> {
+        self.require_parked("save memory")?;
+        memory::save_memory(&self.memory, out)
+    }
+
+    /// Reads and clears the dirty-page log: pages written since the previous call (or since the
+    /// partition was built). Needs `dirty_log` in the configuration.
+    pub fn read_dirty_log(&self) -> Result<Vec<DirtyRange>> {
+        if !self.config.dirty_log {
+            return Err(Error::DirtyLogDisabled);
+        }
+        memory::read_dirty_log(&self.vm, &self.memory)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Some(threads) = self.threads.take() {
+            self.parked = threads.join(&self.ctx, true);
+        }
+    }
+}
