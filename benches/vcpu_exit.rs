@@ -1,1 +1,262 @@
-fn main() {}
+//! vCPU exit round trips: the partition's run loop and bus next to a raw kvm-ioctls loop running the
+//! same guest code in the same process, so their ratio is the cost of our dispatch.
+//!
+//! Each guest is a two-instruction loop in 64-bit mode (CPL0) doing one access per pass: `out`,
+//! `in`, a 4-byte MMIO store or load. One criterion iteration is one exit round trip; the time is
+//! taken inside the handler, from the first exit to the N+1th, so thread start-up and pause are not
+//! counted. `*_32_devices` puts the target device among 31 others on each bus.
+#![allow(missing_docs)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use partition::bus::BusDevice;
+use partition::{KernelImage, Partition, PartitionConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+const BENCH_PORT: u16 = 0x510;
+/// Below 1 GiB (the boot identity map) and above the 16 MiB of RAM, so it exits as MMIO.
+const BENCH_MMIO: u64 = 0x1000_0000;
+const LOAD_ADDR: u64 = 0x10_0000;
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    PioOut,
+    PioIn,
+    MmioWrite,
+    MmioRead,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::PioOut => "pio_out",
+            Mode::PioIn => "pio_in",
+            Mode::MmioWrite => "mmio_write",
+            Mode::MmioRead => "mmio_read",
+        }
+    }
+
+    /// The guest loop, 64-bit code loaded at 1 MiB.
+    fn code(self) -> Vec<u8> {
+        match self {
+            Mode::PioOut => vec![0x66, 0xba, 0x10, 0x05, 0xee, 0xeb, 0xfd], // mov dx,0x510; out dx,al; jmp
+            Mode::PioIn => vec![0x66, 0xba, 0x10, 0x05, 0xec, 0xeb, 0xfd],  // mov dx,0x510; in al,dx; jmp
+            Mode::MmioWrite => vec![0xbf, 0, 0, 0, 0x10, 0x89, 0x07, 0xeb, 0xfc], // mov edi,..; mov [rdi],eax
+            Mode::MmioRead => vec![0xbf, 0, 0, 0, 0x10, 0x8b, 0x07, 0xeb, 0xfc],  // mov edi,..; mov eax,[rdi]
+        }
+    }
+}
+
+/// Counts exits and times exits 1..=N+1; the device both loops call on every bench exit.
+#[derive(Default)]
+struct ExitClock {
+    count: AtomicU64,
+    target: AtomicU64,
+    done: AtomicBool,
+    start: Mutex<Option<Instant>>,
+    elapsed: Mutex<Option<Duration>>,
+    finished: Condvar,
+}
+
+impl ExitClock {
+    fn arm(&self, iters: u64) {
+        self.count.store(0, Ordering::SeqCst);
+        self.target.store(iters + 1, Ordering::SeqCst);
+        self.done.store(false, Ordering::SeqCst);
+        *self.elapsed.lock().unwrap() = None;
+    }
+
+    #[inline]
+    fn tick(&self) {
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 {
+            *self.start.lock().unwrap() = Some(Instant::now());
+        } else if n == self.target.load(Ordering::Relaxed) {
+            let start = self.start.lock().unwrap().take().expect("first exit recorded");
+            *self.elapsed.lock().unwrap() = Some(start.elapsed());
+            self.done.store(true, Ordering::Release);
+            self.finished.notify_all();
+        }
+    }
+
+    fn wait(&self) -> Duration {
+        let guard = self.elapsed.lock().unwrap();
+        let guard = self.finished.wait_while(guard, |e| e.is_none()).unwrap();
+        guard.expect("elapsed set")
+    }
+}
+
+impl BusDevice for ExitClock {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        self.tick();
+        data.fill(0);
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {
+        self.tick();
+    }
+}
+
+/// A device that is never the target: it only fills the bus.
+struct Filler;
+impl BusDevice for Filler {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {}
+}
+
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let mut elf = vec![0u8; 0x78];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
+    elf[32..40].copy_from_slice(&0x40u64.to_le_bytes());
+    elf[52..54].copy_from_slice(&0x40u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&0x38u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 0x40;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+    elf[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
+    elf[ph + 16..ph + 24].copy_from_slice(&LOAD_ADDR.to_le_bytes());
+    elf[ph + 24..ph + 32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
+    elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// A partition running `mode`'s loop, with the clock (and `fillers` other devices) on its buses.
+fn partition_for(mode: Mode, clock: &Arc<ExitClock>, fillers: u16) -> Partition {
+    let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::from(tiny_elf(&mode.code()))), "");
+    config.memory_mib = 16;
+    let mut builder = Partition::builder(config)
+        .pio_device(BENCH_PORT, 1, clock.clone())
+        .mmio_device(BENCH_MMIO, 4, clock.clone());
+    for i in 0..fillers {
+        builder = builder
+            .pio_device(0x1000 + i * 8, 8, Arc::new(Filler))
+            .mmio_device(BENCH_MMIO + 0x1000 * (u64::from(i) + 1), 0x100, Arc::new(Filler));
+    }
+    builder.build().expect("bench partition")
+}
+
+/// A bare KVM VM running the same code in the same CPU mode, with no bus: the baseline.
+struct RawVm {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+fn raw_vm(mode: Mode) -> RawVm {
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    vm.create_irq_chip().unwrap();
+    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let host = memory.get_host_address(GuestAddress(0)).unwrap();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 16 << 20,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `memory` maps 16 MiB at `host` and lives in the returned RawVm next to the VM.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    memory.write_slice(&mode.code(), GuestAddress(LOAD_ADDR)).unwrap();
+    // Identity map of the first 1 GiB in 2 MiB pages, as the partition's boot path builds.
+    memory.write_obj(0xa003u64, GuestAddress(0x9000)).unwrap();
+    memory.write_obj(0xb003u64, GuestAddress(0xa000)).unwrap();
+    for i in 0..512u64 {
+        memory.write_obj((i << 21) | 0x83, GuestAddress(0xb000 + i * 8)).unwrap();
+    }
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_cpuid2(&kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    let code = kvm_segment {
+        base: 0, limit: 0xffff_ffff, selector: 8, type_: 0xb, present: 1, dpl: 0, db: 0, s: 1, l: 1, g: 1,
+        avl: 0, unusable: 0, padding: 0,
+    };
+    let data = kvm_segment { selector: 0x10, type_: 0x3, l: 0, db: 1, ..code };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr3 = 0x9000;
+    sregs.cr4 = 1 << 5;
+    sregs.cr0 = 0x8000_0033;
+    sregs.efer = (1 << 8) | (1 << 10);
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&kvm_regs { rip: LOAD_ADDR, rflags: 2, rsp: 0x8ff0, ..Default::default() }).unwrap();
+    RawVm { vcpu, _vm: vm, _memory: memory }
+}
+
+/// The baseline loop: KVM_RUN and a direct call into the clock, nothing else.
+fn run_raw(raw: &mut RawVm, clock: &ExitClock) -> Duration {
+    while !clock.done.load(Ordering::Acquire) {
+        match raw.vcpu.run().expect("KVM_RUN") {
+            VcpuExit::IoOut(BENCH_PORT, _) => clock.tick(),
+            VcpuExit::IoIn(BENCH_PORT, data) => {
+                clock.tick();
+                data.fill(0);
+            }
+            VcpuExit::MmioWrite(BENCH_MMIO, _) => clock.tick(),
+            VcpuExit::MmioRead(BENCH_MMIO, data) => {
+                clock.tick();
+                data.fill(0);
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    clock.wait()
+}
+
+fn bench_exits(c: &mut Criterion) {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is not available on this host");
+        return;
+    }
+    let mut group = c.benchmark_group("vcpu_exit");
+    group.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    for mode in [Mode::PioOut, Mode::PioIn, Mode::MmioWrite, Mode::MmioRead] {
+        let clock = Arc::new(ExitClock::default());
+        let mut raw = raw_vm(mode);
+        group.bench_function(format!("{}/raw_kvm", mode.name()), |b| {
+            b.iter_custom(|iters| {
+                clock.arm(iters);
+                run_raw(&mut raw, &clock)
+            })
+        });
+        for (label, fillers) in [("partition", 0), ("partition_32_devices", 31)] {
+            let clock = Arc::new(ExitClock::default());
+            let mut vm = partition_for(mode, &clock, fillers);
+            group.bench_function(format!("{}/{label}", mode.name()), |b| {
+                b.iter_custom(|iters| {
+                    clock.arm(iters);
+                    vm.resume().expect("resume");
+                    let elapsed = clock.wait();
+                    vm.pause().expect("pause");
+                    elapsed
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_exits);
+criterion_main!(benches);
