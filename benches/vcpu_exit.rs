@@ -12,7 +12,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use partition::bus::BusDevice;
 use partition::{KernelImage, Partition, PartitionConfig};
@@ -45,9 +47,9 @@ impl Mode {
     fn code(self) -> Vec<u8> {
         match self {
             Mode::PioOut => vec![0x66, 0xba, 0x10, 0x05, 0xee, 0xeb, 0xfd], // mov dx,0x510; out dx,al; jmp
-            Mode::PioIn => vec![0x66, 0xba, 0x10, 0x05, 0xec, 0xeb, 0xfd],  // mov dx,0x510; in al,dx; jmp
+            Mode::PioIn => vec![0x66, 0xba, 0x10, 0x05, 0xec, 0xeb, 0xfd], // mov dx,0x510; in al,dx; jmp
             Mode::MmioWrite => vec![0xbf, 0, 0, 0, 0x10, 0x89, 0x07, 0xeb, 0xfc], // mov edi,..; mov [rdi],eax
-            Mode::MmioRead => vec![0xbf, 0, 0, 0, 0x10, 0x8b, 0x07, 0xeb, 0xfc],  // mov edi,..; mov eax,[rdi]
+            Mode::MmioRead => vec![0xbf, 0, 0, 0, 0x10, 0x8b, 0x07, 0xeb, 0xfc], // mov edi,..; mov eax,[rdi]
         }
     }
 }
@@ -77,7 +79,12 @@ impl ExitClock {
         if n == 1 {
             *self.start.lock().unwrap() = Some(Instant::now());
         } else if n == self.target.load(Ordering::Relaxed) {
-            let start = self.start.lock().unwrap().take().expect("first exit recorded");
+            let start = self
+                .start
+                .lock()
+                .unwrap()
+                .take()
+                .expect("first exit recorded");
             *self.elapsed.lock().unwrap() = Some(start.elapsed());
             self.done.store(true, Ordering::Release);
             self.finished.notify_all();
@@ -138,7 +145,8 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 
 /// A partition running `mode`'s loop, with the clock (and `fillers` other devices) on its buses.
 fn partition_for(mode: Mode, clock: &Arc<ExitClock>, fillers: u16) -> Partition {
-    let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::from(tiny_elf(&mode.code()))), "");
+    let mut config =
+        PartitionConfig::new(KernelImage::Bytes(Arc::from(tiny_elf(&mode.code()))), "");
     config.memory_mib = 16;
     let mut builder = Partition::builder(config)
         .pio_device(BENCH_PORT, 1, clock.clone())
@@ -146,7 +154,11 @@ fn partition_for(mode: Mode, clock: &Arc<ExitClock>, fillers: u16) -> Partition 
     for i in 0..fillers {
         builder = builder
             .pio_device(0x1000 + i * 8, 8, Arc::new(Filler))
-            .mmio_device(BENCH_MMIO + 0x1000 * (u64::from(i) + 1), 0x100, Arc::new(Filler));
+            .mmio_device(
+                BENCH_MMIO + 0x1000 * (u64::from(i) + 1),
+                0x100,
+                Arc::new(Filler),
+            );
     }
     builder.build().expect("bench partition")
 }
@@ -163,7 +175,11 @@ fn raw_vm(mode: Mode) -> RawVm {
     let vm = kvm.create_vm().unwrap();
     vm.set_tss_address(0xfffb_d000).unwrap();
     vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .unwrap();
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let host = memory.get_host_address(GuestAddress(0)).unwrap();
     let region = kvm_userspace_memory_region {
@@ -175,21 +191,46 @@ fn raw_vm(mode: Mode) -> RawVm {
     };
     // SAFETY: `memory` maps 16 MiB at `host` and lives in the returned RawVm next to the VM.
     unsafe { vm.set_user_memory_region(region) }.unwrap();
-    memory.write_slice(&mode.code(), GuestAddress(LOAD_ADDR)).unwrap();
+    memory
+        .write_slice(&mode.code(), GuestAddress(LOAD_ADDR))
+        .unwrap();
     // Identity map of the first 1 GiB in 2 MiB pages, as the partition's boot path builds.
     memory.write_obj(0xa003u64, GuestAddress(0x9000)).unwrap();
     memory.write_obj(0xb003u64, GuestAddress(0xa000)).unwrap();
     for i in 0..512u64 {
-        memory.write_obj((i << 21) | 0x83, GuestAddress(0xb000 + i * 8)).unwrap();
+        memory
+            .write_obj((i << 21) | 0x83, GuestAddress(0xb000 + i * 8))
+            .unwrap();
     }
     let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_cpuid2(&kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
+    vcpu.set_cpuid2(
+        &kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap(),
+    )
+    .unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     let code = kvm_segment {
-        base: 0, limit: 0xffff_ffff, selector: 8, type_: 0xb, present: 1, dpl: 0, db: 0, s: 1, l: 1, g: 1,
-        avl: 0, unusable: 0, padding: 0,
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 8,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
     };
-    let data = kvm_segment { selector: 0x10, type_: 0x3, l: 0, db: 1, ..code };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        l: 0,
+        db: 1,
+        ..code
+    };
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -201,8 +242,18 @@ fn raw_vm(mode: Mode) -> RawVm {
     sregs.cr0 = 0x8000_0033;
     sregs.efer = (1 << 8) | (1 << 10);
     vcpu.set_sregs(&sregs).unwrap();
-    vcpu.set_regs(&kvm_regs { rip: LOAD_ADDR, rflags: 2, rsp: 0x8ff0, ..Default::default() }).unwrap();
-    RawVm { vcpu, _vm: vm, _memory: memory }
+    vcpu.set_regs(&kvm_regs {
+        rip: LOAD_ADDR,
+        rflags: 2,
+        rsp: 0x8ff0,
+        ..Default::default()
+    })
+    .unwrap();
+    RawVm {
+        vcpu,
+        _vm: vm,
+        _memory: memory,
+    }
 }
 
 /// The baseline loop: KVM_RUN and a direct call into the clock, nothing else.
@@ -231,7 +282,10 @@ fn bench_exits(c: &mut Criterion) {
         return;
     }
     let mut group = c.benchmark_group("vcpu_exit");
-    group.sample_size(20).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
     for mode in [Mode::PioOut, Mode::PioIn, Mode::MmioWrite, Mode::MmioRead] {
         let clock = Arc::new(ExitClock::default());
         let mut raw = raw_vm(mode);

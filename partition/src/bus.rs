@@ -60,7 +60,11 @@ impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
         for entry in &self.entries {
-            list.entry(&format_args!("{:#x}..{:#x}", entry.base, entry.base + entry.len));
+            list.entry(&format_args!(
+                "{:#x}..{:#x}",
+                entry.base,
+                entry.base + entry.len
+            ));
         }
         list.finish()
     }
@@ -76,7 +80,12 @@ impl Bus {
     ///
     /// Fails on an empty range, one that wraps around the address space, or one that overlaps a range
     /// already on the bus.
-    pub fn insert(&mut self, device: Arc<dyn BusDevice>, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        device: Arc<dyn BusDevice>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -85,7 +94,11 @@ impl Bus {
         let overlaps_prev = at > 0 && self.entries[at - 1].base + self.entries[at - 1].len > base;
         let overlaps_next = at < self.entries.len() && self.entries[at].base < end;
         if overlaps_prev || overlaps_next {
-            let other = if overlaps_prev { &self.entries[at - 1] } else { &self.entries[at] };
+            let other = if overlaps_prev {
+                &self.entries[at - 1]
+            } else {
+                &self.entries[at]
+            };
             return Err(BusError::Overlap {
                 base,
                 len,
@@ -192,19 +205,31 @@ mod tests {
     #[test]
     fn overlapping_insert_is_rejected() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Recorder::default()), 0x1000, 0x100).unwrap();
+        bus.insert(Arc::new(Recorder::default()), 0x1000, 0x100)
+            .unwrap();
 
-        let err = bus.insert(Arc::new(Recorder::default()), 0x10ff, 0x10).unwrap_err();
+        let err = bus
+            .insert(Arc::new(Recorder::default()), 0x10ff, 0x10)
+            .unwrap_err();
 
-        assert!(matches!(err, BusError::Overlap { other_base: 0x1000, .. }));
+        assert!(matches!(
+            err,
+            BusError::Overlap {
+                other_base: 0x1000,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn insert_below_existing_range_that_reaches_into_it_is_rejected() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Recorder::default()), 0x1000, 0x100).unwrap();
+        bus.insert(Arc::new(Recorder::default()), 0x1000, 0x100)
+            .unwrap();
 
-        let err = bus.insert(Arc::new(Recorder::default()), 0xff0, 0x11).unwrap_err();
+        let err = bus
+            .insert(Arc::new(Recorder::default()), 0xff0, 0x11)
+            .unwrap_err();
 
         assert!(matches!(err, BusError::Overlap { .. }));
     }
@@ -214,7 +239,10 @@ mod tests {
         let mut bus = Bus::new();
 
         assert!(bus.insert(Arc::new(Recorder::default()), 0x10, 0).is_err());
-        assert!(bus.insert(Arc::new(Recorder::default()), u64::MAX, 2).is_err());
+        assert!(
+            bus.insert(Arc::new(Recorder::default()), u64::MAX, 2)
+                .is_err()
+        );
     }
 
     #[test]
@@ -229,6 +257,10 @@ mod tests {
             assert!(bus.write(0x1000 * i + 3, &[0]));
         }
 
-        assert!(devices.iter().all(|d| d.last_offset.load(Ordering::Relaxed) == 3));
+        assert!(
+            devices
+                .iter()
+                .all(|d| d.last_offset.load(Ordering::Relaxed) == 3)
+        );
     }
 }

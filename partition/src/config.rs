@@ -122,14 +122,22 @@ impl PartitionConfig {
     /// Checks what can be checked without KVM: counts, sizes, and that named files exist.
     pub fn validate(&self, max_vcpus: usize) -> Result<()> {
         if self.vcpus == 0 || usize::from(self.vcpus) > max_vcpus {
-            return Err(Error::InvalidVcpuCount { count: self.vcpus, max: max_vcpus });
+            return Err(Error::InvalidVcpuCount {
+                count: self.vcpus,
+                max: max_vcpus,
+            });
         }
         if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(Error::MemoryTooSmall { mib: self.memory_mib, min_mib: MIN_MEMORY_MIB });
+            return Err(Error::MemoryTooSmall {
+                mib: self.memory_mib,
+                min_mib: MIN_MEMORY_MIB,
+            });
         }
         // Keep the size representable in bytes and within what a host can plausibly map.
         if self.memory_mib > (1 << 24) {
-            return Err(Error::MemoryTooLarge { mib: self.memory_mib });
+            return Err(Error::MemoryTooLarge {
+                mib: self.memory_mib,
+            });
         }
         if let KernelImage::Path(path) = &self.boot.kernel {
             check_regular_file(path, |path| Error::ReadFile {
@@ -157,8 +165,15 @@ impl PartitionConfig {
 /// Fails with `not_file` when `path` exists but is not a regular file, and with a read error when it
 /// does not exist at all.
 fn check_regular_file(path: &PathBuf, not_file: impl FnOnce(PathBuf) -> Error) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|source| Error::ReadFile { path: path.clone(), source })?;
-    if meta.is_file() { Ok(()) } else { Err(not_file(path.clone())) }
+    let meta = std::fs::metadata(path).map_err(|source| Error::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(not_file(path.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -174,7 +189,10 @@ mod tests {
         let mut cfg = config();
         cfg.vcpus = 0;
 
-        assert!(matches!(cfg.validate(8), Err(Error::InvalidVcpuCount { count: 0, .. })));
+        assert!(matches!(
+            cfg.validate(8),
+            Err(Error::InvalidVcpuCount { count: 0, .. })
+        ));
     }
 
     #[test]
@@ -182,7 +200,10 @@ mod tests {
         let mut cfg = config();
         cfg.vcpus = 9;
 
-        assert!(matches!(cfg.validate(8), Err(Error::InvalidVcpuCount { count: 9, max: 8 })));
+        assert!(matches!(
+            cfg.validate(8),
+            Err(Error::InvalidVcpuCount { count: 9, max: 8 })
+        ));
     }
 
     #[test]
@@ -190,7 +211,10 @@ mod tests {
         let mut cfg = config();
         cfg.memory_mib = 4;
 
-        assert!(matches!(cfg.validate(8), Err(Error::MemoryTooSmall { mib: 4, .. })));
+        assert!(matches!(
+            cfg.validate(8),
+            Err(Error::MemoryTooSmall { mib: 4, .. })
+        ));
     }
 
     #[test]
@@ -218,6 +242,9 @@ mod tests {
         disk.changed_block_size = 3000;
         cfg.disks.push(disk);
 
-        assert!(matches!(cfg.validate(8), Err(Error::InvalidChangedBlockSize { size: 3000 })));
+        assert!(matches!(
+            cfg.validate(8),
+            Err(Error::InvalidChangedBlockSize { size: 3000 })
+        ));
     }
 }

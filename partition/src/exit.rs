@@ -47,7 +47,11 @@ impl std::fmt::Display for ExitReason {
             Self::PowerOff => write!(f, "guest powered off"),
             Self::Reset => write!(f, "guest reset"),
             Self::TripleFault => write!(f, "triple fault"),
-            Self::InternalError { suberror, rip, instruction } => {
+            Self::InternalError {
+                suberror,
+                rip,
+                instruction,
+            } => {
                 write!(f, "internal error {suberror} at rip {rip:#x}, instruction")?;
                 for b in instruction {
                     write!(f, " {b:02x}")?;

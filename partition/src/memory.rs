@@ -43,14 +43,20 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     let low = size.min(MMIO_GAP_START);
     let mut ranges = vec![RamRange { start: 0, len: low }];
     if size > low {
-        ranges.push(RamRange { start: MMIO_GAP_END, len: size - low });
+        ranges.push(RamRange {
+            start: MMIO_GAP_END,
+            len: size - low,
+        });
     }
     ranges
 }
 
 /// Anonymous, zeroed guest memory for `ranges`.
 pub(crate) fn create_memory(ranges: &[RamRange]) -> Result<PartitionMemory> {
-    let ranges: Vec<_> = ranges.iter().map(|r| (GuestAddress(r.start), r.len as usize)).collect();
+    let ranges: Vec<_> = ranges
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.len as usize))
+        .collect();
     PartitionMemory::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
 }
 
@@ -62,7 +68,10 @@ pub(crate) fn map_memory_file(file: &File, ranges: &[RamRange]) -> Result<Partit
     let file_len = file.metadata().map_err(Error::MemoryFile)?.len();
     let needed: u64 = ranges.iter().map(|r| r.len).sum();
     if file_len < needed {
-        return Err(Error::MemoryFileTooShort { len: file_len, needed });
+        return Err(Error::MemoryFileTooShort {
+            len: file_len,
+            needed,
+        });
     }
     let page = NonZeroUsize::new(PAGE_SIZE as usize).expect("page size is non-zero");
     let mut regions = Vec::with_capacity(ranges.len());
@@ -97,7 +106,9 @@ pub(crate) fn save_memory(memory: &PartitionMemory, out: &mut File) -> Result<u6
             let chunk = slice
                 .subslice(done, slice.len() - done)
                 .map_err(|e| Error::GuestMemory(e.to_string()))?;
-            let n = out.write_volatile(&chunk).map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
+            let n = out
+                .write_volatile(&chunk)
+                .map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
             if n == 0 {
                 return Err(Error::MemoryFile(std::io::ErrorKind::WriteZero.into()));
             }
@@ -121,7 +132,9 @@ pub(crate) fn load_memory(memory: &PartitionMemory, input: &mut File) -> Result<
             let mut chunk = slice
                 .subslice(done, slice.len() - done)
                 .map_err(|e| Error::GuestMemory(e.to_string()))?;
-            let n = input.read_volatile(&mut chunk).map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
+            let n = input
+                .read_volatile(&mut chunk)
+                .map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
             if n == 0 {
                 return Err(Error::MemoryFile(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -139,7 +152,11 @@ pub(crate) fn register_memory(vm: &VmFd, memory: &PartitionMemory, dirty_log: bo
             .map_err(|e| Error::GuestMemory(e.to_string()))?;
         let entry = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -182,14 +199,19 @@ impl DirtyRange {
 pub(crate) fn read_dirty_log(vm: &VmFd, memory: &PartitionMemory) -> Result<Vec<DirtyRange>> {
     let mut out = Vec::new();
     for (slot, region) in memory.iter().enumerate() {
-        let mut bitmap = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(Error::Kvm)?;
+        let mut bitmap = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(Error::Kvm)?;
         // The region derefs to its mapping, whose bitmap records the VMM's own writes.
         let vmm_bitmap = std::ops::Deref::deref(region).bitmap().get_and_reset();
         for (word, vmm_word) in bitmap.iter_mut().zip(vmm_bitmap) {
             *word |= vmm_word;
         }
         out.push(DirtyRange {
-            range: RamRange { start: region.start_addr().0, len: region.len() },
+            range: RamRange {
+                start: region.start_addr().0,
+                len: region.len(),
+            },
             bitmap,
         });
     }
@@ -202,24 +224,51 @@ mod tests {
 
     #[test]
     fn small_memory_is_one_range_from_zero() {
-        assert_eq!(ram_ranges(64 << 20), vec![RamRange { start: 0, len: 64 << 20 }]);
+        assert_eq!(
+            ram_ranges(64 << 20),
+            vec![RamRange {
+                start: 0,
+                len: 64 << 20
+            }]
+        );
     }
 
     #[test]
     fn memory_larger_than_the_gap_continues_above_4g() {
         let ranges = ram_ranges(4 << 30);
 
-        assert_eq!(ranges[0], RamRange { start: 0, len: MMIO_GAP_START });
-        assert_eq!(ranges[1], RamRange { start: MMIO_GAP_END, len: (4 << 30) - MMIO_GAP_START });
+        assert_eq!(
+            ranges[0],
+            RamRange {
+                start: 0,
+                len: MMIO_GAP_START
+            }
+        );
+        assert_eq!(
+            ranges[1],
+            RamRange {
+                start: MMIO_GAP_END,
+                len: (4 << 30) - MMIO_GAP_START
+            }
+        );
     }
 
     #[test]
     fn dirty_range_lists_set_pages_by_address() {
-        let dirty = DirtyRange { range: RamRange { start: 0x1000_0000, len: 1 << 20 }, bitmap: vec![0b101, 1] };
+        let dirty = DirtyRange {
+            range: RamRange {
+                start: 0x1000_0000,
+                len: 1 << 20,
+            },
+            bitmap: vec![0b101, 1],
+        };
 
         let pages: Vec<_> = dirty.pages().collect();
 
-        assert_eq!(pages, vec![0x1000_0000, 0x1000_2000, 0x1000_0000 + 64 * 4096]);
+        assert_eq!(
+            pages,
+            vec![0x1000_0000, 0x1000_2000, 0x1000_0000 + 64 * 4096]
+        );
         assert_eq!(dirty.count(), 3);
     }
 
@@ -228,7 +277,9 @@ mod tests {
         use vm_memory::Bytes;
         let ranges = ram_ranges(2 << 20);
         let memory = create_memory(&ranges).unwrap();
-        memory.write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
+        memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
+            .unwrap();
         let mut file = tempfile::tempfile().unwrap();
         save_memory(&memory, &mut file).unwrap();
 
@@ -236,7 +287,10 @@ mod tests {
         restored.write_obj(7u32, GuestAddress(0x2000)).unwrap();
         let again = map_memory_file(&file, &ranges).unwrap();
 
-        assert_eq!(restored.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(again.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0);
     }
 

@@ -28,8 +28,8 @@ use crate::memory::{
 };
 use crate::software_kvm;
 use crate::state::{
-    DeviceStates, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu, restore_vm,
-    saveable_msrs,
+    DeviceStates, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
+    restore_vm, saveable_msrs,
 };
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};
 
@@ -62,14 +62,18 @@ pub struct PartitionBuilder {
 
 impl std::fmt::Debug for PartitionBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionBuilder").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("PartitionBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl PartitionBuilder {
     /// Adds a device answering port I/O in `[base, base + len)`.
     pub fn pio_device(mut self, base: u16, len: u16, device: Arc<dyn BusDevice>) -> Self {
-        self.extra.pio.push((u64::from(base), u64::from(len), device));
+        self.extra
+            .pio
+            .push((u64::from(base), u64::from(len), device));
         self
     }
 
@@ -93,7 +97,10 @@ impl PartitionBuilder {
         }
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim())?;
         let partition = Partition::assemble(kvm, self.config, self.extra, memory, ranges)?;
-        let boot_vcpu = partition.parked.first().ok_or(Error::InvalidVcpuCount { count: 0, max: 0 })?;
+        let boot_vcpu = partition
+            .parked
+            .first()
+            .ok_or(Error::InvalidVcpuCount { count: 0, max: 0 })?;
         configure_boot_vcpu(&boot_vcpu.fd, &partition.memory, loaded.entry)?;
         Ok(partition)
     }
@@ -103,7 +110,10 @@ impl PartitionBuilder {
     /// memory size); its boot source is ignored.
     pub fn restore(self, state: &PartitionState, memory_file: &File) -> Result<Partition> {
         if state.version != STATE_VERSION {
-            return Err(Error::StateVersion { found: state.version, supported: STATE_VERSION });
+            return Err(Error::StateVersion {
+                found: state.version,
+                supported: STATE_VERSION,
+            });
         }
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         self.config.validate(kvm.get_max_vcpus())?;
@@ -112,7 +122,8 @@ impl PartitionBuilder {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_file(memory_file, &ranges)?;
-        let partition = Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, Some(state))?;
+        let partition =
+            Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, Some(state))?;
         for (vcpu, saved) in partition.parked.iter().zip(&state.vcpus) {
             restore_vcpu(&vcpu.fd, saved)?;
         }
@@ -163,7 +174,10 @@ fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
 impl Partition {
     /// A builder for a partition described by `config`.
     pub fn builder(config: PartitionConfig) -> PartitionBuilder {
-        PartitionBuilder { config, extra: ExtraDevices::default() }
+        PartitionBuilder {
+            config,
+            extra: ExtraDevices::default(),
+        }
     }
 
     /// Builds and boots a partition with no extra devices (see [`PartitionBuilder::build`]).
@@ -192,17 +206,23 @@ impl Partition {
         saved: Option<&PartitionState>,
     ) -> Result<Self> {
         let vm = kvm.create_vm().map_err(Error::Kvm)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::Kvm)?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(Error::Kvm)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(Error::Kvm)?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(Error::Kvm)?;
         vm.create_irq_chip().map_err(Error::Kvm)?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm.create_pit2(pit).map_err(Error::Kvm)?;
         register_memory(&vm, &memory, config.dirty_log)?;
 
         let mut parked = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
-            fd.set_cpuid2(&vcpu_cpuid(&kvm, index, config.vcpus)?).map_err(Error::Kvm)?;
+            fd.set_cpuid2(&vcpu_cpuid(&kvm, index, config.vcpus)?)
+                .map_err(Error::Kvm)?;
             configure_msrs(&fd)?;
             configure_lapic(&fd)?;
             parked.push(Vcpu { fd, index });
@@ -228,9 +248,17 @@ impl Partition {
         let mut io_bus = Bus::new();
         io_bus.insert(com1.clone(), u64::from(COM1_PORT), UART_PORT_SIZE)?;
         io_bus.insert(com2.clone(), u64::from(COM2_PORT), UART_PORT_SIZE)?;
-        io_bus.insert(Arc::new(I8042::new(control.clone())), u64::from(I8042_DATA_PORT), 5)?;
+        io_bus.insert(
+            Arc::new(I8042::new(control.clone())),
+            u64::from(I8042_DATA_PORT),
+            5,
+        )?;
         io_bus.insert(Arc::new(Cmos::default()), u64::from(CMOS_PORT), 2)?;
-        io_bus.insert(Arc::new(PowerControl::new(control.clone())), u64::from(PM1A_CONTROL_PORT), 2)?;
+        io_bus.insert(
+            Arc::new(PowerControl::new(control.clone())),
+            u64::from(PM1A_CONTROL_PORT),
+            2,
+        )?;
         io_bus.insert(Arc::new(IdlePort), u64::from(IDLE_PORT), 4)?;
         for (base, len, device) in extra.pio {
             io_bus.insert(device, base, len)?;
@@ -240,7 +268,12 @@ impl Partition {
             mmio_bus.insert(device, base, len)?;
         }
 
-        let ctx = Arc::new(VcpuContext { io_bus, mmio_bus, memory: memory.clone(), control });
+        let ctx = Arc::new(VcpuContext {
+            io_bus,
+            mmio_bus,
+            memory: memory.clone(),
+            control,
+        });
         Ok(Self {
             threads: None,
             parked,
@@ -261,7 +294,12 @@ impl Partition {
     pub fn resume(&mut self) -> Result<()> {
         match self.run_state {
             RunState::Created | RunState::Paused => {}
-            ref other => return Err(Error::InvalidRunState { operation: "resume", state: format!("{other:?}") }),
+            ref other => {
+                return Err(Error::InvalidRunState {
+                    operation: "resume",
+                    state: format!("{other:?}"),
+                });
+            }
         }
         let vcpus = std::mem::take(&mut self.parked);
         self.threads = Some(VcpuThreads::spawn(vcpus, &self.ctx)?);
@@ -276,7 +314,10 @@ impl Partition {
             (RunState::Running, Some(threads)) => threads,
             (other, threads) => {
                 self.threads = threads;
-                return Err(Error::InvalidRunState { operation: "pause", state: format!("{other:?}") });
+                return Err(Error::InvalidRunState {
+                    operation: "pause",
+                    state: format!("{other:?}"),
+                });
             }
         };
         self.parked = threads.join(&self.ctx, false);
@@ -297,7 +338,11 @@ impl Partition {
             Some(threads) => self.parked = threads.join(&self.ctx, true),
             None => self.ctx.control.request_stop(ExitReason::Stopped),
         }
-        let reason = self.ctx.control.exit_reason().unwrap_or(ExitReason::Stopped);
+        let reason = self
+            .ctx
+            .control
+            .exit_reason()
+            .unwrap_or(ExitReason::Stopped);
         self.run_state = RunState::Stopped(reason.clone());
         reason
     }
@@ -343,7 +388,10 @@ impl Partition {
     fn require_parked(&self, operation: &'static str) -> Result<()> {
         match self.run_state {
             RunState::Created | RunState::Paused => Ok(()),
-            ref other => Err(Error::InvalidRunState { operation, state: format!("{other:?}") }),
+            ref other => Err(Error::InvalidRunState {
+                operation,
+                state: format!("{other:?}"),
+            }),
         }
     }
 
@@ -361,7 +409,11 @@ impl Partition {
             memory: self.ranges.clone(),
             vcpus,
             vm: capture_vm(&self.vm)?,
-            devices: DeviceStates { com1: self.com1.state(), com2: self.com2.state(), disks: Vec::new() },
+            devices: DeviceStates {
+                com1: self.com1.state(),
+                com2: self.com2.state(),
+                disks: Vec::new(),
+            },
         })
     }
 

@@ -31,7 +31,11 @@ pub fn is_software_kvm() -> bool {
 /// The command-line flags to add for this host: [`LINUX_CMDLINE_FLAGS`] on software KVM, nothing
 /// on hardware KVM.
 pub fn linux_cmdline_flags() -> &'static str {
-    if is_software_kvm() { LINUX_CMDLINE_FLAGS } else { "" }
+    if is_software_kvm() {
+        LINUX_CMDLINE_FLAGS
+    } else {
+        ""
+    }
 }
 
 /// Clears CPUID bits the software emulator cannot honour (CX16: `lock cmpxchg16b` fails there).
@@ -61,17 +65,28 @@ const BREAKPOINT_VECTOR: u8 = 3;
 
 /// Steps over `fwait` (a no-op without pending x87 exceptions) and delivers `int3` as the #BP it is;
 /// anything else, and everything on hardware KVM, stops the partition with the instruction bytes.
-pub(crate) fn handle_internal_error(vcpu: &mut VcpuFd, memory: &PartitionMemory) -> InternalErrorAction {
+pub(crate) fn handle_internal_error(
+    vcpu: &mut VcpuFd,
+    memory: &PartitionMemory,
+) -> InternalErrorAction {
     // SAFETY: this runs right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so `internal` is the
     // union member KVM filled in.
     let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
     let Ok(mut regs) = vcpu.get_regs() else {
-        return InternalErrorAction::Stop(ExitReason::InternalError { suberror, rip: 0, instruction: Vec::new() });
+        return InternalErrorAction::Stop(ExitReason::InternalError {
+            suberror,
+            rip: 0,
+            instruction: Vec::new(),
+        });
     };
     let instruction = read_instruction(vcpu, memory, regs.rip);
     let rip = regs.rip;
     let stop = |instruction: Vec<u8>| {
-        InternalErrorAction::Stop(ExitReason::InternalError { suberror, rip, instruction })
+        InternalErrorAction::Stop(ExitReason::InternalError {
+            suberror,
+            rip,
+            instruction,
+        })
     };
     if !is_software_kvm() {
         return stop(instruction);
@@ -106,7 +121,9 @@ pub(crate) fn handle_internal_error(vcpu: &mut VcpuFd, memory: &PartitionMemory)
 
 /// Up to 15 instruction bytes at `rip` (translated through the guest's page tables).
 fn read_instruction(vcpu: &VcpuFd, memory: &PartitionMemory, rip: u64) -> Vec<u8> {
-    let Ok(translation) = vcpu.translate_gva(rip) else { return Vec::new() };
+    let Ok(translation) = vcpu.translate_gva(rip) else {
+        return Vec::new();
+    };
     if translation.valid == 0 {
         return Vec::new();
     }

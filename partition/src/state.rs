@@ -73,7 +73,10 @@ impl PartitionState {
         let state: Self =
             serde_json::from_slice(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
         if state.version != STATE_VERSION {
-            return Err(Error::StateVersion { found: state.version, supported: STATE_VERSION });
+            return Err(Error::StateVersion {
+                found: state.version,
+                supported: STATE_VERSION,
+            });
         }
         Ok(state)
     }
@@ -86,10 +89,20 @@ impl PartitionState {
 
 /// The MSRs KVM can save on this host, in the order it lists them.
 pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
-    let mut indices: Vec<u32> = kvm.get_msr_index_list().map_err(Error::Kvm)?.as_slice().to_vec();
+    let mut indices: Vec<u32> = kvm
+        .get_msr_index_list()
+        .map_err(Error::Kvm)?
+        .as_slice()
+        .to_vec();
     // KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and try again.
     loop {
-        let entries: Vec<_> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrsTooMany)?;
         let read = vcpu.get_msrs(&mut msrs).map_err(Error::Kvm)?;
         if read == indices.len() {
@@ -101,11 +114,19 @@ pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
 
 /// Reads the state of one (parked) vCPU.
 pub(crate) fn capture_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
-    let entries: Vec<_> = msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let entries: Vec<_> = msr_indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrsTooMany)?;
     let read = vcpu.get_msrs(&mut msrs).map_err(Error::Kvm)?;
     if read != entries.len() {
-        return Err(Error::MsrRejected { index: entries[read].index });
+        return Err(Error::MsrRejected {
+            index: entries[read].index,
+        });
     }
     Ok(VcpuState {
         // mp_state and events first: reading them lets KVM flush pending events consistently.
@@ -133,13 +154,18 @@ pub(crate) fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     let msrs = Msrs::from_entries(&state.msrs).map_err(|_| Error::MsrsTooMany)?;
     let set = vcpu.set_msrs(&msrs).map_err(Error::Kvm)?;
     if set != state.msrs.len() {
-        return Err(Error::MsrRejected { index: state.msrs[set].index });
+        return Err(Error::MsrRejected {
+            index: state.msrs[set].index,
+        });
     }
     vcpu.set_vcpu_events(&state.events).map_err(Error::Kvm)
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
-    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
     vm.get_irqchip(&mut chip).map_err(Error::Kvm)?;
     Ok(chip)
 }
@@ -163,12 +189,18 @@ pub(crate) fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
         (&state.ioapic, KVM_IRQCHIP_IOAPIC),
     ] {
         if chip.chip_id != id {
-            return Err(Error::InvalidState(format!("irqchip {} saved as chip {}", id, chip.chip_id)));
+            return Err(Error::InvalidState(format!(
+                "irqchip {} saved as chip {}",
+                id, chip.chip_id
+            )));
         }
         vm.set_irqchip(chip).map_err(Error::Kvm)?;
     }
     vm.set_pit2(&state.pit).map_err(Error::Kvm)?;
     // Only the clock value: the flags describe how it was read, not how to set it.
-    let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+    let clock = kvm_clock_data {
+        clock: state.clock.clock,
+        ..Default::default()
+    };
     vm.set_clock(&clock).map_err(Error::Kvm)
 }

@@ -84,7 +84,12 @@ impl RunControl {
 
     fn request_pause(&self) {
         // A stop already requested wins over a pause.
-        let _ = self.request.compare_exchange(REQUEST_RUN, REQUEST_PAUSE, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.request.compare_exchange(
+            REQUEST_RUN,
+            REQUEST_PAUSE,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         self.kick_all();
     }
 
@@ -106,9 +111,15 @@ impl RunControl {
         let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
         let exit = match timeout {
             Some(t) => {
-                self.exited.wait_timeout_while(exit, t, |e| e.is_none()).unwrap_or_else(|e| e.into_inner()).0
+                self.exited
+                    .wait_timeout_while(exit, t, |e| e.is_none())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
             }
-            None => self.exited.wait_while(exit, |e| e.is_none()).unwrap_or_else(|e| e.into_inner()),
+            None => self
+                .exited
+                .wait_while(exit, |e| e.is_none())
+                .unwrap_or_else(|e| e.into_inner()),
         };
         exit.clone()
     }
@@ -169,12 +180,16 @@ fn dispatch(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         VcpuExit::SystemEvent(kind, _) => Next::Stop(match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
             KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
-            other => ExitReason::UnhandledExit { exit: format!("system event {other}") },
+            other => ExitReason::UnhandledExit {
+                exit: format!("system event {other}"),
+            },
         }),
         VcpuExit::InternalError => Next::InternalError,
         VcpuExit::FailEntry(reason, _) => Next::Stop(ExitReason::FailEntry { reason }),
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => Next::Run,
-        other => Next::Stop(ExitReason::UnhandledExit { exit: format!("{other:?}") }),
+        other => Next::Stop(ExitReason::UnhandledExit {
+            exit: format!("{other:?}"),
+        }),
     }
 }
 
@@ -189,14 +204,18 @@ fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext) -> Vcpu {
                 vcpu.fd.set_kvm_immediate_exit(0);
                 Next::Run
             }
-            Err(e) => Next::Stop(ExitReason::HostError { message: format!("KVM_RUN: {e}") }),
+            Err(e) => Next::Stop(ExitReason::HostError {
+                message: format!("KVM_RUN: {e}"),
+            }),
         };
         match next {
             Next::Run => {}
-            Next::InternalError => match software_kvm::handle_internal_error(&mut vcpu.fd, &ctx.memory) {
-                InternalErrorAction::Resume => {}
-                InternalErrorAction::Stop(reason) => ctx.control.request_stop(reason),
-            },
+            Next::InternalError => {
+                match software_kvm::handle_internal_error(&mut vcpu.fd, &ctx.memory) {
+                    InternalErrorAction::Resume => {}
+                    InternalErrorAction::Stop(reason) => ctx.control.request_stop(reason),
+                }
+            }
             Next::Stop(reason) => ctx.control.request_stop(reason),
         }
     }
@@ -228,7 +247,11 @@ impl VcpuThreads {
                 .name(name)
                 .spawn(move || run_vcpu(vcpu, &thread_ctx))
                 .map_err(Error::SpawnVcpu)?;
-            ctx.control.threads.lock().unwrap_or_else(|e| e.into_inner()).push(handle.as_pthread_t());
+            ctx.control
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(handle.as_pthread_t());
             handles.push(handle);
         }
         Ok(Self { handles })
@@ -241,7 +264,11 @@ impl VcpuThreads {
         } else {
             ctx.control.request_pause();
         }
-        ctx.control.threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        ctx.control
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let mut vcpus: Vec<Vcpu> = self
             .handles
             .into_iter()

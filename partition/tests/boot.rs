@@ -34,7 +34,10 @@ fn i8042_reset_ends_the_run_with_reset() {
 
     vm.resume().unwrap();
 
-    assert_eq!(vm.wait(Some(Duration::from_secs(20))), Some(ExitReason::Reset));
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(20))),
+        Some(ExitReason::Reset)
+    );
 }
 
 #[test]
@@ -54,7 +57,10 @@ fn zero_vcpus_is_a_config_error() {
     let mut cfg = config(&[0xf4]);
     cfg.vcpus = 0;
 
-    assert!(matches!(Partition::new(cfg), Err(Error::InvalidVcpuCount { count: 0, .. })));
+    assert!(matches!(
+        Partition::new(cfg),
+        Err(Error::InvalidVcpuCount { count: 0, .. })
+    ));
 }
 
 #[test]
@@ -81,12 +87,18 @@ fn initrd_too_large_for_memory_is_rejected() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd");
-    std::fs::File::create(&initrd).unwrap().set_len(20 << 20).unwrap();
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
     let mut cfg = config(&[0xf4]);
     cfg.memory_mib = 16;
     cfg.boot.initrd = Some(initrd);
 
-    assert!(matches!(Partition::new(cfg), Err(Error::InitrdTooLarge { .. })));
+    assert!(matches!(
+        Partition::new(cfg),
+        Err(Error::InitrdTooLarge { .. })
+    ));
 }
 
 #[test]
@@ -94,5 +106,11 @@ fn pause_of_a_partition_never_started_is_rejected() {
     require_kvm!();
     let mut vm = Partition::new(config(&[0xf4])).unwrap();
 
-    assert!(matches!(vm.pause(), Err(Error::InvalidRunState { operation: "pause", .. })));
+    assert!(matches!(
+        vm.pause(),
+        Err(Error::InvalidRunState {
+            operation: "pause",
+            ..
+        })
+    ));
 }

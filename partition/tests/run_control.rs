@@ -69,7 +69,9 @@ fn restored_partition_continues_from_the_exact_captured_counter() {
     drop(vm);
 
     let state = PartitionState::from_json(&json).unwrap();
-    let mut restored = Partition::builder(counting_guest()).restore(&state, &memory_file).unwrap();
+    let mut restored = Partition::builder(counting_guest())
+        .restore(&state, &memory_file)
+        .unwrap();
     let at_restore = counter(&restored);
     restored.resume().unwrap();
     let later = wait_counter_above(&restored, at_restore);
@@ -88,7 +90,9 @@ fn restore_into_a_different_memory_size_is_rejected() {
     let mut other = counting_guest();
     other.memory_mib = 64;
 
-    let err = Partition::builder(other).restore(&state, &memory_file).unwrap_err();
+    let err = Partition::builder(other)
+        .restore(&state, &memory_file)
+        .unwrap_err();
 
     assert!(matches!(err, partition::Error::StateMismatch));
 }
@@ -116,7 +120,12 @@ fn dirty_log_reports_the_counter_page() {
     wait_counter_above(&vm, 0);
     vm.pause().unwrap();
 
-    let pages: Vec<u64> = vm.read_dirty_log().unwrap().iter().flat_map(|r| r.pages().collect::<Vec<_>>()).collect();
+    let pages: Vec<u64> = vm
+        .read_dirty_log()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.pages().collect::<Vec<_>>())
+        .collect();
     let second: u64 = vm.read_dirty_log().unwrap().iter().map(|r| r.count()).sum();
 
     assert!(pages.contains(&COUNTER), "dirty pages: {pages:x?}");

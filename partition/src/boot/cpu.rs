@@ -76,21 +76,38 @@ fn write_page_tables(memory: &PartitionMemory) -> Result<()> {
 }
 
 /// Puts the boot vCPU at `entry` with the registers and memory structures its protocol defines.
-pub(crate) fn configure_boot_vcpu(vcpu: &VcpuFd, memory: &PartitionMemory, entry: EntryPoint) -> Result<()> {
+pub(crate) fn configure_boot_vcpu(
+    vcpu: &VcpuFd,
+    memory: &PartitionMemory,
+    entry: EntryPoint,
+) -> Result<()> {
     let mut sregs = vcpu.get_sregs().map_err(Error::Kvm)?;
-    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        ..Default::default()
+    };
     let gdt: [u64; 4] = match entry {
         EntryPoint::Linux64 { rip } => {
             regs.rip = rip;
             regs.rsp = BOOT_STACK_POINTER;
             regs.rbp = BOOT_STACK_POINTER;
             regs.rsi = ZERO_PAGE_START;
-            [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+            [
+                0,
+                gdt_entry(0xa09b, 0, 0xfffff),
+                gdt_entry(0xc093, 0, 0xfffff),
+                gdt_entry(0x808b, 0, 0xfffff),
+            ]
         }
         EntryPoint::Pvh { rip } => {
             regs.rip = rip;
             regs.rbx = PVH_INFO_START;
-            [0, gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)]
+            [
+                0,
+                gdt_entry(0xc09b, 0, 0xfffff),
+                gdt_entry(0xc093, 0, 0xfffff),
+                gdt_entry(0x008b, 0, 0x67),
+            ]
         }
     };
     write_u64s(memory, BOOT_GDT_START, &gdt)?;
@@ -124,7 +141,11 @@ pub(crate) fn configure_boot_vcpu(vcpu: &VcpuFd, memory: &PartitionMemory, entry
     }
     vcpu.set_sregs(&sregs).map_err(Error::Kvm)?;
     vcpu.set_regs(&regs).map_err(Error::Kvm)?;
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(Error::Kvm)
 }
 
@@ -158,12 +179,18 @@ pub(crate) fn configure_msrs(vcpu: &VcpuFd) -> Result<()> {
     ];
     let list: Vec<_> = entries
         .iter()
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     let msrs = Msrs::from_entries(&list).map_err(|_| Error::MsrsTooMany)?;
     let set = vcpu.set_msrs(&msrs).map_err(Error::Kvm)?;
     if set != list.len() {
-        return Err(Error::MsrRejected { index: list[set].index });
+        return Err(Error::MsrRejected {
+            index: list[set].index,
+        });
     }
     Ok(())
 }
@@ -181,7 +208,10 @@ pub(crate) fn configure_lapic(vcpu: &VcpuFd) -> Result<()> {
             *b = *r as u8;
         }
         let value = (u32::from_le_bytes(reg) & !0x700) | (mode << 8);
-        for (r, b) in lapic.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
+        for (r, b) in lapic.regs[offset..offset + 4]
+            .iter_mut()
+            .zip(value.to_le_bytes())
+        {
             *r = b as _;
         }
     };
@@ -198,7 +228,10 @@ mod tests {
     fn long_mode_code_descriptor_decodes_as_64_bit_ring0_code() {
         let seg = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
 
-        assert_eq!((seg.selector, seg.l, seg.db, seg.dpl, seg.type_, seg.present), (8, 1, 0, 0, 0xb, 1));
+        assert_eq!(
+            (seg.selector, seg.l, seg.db, seg.dpl, seg.type_, seg.present),
+            (8, 1, 0, 0, 0xb, 1)
+        );
         assert_eq!(seg.limit, 0xffff_ffff);
     }
 

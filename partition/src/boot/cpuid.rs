@@ -7,12 +7,15 @@ use crate::error::{Error, Result};
 
 /// KVM's supported CPUID with per-vCPU fields set for vCPU `index` of `count`.
 pub(crate) fn vcpu_cpuid(kvm: &Kvm, index: u8, count: u8) -> Result<CpuId> {
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::Kvm)?;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
                 // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 // HTT: the count above is meaningful.
                 entry.edx |= 1 << 28;
             }

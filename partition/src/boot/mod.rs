@@ -41,7 +41,11 @@ pub(crate) struct LoadedKernel {
 }
 
 /// Loads kernel, initrd and command line into `memory` and writes the boot structures.
-pub(crate) fn load(memory: &PartitionMemory, boot: &BootSource, cmdline: &str) -> Result<LoadedKernel> {
+pub(crate) fn load(
+    memory: &PartitionMemory,
+    boot: &BootSource,
+    cmdline: &str,
+) -> Result<LoadedKernel> {
     let image = read_kernel(&boot.kernel)?;
     let (entry, kernel_end, header) = load_kernel(memory, &image, boot.protocol)?;
     let initrd = match &boot.initrd {
@@ -50,7 +54,9 @@ pub(crate) fn load(memory: &PartitionMemory, boot: &BootSource, cmdline: &str) -
     };
     write_cmdline(memory, cmdline)?;
     match entry {
-        EntryPoint::Linux64 { .. } => params::write_zero_page(memory, header, cmdline.len(), initrd)?,
+        EntryPoint::Linux64 { .. } => {
+            params::write_zero_page(memory, header, cmdline.len(), initrd)?
+        }
         EntryPoint::Pvh { .. } => params::write_pvh_start_info(memory, initrd)?,
     }
     Ok(LoadedKernel { entry })
@@ -58,9 +64,10 @@ pub(crate) fn load(memory: &PartitionMemory, boot: &BootSource, cmdline: &str) -
 
 fn read_kernel(image: &KernelImage) -> Result<Vec<u8>> {
     match image {
-        KernelImage::Path(path) => {
-            std::fs::read(path).map_err(|source| Error::ReadFile { path: path.clone(), source })
-        }
+        KernelImage::Path(path) => std::fs::read(path).map_err(|source| Error::ReadFile {
+            path: path.clone(),
+            source,
+        }),
         KernelImage::Bytes(bytes) => Ok(bytes.to_vec()),
     }
 }
@@ -77,16 +84,17 @@ fn load_kernel(
         let result = Elf::load(memory, None, &mut cursor, himem).map_err(Error::KernelLoad)?;
         let end = result.kernel_end;
         let entry = match (protocol, result.pvh_boot_cap) {
-            (BootProtocol::Linux64, _) | (BootProtocol::Auto, PvhBootCapability::PvhEntryNotPresent) => {
-                EntryPoint::Linux64 { rip: result.kernel_load.0 }
-            }
+            (BootProtocol::Linux64, _)
+            | (BootProtocol::Auto, PvhBootCapability::PvhEntryNotPresent) => EntryPoint::Linux64 {
+                rip: result.kernel_load.0,
+            },
             (BootProtocol::Auto | BootProtocol::Pvh, PvhBootCapability::PvhEntryPresent(addr)) => {
                 EntryPoint::Pvh { rip: addr.0 }
             }
             (BootProtocol::Pvh, _) => return Err(Error::NoPvhEntry),
-            (BootProtocol::Auto, PvhBootCapability::PvhEntryIgnored) => {
-                EntryPoint::Linux64 { rip: result.kernel_load.0 }
-            }
+            (BootProtocol::Auto, PvhBootCapability::PvhEntryIgnored) => EntryPoint::Linux64 {
+                rip: result.kernel_load.0,
+            },
         };
         return Ok((entry, end, None));
     }
@@ -97,7 +105,11 @@ fn load_kernel(
         let result = BzImage::load(memory, None, &mut cursor, himem).map_err(Error::KernelLoad)?;
         // The 64-bit entry (startup_64) sits 0x200 bytes into the protected-mode kernel.
         let rip = result.kernel_load.0 + 0x200;
-        return Ok((EntryPoint::Linux64 { rip }, result.kernel_end, result.setup_header));
+        return Ok((
+            EntryPoint::Linux64 { rip },
+            result.kernel_end,
+            result.setup_header,
+        ));
     }
     Err(Error::UnknownKernelFormat)
 }
@@ -109,7 +121,10 @@ fn load_initrd(
     path: &std::path::Path,
     kernel_end: u64,
 ) -> Result<(u64, u64)> {
-    let bytes = std::fs::read(path).map_err(|source| Error::ReadFile { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
     let size = bytes.len() as u64;
     let low_end = memory
         .iter()
@@ -126,13 +141,19 @@ fn load_initrd(
                 .map_err(|e| Error::GuestMemory(e.to_string()))?;
             Ok((addr, size))
         }
-        _ => Err(Error::InitrdTooLarge { size, available: low_end.saturating_sub(kernel_end) }),
+        _ => Err(Error::InitrdTooLarge {
+            size,
+            available: low_end.saturating_sub(kernel_end),
+        }),
     }
 }
 
 fn write_cmdline(memory: &PartitionMemory, cmdline: &str) -> Result<()> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
-        return Err(Error::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
     }
     if cmdline.bytes().any(|b| b == 0) {
         return Err(Error::CmdlineHasNul);
@@ -199,7 +220,8 @@ mod tests {
     fn elf_without_pvh_note_enters_at_its_entry_in_long_mode() {
         let mem = memory();
 
-        let (entry, _, header) = load_kernel(&mem, &tiny_elf(&[0xf4; 16]), BootProtocol::Auto).unwrap();
+        let (entry, _, header) =
+            load_kernel(&mem, &tiny_elf(&[0xf4; 16]), BootProtocol::Auto).unwrap();
 
         assert_eq!(entry, EntryPoint::Linux64 { rip: 0x10_0000 });
         assert!(header.is_none());
@@ -217,7 +239,8 @@ mod tests {
     fn bzimage_enters_0x200_into_the_protected_mode_kernel() {
         let mem = memory();
 
-        let (entry, _, header) = load_kernel(&mem, &tiny_bzimage(&[0x90; 1024]), BootProtocol::Auto).unwrap();
+        let (entry, _, header) =
+            load_kernel(&mem, &tiny_bzimage(&[0x90; 1024]), BootProtocol::Auto).unwrap();
 
         assert_eq!(entry, EntryPoint::Linux64 { rip: 0x10_0200 });
         assert_eq!(header.map(|h| h.setup_sects), Some(4));

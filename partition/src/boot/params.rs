@@ -18,7 +18,10 @@ const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 
 /// The memory map: low RAM below the EBDA, the EBDA to 1 MiB reserved, then every RAM region.
 fn memory_map(memory: &PartitionMemory) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
     for region in memory.iter() {
         let start = region.start_addr().0.max(HIMEM_START);
         let end = region.start_addr().0 + region.len();
@@ -57,7 +60,11 @@ pub(super) fn write_zero_page(
         return Err(Error::GuestMemory("too many e820 entries".into()));
     }
     for (slot, (addr, size, kind)) in params.e820_table.iter_mut().zip(&map) {
-        *slot = boot_e820_entry { addr: *addr, size: *size, r#type: *kind };
+        *slot = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *kind,
+        };
     }
     params.e820_entries = map.len() as u8;
     memory
@@ -67,7 +74,10 @@ pub(super) fn write_zero_page(
 
 /// Writes `hvm_start_info`, its memory map and (for an initrd) its module list, little-endian as the
 /// PVH ABI defines them.
-pub(super) fn write_pvh_start_info(memory: &PartitionMemory, initrd: Option<(u64, u64)>) -> Result<()> {
+pub(super) fn write_pvh_start_info(
+    memory: &PartitionMemory,
+    initrd: Option<(u64, u64)>,
+) -> Result<()> {
     let map = memory_map(memory);
     let mut memmap = Vec::with_capacity(map.len() * 24);
     for (addr, size, kind) in &map {
@@ -89,7 +99,9 @@ pub(super) fn write_pvh_start_info(memory: &PartitionMemory, initrd: Option<(u64
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
     let write = |bytes: &[u8], addr: u64| {
-        memory.write_slice(bytes, GuestAddress(addr)).map_err(|e| Error::GuestMemory(e.to_string()))
+        memory
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::GuestMemory(e.to_string()))
     };
     write(&info, PVH_INFO_START)?;
     write(&memmap, PVH_MEMMAP_START)?;
@@ -117,7 +129,10 @@ mod tests {
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(params.e820_entries, 3);
         let last = params.e820_table[2];
-        assert_eq!((last.addr, last.size), (HIMEM_START, (64 << 20) - HIMEM_START));
+        assert_eq!(
+            (last.addr, last.size),
+            (HIMEM_START, (64 << 20) - HIMEM_START)
+        );
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
     }
@@ -128,8 +143,19 @@ mod tests {
 
         write_pvh_start_info(&mem, None).unwrap();
 
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(PVH_INFO_START)).unwrap(), XEN_HVM_START_MAGIC_VALUE);
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(PVH_INFO_START + 48)).unwrap(), 3);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap(), HIMEM_START);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(PVH_INFO_START)).unwrap(),
+            XEN_HVM_START_MAGIC_VALUE
+        );
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(PVH_INFO_START + 48))
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PVH_MEMMAP_START + 2 * 24))
+                .unwrap(),
+            HIMEM_START
+        );
     }
 }

@@ -76,7 +76,9 @@ fn register(index: u8, unix_seconds: u64) -> u8 {
 impl BusDevice for Cmos {
     fn read(&self, offset: u64, data: &mut [u8]) {
         let value = if offset == 1 {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             register(self.index.load(Ordering::Relaxed), now)
         } else {
             self.index.load(Ordering::Relaxed)
@@ -101,10 +103,18 @@ mod tests {
         // 2026-11-24 13:45:56 UTC, a Tuesday.
         let t = 1_795_527_956;
 
-        let fields: Vec<u8> = [REG_YEAR, REG_MONTH, REG_DAY, REG_HOURS, REG_MINUTES, REG_SECONDS, REG_WEEKDAY]
-            .iter()
-            .map(|&r| register(r, t))
-            .collect();
+        let fields: Vec<u8> = [
+            REG_YEAR,
+            REG_MONTH,
+            REG_DAY,
+            REG_HOURS,
+            REG_MINUTES,
+            REG_SECONDS,
+            REG_WEEKDAY,
+        ]
+        .iter()
+        .map(|&r| register(r, t))
+        .collect();
 
         assert_eq!(fields, vec![0x26, 0x11, 0x24, 0x13, 0x45, 0x56, 0x03]);
     }

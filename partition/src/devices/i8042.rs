@@ -40,14 +40,21 @@ impl BusDevice for I8042 {
         let value = if offset == STATUS_OFFSET {
             STATUS_IDLE
         } else {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).read(offset as u8)
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset as u8)
         };
         data.fill(value);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [value]) = (u8::try_from(offset), data) {
-            let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).write(offset, *value);
+            let _ = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset, *value);
         }
     }
 }

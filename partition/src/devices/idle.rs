@@ -27,7 +27,10 @@ impl BusDevice for IdlePort {
         if micros == 0 {
             return;
         }
-        let request = libc::timespec { tv_sec: 0, tv_nsec: i64::from(micros) * 1000 };
+        let request = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(micros) * 1000,
+        };
         // SAFETY: `request` is a valid timespec and a null remainder pointer is allowed; an EINTR
         // return (the vCPU was kicked) is exactly the early wake-up we want.
         unsafe { libc::nanosleep(&request, std::ptr::null_mut()) };

@@ -62,14 +62,25 @@ impl std::fmt::Debug for Uart {
 impl Uart {
     /// A UART raising `interrupt`, with no sink attached.
     pub fn new(interrupt: EventFd) -> Self {
-        Self { serial: Mutex::new(Serial::new(UartInterrupt(interrupt), SwappableSink(None))) }
+        Self {
+            serial: Mutex::new(Serial::new(UartInterrupt(interrupt), SwappableSink(None))),
+        }
     }
 
     /// A UART restored from `state`.
     pub fn from_state(state: &UartState, interrupt: EventFd) -> Result<Self, crate::Error> {
-        let serial = Serial::from_state(&state.to_superio(), UartInterrupt(interrupt), NoEvents, SwappableSink(None))
-            .map_err(|_| crate::Error::InvalidState("serial input buffer larger than its FIFO".into()))?;
-        Ok(Self { serial: Mutex::new(serial) })
+        let serial = Serial::from_state(
+            &state.to_superio(),
+            UartInterrupt(interrupt),
+            NoEvents,
+            SwappableSink(None),
+        )
+        .map_err(|_| {
+            crate::Error::InvalidState("serial input buffer larger than its FIFO".into())
+        })?;
+        Ok(Self {
+            serial: Mutex::new(serial),
+        })
     }
 
     /// Sends guest output to `sink` from now on (replacing any previous sink).
@@ -250,7 +261,8 @@ mod tests {
         uart.write(7, &[0x5a]); // scratch register
         uart.send(b"abc");
 
-        let restored = Uart::from_state(&uart.state(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        let restored =
+            Uart::from_state(&uart.state(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
 
         assert_eq!(restored.state(), uart.state());
         assert_eq!(restored.state().scratch, 0x5a);

@@ -44,7 +44,10 @@ impl Capture {
             if let Some(at) = text.get(from..).and_then(|t| t.find(needle)) {
                 return from + at + needle.len();
             }
-            assert!(start.elapsed() < timeout, "timed out waiting for {needle:?}; output so far:\n{text}");
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {needle:?}; output so far:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
