@@ -164,6 +164,18 @@ pub enum Error {
         /// The state it is in.
         state: String,
     },
+    /// A disk image could not be opened.
+    #[error("cannot open disk {}", path.display())]
+    OpenDisk {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A virtio device could not be created or restored.
+    #[error("virtio device")]
+    Virtio(#[from] crate::devices::virtio::VirtioError),
     /// The dirty log was read but the partition was built without `dirty_log`.
     #[error("dirty-page logging is not enabled for this partition")]
     DirtyLogDisabled,

@@ -16,11 +16,13 @@ use crate::devices::i8042::I8042;
 use crate::devices::idle::IdlePort;
 use crate::devices::power::PowerControl;
 use crate::devices::serial::Uart;
+use crate::devices::virtio::{Block, BlockConfig, ChangedBlockMap, MmioTransport};
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
 use crate::layout::{
     CMOS_PORT, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, I8042_DATA_PORT, IDLE_PORT,
-    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE,
+    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE,
+    VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{
     self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_file, ram_ranges,
@@ -28,7 +30,7 @@ use crate::memory::{
 };
 use crate::software_kvm;
 use crate::state::{
-    DeviceStates, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
+    DeviceStates, DiskState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
     restore_vm, saveable_msrs,
 };
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};
@@ -90,6 +92,10 @@ impl PartitionBuilder {
         let ranges = ram_ranges(self.config.memory_mib << 20);
         let memory = create_memory(&ranges)?;
         let mut cmdline = self.config.boot.cmdline.clone();
+        for index in 0..self.config.disks.len() {
+            let (base, gsi) = disk_window(index);
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        }
         let flags = software_kvm::linux_cmdline_flags();
         if !flags.is_empty() {
             cmdline.push(' ');
@@ -146,6 +152,7 @@ pub struct Partition {
     run_state: RunState,
     com1: Arc<Uart>,
     com2: Arc<Uart>,
+    disks: Vec<AttachedDisk>,
     ranges: Vec<RamRange>,
     config: PartitionConfig,
     msr_indices: Vec<u32>,
@@ -163,6 +170,71 @@ impl std::fmt::Debug for Partition {
             .field("memory_mib", &self.config.memory_mib)
             .finish_non_exhaustive()
     }
+}
+
+/// A virtio-blk disk on the MMIO bus.
+#[derive(Debug)]
+struct AttachedDisk {
+    transport: Arc<MmioTransport<Block>>,
+    changed: Arc<ChangedBlockMap>,
+}
+
+/// MMIO base and GSI of disk `index`.
+fn disk_window(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+/// Opens disk `index` of `config` and puts it behind a virtio-mmio transport raising `gsi` (restored
+/// from `saved` when given).
+fn attach_disk(
+    vm: &VmFd,
+    memory: &PartitionMemory,
+    index: usize,
+    disk: &crate::config::DiskConfig,
+    saved: Option<&DiskState>,
+) -> Result<AttachedDisk> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|source| Error::OpenDisk {
+            path: disk.path.clone(),
+            source,
+        })?;
+    let len = file
+        .metadata()
+        .map_err(|source| Error::OpenDisk {
+            path: disk.path.clone(),
+            source,
+        })?
+        .len();
+    let changed = Arc::new(ChangedBlockMap::new(len, disk.changed_block_size)?);
+    let config = BlockConfig {
+        read_only: disk.read_only,
+        serial: format!("vmms-disk{index}"),
+    };
+    let block = Block::new(file, config, changed.clone())?;
+    let (_, gsi) = disk_window(index);
+    let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let transport = match saved {
+        Some(state) => MmioTransport::restore(
+            block,
+            memory.clone(),
+            interrupt,
+            &state.transport,
+            &state.device,
+        )?,
+        None => MmioTransport::new(block, memory.clone(), interrupt)?,
+    };
+    vm.register_irqfd(transport.interrupt(), gsi)
+        .map_err(Error::Kvm)?;
+    Ok(AttachedDisk {
+        transport: Arc::new(transport),
+        changed,
+    })
 }
 
 fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
@@ -264,6 +336,20 @@ impl Partition {
             io_bus.insert(device, base, len)?;
         }
         let mut mmio_bus = Bus::new();
+        let mut disks = Vec::with_capacity(config.disks.len());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let saved_disk = match saved {
+                Some(state) => Some(state.devices.disks.get(index).ok_or(Error::StateMismatch)?),
+                None => None,
+            };
+            let attached = attach_disk(&vm, &memory, index, disk, saved_disk)?;
+            mmio_bus.insert(
+                attached.transport.clone(),
+                disk_window(index).0,
+                VIRTIO_MMIO_SIZE,
+            )?;
+            disks.push(attached);
+        }
         for (base, len, device) in extra.mmio {
             mmio_bus.insert(device, base, len)?;
         }
@@ -281,6 +367,7 @@ impl Partition {
             run_state: RunState::Created,
             com1,
             com2,
+            disks,
             ranges,
             config,
             msr_indices,
@@ -385,6 +472,12 @@ impl Partition {
         &self.com2
     }
 
+    /// The changed-block map of disk `index` (configuration order): every block the guest wrote
+    /// since the map was last taken, for incremental backup.
+    pub fn changed_blocks(&self, index: usize) -> Option<&Arc<ChangedBlockMap>> {
+        self.disks.get(index).map(|d| &d.changed)
+    }
+
     fn require_parked(&self, operation: &'static str) -> Result<()> {
         match self.run_state {
             RunState::Created | RunState::Paused => Ok(()),
@@ -412,7 +505,14 @@ impl Partition {
             devices: DeviceStates {
                 com1: self.com1.state(),
                 com2: self.com2.state(),
-                disks: Vec::new(),
+                disks: self
+                    .disks
+                    .iter()
+                    .map(|d| DiskState {
+                        transport: d.transport.state(),
+                        device: d.transport.device_state(),
+                    })
+                    .collect(),
             },
         })
     }

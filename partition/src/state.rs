@@ -10,6 +10,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::UartState;
+use crate::devices::virtio::{BlockState, MmioTransportState};
 use crate::error::{Error, Result};
 use crate::memory::RamRange;
 
@@ -48,8 +49,17 @@ pub struct DeviceStates {
     pub com1: UartState,
     /// The integration-channel UART.
     pub com2: UartState,
-    /// Each disk's virtio transport, in configuration order.
-    pub disks: Vec<serde_json::Value>,
+    /// Each disk, in configuration order.
+    pub disks: Vec<DiskState>,
+}
+
+/// State of one virtio-blk disk: its transport (queues, negotiated features) and the device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The virtio-mmio transport.
+    pub transport: MmioTransportState,
+    /// The block device.
+    pub device: BlockState,
 }
 
 /// The full state of a paused partition, minus guest memory.

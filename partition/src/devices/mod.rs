@@ -5,3 +5,4 @@ pub mod i8042;
 pub mod idle;
 pub mod power;
 pub mod serial;
+pub mod virtio;
