@@ -1,0 +1,426 @@
+//! The service's folder on disk (DESIGN.md §5) and every path in it.
+//!
+//! ```text
+//! <root>/vms/<GUID>/config.json     the definition, replaced atomically
+//! <root>/vms/<GUID>/state/          saved state of a Saved VM (present = Saved)
+//! <root>/vms/<GUID>/disks/          disk images
+//! <root>/vms/<GUID>/checkpoints/    the checkpoint tree (snapshot crate)
+//! <root>/vms/<GUID>/was-running     marker: the VM was running when last seen (automatic start)
+//! <root>/backups/                   backups (vss-writer crate)
+//! <root>/run/<GUID>/                live worker runtime (worker-manager crate)
+//! ```
+//!
+//! Whole-folder changes are atomic too: a new VM folder is built under a temporary name and
+//! renamed into place; a destroyed one is renamed away before it is deleted; saved state is
+//! written into a temporary folder and renamed to `state/` only once complete. Temporaries
+//! (see [`is_temporary`](crate::atomic_file::is_temporary)) are ignored and cleaned up on open.
+//! One service owns a store at a time.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::atomic_file::{is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic};
+use crate::config::{VmConfig, VmId};
+use crate::error::{Error, Result};
+
+const CONFIG_FILE: &str = "config.json";
+const STATE_DIR: &str = "state";
+const DISKS_DIR: &str = "disks";
+const CHECKPOINTS_DIR: &str = "checkpoints";
+const RUNNING_MARKER: &str = "was-running";
+
+/// The service's folder: path helpers for every crate, and the catalog's own reads and writes.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root` and removes temporaries a crash left behind.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let store = Store { root: root.into() };
+        for dir in [store.vms_dir(), store.run_dir_root(), store.backups_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        store.remove_temporaries()?;
+        Ok(store)
+    }
+
+    /// The store's root folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/vms`: one folder per defined virtual machine.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// `<root>/vms/<GUID>`: everything persistent about one virtual machine.
+    pub fn vm_dir(&self, id: VmId) -> PathBuf {
+        self.vms_dir().join(id.to_string())
+    }
+
+    /// `<root>/vms/<GUID>/config.json`.
+    pub fn config_path(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(CONFIG_FILE)
+    }
+
+    /// `<root>/vms/<GUID>/state`: the saved state of a Saved VM; its presence means Saved.
+    pub fn state_dir(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(STATE_DIR)
+    }
+
+    /// `<root>/vms/<GUID>/disks`.
+    pub fn disks_dir(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(DISKS_DIR)
+    }
+
+    /// `<root>/vms/<GUID>/checkpoints`.
+    pub fn checkpoints_dir(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(CHECKPOINTS_DIR)
+    }
+
+    /// `<root>/backups`.
+    pub fn backups_dir(&self) -> PathBuf {
+        self.root.join("backups")
+    }
+
+    /// `<root>/run`: the parent of every live worker's runtime folder.
+    pub fn run_dir_root(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    /// `<root>/run/<GUID>`: a live worker's runtime folder (control socket, pid file). Owned by
+    /// the worker manager; vmm-core never writes there.
+    pub fn run_dir(&self, id: VmId) -> PathBuf {
+        self.run_dir_root().join(id.to_string())
+    }
+
+    /// Whether the virtual machine has a complete saved state.
+    pub fn has_saved_state(&self, id: VmId) -> bool {
+        self.state_dir(id).is_dir()
+    }
+
+    /// Ids of every virtual machine folder, whatever the state of its `config.json`.
+    pub(crate) fn vm_ids(&self) -> Result<Vec<VmId>> {
+        let dir = self.vms_dir();
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            // Names that are not GUIDs (temporaries, stray files) are not virtual machines.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<VmId>().ok());
+            if let (true, Some(id)) = (is_dir, id) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Reads and validates a virtual machine's `config.json`.
+    pub(crate) fn read_config(&self, id: VmId) -> Result<VmConfig> {
+        let path = self.config_path(id);
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let config: VmConfig =
+            serde_json::from_slice(&bytes).map_err(|source| Error::ParseConfig { path, source })?;
+        config.validate()?;
+        if config.id != id {
+            return Err(Error::ConfigIdMismatch {
+                path: self.config_path(id),
+                found: config.id,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Replaces a virtual machine's `config.json` atomically.
+    pub(crate) fn write_config(&self, config: &VmConfig) -> Result<()> {
+        let path = self.config_path(config.id);
+        write_atomic(&path, &encode(config)?).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Creates a virtual machine's folder with its `config.json` and empty `disks/`, all at once:
+    /// built under a temporary name, then renamed into place.
+    pub(crate) fn create_vm(&self, config: &VmConfig) -> Result<()> {
+        let final_dir = self.vm_dir(config.id);
+        if final_dir.exists() {
+            return Err(Error::VmExists(config.id));
+        }
+        let tmp = temporary_sibling(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        let result = (|| {
+            fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let disks = tmp.join(DISKS_DIR);
+            fs::create_dir(&disks).map_err(|e| Error::io(&disks, e))?;
+            let config_path = tmp.join(CONFIG_FILE);
+            write_atomic(&config_path, &encode(config)?).map_err(|e| Error::io(&config_path, e))?;
+            rename_durable(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Removes a virtual machine's folder: renamed away first (so a crash never leaves half a
+    /// VM under its real name), then deleted.
+    pub(crate) fn remove_vm(&self, id: VmId) -> Result<()> {
+        let dir = self.vm_dir(id);
+        let doomed = temporary_sibling(&dir).map_err(|e| Error::io(&dir, e))?;
+        rename_durable(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+    }
+
+    /// Creates an empty folder for a save in progress and returns it; [`Self::commit_saved_state`]
+    /// makes it the VM's `state/`.
+    pub(crate) fn begin_saved_state(&self, id: VmId) -> Result<PathBuf> {
+        let staging =
+            temporary_sibling(&self.state_dir(id)).map_err(|e| Error::io(self.vm_dir(id), e))?;
+        fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        Ok(staging)
+    }
+
+    /// Makes a completed save the VM's saved state, atomically.
+    pub(crate) fn commit_saved_state(&self, id: VmId, staging: &Path) -> Result<()> {
+        let state = self.state_dir(id);
+        // Contents first: the files the worker wrote must be durable before the name says Saved.
+        sync_tree(staging).map_err(|e| Error::io(staging, e))?;
+        rename_durable(staging, &state).map_err(|e| Error::io(&state, e))
+    }
+
+    /// Drops an unfinished save.
+    pub(crate) fn abandon_saved_state(&self, staging: &Path) {
+        let _ = fs::remove_dir_all(staging);
+    }
+
+    /// Removes the saved state (turn-off of a Saved VM, or after a successful restore).
+    pub(crate) fn discard_saved_state(&self, id: VmId) -> Result<()> {
+        let state = self.state_dir(id);
+        if !state.exists() {
+            return Ok(());
+        }
+        let doomed = temporary_sibling(&state).map_err(|e| Error::io(&state, e))?;
+        rename_durable(&state, &doomed).map_err(|e| Error::io(&state, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+    }
+
+    /// Records whether the VM is running, for `StartIfPreviouslyRunning` after a host restart.
+    pub(crate) fn set_running_marker(&self, id: VmId, running: bool) -> Result<()> {
+        let marker = self.vm_dir(id).join(RUNNING_MARKER);
+        let result = if running {
+            write_atomic(&marker, b"")
+        } else {
+            match fs::remove_file(&marker) {
+                Ok(()) => sync_dir(&self.vm_dir(id)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        result.map_err(|e| Error::io(&marker, e))
+    }
+
+    /// Whether the VM was running when the service last saw it.
+    pub(crate) fn running_marker(&self, id: VmId) -> bool {
+        self.vm_dir(id).join(RUNNING_MARKER).exists()
+    }
+
+    /// Removes temporaries under `vms/` and in each VM folder.
+    fn remove_temporaries(&self) -> Result<()> {
+        let vms = self.vms_dir();
+        remove_temporaries_in(&vms)?;
+        for id in self.vm_ids()? {
+            remove_temporaries_in(&self.vm_dir(id))?;
+        }
+        Ok(())
+    }
+}
+
+fn encode(config: &VmConfig) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(config).map_err(|e| Error::EncodeConfig(config.id, e))
+}
+
+fn remove_temporaries_in(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        if !is_temporary(&entry.file_name()) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// fsyncs every file and folder under `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if file_type.is_file() {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open store");
+        (dir, store)
+    }
+
+    #[test]
+    fn created_vm_reads_back_equal() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+
+        store.create_vm(&config).expect("create");
+
+        assert_eq!(store.read_config(config.id).expect("read"), config);
+        assert!(store.disks_dir(config.id).is_dir());
+    }
+
+    #[test]
+    fn creating_an_existing_vm_is_refused() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        let result = store.create_vm(&config);
+
+        assert!(matches!(result, Err(Error::VmExists(id)) if id == config.id));
+    }
+
+    #[test]
+    fn vm_ids_skip_temporaries_and_stray_files() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+        let leftover = temporary_sibling(&store.vm_dir(VmId::new_random())).expect("temp name");
+        fs::create_dir(&leftover).expect("seed leftover");
+        fs::write(store.vms_dir().join("notes.txt"), b"hi").expect("seed stray");
+
+        let ids = store.vm_ids().expect("list");
+
+        assert_eq!(ids, [config.id]);
+    }
+
+    #[test]
+    fn open_removes_leftover_temporaries() {
+        let (dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+        let leftover = temporary_sibling(&store.config_path(config.id)).expect("temp name");
+        fs::write(&leftover, b"torn").expect("seed leftover");
+
+        let _reopened = Store::open(dir.path()).expect("reopen");
+
+        assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn removed_vm_folder_is_gone() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        store.remove_vm(config.id).expect("remove");
+
+        assert!(!store.vm_dir(config.id).exists());
+        assert!(store.vm_ids().expect("list").is_empty());
+    }
+
+    #[test]
+    fn committed_saved_state_becomes_state_dir() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+        let staging = store.begin_saved_state(config.id).expect("begin");
+        fs::write(staging.join("state.json"), b"{}").expect("worker writes");
+
+        store
+            .commit_saved_state(config.id, &staging)
+            .expect("commit");
+
+        assert!(store.has_saved_state(config.id));
+        assert!(store.state_dir(config.id).join("state.json").is_file());
+        assert!(!staging.exists());
+    }
+
+    #[test]
+    fn unfinished_save_is_not_saved_state() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        let _staging = store.begin_saved_state(config.id).expect("begin");
+
+        assert!(!store.has_saved_state(config.id));
+    }
+
+    #[test]
+    fn discarded_saved_state_is_gone() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+        let staging = store.begin_saved_state(config.id).expect("begin");
+        store
+            .commit_saved_state(config.id, &staging)
+            .expect("commit");
+
+        store.discard_saved_state(config.id).expect("discard");
+
+        assert!(!store.has_saved_state(config.id));
+    }
+
+    #[test]
+    fn running_marker_follows_what_was_set() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        store.set_running_marker(config.id, true).expect("set");
+        let after_set = store.running_marker(config.id);
+        store.set_running_marker(config.id, false).expect("clear");
+
+        assert!(after_set);
+        assert!(!store.running_marker(config.id));
+    }
+
+    #[test]
+    fn config_naming_another_vm_is_refused() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+        let other = VmConfig {
+            id: VmId::new_random(),
+            ..config.clone()
+        };
+        fs::write(
+            store.config_path(config.id),
+            serde_json::to_vec(&other).expect("encode"),
+        )
+        .expect("overwrite");
+
+        let result = store.read_config(config.id);
+
+        assert!(matches!(result, Err(Error::ConfigIdMismatch { found, .. }) if found == other.id));
+    }
+}

@@ -1,0 +1,357 @@
+//! Reacting to workers: what they report on their own (guest power-off, guest reset, crash, lost
+//! heartbeat), the recovery action, and re-attaching to live workers when the service starts.
+//!
+//! Worker events arrive on one channel and are handled by one thread. An event is acted on only
+//! if it comes from the VM's current worker (its sink's generation matches) and no operation
+//! owns the VM; during an operation it is held and handled when the operation ends, so that only
+//! one party ever changes a VM at a time. Stopping a worker the guest or a crash finished
+//! ("reaping": turning it off so that its process and runtime folder are gone) runs on its own
+//! thread with the VM marked busy, so nothing can start a second worker for the VM meanwhile.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::VmRecord;
+use crate::config::{AutomaticRecoveryAction, AutomaticStartAction, VmConfig, VmId};
+use crate::error::error_chain;
+use crate::event::EventKind;
+use crate::job::{JobId, JobKind};
+use crate::operation;
+use crate::service::Inner;
+use crate::state::{EnabledState, HealthState, RequestedState, ReturnCode};
+use crate::worker::{
+    EventSink, LaunchMode, StopReason, Worker, WorkerError, WorkerEvent, WorkerStatus,
+};
+
+/// At most this many recovery restarts of one VM within [`RECOVERY_WINDOW`]; a guest that keeps
+/// crashing is then left off instead of restarted forever.
+pub const MAX_RECOVERY_RESTARTS: usize = 3;
+/// The window [`MAX_RECOVERY_RESTARTS`] counts in.
+pub const RECOVERY_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// What a worker sink delivers to the service's event thread.
+#[derive(Debug)]
+pub(crate) enum WorkerMessage {
+    /// An event from the worker of `vm` launched or re-attached with `generation`.
+    Event {
+        vm: VmId,
+        generation: u64,
+        event: WorkerEvent,
+    },
+    /// The service is gone: the event thread ends.
+    Shutdown,
+}
+
+/// What [`recover_on_start`](crate::VirtualSystemManagementService::recover_on_start) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupReport {
+    /// VMs whose live worker was found and re-attached.
+    pub reattached: Vec<VmId>,
+    /// VMs started by their automatic start action, with the start job.
+    pub auto_started: Vec<(VmId, JobId)>,
+    /// VMs for which something failed, with the reason (also in their status description).
+    pub failed: Vec<(VmId, String)>,
+}
+
+/// A sink whose events reach the event thread tagged with `vm` and `generation`.
+pub(crate) fn sink(inner: &Inner, vm: VmId, generation: u64) -> EventSink {
+    let tx = inner.worker_events.clone();
+    EventSink::new(vm, move |event| {
+        tx.send(WorkerMessage::Event {
+            vm,
+            generation,
+            event,
+        })
+        .is_ok()
+    })
+}
+
+/// The event thread's loop; ends when the service is dropped.
+pub(crate) fn dispatch(service: Weak<Inner>, messages: Receiver<WorkerMessage>) {
+    while let Ok(WorkerMessage::Event {
+        vm,
+        generation,
+        event,
+    }) = messages.recv()
+    {
+        let Some(inner) = service.upgrade() else {
+            break;
+        };
+        on_worker_event(&inner, vm, generation, event);
+    }
+}
+
+fn on_worker_event(inner: &Arc<Inner>, vm: VmId, generation: u64, event: WorkerEvent) {
+    let mut catalog = inner.lock_catalog();
+    let Some(record) = catalog.vms.get_mut(&vm) else {
+        return;
+    };
+    if generation != record.generation {
+        return;
+    }
+    match event {
+        WorkerEvent::Stopped(reason) => {
+            if record.busy {
+                record.held.get_or_insert(reason);
+            } else {
+                handle_stop(inner, record, reason);
+            }
+        }
+    }
+}
+
+/// Called at the end of every operation (catalog locked, VM no longer busy): handles a stop
+/// that was reported meanwhile, if the worker it concerns is still attached.
+pub(crate) fn after_operation(inner: &Arc<Inner>, record: &mut VmRecord) {
+    if let Some(reason) = record.held.take() {
+        handle_stop(inner, record, reason);
+    }
+}
+
+/// What to do once a finished worker has been reaped.
+enum AfterReap {
+    /// Nothing more (guest powered off).
+    Nothing,
+    /// Boot a fresh worker and keep the VM Running (guest reset).
+    Relaunch { config: VmConfig, events: EventSink },
+    /// Apply the recovery action (worker lost).
+    Recover,
+}
+
+/// The current worker stopped for `reason` (catalog locked, VM not busy).
+fn handle_stop(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
+    let Some(old) = record.worker.take() else {
+        return;
+    };
+    record.generation += 1;
+    let events = &inner.events;
+    let next = match (&reason, record.config.clone()) {
+        (StopReason::GuestReset, Some(config)) => AfterReap::Relaunch {
+            config,
+            events: sink(inner, record.id, record.generation),
+        },
+        (StopReason::GuestPowerOff | StopReason::GuestReset, _) => {
+            record.set_state(EnabledState::Off, events);
+            AfterReap::Nothing
+        }
+        (failure, _) => {
+            events.publish(
+                record.id,
+                EventKind::WorkerLost {
+                    reason: failure.clone(),
+                },
+            );
+            record.status_description = Some(failure.to_string());
+            record.set_health(HealthState::CriticalFailure, events);
+            record.set_state(EnabledState::Off, events);
+            AfterReap::Recover
+        }
+    };
+    record.busy = true;
+    let thread_inner = Arc::clone(inner);
+    let vm = record.id;
+    let spawned = thread::Builder::new()
+        .name("vmms-reap".into())
+        .spawn(move || reap(thread_inner, vm, old, next));
+    if spawned.is_err() {
+        // The closure (and with it the old worker) is gone: the worker is detached, not stopped.
+        record.busy = false;
+        record.status_description = Some("cannot start a thread to stop the worker".into());
+        record.set_health(HealthState::CriticalFailure, events);
+        record.set_state(EnabledState::Off, events);
+    }
+}
+
+fn reap(inner: Arc<Inner>, vm: VmId, old: Arc<dyn Worker>, next: AfterReap) {
+    // The worker has finished or failed; make sure its process is gone before anything else
+    // uses the VM's runtime folder. Errors mean it is already gone or unkillable: nothing more
+    // can be done here either way.
+    let _ = old.turn_off();
+    drop(old);
+    let relaunched = match &next {
+        AfterReap::Relaunch { config, events } => Some(inner.launcher.launch(
+            config,
+            LaunchMode::Boot,
+            events.clone(),
+        )),
+        AfterReap::Nothing | AfterReap::Recover => {
+            let _ = inner.store.set_running_marker(vm, false);
+            None
+        }
+    };
+    let mut catalog = inner.lock_catalog();
+    let Some(record) = catalog.vms.get_mut(&vm) else {
+        return;
+    };
+    record.busy = false;
+    match (next, relaunched) {
+        (AfterReap::Relaunch { .. }, Some(Ok(worker))) => {
+            record.worker = Some(Arc::from(worker));
+            record.set_state(EnabledState::Running, &inner.events);
+        }
+        (AfterReap::Relaunch { .. }, Some(Err(error))) => relaunch_failed(&inner, record, &error),
+        (AfterReap::Recover, _) => recover(&inner, record),
+        _ => {}
+    }
+    after_operation(&inner, record);
+}
+
+fn relaunch_failed(inner: &Inner, record: &mut VmRecord, error: &WorkerError) {
+    record.status_description = Some(format!(
+        "cannot restart after guest reset: {}",
+        error_chain(error)
+    ));
+    record.set_health(HealthState::CriticalFailure, &inner.events);
+    record.set_state(EnabledState::Off, &inner.events);
+}
+
+/// Applies the VM's `AutomaticRecoveryAction` after its worker was lost (catalog locked).
+fn recover(inner: &Arc<Inner>, record: &mut VmRecord) {
+    let events = &inner.events;
+    let Some(action) = record.config.as_ref().map(|c| c.automatic_recovery_action) else {
+        return;
+    };
+    let skipped = |reason: String| EventKind::RecoverySkipped { action, reason };
+    match action {
+        AutomaticRecoveryAction::None => {}
+        AutomaticRecoveryAction::RevertToSnapshot => {
+            events.publish(
+                record.id,
+                skipped("revert to checkpoint is not supported yet".into()),
+            );
+        }
+        AutomaticRecoveryAction::Restart => {
+            record
+                .recoveries
+                .retain(|at| at.elapsed() < RECOVERY_WINDOW);
+            if record.recoveries.len() >= MAX_RECOVERY_RESTARTS {
+                let reason = format!(
+                    "{MAX_RECOVERY_RESTARTS} restarts within {} minutes",
+                    RECOVERY_WINDOW.as_secs() / 60
+                );
+                events.publish(record.id, skipped(reason));
+                return;
+            }
+            record.recoveries.push(Instant::now());
+            events.publish(record.id, EventKind::RecoveryStarted { action });
+            let (code, _job) = operation::begin(
+                inner,
+                record,
+                RequestedState::Start,
+                JobKind::RecoveryRestart,
+            );
+            if code != ReturnCode::JobStarted {
+                events.publish(record.id, skipped(format!("start refused: {code}")));
+            }
+        }
+    }
+}
+
+/// Re-attaches live workers and applies automatic start actions, VM by VM.
+pub(crate) fn recover_on_start(inner: &Arc<Inner>) -> StartupReport {
+    let mut report = StartupReport::default();
+    let mut ids: Vec<VmId> = inner.lock_catalog().vms.keys().copied().collect();
+    ids.sort();
+    for id in ids {
+        recover_one(inner, id, &mut report);
+    }
+    report
+}
+
+fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
+    let generation = {
+        let mut catalog = inner.lock_catalog();
+        let Some(record) = catalog.vms.get_mut(&id) else {
+            return;
+        };
+        if record.busy || record.worker.is_some() {
+            return;
+        }
+        record.busy = true;
+        record.generation += 1;
+        record.generation
+    };
+    let found = inner.launcher.reattach(id, sink(inner, id, generation));
+    let status = match &found {
+        Ok(Some(worker)) => Some(worker.status()),
+        _ => None,
+    };
+    let was_running = inner.store.running_marker(id);
+
+    let mut catalog = inner.lock_catalog();
+    let Some(record) = catalog.vms.get_mut(&id) else {
+        return;
+    };
+    record.busy = false;
+    let events = &inner.events;
+    let mut stale_marker = false;
+    match found {
+        Ok(Some(worker)) => {
+            record.worker = Some(Arc::from(worker));
+            let (state, stop) = match status {
+                Some(WorkerStatus::Paused) => (EnabledState::Paused, None),
+                Some(WorkerStatus::Running) => (EnabledState::Running, None),
+                Some(WorkerStatus::NotResponding) => (
+                    EnabledState::Running,
+                    Some(StopReason::HeartbeatLost {
+                        silent_for: Duration::ZERO,
+                    }),
+                ),
+                Some(WorkerStatus::Exited) | None => (
+                    EnabledState::Running,
+                    Some(StopReason::WorkerExited {
+                        code: None,
+                        signal: None,
+                    }),
+                ),
+            };
+            record.set_state(state, events);
+            if let Some(stop) = stop {
+                record.held.get_or_insert(stop);
+            }
+            report.reattached.push(id);
+        }
+        Ok(None) => match automatic_start(inner, record, was_running) {
+            Some(job) => report.auto_started.push((id, job)),
+            // Off and staying off: "was running" no longer holds.
+            None => stale_marker = was_running,
+        },
+        Err(error) => {
+            let text = format!("cannot re-attach worker: {}", error_chain(&error));
+            record.status_description = Some(text.clone());
+            record.set_health(HealthState::CriticalFailure, events);
+            report.failed.push((id, text));
+        }
+    }
+    after_operation(inner, record);
+    drop(catalog);
+    if stale_marker {
+        let _ = inner.store.set_running_marker(id, false);
+    }
+}
+
+/// Starts an Off VM if its automatic start action says so (catalog locked).
+fn automatic_start(inner: &Arc<Inner>, record: &mut VmRecord, was_running: bool) -> Option<JobId> {
+    let action = record.config.as_ref()?.automatic_start_action;
+    let wanted = match action {
+        AutomaticStartAction::AlwaysStart => true,
+        AutomaticStartAction::StartIfPreviouslyRunning => was_running,
+        AutomaticStartAction::Nothing => false,
+    };
+    if !wanted || record.state != EnabledState::Off {
+        return None;
+    }
+    match operation::begin(
+        inner,
+        record,
+        RequestedState::Start,
+        JobKind::AutomaticStart,
+    ) {
+        (ReturnCode::JobStarted, job) => job,
+        _ => None,
+    }
+}

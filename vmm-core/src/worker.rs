@@ -1,0 +1,320 @@
+//! The seam between the service and the worker processes (Hyper-V's VMMS ↔ `vmwp.exe`).
+//!
+//! vmm-core never starts a process itself. It asks a [`WorkerLauncher`] for a [`Worker`] when a
+//! virtual machine starts, calls the worker's methods for pause, resume, save, reset and turn-off,
+//! and listens on an [`EventSink`] for what the worker reports on its own (the guest powered off
+//! or rebooted, the worker crashed or stopped answering). The worker-manager crate implements
+//! both traits over one process per VM and a Unix-socket control protocol; an integrator can
+//! implement them over anything else.
+//!
+//! Rules every implementation keeps:
+//! - Every method returns within a bounded time (the worker manager's request timeout); a hung
+//!   worker yields [`WorkerError::Timeout`], never a hung service thread.
+//! - [`WorkerError::Gone`] means the worker process no longer exists; the service then treats the
+//!   VM as lost (unless it was being turned off, when gone is what was wanted).
+//! - Dropping a `Worker` detaches from it and does **not** stop it: workers outlive the service
+//!   and are found again by [`WorkerLauncher::reattach`].
+//! - Events are sent on the sink handed to `launch` / `reattach` and never after the worker's
+//!   process has been reaped; the service ignores events from workers it has already replaced.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{VmConfig, VmId};
+
+/// How a new worker brings up its guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// Cold boot from the configuration's boot source.
+    Boot,
+    /// Restore the state a previous worker saved into `state_dir` (the VM's `state/` folder).
+    /// The service deletes that folder once `launch` returns successfully, so the worker must
+    /// have opened (or mapped) everything it still needs by then.
+    RestoreSaved {
+        /// The saved state written by [`Worker::save`].
+        state_dir: PathBuf,
+    },
+}
+
+/// What a worker says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkerStatus {
+    /// The guest's vCPUs are running.
+    Running,
+    /// The guest is paused.
+    Paused,
+    /// The process is alive but did not answer in time.
+    NotResponding,
+    /// The process is gone.
+    Exited,
+}
+
+/// Why a guest stopped or its worker went away, as reported by the worker manager.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// The guest powered itself off (ACPI / i8042 poweroff). The VM becomes Off; not a failure.
+    GuestPowerOff,
+    /// The guest reset itself (reboot). The service starts a fresh worker and keeps the VM
+    /// Running; not a failure.
+    GuestReset,
+    /// The guest triple-faulted (KVM shutdown exit).
+    TripleFault,
+    /// The partition stopped on an internal error (emulation failure, unhandled exit, …).
+    GuestCrash {
+        /// What the worker reported.
+        detail: String,
+    },
+    /// The worker process exited without being asked to.
+    WorkerExited {
+        /// Its exit code, if it exited normally.
+        code: Option<i32>,
+        /// The signal that killed it, if any.
+        signal: Option<i32>,
+    },
+    /// The worker stopped answering its heartbeat.
+    HeartbeatLost {
+        /// How long it had been silent when given up on.
+        silent_for: Duration,
+    },
+}
+
+impl StopReason {
+    /// Whether this is a failure (HealthState 25 and the recovery action), as opposed to the
+    /// guest's own power-off or reboot.
+    pub const fn is_failure(&self) -> bool {
+        !matches!(self, StopReason::GuestPowerOff | StopReason::GuestReset)
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::GuestPowerOff => f.write_str("guest powered off"),
+            StopReason::GuestReset => f.write_str("guest reset"),
+            StopReason::TripleFault => f.write_str("guest triple fault"),
+            StopReason::GuestCrash { detail } => write!(f, "guest crashed: {detail}"),
+            StopReason::WorkerExited {
+                code: Some(code), ..
+            } => {
+                write!(f, "worker exited with code {code}")
+            }
+            StopReason::WorkerExited {
+                signal: Some(signal),
+                ..
+            } => {
+                write!(f, "worker killed by signal {signal}")
+            }
+            StopReason::WorkerExited { .. } => f.write_str("worker exited"),
+            StopReason::HeartbeatLost { silent_for } => {
+                write!(f, "worker heartbeat lost after {silent_for:?}")
+            }
+        }
+    }
+}
+
+/// Something a worker reports without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WorkerEvent {
+    /// The guest stopped or the worker went away. After this the worker is finished: the
+    /// service turns it off (to reap it) and acts on the reason.
+    Stopped(StopReason),
+}
+
+/// Where a worker sends its [`WorkerEvent`]s. Cheap to clone; safe to use from any thread.
+#[derive(Clone)]
+pub struct EventSink {
+    vm: VmId,
+    deliver: Arc<dyn Fn(WorkerEvent) -> bool + Send + Sync>,
+}
+
+impl EventSink {
+    /// A sink for `vm` that hands every event to `deliver`, which returns `false` once nobody
+    /// listens any more. The service builds its own; this is public so that worker
+    /// implementations can be tested against a plain channel.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use vmm_core::{EventSink, StopReason, VmId, WorkerEvent};
+    ///
+    /// let (tx, rx) = mpsc::channel();
+    /// let sink = EventSink::new(VmId::new_random(), move |event| tx.send(event).is_ok());
+    /// assert!(sink.send(WorkerEvent::Stopped(StopReason::GuestPowerOff)));
+    /// assert_eq!(rx.recv().unwrap(), WorkerEvent::Stopped(StopReason::GuestPowerOff));
+    /// ```
+    pub fn new(vm: VmId, deliver: impl Fn(WorkerEvent) -> bool + Send + Sync + 'static) -> Self {
+        EventSink {
+            vm,
+            deliver: Arc::new(deliver),
+        }
+    }
+
+    /// The virtual machine this sink reports for.
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    /// Reports `event`; `false` when the receiving side is gone (the worker can stop reporting).
+    pub fn send(&self, event: WorkerEvent) -> bool {
+        (self.deliver)(event)
+    }
+}
+
+impl fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSink")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a worker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The worker process no longer exists.
+    #[error("worker is gone")]
+    Gone,
+    /// The worker did not answer in time.
+    #[error("worker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The worker answered but refused (e.g. an operation its guest does not support).
+    #[error("worker refused: {reason}")]
+    Refused {
+        /// What the worker said.
+        reason: String,
+    },
+    /// Anything else (spawning, I/O, protocol, the partition's own errors).
+    #[error("worker operation failed")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl WorkerError {
+    /// Wraps any error as [`WorkerError::Failed`].
+    pub fn failed(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        WorkerError::Failed(Box::new(error))
+    }
+}
+
+/// One running virtual machine's worker, as the service drives it.
+///
+/// Calls for one VM never overlap (the service runs one operation per VM at a time), but they
+/// arrive on different threads over the worker's life.
+///
+/// ```
+/// use std::path::Path;
+/// use vmm_core::{Worker, WorkerError, WorkerStatus};
+///
+/// /// A worker that is always running and does nothing (a sketch: real ones talk to a process).
+/// #[derive(Debug)]
+/// struct Idle;
+///
+/// impl Worker for Idle {
+///     fn pid(&self) -> u32 { std::process::id() }
+///     fn status(&self) -> WorkerStatus { WorkerStatus::Running }
+///     fn pause(&self) -> Result<(), WorkerError> { Ok(()) }
+///     fn resume(&self) -> Result<(), WorkerError> { Ok(()) }
+///     fn save(&self, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
+///     fn reset(&self) -> Result<(), WorkerError> { Ok(()) }
+///     fn turn_off(&self) -> Result<(), WorkerError> { Ok(()) }
+/// }
+///
+/// let worker: Box<dyn Worker> = Box::new(Idle);
+/// assert_eq!(worker.status(), WorkerStatus::Running);
+/// ```
+pub trait Worker: Send + Sync + fmt::Debug {
+    /// The worker's process id (`Msvm_ComputerSystem.ProcessID`).
+    fn pid(&self) -> u32;
+
+    /// Asks the worker how it is; answers [`WorkerStatus::NotResponding`] rather than block
+    /// past the worker manager's timeout.
+    fn status(&self) -> WorkerStatus;
+
+    /// Parks every vCPU. Returns once the guest is paused.
+    fn pause(&self) -> Result<(), WorkerError>;
+
+    /// Lets the vCPUs run again.
+    fn resume(&self) -> Result<(), WorkerError>;
+
+    /// Captures the complete VM state (devices, vCPUs, memory) into the empty folder
+    /// `state_dir`, then stops the partition; the process exits after replying. The service
+    /// makes the folder the VM's saved state only after this returns `Ok`.
+    fn save(&self, state_dir: &Path) -> Result<(), WorkerError>;
+
+    /// Hard-resets the guest (works from running or paused; the guest runs afterwards).
+    fn reset(&self) -> Result<(), WorkerError>;
+
+    /// Powers the VM off at once and ends the process, killing it if it does not comply.
+    /// Idempotent: on a worker that already exited it returns `Ok` or [`WorkerError::Gone`].
+    fn turn_off(&self) -> Result<(), WorkerError>;
+}
+
+/// Starts and re-finds workers (Hyper-V's worker process manager).
+pub trait WorkerLauncher: Send + Sync + fmt::Debug {
+    /// Starts a worker for `vm` and returns once its guest is running (booted, or restored from
+    /// `mode`'s saved state). The worker reports on `events` from then on.
+    fn launch(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+    ) -> Result<Box<dyn Worker>, WorkerError>;
+
+    /// Finds a worker for `vm` that outlived a previous service instance (its runtime folder,
+    /// pid and control socket) and re-attaches to it. `Ok(None)` when there is none or it is
+    /// dead (the launcher cleans up what it left). Runs for every VM, including degraded ones.
+    fn reattach(&self, vm: VmId, events: EventSink)
+    -> Result<Option<Box<dyn Worker>>, WorkerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_power_off_and_reset_are_not_failures() {
+        let failures = [
+            StopReason::GuestPowerOff,
+            StopReason::GuestReset,
+            StopReason::TripleFault,
+            StopReason::GuestCrash {
+                detail: "unhandled exit".into(),
+            },
+            StopReason::WorkerExited {
+                code: None,
+                signal: Some(9),
+            },
+            StopReason::HeartbeatLost {
+                silent_for: Duration::from_secs(5),
+            },
+        ]
+        .map(|r| r.is_failure());
+
+        assert_eq!(failures, [false, false, true, true, true, true]);
+    }
+
+    #[test]
+    fn stop_reason_names_the_signal() {
+        let text = StopReason::WorkerExited {
+            code: None,
+            signal: Some(9),
+        }
+        .to_string();
+
+        assert_eq!(text, "worker killed by signal 9");
+    }
+
+    #[test]
+    fn sink_reports_when_receiver_is_gone() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = EventSink::new(VmId::new_random(), move |e| tx.send(e).is_ok());
+        drop(rx);
+
+        let delivered = sink.send(WorkerEvent::Stopped(StopReason::GuestPowerOff));
+
+        assert!(!delivered);
+    }
+}
