@@ -28,6 +28,32 @@ pub struct StatusBlock {
     pub dirty_base: u64,
 }
 
+/// Size of [`StatusBlock`] in guest memory.
+pub const STATUS_BLOCK_SIZE: usize = core::mem::size_of::<StatusBlock>();
+
+impl StatusBlock {
+    /// Decodes a status block from the bytes at [`STATUS_GPA`] (native little-endian layout, fields
+    /// in declaration order). `None` if `bytes` is shorter than [`STATUS_BLOCK_SIZE`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let word = |index: usize| {
+            let at = index * 8;
+            let field: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+            Some(u64::from_le_bytes(field))
+        };
+        Some(Self {
+            magic: word(0)?,
+            counter: word(1)?,
+            records_written: word(2)?,
+            ticks: word(3)?,
+            dirty_base: word(4)?,
+        })
+    }
+}
+
+/// Guest-physical address of the first page `dirty <n>` writes to (16 MiB, above the guest image).
+/// The guest also publishes it in [`StatusBlock::dirty_base`].
+pub const DIRTY_BASE: u64 = 0x100_0000;
+
 /// Size of one on-disk record and the disk block it occupies.
 pub const RECORD_SIZE: usize = 4096;
 /// `Record::magic` ("VMMSREC1").
@@ -79,6 +105,17 @@ pub enum RecordError {
     BadPayload,
 }
 
+impl core::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoMagic => f.write_str("no record magic"),
+            Self::WrongSequence { found } => write!(f, "holds sequence number {found}"),
+            Self::BadChecksum => f.write_str("checksum mismatch"),
+            Self::BadPayload => f.write_str("payload mismatch"),
+        }
+    }
+}
+
 /// Checks that `block` is record `seq`, intact.
 pub fn verify_record(seq: u64, block: &[u8; RECORD_SIZE]) -> Result<(), RecordError> {
     let word = |at: usize| {
@@ -99,16 +136,66 @@ pub fn verify_record(seq: u64, block: &[u8; RECORD_SIZE]) -> Result<(), RecordEr
         .iter()
         .enumerate()
         .all(|(i, &b)| b == payload_byte(seq, i));
-    if payload_ok { Ok(()) } else { Err(RecordError::BadPayload) }
+    if payload_ok {
+        Ok(())
+    } else {
+        Err(RecordError::BadPayload)
+    }
 }
 
 /// The first line the guest prints on COM1 once its main loop runs.
 pub const BANNER: &str = "vmms test guest ready";
 /// The shell prompt on COM1.
 pub const PROMPT: &str = "> ";
+/// Every line the guest prints ends with this.
+pub const LINE_END: &str = "\r\n";
 
-/// Command-line key selecting a benchmark loop instead of the shell: `bench=<mode>`.
+// The console, line by line. Before the banner the guest prints one [`DISK_LINE_PREFIX`] line:
+//   `disk: none`                              no virtio-mmio device on the command line
+//   `disk: <sectors> sectors, <n> records`    the disk is up; the next record is number <n>
+//   `disk: error: <reason>`                   a device is announced but could not be used
+// then [`BANNER`] and [`PROMPT`]. The shell echoes what it receives (a line ends at `\r` or `\n`,
+// backspace and DEL erase), then answers each line with one reply line and prints [`PROMPT`] again.
+// An empty line gets no reply. Commands and replies:
+//   `echo <text>`   `<text>`
+//   `status`        `counter=<dec> records=<dec> ticks=<dec>` (the [`StatusBlock`] fields)
+//   `write <n>`     `wrote <n> records, total <m>`: appends records `m-n .. m` and flushes the disk
+//                   (if the device offers flush) before replying; nothing is written if they do not
+//                   all fit
+//   `dirty <n>`     `dirtied <n> pages at 0x<hex>`: stores one byte into each of `n` consecutive
+//                   4 KiB pages from [`DIRTY_BASE`]
+//   `halt`          `halting`, then ACPI power-off
+//   `reboot`        `rebooting`, then i8042 reset
+//   `help`          one line listing the commands
+//   anything else   `unknown command: <word>`
+// A command that fails replies `error: <reason>` ([`ERROR_PREFIX`]), e.g. `error: no disk`,
+// `error: disk full`, `error: disk is read-only`, `error: device error`, `error: bad number: <arg>`,
+// `error: not enough memory`.
+// Fatal conditions print one line and power the guest off:
+//   `guest exception <vector, decimal> error=0x<hex> rip=0x<hex>` (a CPU exception;
+//                   ` cr2=0x<hex>` follows for a page fault), see [`EXCEPTION_PREFIX`]
+//   `guest panic: <file>:<line>: <message>`, see [`PANIC_PREFIX`]
+
+/// Start of the one line describing the disk, printed before [`BANNER`].
+pub const DISK_LINE_PREFIX: &str = "disk: ";
+/// Start of every reply to a command that failed.
+pub const ERROR_PREFIX: &str = "error: ";
+/// Start of the line printed when the guest takes a CPU exception (then it powers off).
+pub const EXCEPTION_PREFIX: &str = "guest exception ";
+/// Start of the line printed when the guest panics (then it powers off).
+pub const PANIC_PREFIX: &str = "guest panic: ";
+
+/// Command-line key selecting a benchmark loop instead of the shell: `bench=<mode>`. The guest
+/// prints `bench <mode>` and then does nothing but one access per loop pass, forever.
 pub const BENCH_CMDLINE_KEY: &str = "bench";
+/// `bench=pio-out`: one byte `out` to [`BENCH_PIO_PORT`] per pass.
+pub const BENCH_PIO_OUT: &str = "pio-out";
+/// `bench=pio-in`: one byte `in` from [`BENCH_PIO_PORT`] per pass.
+pub const BENCH_PIO_IN: &str = "pio-in";
+/// `bench=mmio-write`: one 4-byte store to [`BENCH_MMIO_ADDR`] per pass.
+pub const BENCH_MMIO_WRITE: &str = "mmio-write";
+/// `bench=mmio-read`: one 4-byte load from [`BENCH_MMIO_ADDR`] per pass.
+pub const BENCH_MMIO_READ: &str = "mmio-read";
 /// Benchmark port: the `pio-out` loop writes one byte here, `pio-in` reads one byte.
 pub const BENCH_PIO_PORT: u16 = 0x510;
 /// Benchmark MMIO address: `mmio-write` writes 4 bytes here, `mmio-read` reads 4 bytes. It lies in the
@@ -120,5 +207,7 @@ pub const BENCH_MMIO_ADDR: u64 = 0xd100_0000;
 /// at CPL3 cannot `hlt`, so without this each idle guest would spin a host core. Command-line key
 /// `idle_us=<n>` sets the guest's idle period; `idle_us=0` disables idling.
 pub const IDLE_PORT: u16 = 0x511;
+/// Command-line key setting the main loop's idle period: `idle_us=<n>`.
+pub const IDLE_CMDLINE_KEY: &str = "idle_us";
 /// Default idle period of the guest's main loop in microseconds.
 pub const DEFAULT_IDLE_US: u32 = 1000;

@@ -1,0 +1,233 @@
+//! The shell's input side: line editing and command parsing, free of I/O.
+//!
+//! Compiled into the host crate's tests as well. The reply formats are in `protocol.rs`.
+
+/// Longest command line the shell keeps; further characters are dropped (and not echoed).
+pub const MAX_LINE: usize = 128;
+
+const BACKSPACE: u8 = 0x08;
+const DELETE: u8 = 0x7f;
+
+/// What the terminal should see after a received byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Nothing (ignored byte).
+    None,
+    /// Echo this character.
+    Echo(u8),
+    /// Erase the last character on screen.
+    Erase,
+    /// The line is complete: move to a new line and run [`LineEditor::line`].
+    Submit,
+}
+
+/// The line being typed.
+#[derive(Debug)]
+pub struct LineEditor {
+    bytes: [u8; MAX_LINE],
+    len: usize,
+    /// The last byte ended a line with `\r`: a `\n` right after it belongs to the same line end.
+    after_cr: bool,
+    /// The previous byte submitted a line: the next byte starts a fresh one.
+    submitted: bool,
+}
+
+impl Default for LineEditor {
+    fn default() -> Self {
+        Self {
+            bytes: [0; MAX_LINE],
+            len: 0,
+            after_cr: false,
+            submitted: false,
+        }
+    }
+}
+
+impl LineEditor {
+    /// Takes one received byte. A line ends at `\r`, `\n` or `\r\n`; backspace and DEL erase;
+    /// other control bytes and non-ASCII bytes are ignored.
+    pub fn feed(&mut self, byte: u8) -> Edit {
+        if self.submitted {
+            self.len = 0;
+            self.submitted = false;
+        }
+        let after_cr = core::mem::replace(&mut self.after_cr, byte == b'\r');
+        match byte {
+            b'\n' if after_cr => Edit::None,
+            b'\r' | b'\n' => {
+                self.submitted = true;
+                Edit::Submit
+            }
+            BACKSPACE | DELETE if self.len > 0 => {
+                self.len -= 1;
+                Edit::Erase
+            }
+            b' '..=b'~' if self.len < MAX_LINE => {
+                self.bytes[self.len] = byte;
+                self.len += 1;
+                Edit::Echo(byte)
+            }
+            _ => Edit::None,
+        }
+    }
+
+    /// The line typed so far (the submitted line right after [`Edit::Submit`]).
+    pub fn line(&self) -> &str {
+        // Only printable ASCII is ever stored.
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+/// A parsed shell command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// An empty line: no reply.
+    Empty,
+    /// `echo <text>`.
+    Echo(&'a str),
+    /// `status`.
+    Status,
+    /// `write <n>`: append `n` records to the disk.
+    Write(u64),
+    /// `dirty <n>`: touch `n` pages.
+    Dirty(u64),
+    /// `halt`.
+    Halt,
+    /// `reboot`.
+    Reboot,
+    /// `help`.
+    Help,
+    /// A command that needs a number got something else (the argument as typed).
+    BadNumber(&'a str),
+    /// A command word the shell does not know.
+    Unknown(&'a str),
+}
+
+impl<'a> Command<'a> {
+    /// Parses one line: the first word is the command, the rest (leading blanks dropped) its argument.
+    pub fn parse(line: &'a str) -> Self {
+        let line = line.trim();
+        let (word, argument) = match line.split_once(' ') {
+            Some((word, rest)) => (word, rest.trim_start()),
+            None => (line, ""),
+        };
+        let number = |make: fn(u64) -> Self| match argument.parse::<u64>() {
+            Ok(n) if !argument.starts_with('+') => make(n),
+            _ => Self::BadNumber(argument),
+        };
+        match word {
+            "" => Self::Empty,
+            "echo" => Self::Echo(argument),
+            "status" => Self::Status,
+            "write" => number(Self::Write),
+            "dirty" => number(Self::Dirty),
+            "halt" => Self::Halt,
+            "reboot" => Self::Reboot,
+            "help" => Self::Help,
+            _ => Self::Unknown(word),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn type_into(editor: &mut LineEditor, input: &[u8]) -> Vec<Edit> {
+        input.iter().map(|&byte| editor.feed(byte)).collect()
+    }
+
+    #[test]
+    fn typed_characters_are_echoed_and_submitted_on_cr() {
+        let mut editor = LineEditor::default();
+
+        let edits = type_into(&mut editor, b"ok\r");
+
+        assert_eq!(edits, [Edit::Echo(b'o'), Edit::Echo(b'k'), Edit::Submit]);
+        assert_eq!(editor.line(), "ok");
+    }
+
+    #[test]
+    fn crlf_submits_once() {
+        let mut editor = LineEditor::default();
+
+        let submits = type_into(&mut editor, b"a\r\nb\n")
+            .into_iter()
+            .filter(|e| *e == Edit::Submit)
+            .count();
+
+        assert_eq!(submits, 2);
+        assert_eq!(editor.line(), "b");
+    }
+
+    #[test]
+    fn backspace_erases_last_character() {
+        let mut editor = LineEditor::default();
+
+        let edits = type_into(&mut editor, b"ab\x08\x7f\x08c");
+
+        assert_eq!(
+            &edits[2..],
+            [Edit::Erase, Edit::Erase, Edit::None, Edit::Echo(b'c')]
+        );
+        assert_eq!(editor.line(), "c");
+    }
+
+    #[test]
+    fn overlong_line_drops_extra_characters() {
+        let mut editor = LineEditor::default();
+        type_into(&mut editor, &[b'x'; MAX_LINE]);
+
+        let edit = editor.feed(b'y');
+
+        assert_eq!(edit, Edit::None);
+        assert_eq!(editor.line().len(), MAX_LINE);
+    }
+
+    #[test]
+    fn control_and_non_ascii_bytes_are_ignored() {
+        let mut editor = LineEditor::default();
+
+        let edits = type_into(&mut editor, b"\x1b\xc3\x00");
+
+        assert_eq!(edits, [Edit::None; 3]);
+    }
+
+    #[test]
+    fn echo_keeps_inner_spacing() {
+        assert_eq!(
+            Command::parse("  echo  hello   world "),
+            Command::Echo("hello   world")
+        );
+    }
+
+    #[test]
+    fn write_takes_a_decimal_count() {
+        assert_eq!(Command::parse("write 42"), Command::Write(42));
+    }
+
+    #[test]
+    fn dirty_without_number_is_bad_number() {
+        assert_eq!(Command::parse("dirty"), Command::BadNumber(""));
+    }
+
+    #[test]
+    fn write_with_trailing_words_is_bad_number() {
+        assert_eq!(Command::parse("write 3 4"), Command::BadNumber("3 4"));
+    }
+
+    #[test]
+    fn signed_count_is_bad_number() {
+        assert_eq!(Command::parse("write +3"), Command::BadNumber("+3"));
+    }
+
+    #[test]
+    fn unknown_word_is_reported() {
+        assert_eq!(Command::parse("format c:"), Command::Unknown("format"));
+    }
+
+    #[test]
+    fn blank_line_is_empty() {
+        assert_eq!(Command::parse("   "), Command::Empty);
+    }
+}
