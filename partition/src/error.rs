@@ -99,6 +99,14 @@ pub enum Error {
     /// The kernel image is malformed, truncated, or does not fit in guest memory.
     #[error("cannot load kernel")]
     KernelLoad(#[source] linux_loader::loader::Error),
+    /// The kernel file is shorter than its own header says.
+    #[error("kernel image is truncated: {found} bytes, header says {expected}")]
+    KernelTruncated {
+        /// Length the header implies.
+        expected: u64,
+        /// Length of the file.
+        found: u64,
+    },
     /// The kernel is neither an ELF nor a bzImage.
     #[error("kernel image is neither ELF nor bzImage")]
     UnknownKernelFormat,

@@ -102,6 +102,7 @@ fn load_kernel(
         if protocol == BootProtocol::Pvh {
             return Err(Error::NoPvhEntry);
         }
+        check_bzimage_length(image)?;
         let result = BzImage::load(memory, None, &mut cursor, himem).map_err(Error::KernelLoad)?;
         // The 64-bit entry (startup_64) sits 0x200 bytes into the protected-mode kernel.
         let rip = result.kernel_load.0 + 0x200;
@@ -112,6 +113,25 @@ fn load_kernel(
         ));
     }
     Err(Error::UnknownKernelFormat)
+}
+
+/// Refuses a bzImage shorter than its header says: linux-loader would load the stump and the guest
+/// would crash or hang somewhere in the missing code instead of failing here.
+fn check_bzimage_length(image: &[u8]) -> Result<()> {
+    let setup_sects = match image.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(&n) => u64::from(n),
+    };
+    let syssize = image
+        .get(0x1f4..0x1f8)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    let expected = (setup_sects + 1) * 512 + u64::from(syssize) * 16;
+    let found = image.len() as u64;
+    if found < expected {
+        return Err(Error::KernelTruncated { expected, found });
+    }
+    Ok(())
 }
 
 /// Places the initrd as high as possible below the MMIO gap (and below 2 GiB, where every kernel can
@@ -256,12 +276,22 @@ mod tests {
     }
 
     #[test]
-    fn truncated_bzimage_is_a_load_error() {
+    fn bzimage_cut_inside_its_setup_is_truncated() {
         let image = tiny_bzimage(&[0x90; 1024]);
 
         let err = load_kernel(&memory(), &image[..0x400], BootProtocol::Auto).unwrap_err();
 
-        assert!(matches!(err, Error::KernelLoad(_)));
+        assert!(matches!(err, Error::KernelTruncated { .. }));
+    }
+
+    #[test]
+    fn bzimage_shorter_than_its_syssize_is_truncated() {
+        let mut image = tiny_bzimage(&[0x90; 1024]);
+        image[0x1f4..0x1f8].copy_from_slice(&128u32.to_le_bytes()); // claims 2 KiB of kernel
+
+        let err = load_kernel(&memory(), &image, BootProtocol::Auto).unwrap_err();
+
+        assert!(matches!(err, Error::KernelTruncated { expected: 4608, found: 3584 }));
     }
 
     #[test]
