@@ -6,6 +6,7 @@
 //! taken inside the handler, from the first exit to the N+1th, so thread start-up and pause are not
 //! counted. `*_32_devices` puts the target device among 31 others on each bus.
 #![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -112,17 +112,24 @@ fn main() -> ExitCode {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut escape = false;
-        for byte in std::io::stdin().bytes() {
-            let Ok(byte) = byte else { break };
-            match (escape, byte) {
-                (true, b'x') => {
-                    let _ = stop_tx.send(());
-                    return;
-                }
-                (false, 0x01) => escape = true,
-                _ => {
-                    escape = false;
-                    let _ = com1.send_all(&[byte], Duration::from_secs(5));
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            for &byte in &buf[..n] {
+                match (escape, byte) {
+                    (true, b'x') => {
+                        let _ = stop_tx.send(());
+                        return;
+                    }
+                    (false, 0x01) => escape = true,
+                    _ => {
+                        escape = false;
+                        let _ = com1.send_all(&[byte], Duration::from_secs(5));
+                    }
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! Booting small kernels on real KVM: the 64-bit entry path, exit reasons, and bad inputs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! Pause, resume, state capture and restore, and the dirty log, on real KVM with a counting guest.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The embedded test guest on real KVM: console shell, virtio-blk records and the changed-block
 //! map, pause/resume, state capture and restore, and the dirty-page log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::File;

@@ -291,7 +291,13 @@ mod tests {
 
         let err = load_kernel(&memory(), &image, BootProtocol::Auto).unwrap_err();
 
-        assert!(matches!(err, Error::KernelTruncated { expected: 4608, found: 3584 }));
+        assert!(matches!(
+            err,
+            Error::KernelTruncated {
+                expected: 4608,
+                found: 3584
+            }
+        ));
     }
 
     #[test]
