@@ -13,7 +13,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
-    ReadVolatile, WriteVolatile,
+    WriteVolatile,
 };
 
 use crate::error::{Error, Result};
@@ -118,30 +118,6 @@ pub(crate) fn save_memory(memory: &PartitionMemory, out: &mut File) -> Result<u6
     }
     out.flush().map_err(Error::MemoryFile)?;
     Ok(written)
-}
-
-/// Reads a memory file into already-created memory (used when a restore must not keep the file open).
-#[allow(dead_code)]
-pub(crate) fn load_memory(memory: &PartitionMemory, input: &mut File) -> Result<()> {
-    for region in memory.iter() {
-        let slice = region
-            .get_slice(vm_memory::MemoryRegionAddress(0), region.len() as usize)
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        let mut done = 0usize;
-        while done < slice.len() {
-            let mut chunk = slice
-                .subslice(done, slice.len() - done)
-                .map_err(|e| Error::GuestMemory(e.to_string()))?;
-            let n = input
-                .read_volatile(&mut chunk)
-                .map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
-            if n == 0 {
-                return Err(Error::MemoryFile(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            done += n;
-        }
-    }
-    Ok(())
 }
 
 /// Gives every region of `memory` to KVM, one slot per region in address order.

@@ -97,6 +97,21 @@ impl PartitionState {
     }
 }
 
+/// Reads the MSRs in `indices`; returns them and how many KVM_GET_MSRS read (it stops at the first
+/// MSR it cannot read).
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Msrs, usize)> {
+    let entries: Vec<_> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrsTooMany)?;
+    let read = vcpu.get_msrs(&mut msrs).map_err(Error::Kvm)?;
+    Ok((msrs, read))
+}
+
 /// The MSRs KVM can save on this host, in the order it lists them.
 pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     let mut indices: Vec<u32> = kvm
@@ -104,17 +119,9 @@ pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
         .map_err(Error::Kvm)?
         .as_slice()
         .to_vec();
-    // KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and try again.
+    // Drop each MSR this host refuses to read, one at a time, until the whole list reads.
     loop {
-        let entries: Vec<_> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrsTooMany)?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(Error::Kvm)?;
+        let (_, read) = read_msrs(vcpu, &indices)?;
         if read == indices.len() {
             return Ok(indices);
         }
@@ -124,18 +131,10 @@ pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
 
 /// Reads the state of one (parked) vCPU.
 pub(crate) fn capture_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
-    let entries: Vec<_> = msr_indices
-        .iter()
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrsTooMany)?;
-    let read = vcpu.get_msrs(&mut msrs).map_err(Error::Kvm)?;
-    if read != entries.len() {
+    let (msrs, read) = read_msrs(vcpu, msr_indices)?;
+    if read != msr_indices.len() {
         return Err(Error::MsrRejected {
-            index: entries[read].index,
+            index: msr_indices[read],
         });
     }
     Ok(VcpuState {
