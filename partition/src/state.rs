@@ -213,3 +213,24 @@ pub(crate) fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     };
     vm.set_clock(&clock).map_err(Error::Kvm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_state_parser(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = PartitionState::from_json(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_are_rejected_not_panicked(keys in proptest::collection::vec("[a-z]{1,8}", 0..8), n in any::<i64>()) {
+            let object: serde_json::Map<String, serde_json::Value> =
+                keys.into_iter().map(|k| (k, serde_json::json!(n))).collect();
+            let text = serde_json::Value::Object(object).to_string();
+            prop_assert!(PartitionState::from_json(text.as_bytes()).is_err());
+        }
+    }
+}

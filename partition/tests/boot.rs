@@ -116,3 +116,47 @@ fn pause_of_a_partition_never_started_is_rejected() {
         })
     ));
 }
+
+#[test]
+fn overlapping_devices_are_rejected() {
+    require_kvm!();
+    struct Nothing;
+    impl partition::bus::BusDevice for Nothing {
+        fn read(&self, _offset: u64, _data: &mut [u8]) {}
+        fn write(&self, _offset: u64, _data: &[u8]) {}
+    }
+
+    // COM1 already owns 0x3f8..0x400.
+    let result = Partition::builder(config(&[0xf4]))
+        .pio_device(0x3fc, 4, Arc::new(Nothing))
+        .build();
+
+    assert!(matches!(
+        result,
+        Err(Error::Bus(partition::error::BusError::Overlap { .. }))
+    ));
+}
+
+#[test]
+fn disk_that_is_a_directory_is_rejected() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&[0xf4]);
+    cfg.disks.push(partition::DiskConfig::new(dir.path()));
+
+    assert!(matches!(
+        Partition::new(cfg),
+        Err(Error::DiskNotAFile { .. })
+    ));
+}
+
+#[test]
+fn disk_whose_size_is_not_whole_sectors_is_rejected() {
+    require_kvm!();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1000).unwrap();
+    let mut cfg = config(&[0xf4]);
+    cfg.disks.push(partition::DiskConfig::new(file.path()));
+
+    assert!(matches!(Partition::new(cfg), Err(Error::Virtio(_))));
+}

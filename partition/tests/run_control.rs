@@ -133,3 +133,35 @@ fn dirty_log_reports_the_counter_page() {
     assert!(pages.contains(&COUNTER), "dirty pages: {pages:x?}");
     assert_eq!(second, 0);
 }
+
+#[test]
+fn state_with_a_wrong_irqchip_id_fails_to_restore_cleanly() {
+    require_kvm!();
+    let vm = Partition::new(counting_guest()).unwrap();
+    let mut state = vm.capture_state().unwrap();
+    let mut memory_file = tempfile::tempfile().unwrap();
+    vm.save_memory(&mut memory_file).unwrap();
+    state.vm.ioapic.chip_id = 7;
+
+    let err = Partition::builder(counting_guest())
+        .restore(&state, &memory_file)
+        .unwrap_err();
+
+    assert!(matches!(err, partition::Error::InvalidState(_)), "{err:?}");
+}
+
+#[test]
+fn state_from_a_newer_version_is_refused() {
+    require_kvm!();
+    let vm = Partition::new(counting_guest()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&vm.capture_state().unwrap().to_json().unwrap()).unwrap();
+    json["version"] = serde_json::json!(99);
+
+    let err = PartitionState::from_json(json.to_string().as_bytes()).unwrap_err();
+
+    assert!(matches!(
+        err,
+        partition::Error::StateVersion { found: 99, .. }
+    ));
+}
