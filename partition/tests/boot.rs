@@ -160,3 +160,41 @@ fn disk_whose_size_is_not_whole_sectors_is_rejected() {
 
     assert!(matches!(Partition::new(cfg), Err(Error::Virtio(_))));
 }
+
+#[test]
+fn fwait_runs_on_any_kvm() {
+    require_kvm!();
+    // Hardware executes fwait; a software KVM's emulator cannot, and the partition steps over it.
+    let mut code = vec![0x9b, 0x9b];
+    code.extend(print_and_power_off(b"after fwait"));
+    let out = Capture::default();
+    let mut vm = Partition::new(config(&code)).unwrap();
+    vm.com1().set_sink(Box::new(out.clone()));
+
+    vm.resume().unwrap();
+
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(20))),
+        Some(ExitReason::PowerOff)
+    );
+    assert_eq!(out.text(), "after fwait");
+}
+
+#[test]
+fn undecodable_instruction_ends_the_run_with_its_bytes() {
+    require_kvm!();
+    // ud2 with no IDT: #UD cannot be delivered, so the vCPU triple-faults (hardware) or the
+    // emulator gives up with the instruction bytes (software KVM); either way the run ends typed.
+    let mut vm = Partition::new(config(&[0x0f, 0x0b])).unwrap();
+
+    vm.resume().unwrap();
+    let reason = vm.wait(Some(Duration::from_secs(20)));
+
+    assert!(
+        matches!(
+            reason,
+            Some(ExitReason::TripleFault) | Some(ExitReason::InternalError { .. })
+        ),
+        "{reason:?}"
+    );
+}
