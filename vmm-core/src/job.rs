@@ -250,7 +250,16 @@ impl JobTable {
     }
 
     /// Ends a job: success when `error` is `None`, else Exception with the code and text.
-    pub(crate) fn finish(&self, id: JobId, error: Option<(u32, String)>) -> Option<Job> {
+    ///
+    /// `announce` runs with the finished job before anyone waiting for it can see it finished, so a
+    /// waiter that returns has its completion event already published. Lock order: jobs, then
+    /// whatever `announce` takes (the event bus).
+    pub(crate) fn finish(
+        &self,
+        id: JobId,
+        error: Option<(u32, String)>,
+        announce: impl FnOnce(&Job),
+    ) -> Option<Job> {
         let mut jobs = self.lock();
         let record = jobs.get_mut(&id)?;
         record.ended = Some(Instant::now());
@@ -268,6 +277,7 @@ impl JobTable {
             }
         }
         let snapshot = record.snapshot();
+        announce(&snapshot);
         drop(jobs);
         self.changed.notify_all();
         Some(snapshot)
@@ -339,7 +349,7 @@ mod tests {
         let table = JobTable::default();
         let id = table.create(start_kind(), VmId::new_random());
 
-        table.finish(id, None);
+        table.finish(id, None, |_| {});
 
         let job = table.get(id).expect("job exists");
         assert_eq!(
@@ -353,7 +363,7 @@ mod tests {
         let table = JobTable::default();
         let id = table.create(start_kind(), VmId::new_random());
 
-        table.finish(id, Some((32768, "worker failed: no kvm".into())));
+        table.finish(id, Some((32768, "worker failed: no kvm".into())), |_| {});
 
         let job = table.get(id).expect("job exists");
         assert_eq!(job.state, JobState::Exception);
@@ -372,7 +382,7 @@ mod tests {
             let table = table.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
-                table.finish(id, None);
+                table.finish(id, None, |_| {});
             })
         };
 

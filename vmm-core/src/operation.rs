@@ -160,7 +160,7 @@ pub(crate) fn begin(
             let text = format!("cannot start operation thread: {error}");
             inner
                 .jobs
-                .finish(job, Some((ReturnCode::Failed.code(), text)));
+                .finish(job, Some((ReturnCode::Failed.code(), text)), |_| {});
             (ReturnCode::Failed, None)
         }
     }
@@ -287,7 +287,7 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
         let text = "virtual machine vanished during the operation".to_owned();
         inner
             .jobs
-            .finish(op.job, Some((ReturnCode::Failed.code(), text)));
+            .finish(op.job, Some((ReturnCode::Failed.code(), text)), |_| {});
         return;
     };
     let events = &inner.events;
@@ -329,7 +329,7 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
     };
     record.requested = RequestedState::NotApplicable;
     record.busy = false;
-    if let Some(job) = inner.jobs.finish(op.job, error) {
+    inner.jobs.finish(op.job, error, |job| {
         events.publish(
             op.vm,
             EventKind::JobCompleted {
@@ -337,7 +337,7 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
                 state: job.state,
             },
         );
-    }
+    });
     supervision::after_operation(inner, record);
 }
 
