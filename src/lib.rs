@@ -9,8 +9,10 @@
 //! |---|---|
 //! | [`partition`] | child partitions: one KVM VM with its memory, vCPUs, devices and state |
 //! | [`core`] | VMMS: the VM catalog, the EnabledState machine, jobs and events |
+//! | [`worker_manager`] | the Worker Process Manager: a worker process (`vmwp.exe`) per running VM, its control protocol, supervision and re-attach |
 //! | [`guest`] | the test guest embedded as the default boot image |
 
 pub use partition;
 pub use vmm_core as core;
 pub use vmms_guest as guest;
+pub use worker_manager;

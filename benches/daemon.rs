@@ -1,0 +1,242 @@
+//! The daemon's costs: a VM start through VMMS and a worker process to the guest's first console
+//! byte, next to booting the same partition in-process; VMs started per second; the memory a
+//! worker process costs beyond its guest's.
+//!
+//! The service here is the daemon's own core (vmm-core with worker-manager's `ProcessLauncher`)
+//! in this process; the CLI's socket hop (one JSON line each way) is not included. Like the
+//! reference binary, this bench re-executes itself as the worker (`<bench> worker --vm …`).
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use partition::{KernelImage, Partition, PartitionConfig};
+use vmm_core::{
+    EnabledState, JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId,
+};
+use worker_manager::worker::{self, WorkerOptions};
+use worker_manager::{ProcessLauncher, StoreLayout};
+
+const MEMORY_MIB: u64 = 16;
+const JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(OsStr::new("worker")) {
+        let options = WorkerOptions::from_args(args, vmms::guest::ELF).expect("worker arguments");
+        return worker::run(options);
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is not available on this host");
+        return ExitCode::SUCCESS;
+    }
+    // `cargo bench` passes --bench; test runners list (--list) or smoke-test the benches without it,
+    // and the one-shot figures below are measurements, not tests.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let mut criterion = Criterion::default().configure_from_args();
+    first_byte(&mut criterion);
+    criterion.final_summary();
+    if measuring {
+        figures();
+    }
+    ExitCode::SUCCESS
+}
+
+/// A service on a temporary store whose workers are this executable.
+struct Daemon {
+    _dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+    vmms: VirtualSystemManagementService,
+}
+
+impl Daemon {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().to_path_buf();
+        let exe = std::env::current_exe().unwrap();
+        let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]));
+        let vmms = VirtualSystemManagementService::open(&store, launcher).unwrap();
+        Daemon {
+            _dir: dir,
+            store,
+            vmms,
+        }
+    }
+
+    fn define(&self, name: &str, memory_mib: u64) -> VmId {
+        let mut config = VmConfig::new(name);
+        config.memory_mib = memory_mib;
+        self.vmms.define_system(config).unwrap()
+    }
+
+    fn change(&self, vm: VmId, requested: RequestedState) {
+        let (_, job) = self.vmms.request_state_change(vm, requested).unwrap();
+        let job = self.vmms.wait_for_job(job.unwrap(), JOB_TIMEOUT).unwrap();
+        assert_eq!(job.state, JobState::Completed, "{job:?}");
+    }
+
+    fn console(&self, vm: VmId) -> UnixStream {
+        UnixStream::connect(StoreLayout::new(&self.store).runtime(vm).console_socket()).unwrap()
+    }
+}
+
+/// A COM1 sink that signals its first byte.
+#[derive(Clone, Default)]
+struct FirstByte(Arc<(Mutex<bool>, Condvar)>);
+
+impl Write for FirstByte {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (seen, cv) = &*self.0;
+        *seen.lock().unwrap() = true;
+        cv.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl FirstByte {
+    fn wait(&self) {
+        let (seen, cv) = &*self.0;
+        let guard = seen.lock().unwrap();
+        let _unused = cv.wait_while(guard, |seen| !*seen).unwrap();
+    }
+}
+
+fn first_byte(c: &mut Criterion) {
+    let mut group = c.benchmark_group("start_to_first_serial_byte");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(8));
+
+    let daemon = Daemon::new();
+    let vm = daemon.define("bench", MEMORY_MIB);
+    group.bench_function("vmms_worker_process", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                daemon.change(vm, RequestedState::Start);
+                let mut byte = [0u8; 1];
+                daemon.console(vm).read_exact(&mut byte).unwrap();
+                total += start.elapsed();
+                daemon.change(vm, RequestedState::TurnOff);
+            }
+            total
+        });
+    });
+
+    group.bench_function("partition_in_process", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let mut config =
+                    PartitionConfig::new(KernelImage::Bytes(Arc::from(vmms::guest::ELF)), "");
+                config.memory_mib = MEMORY_MIB;
+                let mut partition = Partition::new(config).unwrap();
+                let sink = FirstByte::default();
+                partition.com1().set_sink(Box::new(sink.clone()));
+                partition.resume().unwrap();
+                sink.wait();
+                total += start.elapsed();
+                partition.stop();
+            }
+            total
+        });
+    });
+    group.finish();
+}
+
+/// Figures that are not per-iteration timings: start rate and memory overhead.
+fn figures() {
+    let daemon = Daemon::new();
+    let count = 10;
+    let vms: Vec<VmId> = (0..count)
+        .map(|i| daemon.define(&format!("rate{i}"), MEMORY_MIB))
+        .collect();
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let jobs: Vec<_> = vms
+            .iter()
+            .map(|&vm| {
+                daemon
+                    .vmms
+                    .request_state_change(vm, RequestedState::Start)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        for job in jobs {
+            let job = daemon.vmms.wait_for_job(job.unwrap(), JOB_TIMEOUT).unwrap();
+            assert_eq!(job.state, JobState::Completed, "{job:?}");
+        }
+        rates.push(f64::from(count) / start.elapsed().as_secs_f64());
+        for &vm in &vms {
+            daemon.change(vm, RequestedState::TurnOff);
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "VMs started per second ({count} started at once, {MEMORY_MIB} MiB each): median {:.0}, best {:.0}",
+        rates[1], rates[2]
+    );
+
+    for memory_mib in [16, 64, 256] {
+        let vm = daemon.define(&format!("rss{memory_mib}"), memory_mib);
+        daemon.change(vm, RequestedState::Start);
+        // Let the guest boot and settle at its prompt.
+        let mut console = daemon.console(vm);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains(vmms_guest::protocol::PROMPT) {
+            let n = console.read(&mut buf).unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let system = daemon.vmms.get_vm(vm).unwrap();
+        assert_eq!(system.enabled_state, EnabledState::Running);
+        let pid = system.process_id.unwrap();
+        let rss = status_kib(pid, "VmRSS:");
+        let guest = guest_rss_kib(pid, memory_mib << 10);
+        println!(
+            "worker RSS with a {memory_mib} MiB guest: {rss} KiB total, {guest} KiB of it guest memory touched, \
+             overhead {} KiB ({:.2} MiB)",
+            rss - guest,
+            (rss - guest) as f64 / 1024.0
+        );
+        daemon.change(vm, RequestedState::TurnOff);
+    }
+}
+
+/// A `/proc/<pid>/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap()
+}
+
+/// Resident KiB of the guest memory mapping (the one anonymous mapping of the guest's size).
+fn guest_rss_kib(pid: u32, size_kib: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            in_guest = size.split_whitespace().next() == Some(&size_kib.to_string());
+        } else if in_guest && let Some(rss) = line.strip_prefix("Rss:") {
+            return rss.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no {size_kib} KiB mapping in /proc/{pid}/smaps");
+}

@@ -1,0 +1,111 @@
+//! Errors of the worker-manager crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vmm_core::{VmId, WorkerError};
+
+use crate::protocol::ProtocolError;
+
+/// Everything that can go wrong starting, talking to or running a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A control frame could not be read, written or understood.
+    #[error("control protocol")]
+    Protocol(#[from] ProtocolError),
+    /// The worker program could not be started.
+    #[error("cannot spawn worker program {}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker started but could not bring its guest up; `message` is what it reported.
+    #[error("worker could not start the guest: {message}")]
+    StartFailed {
+        /// The worker's own account (its start-up error, or the last line of its log).
+        message: String,
+    },
+    /// Another live worker already runs this virtual machine.
+    #[error("a worker (pid {pid}) already runs this virtual machine")]
+    AlreadyRunning {
+        /// Its pid.
+        pid: u32,
+    },
+    /// A file or socket of the worker's runtime folder or store could not be used.
+    #[error("i/o on {}", path.display())]
+    Io {
+        /// The file, folder or socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker refused the handshake.
+    #[error("worker refused the connection: {reason}")]
+    Refused {
+        /// What it said.
+        reason: String,
+    },
+    /// The socket answered for another virtual machine or process than expected.
+    #[error("control socket belongs to virtual machine {vm} (pid {pid}), not the one expected")]
+    WrongWorker {
+        /// The virtual machine it serves.
+        vm: VmId,
+        /// Its pid.
+        pid: u32,
+    },
+    /// The control connection closed (the worker exited or dropped it).
+    #[error("control connection closed")]
+    Disconnected,
+    /// The worker did not answer in time.
+    #[error("worker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The worker answered the request with a refusal.
+    #[error("{0}")]
+    Rejected(String),
+    /// The worker's command line was not understood.
+    #[error("usage: {0}")]
+    Usage(String),
+    /// The virtual machine's configuration could not be read.
+    #[error("cannot read configuration {}", path.display())]
+    Config {
+        /// The `config.json`.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The partition failed (build, restore, run control, state capture); its own message says
+    /// what, so it is shown as is.
+    #[error(transparent)]
+    Partition(#[from] partition::Error),
+    /// The operating system refused a thread.
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for WorkerError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Timeout(waited) => WorkerError::Timeout(waited),
+            Error::Rejected(reason) => WorkerError::Refused { reason },
+            other => WorkerError::failed(other),
+        }
+    }
+}
+
+/// Result type of the worker-manager crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,60 @@
+//! Hyper-V's Worker Process Manager: one worker process (`vmwp.exe`) per running virtual machine.
+//!
+//! VMMS never runs a guest in its own process. For every running VM it starts a worker process
+//! that owns the VM's [`Partition`](partition::Partition), and drives it over a control
+//! connection; a crash or hang of one guest's worker takes down that VM only, and workers outlive
+//! the service, so the daemon can be restarted or upgraded under running VMs. This crate is both
+//! halves:
+//!
+//! - **Parent side** — [`ProcessLauncher`] implements vmm-core's [`WorkerLauncher`] and hands out
+//!   [`ProcessWorker`]s ([`Worker`]): it spawns `program args… --vm <GUID> --store <DIR>
+//!   [--restore <DIR>]` in a session of its own, waits for it to report ready, connects to its
+//!   control socket, and supervises it — exit seen at once through a pidfd (also for workers
+//!   re-attached after a daemon restart, which are not its children), hangs through a heartbeat.
+//!   Every end reaches the service once, as a [`StopReason`](vmm_core::StopReason).
+//! - **Worker side** — [`worker::run`] is the whole life of a worker process: read the VM's
+//!   `config.json`, build or restore the partition, serve `control.sock` and `console.sock` in
+//!   `<store>/run/<GUID>/`, write the pid file, run the guest until told to save or turn off.
+//! - **Between them** — [`protocol`]: length-delimited JSON frames with a version handshake,
+//!   request ids, replies and unsolicited notices; [`ControlClient`] is the parent's end of it.
+//!   The console is a separate socket carrying COM1's raw bytes both ways.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use vmm_core::{RequestedState, VirtualSystemManagementService, VmConfig};
+//! use worker_manager::ProcessLauncher;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // This program re-executes itself as `<exe> worker --vm … --store …` for each VM; its
+//! // `worker` role calls `worker_manager::worker::run(WorkerOptions { .. })`.
+//! let launcher = ProcessLauncher::new("./vmms-data", std::env::current_exe()?, ["worker"]);
+//! let vmms = VirtualSystemManagementService::open("./vmms-data", Arc::new(launcher))?;
+//! vmms.recover_on_start(); // re-attaches workers that outlived the previous daemon
+//!
+//! let vm = vmms.define_system(VmConfig::new("web1"))?;
+//! let (_, job) = vmms.request_state_change(vm, RequestedState::Start)?;
+//! if let Some(job) = job {
+//!     vmms.wait_for_job(job, Duration::from_secs(30))?;
+//! }
+//! println!("worker pid {:?}", vmms.get_vm(vm)?.process_id);
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+mod error;
+mod launcher;
+mod process;
+pub mod protocol;
+mod runtime;
+mod supervisor;
+pub mod worker;
+
+pub use client::ControlClient;
+pub use error::{Error, Result};
+pub use launcher::{LauncherOptions, ProcessLauncher};
+pub use runtime::{RuntimeDir, StoreLayout};
+pub use supervisor::ProcessWorker;
+pub use vmm_core::{Worker, WorkerLauncher};
+pub use worker::{MEMORY_FILE, STATE_FILE};

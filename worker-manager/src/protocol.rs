@@ -1,0 +1,451 @@
+//! The control protocol between the parent (the daemon's worker manager) and a worker process,
+//! spoken over the worker's `control.sock`.
+//!
+//! Every message is one frame: a `u32` little-endian length, then that many bytes of JSON. A
+//! connection starts with a version handshake ([`ToWorker::Hello`] → [`FromWorker::Hello`] or
+//! [`FromWorker::Refused`]); after it the parent sends [`ToWorker::Request`]s, each with an id the
+//! worker echoes in its [`FromWorker::Reply`], and the worker sends [`FromWorker::Event`]s
+//! whenever something happens on its own. Bulk data (memory images, console bytes) never goes
+//! through frames: saved state is written to files, the console has its own socket.
+//!
+//! Frames are capped at [`MAX_FRAME_LEN`]; a longer length, a truncated frame or JSON of the
+//! wrong shape is a [`ProtocolError`], never a panic or an unbounded allocation.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use vmm_core::{StopReason, VmId};
+
+/// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
+/// finding an old worker sees the refusal and can say so, instead of misreading its frames).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
+/// confused or hostile peer can make the other side allocate.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+
+/// Size of the length prefix.
+const HEADER_LEN: usize = 4;
+
+/// A message from the parent to the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// First message on every connection.
+    Hello {
+        /// The parent's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// An operation; answered by a [`FromWorker::Reply`] with the same id.
+    Request {
+        /// Chosen by the parent, unique on this connection.
+        id: u64,
+        /// What to do.
+        request: Request,
+    },
+}
+
+/// What the parent can ask of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// How the worker and its guest are (also the heartbeat). Answered at once, even while
+    /// another request is being carried out.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Pause, write `state.json` and `memory.bin` (fsynced) into `state_dir`, reply, exit.
+    Save {
+        /// An existing, empty folder.
+        state_dir: PathBuf,
+    },
+    /// Power off at once, reply, exit.
+    TurnOff,
+    /// Hard reset: the guest boots again from its boot source in the same worker.
+    Reset,
+}
+
+/// A message from the worker to the parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Handshake accepted.
+    Hello {
+        /// The worker's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The virtual machine this worker runs.
+        vm: VmId,
+        /// The worker's process id.
+        pid: u32,
+    },
+    /// Handshake refused; the worker closes the connection.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The answer to the request with this id.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The outcome; an error is a sentence for people.
+        result: Result<Reply, String>,
+    },
+    /// Something that happened without being asked.
+    Event(Notice),
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The answer to [`Request::Status`].
+    Status(WorkerReport),
+    /// The operation is done.
+    Done,
+}
+
+/// Where the worker's guest is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+    /// The guest stopped on its own; the worker waits to be turned off (or reset).
+    Stopped {
+        /// Why it stopped.
+        reason: StopReason,
+    },
+}
+
+/// An unsolicited message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// The guest moved between running and paused.
+    StateChanged {
+        /// The new state.
+        state: GuestState,
+    },
+    /// The guest stopped on its own (powered off, reset itself, crashed).
+    GuestStopped {
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// A worker's answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// The virtual machine.
+    pub vm: VmId,
+    /// The worker's process id.
+    pub pid: u32,
+    /// The guest's state.
+    pub state: GuestState,
+    /// Time since the worker process started, in milliseconds.
+    pub uptime_ms: u64,
+    /// Whether the guest was restored from saved state (rather than booted) by this worker.
+    pub restored: bool,
+    /// Resident memory of the worker process in KiB (`VmRSS`), guest memory it touched included.
+    pub rss_kib: u64,
+    /// The test guest's live counters, when the VM runs the embedded test guest and it is up.
+    pub test_guest: Option<TestGuestCounters>,
+}
+
+/// The test guest's status block (`vmms_guest::protocol::StatusBlock`), read from guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestGuestCounters {
+    /// Advances while the guest's main loop runs; frozen while paused.
+    pub counter: u64,
+    /// Records the guest appended to its disk.
+    pub records: u64,
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The connection failed.
+    #[error("control connection i/o")]
+    Io(#[from] io::Error),
+    /// The peer announced a frame longer than [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed inside a frame")]
+    Truncated,
+    /// The frame is not JSON of the expected message shape.
+    #[error("malformed frame")]
+    Malformed(#[source] serde_json::Error),
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {theirs}, this side {ours}")]
+    VersionMismatch {
+        /// Ours.
+        ours: u32,
+        /// Theirs.
+        theirs: u32,
+    },
+    /// The peer sent a valid message where another was required (e.g. no handshake first).
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+}
+
+/// Encodes `message` as one frame (length prefix included).
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, ProtocolError> {
+    let mut frame = vec![0; HEADER_LEN];
+    serde_json::to_writer(&mut frame, message).map_err(ProtocolError::Malformed)?;
+    let len = u32::try_from(frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    frame[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+    Ok(frame)
+}
+
+/// Writes `message` as one frame with a single `write_all`, so that frames from threads sharing a
+/// locked writer never interleave.
+pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> Result<(), ProtocolError> {
+    out.write_all(&encode_frame(message)?)?;
+    Ok(())
+}
+
+/// Reads one frame. `Ok(None)` when the connection ended cleanly between frames.
+pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<Option<T>, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    if !read_exact_or_eof(input, &mut header)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(header);
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut body = vec![0; len as usize];
+    if !read_exact_or_eof(input, &mut body)? && len > 0 {
+        return Err(ProtocolError::Truncated);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(ProtocolError::Malformed)
+}
+
+/// Decodes the first frame of `bytes`: the message and the bytes it used, or `Ok(None)` when
+/// `bytes` does not yet hold a whole frame.
+pub fn decode_frame<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<Option<(T, usize)>, ProtocolError> {
+    let Some(header) = bytes.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut len = [0u8; HEADER_LEN];
+    len.copy_from_slice(header);
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let end = HEADER_LEN + len as usize;
+    let Some(body) = bytes.get(HEADER_LEN..end) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(body)
+        .map(|message| Some((message, end)))
+        .map_err(ProtocolError::Malformed)
+}
+
+/// Fills `buf`; `Ok(false)` if the stream ended before the first byte, [`ProtocolError::Truncated`]
+/// if it ended after it.
+fn read_exact_or_eof(input: &mut impl Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn status_reply() -> FromWorker {
+        FromWorker::Reply {
+            id: 7,
+            result: Ok(Reply::Status(WorkerReport {
+                vm: VmId::new_random(),
+                pid: 42,
+                state: GuestState::Stopped {
+                    reason: StopReason::GuestCrash {
+                        detail: "triple \"fault\"".into(),
+                    },
+                },
+                uptime_ms: 1234,
+                restored: true,
+                rss_kib: 2048,
+                test_guest: Some(TestGuestCounters {
+                    counter: 99,
+                    records: 3,
+                }),
+            })),
+        }
+    }
+
+    #[test]
+    fn frame_round_trips_through_a_stream() {
+        let message = status_reply();
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &message).unwrap();
+        write_frame(&mut wire, &ToWorker::Hello { version: 1 }).unwrap();
+        let mut input = wire.as_slice();
+
+        let first: Option<FromWorker> = read_frame(&mut input).unwrap();
+        let second: Option<ToWorker> = read_frame(&mut input).unwrap();
+        let end: Option<ToWorker> = read_frame(&mut input).unwrap();
+
+        assert_eq!(first, Some(message));
+        assert_eq!(second, Some(ToWorker::Hello { version: 1 }));
+        assert_eq!(end, None);
+    }
+
+    #[test]
+    fn length_prefix_is_little_endian_body_length() {
+        let frame = encode_frame(&ToWorker::Hello { version: 1 }).unwrap();
+
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap());
+
+        assert_eq!(len as usize, frame.len() - 4);
+        assert_eq!(&frame[4..], br#"{"Hello":{"version":1}}"#);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut wire = (MAX_FRAME_LEN + 1).to_le_bytes().to_vec();
+        wire.extend_from_slice(b"{}");
+
+        let result = read_frame::<ToWorker>(&mut wire.as_slice());
+
+        assert!(matches!(
+            result,
+            Err(ProtocolError::FrameTooLarge { len, .. }) if len == MAX_FRAME_LEN + 1
+        ));
+    }
+
+    #[test]
+    fn stream_ending_inside_a_frame_is_truncated() {
+        let frame = encode_frame(&ToWorker::Hello { version: 1 }).unwrap();
+        let cut = &frame[..frame.len() - 3];
+
+        let result = read_frame::<ToWorker>(&mut &cut[..]);
+
+        assert!(matches!(result, Err(ProtocolError::Truncated)));
+    }
+
+    #[test]
+    fn stream_ending_inside_the_header_is_truncated() {
+        let result = read_frame::<ToWorker>(&mut &[5u8, 0][..]);
+
+        assert!(matches!(result, Err(ProtocolError::Truncated)));
+    }
+
+    #[test]
+    fn json_of_the_wrong_shape_is_malformed() {
+        let body = br#"{"Launch":{"missiles":true}}"#;
+        let mut wire = (body.len() as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(body);
+
+        let result = read_frame::<ToWorker>(&mut wire.as_slice());
+
+        assert!(matches!(result, Err(ProtocolError::Malformed(_))));
+    }
+
+    #[test]
+    fn decode_waits_for_a_whole_frame() {
+        let frame = encode_frame(&ToWorker::Request {
+            id: 1,
+            request: Request::Pause,
+        })
+        .unwrap();
+
+        let partial = decode_frame::<ToWorker>(&frame[..frame.len() - 1]).unwrap();
+        let whole = decode_frame::<ToWorker>(&frame).unwrap();
+
+        assert!(partial.is_none());
+        assert_eq!(
+            whole,
+            Some((
+                ToWorker::Request {
+                    id: 1,
+                    request: Request::Pause
+                },
+                frame.len()
+            ))
+        );
+    }
+
+    fn any_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            Just(Request::Status),
+            Just(Request::Pause),
+            Just(Request::Resume),
+            Just(Request::TurnOff),
+            Just(Request::Reset),
+            "[^\0]{0,40}".prop_map(|p| Request::Save {
+                state_dir: p.into()
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame::<ToWorker>(&bytes);
+            let _ = read_frame::<FromWorker>(&mut bytes.as_slice());
+        }
+
+        #[test]
+        fn corrupted_frames_are_errors_or_other_messages(
+            id in any::<u64>(),
+            request in any_request(),
+            flip in any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let message = ToWorker::Request { id, request };
+            let mut frame = encode_frame(&message).unwrap();
+            let at = flip.index(frame.len());
+            frame[at] ^= 1 << bit;
+
+            // Whatever comes out, it is a clean result: never a panic, never more bytes
+            // consumed than were given.
+            if let Ok(Some((_, used))) = decode_frame::<ToWorker>(&frame) {
+                prop_assert!(used <= frame.len());
+            }
+        }
+
+        #[test]
+        fn any_request_round_trips(id in any::<u64>(), request in any_request()) {
+            let message = ToWorker::Request { id, request };
+            let frame = encode_frame(&message).unwrap();
+
+            let decoded = decode_frame::<ToWorker>(&frame).unwrap();
+
+            prop_assert_eq!(decoded, Some((message, frame.len())));
+        }
+    }
+}

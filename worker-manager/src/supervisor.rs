@@ -1,0 +1,418 @@
+//! [`ProcessWorker`]: the parent's handle on one worker process, and the two threads that watch
+//! it — exit (a pidfd: seen the moment the process ends, child or not) and heartbeat (a status
+//! request every interval: a worker that stops answering is reported as lost).
+//!
+//! Every way a worker can end reaches the service exactly once, as one `WorkerEvent::Stopped`:
+//! the guest's own stop (a notice from the worker), the process's death, or a lost heartbeat —
+//! whichever is seen first — and none at all for the exits the service asked for (save,
+//! turn-off).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsRawFd;
+
+use vmm_core::{EventSink, StopReason, VmId, Worker, WorkerError, WorkerEvent, WorkerStatus};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::client::ControlClient;
+use crate::error::Error;
+use crate::launcher::LauncherOptions;
+use crate::process::{ExitStatus, PidFd, reap_child};
+use crate::protocol::{GuestState, Notice, Reply, Request, WorkerReport};
+use crate::runtime::RuntimeDir;
+
+/// After a save or turn-off reply, how long the worker gets to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+/// How long a killed worker gets to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What is known about the process's end.
+#[derive(Debug, Default)]
+struct ExitState {
+    /// Set once the process has exited; holds its status when we could reap it.
+    exited: Option<Option<ExitStatus>>,
+}
+
+/// Everything the handle and the watcher threads share about one worker.
+#[derive(Debug)]
+pub(crate) struct Supervised {
+    vm: VmId,
+    pidfd: PidFd,
+    runtime: RuntimeDir,
+    options: LauncherOptions,
+    client: Mutex<Option<Arc<ControlClient>>>,
+    events: EventSink,
+    /// A `Stopped` event was sent (or is no longer wanted): never send another.
+    reported: AtomicBool,
+    /// The service asked the worker to end (save, turn-off): its exit is not a failure.
+    finishing: AtomicBool,
+    /// The heartbeat gave up on it: turn-off kills without asking first.
+    hung: AtomicBool,
+    exit: Mutex<ExitState>,
+    exit_changed: Condvar,
+    /// Readable once the handle is dropped: the watcher threads end.
+    cancel: EventFd,
+}
+
+impl Supervised {
+    /// Starts supervising the worker `pidfd`, reachable at `runtime`'s control socket: connects
+    /// (when `connect`), then starts the exit watcher and heartbeat threads.
+    pub(crate) fn start(
+        vm: VmId,
+        pidfd: PidFd,
+        runtime: RuntimeDir,
+        options: LauncherOptions,
+        events: EventSink,
+    ) -> Result<Arc<Self>, Error> {
+        let cancel = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        let supervised = Arc::new(Supervised {
+            vm,
+            pidfd,
+            runtime,
+            options,
+            client: Mutex::new(None),
+            events,
+            reported: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
+            exit: Mutex::new(ExitState::default()),
+            exit_changed: Condvar::new(),
+            cancel,
+        });
+        let pid = supervised.pid();
+        let watcher = Arc::clone(&supervised);
+        std::thread::Builder::new()
+            .name(format!("wm-exit-{pid}"))
+            .spawn(move || watcher.watch_exit())
+            .map_err(Error::Thread)?;
+        let heart = Arc::clone(&supervised);
+        std::thread::Builder::new()
+            .name(format!("wm-beat-{pid}"))
+            .spawn(move || heart.heartbeat())
+            .map_err(Error::Thread)?;
+        Ok(supervised)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pidfd.pid()
+    }
+
+    pub(crate) fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    fn lock_exit(&self) -> std::sync::MutexGuard<'_, ExitState> {
+        self.exit.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn has_exited(&self) -> bool {
+        self.lock_exit().exited.is_some()
+    }
+
+    /// The live control connection, connecting (again) if there is none.
+    pub(crate) fn client(self: &Arc<Self>) -> Result<Arc<ControlClient>, Error> {
+        let mut slot = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(client));
+        }
+        let weak: Weak<Supervised> = Arc::downgrade(self);
+        let client = ControlClient::connect(
+            &self.runtime.control_socket(),
+            Some(self.vm),
+            self.options.request_timeout,
+            move |notice| {
+                if let Some(supervised) = weak.upgrade() {
+                    supervised.on_notice(notice);
+                }
+            },
+        )?;
+        if client.pid() != self.pid() {
+            return Err(Error::WrongWorker {
+                vm: client.vm(),
+                pid: client.pid(),
+            });
+        }
+        let client = Arc::new(client);
+        *slot = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    fn on_notice(&self, notice: Notice) {
+        if let Notice::GuestStopped { reason } = notice {
+            self.report(reason);
+        }
+    }
+
+    /// Reports the worker's end to the service, once, unless the service asked for it.
+    fn report(&self, reason: StopReason) {
+        if self.finishing.load(Ordering::SeqCst) || self.reported.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.events.send(WorkerEvent::Stopped(reason));
+    }
+
+    /// A report's news the notice may have missed (it was sent while nobody was connected).
+    pub(crate) fn check_report(&self, report: &WorkerReport) {
+        if let GuestState::Stopped { reason } = &report.state {
+            self.report(reason.clone());
+        }
+    }
+
+    /// Exit watcher thread: waits on the pidfd, reaps, cleans up, reports.
+    fn watch_exit(&self) {
+        match self.pidfd.wait(Some(self.cancel.as_raw_fd()), None) {
+            Ok(true) => {}
+            // Cancelled (the handle was dropped: detached) or poll failed.
+            Ok(false) | Err(_) => return,
+        }
+        // Only a parent can reap; for a re-attached worker the status stays unknown.
+        let status = reap_child(self.pid());
+        // Clean up before announcing the exit: whoever waits for it (turn-off) may start the
+        // VM's next worker at once, whose files must not be mistaken for these.
+        self.runtime.remove_live_files(self.pid());
+        self.lock_exit().exited = Some(status);
+        self.exit_changed.notify_all();
+        let (code, signal) = status.map_or((None, None), |s| (s.code, s.signal));
+        self.report(StopReason::WorkerExited { code, signal });
+    }
+
+    /// Heartbeat thread: one status request per interval; silence past the timeout is a loss.
+    fn heartbeat(self: Arc<Self>) {
+        let mut last_answer = Instant::now();
+        loop {
+            if !self.sleep(self.options.heartbeat_interval) {
+                return;
+            }
+            if self.has_exited() || self.reported.load(Ordering::SeqCst) {
+                return;
+            }
+            let answer = self
+                .client()
+                .and_then(|c| c.status(self.options.heartbeat_timeout));
+            match answer {
+                Ok(report) => {
+                    last_answer = Instant::now();
+                    self.check_report(&report);
+                }
+                Err(_) if self.has_exited() || self.pidfd.has_exited() => return,
+                Err(_) => {
+                    let silent_for = last_answer.elapsed();
+                    if silent_for >= self.options.heartbeat_timeout {
+                        self.hung.store(true, Ordering::SeqCst);
+                        self.report(StopReason::HeartbeatLost { silent_for });
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps `period` unless cancelled first (`false`).
+    fn sleep(&self, period: Duration) -> bool {
+        !matches!(self.cancelled_within(period), Ok(true))
+    }
+
+    /// Whether the cancel eventfd became readable within `period`.
+    fn cancelled_within(&self, period: Duration) -> std::io::Result<bool> {
+        let mut fds = [libc::pollfd {
+            fd: self.cancel.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let timeout = i32::try_from(period.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `fds` is a valid array of one pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(rc > 0)
+    }
+
+    /// Waits until the process has exited or `timeout` passes; whether it exited.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let state = self.lock_exit();
+        let (state, _) = self
+            .exit_changed
+            .wait_timeout_while(state, timeout, |s| s.exited.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        state.exited.is_some()
+    }
+
+    /// Sends `request` and maps the outcome onto the service's error vocabulary.
+    fn call(self: &Arc<Self>, request: Request, timeout: Duration) -> Result<Reply, WorkerError> {
+        if self.has_exited() {
+            return Err(WorkerError::Gone);
+        }
+        let result = self.client().and_then(|c| c.request(request, timeout));
+        result.map_err(|error| match error {
+            Error::Timeout(waited) => WorkerError::Timeout(waited),
+            Error::Rejected(reason) => WorkerError::Refused { reason },
+            // A dropped connection or a refused connect: gone if the process is gone.
+            other => {
+                if self.wait_exit(Duration::from_millis(200)) {
+                    WorkerError::Gone
+                } else {
+                    WorkerError::failed(other)
+                }
+            }
+        })
+    }
+
+    /// Ends the process: asks (unless `ask` is false: it was already told and replied), waits a
+    /// grace period if it answered, and kills it otherwise. `Ok` once it is gone.
+    fn end(self: &Arc<Self>, ask: bool) -> Result<(), WorkerError> {
+        self.finishing.store(true, Ordering::SeqCst);
+        let answered = !ask
+            || (!self.has_exited()
+                && !self.hung.load(Ordering::SeqCst)
+                && self
+                    .call(
+                        Request::TurnOff,
+                        self.options.request_timeout.min(EXIT_GRACE),
+                    )
+                    .is_ok());
+        // A worker that answered exits by itself in a moment; one that did not is killed now.
+        let left_by_itself = answered && self.wait_exit(EXIT_GRACE);
+        if !left_by_itself && !self.has_exited() {
+            self.pidfd
+                .send_signal(libc::SIGKILL)
+                .map_err(WorkerError::failed)?;
+            if !self.wait_exit(KILL_WAIT) {
+                return Err(WorkerError::Timeout(KILL_WAIT));
+            }
+        }
+        self.runtime.remove_live_files(self.pid());
+        Ok(())
+    }
+
+    /// Whether the process has exited (seen by the watcher, or by the pidfd directly).
+    pub(crate) fn process_gone(&self) -> bool {
+        self.has_exited() || self.pidfd.has_exited()
+    }
+
+    /// Gives up on a worker nobody can drive: kills it without reporting, stops watching.
+    pub(crate) fn abandon(&self) {
+        self.finishing.store(true, Ordering::SeqCst);
+        let _ = self.pidfd.send_signal(libc::SIGKILL);
+        if self.wait_exit(KILL_WAIT) {
+            self.runtime.remove_live_files(self.pid());
+        }
+        self.detach();
+    }
+
+    fn detach(&self) {
+        // Ends both watcher threads; the worker keeps running.
+        let _ = self.cancel.write(1);
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(client);
+    }
+}
+
+/// One worker process as the service drives it ([`vmm_core::Worker`]).
+///
+/// Dropping it detaches: the watcher threads stop and the process keeps running, to be found
+/// again by [`ProcessLauncher::reattach`](crate::ProcessLauncher).
+#[derive(Debug)]
+pub struct ProcessWorker {
+    inner: Arc<Supervised>,
+}
+
+impl ProcessWorker {
+    pub(crate) fn new(inner: Arc<Supervised>) -> Self {
+        ProcessWorker { inner }
+    }
+
+    /// The virtual machine this worker runs.
+    pub fn vm(&self) -> VmId {
+        self.inner.vm()
+    }
+
+    /// The worker's full status report (guest state, uptime, memory, test-guest counters).
+    pub fn report(&self) -> Result<WorkerReport, Error> {
+        let report = self
+            .inner
+            .client()?
+            .status(self.inner.options.request_timeout)?;
+        self.inner.check_report(&report);
+        Ok(report)
+    }
+
+    /// Where the worker's sockets and log are.
+    pub fn runtime_dir(&self) -> &RuntimeDir {
+        &self.inner.runtime
+    }
+}
+
+impl Drop for ProcessWorker {
+    fn drop(&mut self) {
+        self.inner.detach();
+    }
+}
+
+impl Worker for ProcessWorker {
+    fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    fn status(&self) -> WorkerStatus {
+        if self.inner.has_exited() {
+            return WorkerStatus::Exited;
+        }
+        match self.report() {
+            Ok(report) => match report.state {
+                GuestState::Paused => WorkerStatus::Paused,
+                // A stopped guest has been reported through the event sink; the process itself
+                // is alive and answering until it is turned off.
+                GuestState::Running | GuestState::Stopped { .. } => WorkerStatus::Running,
+            },
+            Err(_) if self.inner.has_exited() || self.inner.pidfd.has_exited() => {
+                WorkerStatus::Exited
+            }
+            Err(_) => WorkerStatus::NotResponding,
+        }
+    }
+
+    fn pause(&self) -> Result<(), WorkerError> {
+        let timeout = self.inner.options.request_timeout;
+        self.inner.call(Request::Pause, timeout).map(drop)
+    }
+
+    fn resume(&self) -> Result<(), WorkerError> {
+        let timeout = self.inner.options.request_timeout;
+        self.inner.call(Request::Resume, timeout).map(drop)
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        inner.finishing.store(true, Ordering::SeqCst);
+        let request = Request::Save {
+            state_dir: state_dir.to_path_buf(),
+        };
+        match inner.call(request, inner.options.save_timeout) {
+            // The state is durable; the process now exits (or is made to).
+            Ok(_) => inner.end(false),
+            Err(error) => {
+                if !inner.has_exited() {
+                    inner.finishing.store(false, Ordering::SeqCst);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn reset(&self) -> Result<(), WorkerError> {
+        let timeout = self.inner.options.request_timeout;
+        self.inner.call(Request::Reset, timeout).map(drop)
+    }
+
+    fn turn_off(&self) -> Result<(), WorkerError> {
+        self.inner.end(true)
+    }
+}

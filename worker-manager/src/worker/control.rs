@@ -1,0 +1,274 @@
+//! The worker's control socket: handshake, status answered on the spot, every other request
+//! handed to the main thread, and notices broadcast to every connected parent.
+//!
+//! Any number of parents may connect over the worker's life (a restarted daemon, a test, a
+//! diagnostic tool), also at once. A parent that disconnects changes nothing for the guest.
+
+use std::io::BufReader;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use partition::devices::serial::Uart;
+use partition::memory::PartitionMemory;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_core::VmId;
+use vmms_guest::protocol::{STATUS_BLOCK_SIZE, STATUS_GPA, STATUS_MAGIC, StatusBlock};
+
+use super::console::ConsoleLog;
+use super::machine::lock;
+use crate::process::rss_kib;
+use crate::protocol::{
+    FromWorker, GuestState, PROTOCOL_VERSION, ProtocolError, Reply, Request, TestGuestCounters,
+    ToWorker, WorkerReport, read_frame, write_frame,
+};
+
+/// How long a new connection may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on writing one frame to a parent that stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connected parent; frames to it are written whole under its lock.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    id: u64,
+    writer: Mutex<UnixStream>,
+}
+
+impl Peer {
+    /// Sends `message`; `false` if the parent is gone.
+    pub(crate) fn send(&self, message: &FromWorker) -> bool {
+        write_frame(&mut *lock(&self.writer), message).is_ok()
+    }
+}
+
+/// A request for the main thread, with the connection its reply goes to.
+#[derive(Debug)]
+pub(crate) struct Command {
+    pub(crate) id: u64,
+    pub(crate) request: Request,
+    pub(crate) peer: Arc<Peer>,
+}
+
+/// What the guest currently is, as the connection threads see it.
+#[derive(Debug)]
+struct GuestView {
+    state: GuestState,
+    memory: Option<PartitionMemory>,
+    com1: Option<Arc<Uart>>,
+}
+
+/// State shared by the main thread and the socket threads.
+#[derive(Debug)]
+pub(crate) struct WorkerShared {
+    vm: VmId,
+    pid: u32,
+    started: Instant,
+    restored: bool,
+    test_guest: bool,
+    guest: Mutex<GuestView>,
+    peers: Mutex<Vec<Arc<Peer>>>,
+    next_peer: AtomicU64,
+    commands: Sender<Command>,
+    console: Arc<ConsoleLog>,
+}
+
+impl WorkerShared {
+    pub(crate) fn new(
+        vm: VmId,
+        restored: bool,
+        test_guest: bool,
+        console: Arc<ConsoleLog>,
+        commands: Sender<Command>,
+    ) -> Self {
+        WorkerShared {
+            vm,
+            pid: std::process::id(),
+            started: Instant::now(),
+            restored,
+            test_guest,
+            guest: Mutex::new(GuestView {
+                state: GuestState::Paused,
+                memory: None,
+                com1: None,
+            }),
+            peers: Mutex::new(Vec::new()),
+            next_peer: AtomicU64::new(0),
+            commands,
+            console,
+        }
+    }
+
+    pub(crate) fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    pub(crate) fn console(&self) -> Arc<ConsoleLog> {
+        Arc::clone(&self.console)
+    }
+
+    pub(crate) fn state(&self) -> GuestState {
+        lock(&self.guest).state.clone()
+    }
+
+    pub(crate) fn set_state(&self, state: GuestState) {
+        lock(&self.guest).state = state;
+    }
+
+    /// Publishes the running partition's memory and COM1 (or that there is none).
+    pub(crate) fn set_guest(&self, memory: Option<PartitionMemory>, com1: Option<Arc<Uart>>) {
+        let mut guest = lock(&self.guest);
+        guest.memory = memory;
+        guest.com1 = com1;
+    }
+
+    /// COM1 of the running partition, for console input.
+    pub(crate) fn com1(&self) -> Option<Arc<Uart>> {
+        lock(&self.guest).com1.clone()
+    }
+
+    /// The answer to [`Request::Status`].
+    pub(crate) fn report(&self) -> WorkerReport {
+        let (state, memory) = {
+            let guest = lock(&self.guest);
+            (guest.state.clone(), guest.memory.clone())
+        };
+        let test_guest = match (self.test_guest, memory) {
+            (true, Some(memory)) => test_guest_counters(&memory),
+            _ => None,
+        };
+        WorkerReport {
+            vm: self.vm,
+            pid: self.pid,
+            state,
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            restored: self.restored,
+            rss_kib: rss_kib(self.pid).unwrap_or(0),
+            test_guest,
+        }
+    }
+
+    /// Sends `message` to every connected parent, forgetting those that are gone.
+    pub(crate) fn broadcast(&self, message: &FromWorker) {
+        let peers: Vec<Arc<Peer>> = lock(&self.peers).clone();
+        let gone: Vec<u64> = peers
+            .iter()
+            .filter(|peer| !peer.send(message))
+            .map(|peer| peer.id)
+            .collect();
+        if !gone.is_empty() {
+            lock(&self.peers).retain(|peer| !gone.contains(&peer.id));
+        }
+    }
+}
+
+/// The test guest's status block, if the guest has initialised it.
+fn test_guest_counters(memory: &PartitionMemory) -> Option<TestGuestCounters> {
+    let mut bytes = [0u8; STATUS_BLOCK_SIZE];
+    memory
+        .read_slice(&mut bytes, GuestAddress(STATUS_GPA))
+        .ok()?;
+    let block = StatusBlock::from_bytes(&bytes)?;
+    (block.magic == STATUS_MAGIC).then_some(TestGuestCounters {
+        counter: block.counter,
+        records: block.records_written,
+    })
+}
+
+/// Accepts parents for the life of the process.
+pub(crate) fn serve(listener: UnixListener, shared: &Arc<WorkerShared>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let shared = Arc::clone(shared);
+        // Without a thread this parent cannot be served; it sees the connection close.
+        let _ = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                if let Err(error) = connection(stream, &shared) {
+                    eprintln!("worker {}: control connection: {error}", shared.vm);
+                }
+            });
+    }
+}
+
+fn connection(stream: UnixStream, shared: &WorkerShared) -> Result<(), ProtocolError> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = &stream;
+    match read_frame::<ToWorker>(&mut reader)? {
+        Some(ToWorker::Hello { version }) if version == PROTOCOL_VERSION => {}
+        Some(ToWorker::Hello { version }) => {
+            let reason = format!("protocol version {version} is not {PROTOCOL_VERSION}");
+            write_frame(&mut writer, &FromWorker::Refused { reason })?;
+            return Err(ProtocolError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
+        Some(other) => {
+            let reason = "the first message must be Hello".to_owned();
+            write_frame(&mut writer, &FromWorker::Refused { reason })?;
+            return Err(ProtocolError::Unexpected(format!("{other:?}")));
+        }
+        None => return Ok(()),
+    }
+    write_frame(
+        &mut writer,
+        &FromWorker::Hello {
+            version: PROTOCOL_VERSION,
+            vm: shared.vm,
+            pid: shared.pid,
+        },
+    )?;
+    stream.set_read_timeout(None)?;
+    let peer = Arc::new(Peer {
+        id: shared.next_peer.fetch_add(1, Ordering::Relaxed),
+        writer: Mutex::new(stream),
+    });
+    lock(&shared.peers).push(Arc::clone(&peer));
+    let result = requests(&mut reader, shared, &peer);
+    lock(&shared.peers).retain(|p| p.id != peer.id);
+    result
+}
+
+fn requests(
+    reader: &mut BufReader<UnixStream>,
+    shared: &WorkerShared,
+    peer: &Arc<Peer>,
+) -> Result<(), ProtocolError> {
+    while let Some(message) = read_frame::<ToWorker>(reader)? {
+        match message {
+            ToWorker::Request {
+                id,
+                request: Request::Status,
+            } => {
+                let reply = Reply::Status(shared.report());
+                peer.send(&FromWorker::Reply {
+                    id,
+                    result: Ok(reply),
+                });
+            }
+            ToWorker::Request { id, request } => {
+                let command = Command {
+                    id,
+                    request,
+                    peer: Arc::clone(peer),
+                };
+                if let Err(unsent) = shared.commands.send(command) {
+                    let command = unsent.0;
+                    command.peer.send(&FromWorker::Reply {
+                        id: command.id,
+                        result: Err("worker is shutting down".into()),
+                    });
+                }
+            }
+            ToWorker::Hello { .. } => {
+                return Err(ProtocolError::Unexpected("second Hello".into()));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,497 @@
+//! The worker's owner of the partition: builds or restores it, runs it, and carries out the
+//! parent's requests on it, one at a time, on the worker's main thread.
+//!
+//! `Partition`'s run control takes `&mut self`, so exactly one thread owns it: this one. It waits
+//! on the guest in short slices and takes requests from the control connections between them;
+//! status questions never come here (the connections answer them from [`WorkerShared`]).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use partition::{
+    DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig,
+    PartitionState,
+};
+use vmm_core::{BootSource, StopReason, VmConfig, error_chain};
+
+use super::WorkerOptions;
+use super::console::{self, ConsoleLog};
+use super::control::{self, Command, WorkerShared};
+use crate::error::{Error, Result};
+use crate::protocol::{FromWorker, GuestState, Notice, Reply, Request};
+use crate::runtime::{RuntimeDir, StoreLayout};
+
+/// Name of the partition state in a saved-state folder.
+pub const STATE_FILE: &str = "state.json";
+/// Name of the guest memory image in a saved-state folder.
+pub const MEMORY_FILE: &str = "memory.bin";
+
+/// How long the owner waits on a running guest before looking for requests: the worst-case
+/// delay of a request, and the cost of idling (one wake-up per slice).
+const SLICE: Duration = Duration::from_millis(10);
+
+/// Maps a virtual machine's definition to the partition that runs it. Relative disk paths are
+/// resolved against `disks_dir`; the test guest boots from `default_kernel`.
+pub fn partition_config(vm: &VmConfig, disks_dir: &Path, default_kernel: &[u8]) -> PartitionConfig {
+    let (kernel, initrd, cmdline) = match &vm.boot {
+        BootSource::TestGuest => (KernelImage::Bytes(Arc::from(default_kernel)), None, ""),
+        BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => (
+            KernelImage::Path(kernel.clone()),
+            initrd.clone(),
+            cmdline.as_str(),
+        ),
+    };
+    let mut config = PartitionConfig::new(kernel, cmdline);
+    config.boot.initrd = initrd;
+    config.vcpus = vm.vcpus;
+    config.memory_mib = vm.memory_mib;
+    config.disks = vm
+        .disks
+        .iter()
+        .map(|disk| {
+            let mut mapped = PartitionDisk::new(disks_dir.join(&disk.path));
+            mapped.read_only = disk.read_only;
+            mapped
+        })
+        .collect();
+    config
+}
+
+/// What the service hears about a guest that stopped on its own.
+pub fn stop_reason(exit: &ExitReason) -> StopReason {
+    match exit {
+        ExitReason::PowerOff => StopReason::GuestPowerOff,
+        ExitReason::Reset => StopReason::GuestReset,
+        ExitReason::TripleFault => StopReason::TripleFault,
+        other => StopReason::GuestCrash {
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// What the owner loop does after a request.
+enum Flow {
+    Continue,
+    Exit,
+}
+
+/// The partition and everything the main thread needs to drive it.
+pub(crate) struct Machine {
+    config: PartitionConfig,
+    /// `None` once the guest stopped on its own (its memory is released at once).
+    partition: Option<Partition>,
+    shared: Arc<WorkerShared>,
+    commands: Receiver<Command>,
+    runtime: RuntimeDir,
+}
+
+impl Machine {
+    /// Builds or restores the partition, opens the sockets, starts the guest and writes the pid
+    /// file. On error nothing is left in the runtime folder but the log.
+    pub(crate) fn start(options: &WorkerOptions<'_>) -> Result<Self> {
+        let layout = StoreLayout::new(&options.store);
+        let runtime = layout.runtime(options.vm);
+        runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
+        let vm = read_config(&layout, options)?;
+        let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let partition = match &options.restore {
+            Some(dir) => restore(config.clone(), dir)?,
+            None => Partition::new(config.clone())?,
+        };
+        let console = Arc::new(ConsoleLog::default());
+        let (tx, commands) = mpsc::channel();
+        let shared = Arc::new(WorkerShared::new(
+            vm.id,
+            options.restore.is_some(),
+            vm.boot == BootSource::TestGuest,
+            Arc::clone(&console),
+            tx,
+        ));
+        let mut machine = Machine {
+            config,
+            partition: None,
+            shared,
+            commands,
+            runtime,
+        };
+        let result = machine.open_and_run(partition);
+        if result.is_err() {
+            machine.runtime.remove_live_files(std::process::id());
+        }
+        result.map(|()| machine)
+    }
+
+    fn open_and_run(&mut self, partition: Partition) -> Result<()> {
+        let control = bind(&self.runtime.control_socket())?;
+        let console_listener = bind(&self.runtime.console_socket())?;
+        self.install(partition);
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || control::serve(control, &shared))
+            .map_err(Error::Thread)?;
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || console::serve(console_listener, &shared))
+            .map_err(Error::Thread)?;
+        if let Some(partition) = &mut self.partition {
+            partition.resume()?;
+        }
+        self.shared.set_state(GuestState::Running);
+        let pid_file = self.runtime.pid_file();
+        self.runtime
+            .write_pid(std::process::id())
+            .map_err(|e| Error::io(pid_file, e))
+    }
+
+    /// Makes `partition` the running one: COM1 into the console log, memory and COM1 visible to
+    /// the connection threads.
+    fn install(&mut self, partition: Partition) {
+        partition
+            .com1()
+            .set_sink(Box::new(console::ConsoleSink::new(self.shared.console())));
+        self.shared.set_guest(
+            Some(partition.memory().clone()),
+            Some(partition.com1().clone()),
+        );
+        self.partition = Some(partition);
+    }
+
+    /// Runs the guest and the parent's requests until told to save or turn off.
+    pub(crate) fn serve(mut self) -> ExitCode {
+        loop {
+            let running = self.shared.state() == GuestState::Running;
+            if running
+                && let Some(partition) = &mut self.partition
+                && let Some(exit) = partition.wait(Some(SLICE))
+            {
+                self.guest_stopped(&exit);
+            }
+            let command = if running {
+                self.commands.try_recv().ok()
+            } else {
+                match self.commands.recv_timeout(SLICE * 10) {
+                    Ok(command) => Some(command),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    // The shared state holds a sender for the whole life of the process.
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(command) = command
+                && let Flow::Exit = self.handle(command)
+            {
+                break;
+            }
+        }
+        self.runtime.remove(std::process::id());
+        eprintln!("worker {}: exiting", self.shared.vm());
+        ExitCode::SUCCESS
+    }
+
+    /// The guest stopped on its own: release it, remember why, tell every parent connected.
+    fn guest_stopped(&mut self, exit: &ExitReason) {
+        let reason = stop_reason(exit);
+        eprintln!("worker {}: guest stopped: {exit}", self.shared.vm());
+        self.partition = None;
+        self.shared.set_guest(None, None);
+        self.shared.set_state(GuestState::Stopped {
+            reason: reason.clone(),
+        });
+        self.shared
+            .broadcast(&FromWorker::Event(Notice::GuestStopped { reason }));
+    }
+
+    fn handle(&mut self, command: Command) -> Flow {
+        let (result, flow) = match command.request {
+            Request::Pause => (self.pause(), Flow::Continue),
+            Request::Resume => (self.resume(), Flow::Continue),
+            Request::Reset => (self.reset(), Flow::Continue),
+            Request::Save { state_dir } => match self.save(&state_dir) {
+                Ok(()) => (Ok(Reply::Done), Flow::Exit),
+                Err(reason) => (Err(reason), Flow::Continue),
+            },
+            Request::TurnOff => {
+                if let Some(partition) = &mut self.partition {
+                    partition.stop();
+                }
+                (Ok(Reply::Done), Flow::Exit)
+            }
+            // Answered by the connection threads; harmless if it arrives here.
+            Request::Status => (Ok(Reply::Status(self.shared.report())), Flow::Continue),
+        };
+        command.peer.send(&FromWorker::Reply {
+            id: command.id,
+            result,
+        });
+        flow
+    }
+
+    /// The partition, or why there is none.
+    fn live(&mut self) -> std::result::Result<&mut Partition, String> {
+        match (&mut self.partition, self.shared.state()) {
+            (Some(partition), _) => Ok(partition),
+            (None, GuestState::Stopped { reason }) => Err(format!("guest has stopped: {reason}")),
+            (None, _) => Err("guest is not running".into()),
+        }
+    }
+
+    fn pause(&mut self) -> std::result::Result<Reply, String> {
+        if self.shared.state() == GuestState::Paused {
+            return Ok(Reply::Done);
+        }
+        let partition = self.live()?;
+        partition.pause().map_err(|e| error_chain(&e))?;
+        if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
+            // The guest stopped on its own just as it was paused.
+            self.guest_stopped(&exit);
+            return Err(format!("guest has stopped: {}", stop_reason(&exit)));
+        }
+        self.set_and_announce(GuestState::Paused);
+        Ok(Reply::Done)
+    }
+
+    fn resume(&mut self) -> std::result::Result<Reply, String> {
+        if self.shared.state() == GuestState::Running {
+            return Ok(Reply::Done);
+        }
+        self.live()?.resume().map_err(|e| error_chain(&e))?;
+        self.set_and_announce(GuestState::Running);
+        Ok(Reply::Done)
+    }
+
+    /// A hard reset: the old partition is torn down and a fresh one boots from the boot source.
+    fn reset(&mut self) -> std::result::Result<Reply, String> {
+        if let Some(mut old) = self.partition.take() {
+            old.stop();
+        }
+        self.shared.set_guest(None, None);
+        let booted = Partition::new(self.config.clone()).and_then(|partition| {
+            self.install(partition);
+            match &mut self.partition {
+                Some(partition) => partition.resume(),
+                None => Ok(()),
+            }
+        });
+        match booted {
+            Ok(()) => {
+                self.set_and_announce(GuestState::Running);
+                Ok(Reply::Done)
+            }
+            Err(error) => {
+                let detail = format!("reset failed: {}", error_chain(&error));
+                self.partition = None;
+                self.shared.set_guest(None, None);
+                let reason = StopReason::GuestCrash {
+                    detail: detail.clone(),
+                };
+                self.shared.set_state(GuestState::Stopped {
+                    reason: reason.clone(),
+                });
+                self.shared
+                    .broadcast(&FromWorker::Event(Notice::GuestStopped { reason }));
+                Err(detail)
+            }
+        }
+    }
+
+    /// Pauses, writes the state and memory durably into `dir`, and stops the partition. On
+    /// failure the guest runs on as before.
+    fn save(&mut self, dir: &Path) -> std::result::Result<(), String> {
+        let was_running = self.shared.state() == GuestState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let partition = self.live()?;
+        let started = Instant::now();
+        match write_saved_state(partition, dir) {
+            Ok(bytes) => {
+                partition.stop();
+                eprintln!(
+                    "worker {}: saved {bytes} bytes of memory in {:?}",
+                    self.shared.vm(),
+                    started.elapsed()
+                );
+                Ok(())
+            }
+            Err(error) => {
+                let reason = format!("save failed: {}", error_chain(&error));
+                if was_running {
+                    // Best effort: the reply says the save failed either way.
+                    let _ = self.resume();
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    fn set_and_announce(&self, state: GuestState) {
+        self.shared.set_state(state.clone());
+        self.shared
+            .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
+    }
+}
+
+/// Reads and checks the VM's `config.json`.
+fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmConfig> {
+    let path = layout.config_path(options.vm);
+    let config_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Config {
+        path: path.clone(),
+        source,
+    };
+    let bytes = fs::read(&path).map_err(|e| config_error(Box::new(e)))?;
+    let config: VmConfig = serde_json::from_slice(&bytes).map_err(|e| config_error(Box::new(e)))?;
+    config.validate().map_err(|e| config_error(Box::new(e)))?;
+    if config.id != options.vm {
+        return Err(config_error(
+            format!("it describes virtual machine {}", config.id).into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// Rebuilds a partition from a saved-state folder. The memory file is mapped copy-on-write, so
+/// the folder may be deleted as soon as this returns.
+fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: PartitionState = serde_json::from_slice(&bytes).map_err(|e| Error::Config {
+        path: state_path.clone(),
+        source: Box::new(e),
+    })?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory = File::open(&memory_path).map_err(|e| Error::io(&memory_path, e))?;
+    Ok(Partition::builder(config).restore(&state, &memory)?)
+}
+
+/// Writes `state.json` and `memory.bin` into `dir`, each fsynced, then the folder; returns the
+/// memory bytes written.
+fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
+    let state = partition.capture_state()?;
+    let state_path = dir.join(STATE_FILE);
+    let json = serde_json::to_vec(&state).map_err(|e| Error::Config {
+        path: state_path.clone(),
+        source: Box::new(e),
+    })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| Error::io(path, e)
+    };
+    let mut file = File::create_new(&state_path).map_err(io(&state_path))?;
+    file.write_all(&json).map_err(io(&state_path))?;
+    file.sync_all().map_err(io(&state_path))?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let mut memory = File::create_new(&memory_path).map_err(io(&memory_path))?;
+    let bytes = partition.save_memory(&mut memory)?;
+    memory.sync_all().map_err(io(&memory_path))?;
+    vmm_core::atomic_file::sync_dir(dir).map_err(io(dir))?;
+    Ok(bytes)
+}
+
+/// Binds a Unix socket at `path` (replacing a stale one a crashed worker left), owner-only.
+fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| Error::io(path, e))?;
+    Ok(listener)
+}
+
+/// Lock helper shared by the worker's modules: state behind these locks is replaced whole, so a
+/// panic on another thread leaves it consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_core::DiskConfig;
+
+    #[test]
+    fn test_guest_boots_the_default_kernel_with_the_configured_shape() {
+        let mut vm = VmConfig::new("t");
+        vm.vcpus = 2;
+        vm.memory_mib = 32;
+
+        let config = partition_config(&vm, Path::new("/d"), b"ELF!");
+
+        assert!(matches!(&config.boot.kernel, KernelImage::Bytes(b) if &b[..] == b"ELF!"));
+        assert_eq!((config.vcpus, config.memory_mib), (2, 32));
+        assert_eq!(config.boot.cmdline, "");
+    }
+
+    #[test]
+    fn kernel_boot_and_relative_disks_map_to_paths() {
+        let mut vm = VmConfig::new("k");
+        vm.boot = BootSource::Kernel {
+            kernel: "/boot/vmlinux".into(),
+            initrd: Some("/boot/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+        };
+        vm.disks = vec![
+            DiskConfig {
+                path: "root.img".into(),
+                read_only: false,
+            },
+            DiskConfig {
+                path: "/abs/data.img".into(),
+                read_only: true,
+            },
+        ];
+
+        let config = partition_config(&vm, Path::new("/store/vms/X/disks"), b"");
+
+        assert!(
+            matches!(&config.boot.kernel, KernelImage::Path(p) if p == Path::new("/boot/vmlinux"))
+        );
+        assert_eq!(
+            config.boot.initrd.as_deref(),
+            Some(Path::new("/boot/initrd"))
+        );
+        assert_eq!(config.boot.cmdline, "console=ttyS0");
+        assert_eq!(
+            config.disks[0].path,
+            Path::new("/store/vms/X/disks/root.img")
+        );
+        assert_eq!(config.disks[1].path, Path::new("/abs/data.img"));
+        assert!(config.disks[1].read_only);
+    }
+
+    #[test]
+    fn guest_exits_map_to_stop_reasons() {
+        let reasons = [
+            ExitReason::PowerOff,
+            ExitReason::Reset,
+            ExitReason::TripleFault,
+            ExitReason::FailEntry { reason: 7 },
+        ]
+        .map(|exit| stop_reason(&exit));
+
+        assert_eq!(
+            reasons,
+            [
+                StopReason::GuestPowerOff,
+                StopReason::GuestReset,
+                StopReason::TripleFault,
+                StopReason::GuestCrash {
+                    detail: "vm entry failed, reason 0x7".into()
+                },
+            ]
+        );
+    }
+}

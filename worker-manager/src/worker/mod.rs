@@ -1,0 +1,196 @@
+//! The worker side: what runs inside one worker process (Hyper-V's `vmwp.exe`).
+//!
+//! A worker binary — the reference daemon re-executing itself as `vmms worker …`, the
+//! `vmms-worker` binary of this crate, or an integrator's own — parses its command line into
+//! [`WorkerOptions`] and calls [`run`]. `run` reads the VM's `config.json`, builds (or restores)
+//! the [`Partition`](partition::Partition), serves `control.sock` and `console.sock` in the VM's
+//! runtime folder, writes the pid file, tells the parent it is ready, and runs the guest until it
+//! is told to save or turn off.
+
+mod console;
+mod control;
+mod machine;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use vmm_core::{VmId, error_chain};
+
+use crate::error::{Error, Result};
+
+pub use machine::{MEMORY_FILE, STATE_FILE, partition_config, stop_reason};
+
+/// Environment variable naming the descriptor on which a worker reports readiness to its parent:
+/// one line, `ready` or `error: <reason>`, then the descriptor is closed.
+pub const READY_FD_ENV: &str = "VMMS_WORKER_READY_FD";
+
+/// Exit code of a worker that could not bring its guest up.
+pub const EXIT_START_FAILED: u8 = 2;
+
+/// What a worker process is asked to run.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions<'a> {
+    /// The virtual machine (its `config.json` is read from the store).
+    pub vm: VmId,
+    /// The store's root folder.
+    pub store: PathBuf,
+    /// Restore the saved state in this folder (`state.json` + `memory.bin`) instead of booting.
+    pub restore: Option<PathBuf>,
+    /// The image booted for [`BootSource::TestGuest`](vmm_core::BootSource::TestGuest); the
+    /// reference binaries pass `vmms_guest::ELF`.
+    pub default_kernel: &'a [u8],
+}
+
+impl<'a> WorkerOptions<'a> {
+    /// Parses the worker command line `--vm <GUID> --store <DIR> [--restore <DIR>]` (what
+    /// [`ProcessLauncher`](crate::ProcessLauncher) appends to the program's own arguments).
+    pub fn from_args(
+        args: impl IntoIterator<Item = OsString>,
+        default_kernel: &'a [u8],
+    ) -> Result<Self> {
+        let mut vm = None;
+        let mut store = None;
+        let mut restore = None;
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let mut value = || {
+                args.next().ok_or_else(|| {
+                    Error::Usage(format!("{} needs a value", flag.to_string_lossy()))
+                })
+            };
+            match flag.to_str() {
+                Some("--vm") => {
+                    let text = value()?;
+                    let id = text
+                        .to_str()
+                        .and_then(|t| t.parse::<VmId>().ok())
+                        .ok_or_else(|| {
+                            Error::Usage(format!("--vm {}: not a GUID", text.to_string_lossy()))
+                        })?;
+                    vm = Some(id);
+                }
+                Some("--store") => store = Some(PathBuf::from(value()?)),
+                Some("--restore") => restore = Some(PathBuf::from(value()?)),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "unexpected argument {}",
+                        flag.to_string_lossy()
+                    )));
+                }
+            }
+        }
+        Ok(WorkerOptions {
+            vm: vm.ok_or_else(|| Error::Usage("--vm is required".into()))?,
+            store: store.ok_or_else(|| Error::Usage("--store is required".into()))?,
+            restore,
+            default_kernel,
+        })
+    }
+}
+
+/// Runs a worker to the end: the process's exit code. Success means the guest was saved or turned
+/// off as asked; [`EXIT_START_FAILED`] that it never ran (the reason is on stderr and, when
+/// started by a [`ProcessLauncher`](crate::ProcessLauncher), sent to the parent).
+pub fn run(options: WorkerOptions<'_>) -> ExitCode {
+    unblock_signals();
+    let ready = ReadyPipe::from_env();
+    eprintln!(
+        "worker {}: pid {}, {}",
+        options.vm,
+        std::process::id(),
+        match &options.restore {
+            Some(dir) => format!("restoring {}", dir.display()),
+            None => "booting".to_owned(),
+        }
+    );
+    match machine::Machine::start(&options) {
+        Ok(machine) => {
+            ready.send("ready");
+            eprintln!("worker {}: guest running", options.vm);
+            machine.serve()
+        }
+        Err(error) => {
+            let reason = error_chain(&error);
+            eprintln!("error: {reason}");
+            ready.send(&format!("error: {reason}"));
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// Clears the signal mask inherited from the parent: the partition kicks vCPU threads with a
+/// real-time signal, and a daemon that blocks SIGTERM for its own signal thread must not pass
+/// that on.
+fn unblock_signals() {
+    // SAFETY: sigemptyset initialises the set; sigprocmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The readiness descriptor handed down by the parent, if any.
+struct ReadyPipe(Option<std::fs::File>);
+
+impl ReadyPipe {
+    fn from_env() -> Self {
+        let fd = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|&fd| fd > 2 && fd_is_open(fd));
+        // SAFETY: the parent passed this descriptor for us alone; it is open (checked above) and
+        // nothing else in this process owns it.
+        ReadyPipe(fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    fn send(self, line: &str) {
+        if let Some(mut file) = self.0 {
+            // The parent may have given up waiting; then nobody needs the line.
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+fn fd_is_open(fd: i32) -> bool {
+    // SAFETY: F_GETFD only queries the descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn worker_command_line_parses() {
+        let vm = VmId::new_random();
+        let line = args(&["--vm", &vm.to_string(), "--store", "/s", "--restore", "/r"]);
+
+        let options = WorkerOptions::from_args(line, b"elf").unwrap();
+
+        assert_eq!(options.vm, vm);
+        assert_eq!(options.store, PathBuf::from("/s"));
+        assert_eq!(options.restore, Some(PathBuf::from("/r")));
+    }
+
+    #[test]
+    fn missing_vm_is_a_usage_error() {
+        let result = WorkerOptions::from_args(args(&["--store", "/s"]), b"");
+
+        assert!(matches!(result, Err(Error::Usage(m)) if m.contains("--vm")));
+    }
+
+    #[test]
+    fn bad_guid_is_a_usage_error() {
+        let result = WorkerOptions::from_args(args(&["--vm", "web1", "--store", "/s"]), b"");
+
+        assert!(matches!(result, Err(Error::Usage(m)) if m.contains("not a GUID")));
+    }
+}
