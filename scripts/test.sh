@@ -26,6 +26,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+step "cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 step "tests"
 cargo nextest run --workspace --all-targets --no-fail-fast
 cargo test --workspace --doc --quiet

@@ -165,3 +165,32 @@ fn state_from_a_newer_version_is_refused() {
         partition::Error::StateVersion { found: 99, .. }
     ));
 }
+
+#[test]
+fn two_vcpu_partition_pauses_captures_and_restores_both_vcpus() {
+    require_kvm!();
+    let mut config = counting_guest();
+    config.vcpus = 2;
+    let mut vm = Partition::new(config.clone()).unwrap();
+    vm.resume().unwrap();
+    wait_counter_above(&vm, 100);
+    vm.pause().unwrap();
+    let state = vm.capture_state().unwrap();
+    let mut memory_file = tempfile::tempfile().unwrap();
+    vm.save_memory(&mut memory_file).unwrap();
+    let saved_counter = counter(&vm);
+    drop(vm);
+
+    let mut restored = Partition::builder(config)
+        .restore(&state, &memory_file)
+        .unwrap();
+    restored.resume().unwrap();
+    let later = wait_counter_above(&restored, saved_counter);
+
+    assert_eq!(state.vcpus.len(), 2);
+    assert_ne!(
+        state.vcpus[0].mp_state.mp_state, state.vcpus[1].mp_state.mp_state,
+        "the application processor waits for a SIPI while the boot processor runs"
+    );
+    assert!(later > saved_counter);
+}
