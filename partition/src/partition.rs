@@ -102,7 +102,8 @@ impl PartitionBuilder {
             cmdline.push_str(flags);
         }
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim())?;
-        let partition = Partition::assemble(kvm, self.config, self.extra, memory, ranges)?;
+        let partition =
+            Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
@@ -255,16 +256,6 @@ impl Partition {
     /// Builds and boots a partition with no extra devices (see [`PartitionBuilder::build`]).
     pub fn new(config: PartitionConfig) -> Result<Self> {
         Self::builder(config).build()
-    }
-
-    fn assemble(
-        kvm: Kvm,
-        config: PartitionConfig,
-        extra: ExtraDevices,
-        memory: PartitionMemory,
-        ranges: Vec<RamRange>,
-    ) -> Result<Self> {
-        Self::assemble_with(kvm, config, extra, memory, ranges, None)
     }
 
     /// Creates the VM, its in-kernel devices, memory slots, vCPUs and emulated devices; `saved`

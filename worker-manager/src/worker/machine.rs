@@ -201,8 +201,12 @@ impl Machine {
 
     /// The guest stopped on its own: release it, remember why, tell every parent connected.
     fn guest_stopped(&mut self, exit: &ExitReason) {
-        let reason = stop_reason(exit);
         eprintln!("worker {}: guest stopped: {exit}", self.shared.vm());
+        self.release_guest(stop_reason(exit));
+    }
+
+    /// The guest is gone for `reason`: free its memory, and tell every parent connected.
+    fn release_guest(&mut self, reason: StopReason) {
         self.partition = None;
         self.shared.set_guest(None, None);
         self.shared.set_state(GuestState::Stopped {
@@ -290,16 +294,9 @@ impl Machine {
             }
             Err(error) => {
                 let detail = format!("reset failed: {}", error_chain(&error));
-                self.partition = None;
-                self.shared.set_guest(None, None);
-                let reason = StopReason::GuestCrash {
+                self.release_guest(StopReason::GuestCrash {
                     detail: detail.clone(),
-                };
-                self.shared.set_state(GuestState::Stopped {
-                    reason: reason.clone(),
                 });
-                self.shared
-                    .broadcast(&FromWorker::Event(Notice::GuestStopped { reason }));
                 Err(detail)
             }
         }
@@ -365,7 +362,7 @@ fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmCo
 fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
     let state_path = dir.join(STATE_FILE);
     let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: PartitionState = serde_json::from_slice(&bytes).map_err(|e| Error::Config {
+    let state = PartitionState::from_json(&bytes).map_err(|e| Error::Config {
         path: state_path.clone(),
         source: Box::new(e),
     })?;
@@ -379,7 +376,7 @@ fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
 fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
     let state = partition.capture_state()?;
     let state_path = dir.join(STATE_FILE);
-    let json = serde_json::to_vec(&state).map_err(|e| Error::Config {
+    let json = state.to_json().map_err(|e| Error::Config {
         path: state_path.clone(),
         source: Box::new(e),
     })?;
