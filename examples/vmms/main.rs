@@ -60,7 +60,15 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Verb {
     /// Run the daemon (VMMS) for the store.
-    Serve,
+    Serve {
+        /// Seconds of worker silence before its VM is reported not responding (HealthState 20).
+        #[arg(long, default_value_t = 5)]
+        heartbeat_timeout: u64,
+        /// Seconds of worker silence before the VM's recovery action applies (restart kills and
+        /// restarts a hung worker; none leaves it alone).
+        #[arg(long, default_value_t = 30)]
+        hang_timeout: u64,
+    },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
     /// The worker process of one VM (started by the daemon).
@@ -155,7 +163,16 @@ fn main() -> ExitCode {
                 default_kernel: vmms::guest::ELF,
             });
         }
-        Verb::Serve => daemon::serve(&store).map_err(|e| plain("serve", e)),
+        Verb::Serve {
+            heartbeat_timeout,
+            hang_timeout,
+        } => {
+            let supervision = daemon::Supervision {
+                heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
+                hang_timeout: Duration::from_secs(hang_timeout),
+            };
+            daemon::serve(&store, &supervision).map_err(|e| plain("serve", e))
+        }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
             name,
