@@ -114,6 +114,12 @@ impl Daemon {
 
     /// Starts the daemon process (again) on this store.
     pub fn spawn(&mut self) {
+        self.spawn_with(&[], &[]);
+    }
+
+    /// Starts the daemon process (again) with extra `serve` arguments and environment
+    /// variables (its workers inherit the environment), and waits until it answers.
+    pub fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,6 +128,8 @@ impl Daemon {
         let child = Command::new(vmms_binary())
             .args(["serve", "--store"])
             .arg(self.path())
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -131,6 +139,63 @@ impl Daemon {
         wait_until("the daemon answers", || {
             self.vmms(&["get-vm"]).status.success()
         });
+    }
+
+    /// Starts a daemon on a fresh store with extra `serve` arguments and environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut daemon = Daemon {
+            store: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        daemon.spawn_with(args, env);
+        daemon
+    }
+
+    /// Whether the daemon process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait daemon").is_some(),
+            None => true,
+        };
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
+    /// Waits until the daemon process has exited by itself (a fault injected into it).
+    pub fn wait_exit(&mut self) {
+        wait_until("the daemon exits", || self.has_exited());
+    }
+
+    /// Pids of live worker processes of this store, found from `/proc` (not from pid files,
+    /// which a crash can leave wrong): every process whose command line is `… worker … --store
+    /// <this store>`.
+    pub fn live_workers(&self) -> Vec<u64> {
+        let store = self.path().as_os_str().as_encoded_bytes().to_vec();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let is_worker = args.iter().any(|a| *a == b"worker");
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == b"--store" && w[1] == store.as_slice());
+            if is_worker && ours && alive(pid) {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        pids
     }
 
     /// The daemon's pid.
@@ -205,6 +270,15 @@ impl Daemon {
         list.pop().expect("one vm")
     }
 
+    /// The test guest's counter inside the saved memory image of the VM with GUID `id` (RAM
+    /// from address 0, in order).
+    pub fn saved_counter(&self, id: &str) -> u64 {
+        let path = self.path().join(format!("vms/{id}/state/memory.bin"));
+        let image = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let at = vmms::guest::protocol::STATUS_GPA as usize + 8;
+        u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
+    }
+
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
         let vm = self.vm(target);
@@ -262,6 +336,9 @@ impl Drop for Daemon {
         for pid in self.worker_pids() {
             // SAFETY: kill only sends a signal, to a worker this test's daemon started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for pid in self.live_workers() {
+            kill9(pid);
         }
     }
 }

@@ -289,10 +289,15 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
             events,
         } => {
             fault::point("start.before-launch");
-            let worker = inner
-                .launcher
-                .launch(config, mode.clone(), events.clone())
-                .map_err(|e| Failure::from_worker("cannot start worker", &e))?;
+            let launched = inner.launcher.launch(config, mode.clone(), events.clone());
+            let worker = launched.map_err(|e| {
+                let mut failure = Failure::from_worker("cannot start worker", &e);
+                if matches!(mode, LaunchMode::RestoreSaved { .. }) && !store.has_saved_state(vm) {
+                    // The worker consumed the saved state and then failed: its guest is gone.
+                    failure.critical = Some(EnabledState::Off);
+                }
+                failure
+            })?;
             fault::point("start.after-launch");
             if let LaunchMode::RestoreSaved { .. } = mode {
                 // The worker consumed the saved state when its guest came up; a launcher that
@@ -343,6 +348,7 @@ fn shutdown(
     timeout: Duration,
     ask: bool,
 ) -> Result<Done, Failure> {
+    fault::point("shutdown.before-request");
     let asked = if ask {
         worker.shutdown(timeout)
     } else {

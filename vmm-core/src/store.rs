@@ -176,6 +176,7 @@ impl Store {
         let dir = self.vm_dir(id);
         let doomed = temporary_sibling(&dir).map_err(|e| Error::io(&dir, e))?;
         rename_durable(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+        crate::fault::point("remove.after-rename");
         fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
     }
 
