@@ -44,6 +44,8 @@ pub struct Supervision {
     pub heartbeat_timeout: Duration,
     /// Silence after which the VM's recovery action applies to a hung worker.
     pub hang_timeout: Duration,
+    /// Confine workers (off only with `--no-confinement`).
+    pub confine_workers: bool,
 }
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
@@ -60,6 +62,7 @@ pub fn serve(store: &Path, supervision: &Supervision) -> Result<(), String> {
     let options = LauncherOptions {
         heartbeat_timeout: supervision.heartbeat_timeout,
         hang_timeout: supervision.hang_timeout,
+        confine: supervision.confine_workers,
         ..LauncherOptions::default()
     };
     let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(options));

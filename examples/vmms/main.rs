@@ -68,6 +68,9 @@ enum Verb {
         /// restarts a hung worker; none leaves it alone).
         #[arg(long, default_value_t = 30)]
         hang_timeout: u64,
+        /// Run workers without seccomp, Landlock and rlimits (debugging only).
+        #[arg(long)]
+        no_confinement: bool,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -80,6 +83,9 @@ enum Verb {
         /// Restore this saved state instead of booting.
         #[arg(long)]
         restore: Option<PathBuf>,
+        /// Run without seccomp, Landlock and rlimits (debugging only).
+        #[arg(long)]
+        no_confinement: bool,
     },
     /// Define a VM (default: the embedded test guest, 1 vCPU, 64 MiB).
     NewVm {
@@ -155,21 +161,28 @@ fn main() -> ExitCode {
         target,
     };
     let result: Result<(), CliError> = match args.verb {
-        Verb::Worker { vm, restore } => {
+        Verb::Worker {
+            vm,
+            restore,
+            no_confinement,
+        } => {
             return worker::run(WorkerOptions {
                 vm,
                 store,
                 restore,
                 default_kernel: vmms::guest::ELF,
+                confine: !no_confinement,
             });
         }
         Verb::Serve {
             heartbeat_timeout,
             hang_timeout,
+            no_confinement,
         } => {
             let supervision = daemon::Supervision {
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
                 hang_timeout: Duration::from_secs(hang_timeout),
+                confine_workers: !no_confinement,
             };
             daemon::serve(&store, &supervision).map_err(|e| plain("serve", e))
         }

@@ -60,6 +60,9 @@ pub enum WorkerStatus {
     Exited,
 }
 
+/// The signal a seccomp filter kills with (`SECCOMP_RET_KILL_PROCESS`).
+const SIGSYS: i32 = 31;
+
 /// Why a guest stopped or its worker went away, as reported by the worker manager.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopReason {
@@ -117,6 +120,10 @@ impl fmt::Display for StopReason {
             } => {
                 write!(f, "worker exited with code {code}")
             }
+            StopReason::WorkerExited {
+                signal: Some(SIGSYS),
+                ..
+            } => f.write_str("worker killed by its seccomp filter: bad system call"),
             StopReason::WorkerExited {
                 signal: Some(signal),
                 ..

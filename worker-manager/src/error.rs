@@ -91,6 +91,9 @@ pub enum Error {
     /// what, so it is shown as is.
     #[error(transparent)]
     Partition(#[from] partition::Error),
+    /// The worker could not be confined.
+    #[error("cannot confine the worker")]
+    Confinement(#[from] crate::worker::ConfinementError),
     /// The operating system refused a thread.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),

@@ -42,6 +42,9 @@ pub struct LauncherOptions {
     /// whether it is killed (restart) or left alone (none). A worker stopped for a while (a
     /// debugger, SIGSTOP, a host under memory pressure) must not be killed on a hair trigger.
     pub hang_timeout: Duration,
+    /// Confine workers (seccomp, Landlock, no new privileges, rlimits); `false` passes
+    /// `--no-confinement`, for debugging only.
+    pub confine: bool,
 }
 
 impl Default for LauncherOptions {
@@ -53,6 +56,7 @@ impl Default for LauncherOptions {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             hang_timeout: Duration::from_secs(30),
+            confine: true,
         }
     }
 }
@@ -154,6 +158,9 @@ impl ProcessLauncher {
             .arg(self.store.root());
         if let Some(dir) = restore {
             command.arg("--restore").arg(dir);
+        }
+        if !self.options.confine {
+            command.arg("--no-confinement");
         }
         command
             .stdin(Stdio::null())

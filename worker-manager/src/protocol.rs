@@ -160,6 +160,23 @@ pub struct WorkerReport {
     pub rss_kib: u64,
     /// The test guest's live counters, when the VM runs the embedded test guest and it is up.
     pub test_guest: Option<TestGuestCounters>,
+    /// What the worker runs under.
+    pub confinement: Confinement,
+}
+
+/// The confinement a worker runs under (Hyper-V runs each `vmwp.exe` under its own virtual
+/// account; ours is a seccomp allowlist and a Landlock domain).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Confinement {
+    /// Confinement was asked for (the daemon runs without `--no-confinement`).
+    pub enabled: bool,
+    /// `PR_SET_NO_NEW_PRIVS` is set.
+    pub no_new_privs: bool,
+    /// The seccomp allowlist is installed on every thread.
+    pub seccomp: bool,
+    /// How Landlock is enforced: "fully enforced (ABI 6)", "partially enforced (ABI 3)", "not
+    /// enforced (not in this kernel)", or "off".
+    pub landlock: String,
 }
 
 /// The test guest's status block (`vmms_guest::protocol::StatusBlock`), read from guest memory.
@@ -313,6 +330,12 @@ mod tests {
                     counter: 99,
                     records: 3,
                 }),
+                confinement: Confinement {
+                    enabled: true,
+                    no_new_privs: true,
+                    seccomp: true,
+                    landlock: "fully enforced (ABI 6)".into(),
+                },
             })),
         }
     }

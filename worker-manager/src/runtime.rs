@@ -51,7 +51,8 @@ impl StoreLayout {
         }
     }
 
-    fn vm_dir(&self, vm: VmId) -> PathBuf {
+    /// `<root>/vms/<GUID>`: everything persistent about the VM.
+    pub fn vm_dir(&self, vm: VmId) -> PathBuf {
         self.root.join("vms").join(vm.to_string())
     }
 }
@@ -142,15 +143,6 @@ impl RuntimeDir {
             // Missing files are what we want; anything else cannot be helped here.
             let _ = fs::remove_file(file);
         }
-    }
-
-    /// Removes the whole folder (a worker that exits cleanly leaves nothing behind), under the
-    /// same ownership rule as [`remove_live_files`](Self::remove_live_files).
-    pub fn remove(&self, pid: u32) {
-        if matches!(self.read_pid(), Ok(Some(found)) if found != pid) {
-            return;
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 
     /// The last non-empty line of `worker.log`, for error messages about a worker that died.

@@ -100,7 +100,7 @@ fn saved_worker_exits_and_restore_continues_from_the_saved_counter() {
     let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.id).console_socket());
     console.wait_for(BANNER, 0);
     let before_save = console.status_counter();
-    let (staging, state_dir) = fixture.save_paths();
+    let (staging, state_dir) = fixture.save_paths(vm.id);
     let first_pid = worker.pid();
 
     worker.save(&staging, &state_dir).unwrap();
@@ -148,7 +148,7 @@ fn saved_state_folder_holds_state_and_memory() {
     let fixture = Fixture::new();
     let vm = fixture.small_vm("files");
     let worker = fixture.boot(&vm);
-    let (staging, state_dir) = fixture.save_paths();
+    let (staging, state_dir) = fixture.save_paths(vm.id);
 
     worker.save(&staging, &state_dir).unwrap();
 
@@ -177,8 +177,10 @@ fn guest_halt_is_reported_as_power_off_and_turn_off_reaps_the_worker() {
     assert_eq!(event, WorkerEvent::Stopped(StopReason::GuestPowerOff));
     assert!(!pid_alive(pid));
     assert!(
-        !runtime.path().exists(),
-        "a clean exit leaves no runtime folder"
+        !runtime.control_socket().exists()
+            && !runtime.console_socket().exists()
+            && !runtime.pid_file().exists(),
+        "a clean exit leaves no live files"
     );
 }
 

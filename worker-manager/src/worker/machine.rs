@@ -21,10 +21,11 @@ use partition::{
 use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, WorkerShared};
 use crate::error::{Error, Result};
-use crate::protocol::{FromWorker, GuestState, Notice, Reply, Request};
+use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::worker_lock::WorkerLock;
 
@@ -99,6 +100,9 @@ pub(crate) struct Machine {
     runtime: RuntimeDir,
     /// Whether the guest is the embedded test guest (which understands `halt` on COM1).
     test_guest: bool,
+    /// Whether the process is confined (seccomp goes on before the first `KVM_RUN`).
+    confine: bool,
+    vm_name: String,
     /// Held for the whole life of the process: it is what tells a service that this VM has a
     /// worker (see [`WorkerLock`]).
     _lock: WorkerLock,
@@ -116,6 +120,17 @@ impl Machine {
             .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
         let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let confinement = if options.confine {
+            // Facts the partition reads from outside the sandbox, read once before it closes.
+            partition::software_kvm::is_software_kvm();
+            let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
+            confinement::restrict_process(&view)?
+        } else {
+            Confinement {
+                landlock: "off".into(),
+                ..Confinement::default()
+            }
+        };
         let partition = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => Partition::new(config.clone())?,
@@ -130,6 +145,7 @@ impl Machine {
             Arc::clone(&console),
             tx,
         ));
+        shared.set_confinement(confinement);
         let mut machine = Machine {
             config,
             partition: None,
@@ -137,6 +153,8 @@ impl Machine {
             commands,
             runtime,
             test_guest,
+            confine: options.confine,
+            vm_name: vm.name.clone(),
             _lock: lock,
         };
         let result = machine.open_and_run(partition, options.restore.as_deref());
@@ -170,6 +188,12 @@ impl Machine {
             .name("console".into())
             .spawn(move || console::serve(console_listener, &shared))
             .map_err(Error::Thread)?;
+        if self.confine {
+            // Set-up is over: from the first KVM_RUN on, only the allowlist.
+            confinement::install_seccomp()?;
+            self.shared.update_confinement(|c| c.seccomp = true);
+            confinement::start_test_escape(&self.vm_name);
+        }
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }
@@ -219,7 +243,9 @@ impl Machine {
                 break;
             }
         }
-        self.runtime.remove(std::process::id());
+        // The folder itself stays: a confined worker may not remove it, and its lock file and
+        // log are what the next worker and a post-mortem use.
+        self.runtime.remove_live_files(std::process::id());
         eprintln!("worker {}: exiting", self.shared.vm());
         ExitCode::SUCCESS
     }
@@ -395,6 +421,44 @@ impl Machine {
         self.shared
             .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
     }
+}
+
+/// What a confined worker may touch: its VM's folder and runtime folder, its disks (writable
+/// unless read-only), its kernel and initrd, and the folder it restores from.
+fn filesystem_view(
+    layout: &StoreLayout,
+    vm: &VmConfig,
+    config: &PartitionConfig,
+    restore: Option<&Path>,
+) -> FilesystemView {
+    let mut view = FilesystemView {
+        writable_dirs: vec![
+            layout.vm_dir(vm.id),
+            layout.runtime(vm.id).path().to_owned(),
+        ],
+        ..FilesystemView::default()
+    };
+    // Consuming a saved state renames it within its parent.
+    if let Some(parent) = restore.and_then(Path::parent) {
+        view.writable_dirs.push(parent.to_owned());
+    }
+    for disk in &config.disks {
+        let list = if disk.read_only {
+            &mut view.readable
+        } else {
+            &mut view.writable_files
+        };
+        list.push(disk.path.clone());
+    }
+    if let KernelImage::Path(kernel) = &config.boot.kernel {
+        view.readable.push(kernel.clone());
+    }
+    view.readable.extend(config.boot.initrd.clone());
+    // A path that does not exist cannot carry a rule; building the partition then fails with
+    // its own error about it, which is what the user needs to read.
+    view.writable_files.retain(|p| p.exists());
+    view.readable.retain(|p| p.exists());
+    view
 }
 
 /// Reads and checks the VM's `config.json`.
