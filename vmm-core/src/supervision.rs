@@ -164,6 +164,9 @@ enum AfterReap {
     Nothing,
     /// The worker saved the guest and exited: Saved if the saved state is there.
     Saved,
+    /// The worker ended while saving: Saved if the saved state is there, else lost for the
+    /// reason given.
+    SavedOrLost(StopReason),
     /// Boot a fresh worker and keep the VM Running (guest reset).
     Relaunch { config: VmConfig, events: EventSink },
     /// Apply the recovery action (worker lost).
@@ -183,6 +186,9 @@ fn handle_stop(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
             events: sink(inner, record.id, generation),
         },
         (StopReason::Saved, _) => AfterReap::Saved,
+        // A worker that ended while saving (re-attached mid-save, its last words lost) may have
+        // committed first: then the VM is Saved, not lost. The reap looks.
+        (_, _) if record.state == EnabledState::Saving => AfterReap::SavedOrLost(reason.clone()),
         (StopReason::GuestPowerOff | StopReason::GuestReset, _) => {
             record.set_state(EnabledState::Off, events);
             AfterReap::Nothing
@@ -230,7 +236,7 @@ fn reap(inner: Arc<Inner>, vm: VmId, old: Arc<dyn Worker>, next: AfterReap) {
             LaunchMode::Boot,
             events.clone(),
         )),
-        AfterReap::Saved => {
+        AfterReap::Saved | AfterReap::SavedOrLost(_) => {
             saved = inner.store.has_saved_state(vm);
             let _ = inner.store.set_running_marker(vm, false);
             None
@@ -251,7 +257,23 @@ fn reap(inner: Arc<Inner>, vm: VmId, old: Arc<dyn Worker>, next: AfterReap) {
             record.set_state(EnabledState::Running, events);
         }
         (AfterReap::Relaunch { .. }, Some(Err(error))) => relaunch_failed(&inner, record, &error),
-        (AfterReap::Saved, _) if saved => record.set_state(EnabledState::Saved, events),
+        (AfterReap::Saved | AfterReap::SavedOrLost(_), _) if saved => {
+            record.set_state(EnabledState::Saved, events);
+        }
+        (AfterReap::SavedOrLost(reason), _) => {
+            events.publish(
+                record.id,
+                EventKind::WorkerLost {
+                    reason: reason.clone(),
+                },
+            );
+            record.status_description = Some(reason.to_string());
+            record.set_health(HealthState::CriticalFailure, events);
+            record.set_state(EnabledState::Off, events);
+            let _ = record.owner.release();
+            recover(&inner, record);
+            return;
+        }
         (AfterReap::Saved, _) => {
             record.status_description =
                 Some("the worker reported a save but left no saved state".into());

@@ -29,7 +29,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(3);
 /// How long a killed worker gets to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long the exit watcher waits for the last notices of a worker that exited.
-const NOTICE_DRAIN: Duration = Duration::from_millis(500);
+/// Generous: on a loaded host the connection's reader thread may wait its turn for a while.
+const NOTICE_DRAIN: Duration = Duration::from_secs(2);
 
 /// What is known about the process's end.
 #[derive(Debug, Default)]
