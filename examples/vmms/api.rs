@@ -196,6 +196,11 @@ impl Client {
         })
     }
 
+    /// The daemon's pid, as the kernel recorded it when the daemon accepted us (`SO_PEERCRED`).
+    pub fn daemon_pid(&self) -> std::io::Result<i32> {
+        crate::listener::peer_of(&self.writer).map(|peer| peer.pid)
+    }
+
     /// Sends `request` and decodes the answer as `T`.
     pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ApiError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ApiError::new(e.to_string()))?;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example vmms -- demo          # daemon + VM + console, nothing to download
-//! vmms serve [--store DIR]                            # the daemon (VMMS), default store ./vmms-data
+//! vmms serve [--store DIR] [--socket-group NAME]      # the daemon (VMMS), default store ./vmms-data
 //! vmms new-vm web1 [--vcpus N] [--memory-mib N] [--kernel P --initrd P --cmdline S] [--disk P]
 //!                  [--recovery none|restart]
 //! vmms get-vm [NAME|GUID] [--output json]
@@ -31,6 +31,7 @@ mod cli;
 mod console;
 mod daemon;
 mod demo;
+mod listener;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,8 +60,19 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Run the daemon (VMMS) for the store.
-    Serve,
+    /// Run the daemon (VMMS) for the store. Root and the user running it may use it; so may the
+    /// members of `--socket-group`.
+    Serve {
+        /// Let the members of this group (name or number) use the daemon's socket too.
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Seconds a client connection may sit idle between requests before it is closed.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout: u64,
+        /// Seconds a client may take to send one request line once it began.
+        #[arg(long, default_value_t = 10)]
+        request_timeout: u64,
+    },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
     /// The worker process of one VM (started by the daemon).
@@ -155,7 +167,20 @@ fn main() -> ExitCode {
                 default_kernel: vmms::guest::ELF,
             });
         }
-        Verb::Serve => daemon::serve(&store).map_err(|e| plain("serve", e)),
+        Verb::Serve {
+            socket_group,
+            idle_timeout,
+            request_timeout,
+        } => {
+            let options = daemon::ServeOptions {
+                socket_group,
+                timeouts: listener::Timeouts {
+                    idle: Duration::from_secs(idle_timeout),
+                    request: Duration::from_secs(request_timeout),
+                },
+            };
+            daemon::serve(&store, &options).map_err(|e| plain("serve", e))
+        }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
             name,
@@ -208,7 +233,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{error}");
+            use std::io::Write as _;
+            // A closed stderr must not turn a clean failure into a panic.
+            let _ = writeln!(std::io::stderr().lock(), "{error}");
             ExitCode::FAILURE
         }
     }
