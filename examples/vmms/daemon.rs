@@ -48,8 +48,8 @@ struct Daemon {
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
 ///
-/// Logging never fails the daemon (`out!` drops what stdout refuses), and both ways out (a
-/// signal, `stop-daemon`) end the process, which releases the store lock.
+/// Logging never fails or wedges the daemon (`log!`, see `log.rs`), and both ways out (a signal,
+/// `stop-daemon`) end the process, which releases the store lock.
 pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
     // Before anything is created, and inherited by every worker: nothing of the store, its
     // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
@@ -59,6 +59,7 @@ pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
     // ever takes these signals.
     let signals = block_termination_signals();
     raise_open_file_limit();
+    crate::log::install().map_err(|e| format!("cannot start the log thread: {e}"))?;
     let group = options
         .socket_group
         .as_deref()
@@ -93,7 +94,7 @@ pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
         .map_err(|e| format!("cannot start event thread: {e}"))?;
 
     let report = daemon.vmms.recover_on_start();
-    out!(
+    log!(
         "vmms: store {}; {} VM(s); re-attached {}, auto-started {}, failed {}",
         store.display(),
         daemon.vmms.list_vms().len(),
@@ -102,7 +103,7 @@ pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
         report.failed.len()
     );
     for (vm, reason) in &report.failed {
-        out!("vmms: {vm}: {reason}");
+        log!("vmms: {vm}: {reason}");
     }
 
     let socket = store.join(SOCKET);
@@ -112,7 +113,7 @@ pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
         .name("signals".into())
         .spawn(move || wait_for_signal(&signals, &signal_socket))
         .map_err(|e| format!("cannot start signal thread: {e}"))?;
-    out!("vmms: listening on {}", socket.display());
+    log!("vmms: listening on {}", socket.display());
     listener::serve(
         &listener,
         AccessPolicy::new(group),
@@ -174,10 +175,12 @@ fn wait_for_signal(signals: &libc::sigset_t, socket: &Path) {
 }
 
 /// Ends the daemon: the socket goes first (no new client finds a daemon that is leaving), then
-/// the process, and with it the store lock. Nothing here can panic or block on stdout.
+/// the process, and with it the store lock. Nothing here can panic, and stdout is waited for
+/// only briefly.
 fn exit(socket: &Path, why: &str) -> ! {
     let _ = fs::remove_file(socket);
-    out!("vmms: {why}: exiting; running VMs keep running");
+    log!("vmms: {why}: exiting; running VMs keep running");
+    crate::log::flush(Duration::from_secs(1));
     std::process::exit(0);
 }
 
@@ -208,7 +211,7 @@ impl listener::Service for Daemon {
 
 impl Daemon {
     fn record(&self, event: Event) {
-        out!("vmms: {} {:?}", event.vm, event.kind);
+        log!("vmms: {} {:?}", event.vm, event.kind);
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         if events.len() == EVENT_HISTORY {
             events.pop_front();

@@ -26,12 +26,20 @@ macro_rules! out {
     }};
 }
 
+/// A line of the daemon's log (`log.rs`): never waits on stdout, never panics over it.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        crate::log::line(format!($($arg)*))
+    };
+}
+
 mod api;
 mod cli;
 mod console;
 mod daemon;
 mod demo;
 mod listener;
+mod log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

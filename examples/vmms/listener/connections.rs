@@ -70,7 +70,7 @@ impl Connections {
         let _ = victim.stream.shutdown(Shutdown::Both);
         let evicted = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
         if evicted == 1 || evicted.is_multiple_of(100) {
-            out!(
+            log!(
                 "vmms: {evicted} idle connection(s) closed so far to admit new ones (limit \
                  {MAX_CONNECTIONS})"
             );

@@ -37,11 +37,11 @@ use request_line::{LineReader, Received};
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// Connections kept before a new one closes the longest-idle.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Connections kept when all of them are busy answering (nothing idle to close); past this a new
 /// connection is told to retry. Only admitted users can be busy, so this is a safety net.
-const MAX_BUSY_CONNECTIONS: usize = 256;
+const MAX_BUSY_CONNECTIONS: usize = 512;
 
 /// How long writing one answer may block on a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,7 +122,7 @@ pub fn serve(
                 }
                 if last_accept_error.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
                 {
-                    out!("vmms: cannot accept a connection: {e}");
+                    log!("vmms: cannot accept a connection: {e}");
                     last_accept_error = Some(Instant::now());
                 }
                 thread::sleep(Duration::from_millis(10));
@@ -132,12 +132,12 @@ pub fn serve(
         let peer = match peer_of(&stream) {
             Ok(peer) => peer,
             Err(e) => {
-                out!("vmms: refused a connection: cannot read its credentials: {e}");
+                log!("vmms: refused a connection: cannot read its credentials: {e}");
                 continue;
             }
         };
         if !policy.admits(&peer, || peer_groups(&stream)) {
-            out!(
+            log!(
                 "vmms: refused a connection from uid {} gid {} (pid {}): not root, the daemon's \
                  user or its socket group",
                 peer.uid,
@@ -168,7 +168,7 @@ pub fn serve(
         });
         if let Err(e) = spawned {
             connections.remove(id);
-            out!("vmms: cannot serve a client: {e}");
+            log!("vmms: cannot serve a client: {e}");
         }
     }
 }
