@@ -61,7 +61,7 @@ fn exposed_entries(root: &Path) -> Vec<String> {
 }
 
 fn store_stays_private_under_umask(umask: libc::mode_t) {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         umask: Some(umask),
         ..Launch::default()
     });
@@ -127,7 +127,7 @@ fn store_files_are_owner_only_under_umask_022() {
 
 #[test]
 fn store_root_and_socket_are_private_under_umask_000() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         umask: Some(0),
         store_mode: Some(0o777),
         ..Launch::default()
@@ -144,7 +144,7 @@ fn store_root_and_socket_are_private_under_umask_000() {
 
 #[test]
 fn non_root_client_is_refused_even_when_the_socket_is_reachable() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         umask: Some(0),
         ..Launch::default()
     });
@@ -167,7 +167,7 @@ fn non_root_client_is_refused_even_when_the_socket_is_reachable() {
 
 #[test]
 fn socket_group_member_is_served() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         args: vec!["--socket-group".into(), "nogroup".into()],
         ..Launch::default()
     });
@@ -266,7 +266,7 @@ fn hundred_mib_request_without_newline_is_cut_off_early_without_growing_the_daem
 
 #[test]
 fn client_that_stops_mid_line_is_disconnected() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         args: vec!["--request-timeout".into(), "1".into()],
         ..Launch::default()
     });
@@ -285,7 +285,7 @@ fn client_that_stops_mid_line_is_disconnected() {
 
 #[test]
 fn idle_client_is_disconnected() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         args: vec!["--idle-timeout".into(), "1".into()],
         ..Launch::default()
     });
@@ -305,7 +305,7 @@ fn idle_client_is_disconnected() {
 
 #[test]
 fn thousand_silent_connections_do_not_lock_out_the_operator() {
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         nofile: Some(1024),
         ..Launch::default()
     });
@@ -349,7 +349,7 @@ fn thousand_silent_connections_do_not_lock_out_the_operator() {
 /// `vmms serve | head -3` after `head` is done; it has logged an event into the closed pipe.
 fn daemon_with_closed_stdout() -> Daemon {
     let (reader, writer) = std::io::pipe().unwrap();
-    let daemon = Daemon::start_with(Launch {
+    let daemon = Daemon::start_launch(Launch {
         stdout: Some(writer),
         ..Launch::default()
     });

@@ -103,6 +103,8 @@ pub struct Launch {
     pub stdout: Option<std::io::PipeWriter>,
     /// Extra arguments to `vmms serve`.
     pub args: Vec<String>,
+    /// Extra environment variables (its workers inherit them).
+    pub env: Vec<(String, String)>,
     /// The store root's mode before the daemon first starts (a world-writable store, say).
     pub store_mode: Option<u32>,
 }
@@ -129,7 +131,7 @@ impl Daemon {
     }
 
     /// Starts `vmms serve` as `launch` says on a fresh store, and waits until it answers.
-    pub fn start_with(launch: Launch) -> Self {
+    pub fn start_launch(launch: Launch) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let mut daemon = Daemon {
             store: tempfile::tempdir().expect("tempdir"),
@@ -139,18 +141,18 @@ impl Daemon {
             fs::set_permissions(daemon.path(), fs::Permissions::from_mode(mode))
                 .expect("chmod store");
         }
-        daemon.spawn_with(launch);
+        daemon.spawn_launch(launch);
         daemon
     }
 
     /// Starts the daemon process (again) on this store.
     pub fn spawn(&mut self) {
-        self.spawn_with(Launch::default());
+        self.spawn_launch(Launch::default());
     }
 
     /// Starts the daemon process (again) on this store as `launch` says, and waits until it
     /// answers.
-    pub fn spawn_with(&mut self, launch: Launch) {
+    pub fn spawn_launch(&mut self, launch: Launch) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -165,6 +167,7 @@ impl Daemon {
             .args(["serve", "--store"])
             .arg(self.path())
             .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log);
