@@ -6,19 +6,17 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_core::{
-    AutomaticRecoveryAction, BootSource, DiskConfig, EnabledState, Event, RequestedState,
-    ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
+    AutomaticRecoveryAction, BootSource, DiskConfig, Event, JobState, RequestedState, ReturnCode,
+    VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
 };
-use worker_manager::ProcessLauncher;
+use worker_manager::{LauncherOptions, ProcessLauncher};
 
 use crate::api::{ApiError, Request, Response, SOCKET, Shutdown, StateChange, VmSpec, VmView};
 use crate::listener::{self, AccessPolicy, Timeouts};
@@ -46,11 +44,24 @@ struct Daemon {
     events: Mutex<VecDeque<Event>>,
 }
 
+/// How the daemon watches its workers (`vmms serve` flags).
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// Silence after which a worker is reported not responding (HealthState 20).
+    pub heartbeat_timeout: Duration,
+    /// Silence after which the VM's recovery action applies to a hung worker.
+    pub hang_timeout: Duration,
+}
+
 /// Runs the daemon until a signal or a `stop-daemon` request.
 ///
 /// Logging never fails or wedges the daemon (`log!`, see `log.rs`), and both ways out (a signal,
 /// `stop-daemon`) end the process, which releases the store lock.
-pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
+pub fn serve(
+    store: &Path,
+    options: &ServeOptions,
+    supervision: &Supervision,
+) -> Result<(), String> {
     // Before anything is created, and inherited by every worker: nothing of the store, its
     // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
     // SAFETY: umask only sets the process's file mode creation mask.
@@ -71,7 +82,13 @@ pub fn serve(store: &Path, options: &ServeOptions) -> Result<(), String> {
         .map_err(|e| format!("cannot resolve {}: {e}", store.display()))?;
     let _lock = lock_store(&store)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]));
+    let launcher_options = LauncherOptions {
+        heartbeat_timeout: supervision.heartbeat_timeout,
+        hang_timeout: supervision.hang_timeout,
+        ..LauncherOptions::default()
+    };
+    let launcher =
+        Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(launcher_options));
     let as_launcher: Arc<dyn WorkerLauncher> = launcher.clone();
     // Opening the store also makes its root and top folders 0700.
     let vmms = VirtualSystemManagementService::open(&store, as_launcher)
@@ -346,80 +363,39 @@ impl Daemon {
         })
     }
 
-    /// Asks the guest to shut down (the test guest's `halt` on its console) and waits for it to
-    /// power off; turns it off when it has no way to be asked or does not comply in time.
+    /// `InitiateShutdown`: the service asks the guest to power off and turns it off if it cannot
+    /// be asked or does not comply within `timeout`; the shutdown owns the VM until it is off.
     fn shutdown(&self, target: &str, timeout: Duration) -> Result<Shutdown, ApiError> {
         let id = self.resolve(target)?;
-        let vm = self.vmms.get_vm(id).map_err(api)?;
-        let test_guest = vm
-            .config
-            .as_ref()
-            .is_some_and(|c| c.boot == BootSource::TestGuest);
-        let outcome = match (vm.enabled_state, test_guest) {
-            (EnabledState::Running, true) => match self.ask_guest_to_halt(id, timeout) {
-                Ok(()) => return Ok(self.shutdown_result(id, vm.name, "guest shut down")),
-                Err(why) => format!("turned off: {why}"),
-            },
-            (EnabledState::Running, false) => {
-                "turned off: the guest has no shutdown integration".to_owned()
-            }
-            (EnabledState::Paused, _) => "turned off: a paused guest cannot shut down".to_owned(),
-            (state, _) => {
-                return Err(ApiError::with_code(
-                    ReturnCode::InvalidState.code(),
-                    format!("cannot shut down a VM that is {state}"),
-                ));
-            }
+        let name = self.vmms.get_vm(id).map_err(api)?.name;
+        let (code, job) = self.vmms.initiate_shutdown(id, timeout).map_err(api)?;
+        let Some(job) = job else {
+            let state = self.vmms.get_vm(id).map_err(api)?.enabled_state;
+            return Err(ApiError::with_code(
+                code.code(),
+                format!("cannot shut down a VM that is {state}"),
+            ));
         };
-        let change = self.change_state(target, RequestedState::TurnOff.code())?;
-        if change.code != ReturnCode::JobStarted.code() {
-            return Err(ApiError::with_code(change.code, "turn off refused"));
-        }
-        if let Some(job) = change.job {
-            let job = self
-                .vmms
-                .wait_for_job(job, Duration::from_secs(60))
-                .map_err(api)?;
-            if !job.state.is_success() {
+        // The guest's own timeout plus time to turn it off.
+        let job = self
+            .vmms
+            .wait_for_job(job, timeout + Duration::from_secs(60))
+            .map_err(api)?;
+        let outcome = match job.state {
+            JobState::Completed => "guest shut down".to_owned(),
+            JobState::CompletedWithWarnings => job.error_description.unwrap_or_default(),
+            _ => {
                 return Err(ApiError::with_code(
                     job.error_code,
                     job.error_description.unwrap_or_default(),
                 ));
             }
-        }
-        Ok(self.shutdown_result(id, vm.name, &outcome))
-    }
-
-    fn shutdown_result(&self, vm: VmId, name: String, outcome: &str) -> Shutdown {
-        Shutdown {
-            vm,
+        };
+        Ok(Shutdown {
+            vm: id,
             name,
-            outcome: outcome.to_owned(),
-        }
-    }
-
-    /// Types `halt` at the test guest's shell and waits for the VM to reach Off.
-    fn ask_guest_to_halt(&self, id: VmId, timeout: Duration) -> Result<(), String> {
-        let socket = self.launcher.runtime_dir(id).console_socket();
-        let mut console =
-            UnixStream::connect(&socket).map_err(|e| format!("console unreachable: {e}"))?;
-        // A leading CR ends whatever half-typed line the shell holds.
-        console
-            .write_all(b"\rhalt\r")
-            .map_err(|e| format!("console write failed: {e}"))?;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let state = self
-                .vmms
-                .get_vm(id)
-                .map_err(|e| e.to_string())?
-                .enabled_state;
-            if state == EnabledState::Off {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("the guest did not power off within {timeout:?}"))
+            outcome,
+        })
     }
 }
 

@@ -80,6 +80,13 @@ enum Verb {
         /// Seconds a client may take to send one request line once it began.
         #[arg(long, default_value_t = 10)]
         request_timeout: u64,
+        /// Seconds of worker silence before its VM is reported not responding (HealthState 20).
+        #[arg(long, default_value_t = 5)]
+        heartbeat_timeout: u64,
+        /// Seconds of worker silence before the VM's recovery action applies (restart kills and
+        /// restarts a hung worker; none leaves it alone).
+        #[arg(long, default_value_t = 30)]
+        hang_timeout: u64,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -179,6 +186,8 @@ fn main() -> ExitCode {
             socket_group,
             idle_timeout,
             request_timeout,
+            heartbeat_timeout,
+            hang_timeout,
         } => {
             let options = daemon::ServeOptions {
                 socket_group,
@@ -187,7 +196,11 @@ fn main() -> ExitCode {
                     request: Duration::from_secs(request_timeout),
                 },
             };
-            daemon::serve(&store, &options).map_err(|e| plain("serve", e))
+            let supervision = daemon::Supervision {
+                heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
+                hang_timeout: Duration::from_secs(hang_timeout),
+            };
+            daemon::serve(&store, &options, &supervision).map_err(|e| plain("serve", e))
         }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {

@@ -109,6 +109,18 @@ pub struct Launch {
     pub store_mode: Option<u32>,
 }
 
+/// A [`Launch`] with just extra `serve` arguments and environment.
+fn launch_of(args: &[&str], env: &[(&str, &str)]) -> Launch {
+    Launch {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Launch::default()
+    }
+}
+
 /// A daemon on its own temporary store.
 pub struct Daemon {
     pub store: tempfile::TempDir,
@@ -148,6 +160,12 @@ impl Daemon {
     /// Starts the daemon process (again) on this store.
     pub fn spawn(&mut self) {
         self.spawn_launch(Launch::default());
+    }
+
+    /// Starts the daemon process (again) with extra `serve` arguments and environment
+    /// variables (its workers inherit the environment), and waits until it answers.
+    pub fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.spawn_launch(launch_of(args, env));
     }
 
     /// Starts the daemon process (again) on this store as `launch` says, and waits until it
@@ -278,6 +296,58 @@ impl Daemon {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
+    /// Starts a daemon on a fresh store with extra `serve` arguments and environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Daemon::start_launch(launch_of(args, env))
+    }
+
+    /// Whether the daemon process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait daemon").is_some(),
+            None => true,
+        };
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
+    /// Waits until the daemon process has exited by itself (a fault injected into it).
+    pub fn wait_exit(&mut self) {
+        wait_until("the daemon exits", || self.has_exited());
+    }
+
+    /// Pids of live worker processes of this store, found from `/proc` (not from pid files,
+    /// which a crash can leave wrong): every process whose command line is `… worker … --store
+    /// <this store>`.
+    pub fn live_workers(&self) -> Vec<u64> {
+        let store = self.path().as_os_str().as_encoded_bytes().to_vec();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let is_worker = args.iter().any(|a| *a == b"worker");
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == b"--store" && w[1] == store.as_slice());
+            if is_worker && ours && alive(pid) {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        pids
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon running").id()
@@ -350,6 +420,15 @@ impl Daemon {
         list.pop().expect("one vm")
     }
 
+    /// The test guest's counter inside the saved memory image of the VM with GUID `id` (RAM
+    /// from address 0, in order).
+    pub fn saved_counter(&self, id: &str) -> u64 {
+        let path = self.path().join(format!("vms/{id}/state/memory.bin"));
+        let image = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let at = vmms::guest::protocol::STATUS_GPA as usize + 8;
+        u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
+    }
+
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
         let vm = self.vm(target);
@@ -407,6 +486,9 @@ impl Drop for Daemon {
         for pid in self.worker_pids() {
             // SAFETY: kill only sends a signal, to a worker this test's daemon started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for pid in self.live_workers() {
+            kill9(pid);
         }
     }
 }

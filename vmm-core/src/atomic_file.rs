@@ -55,6 +55,30 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Commits a folder built under a temporary name: fsyncs every file and folder in `staging`,
+/// then renames it to `target` and fsyncs the parent. `target` must not exist (or be an empty
+/// folder): a folder is never replaced over existing contents.
+///
+/// Used for saved states: after a crash at any instant `target` is either absent or complete.
+pub fn commit_dir(staging: &Path, target: &Path) -> io::Result<()> {
+    sync_tree(staging)?;
+    rename_durable(staging, target)
+}
+
+/// fsyncs every file and folder under `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if file_type.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Whether a file or folder name is a temporary left by [`write_atomic`] or
 /// [`temporary_sibling`]; loaders skip such entries.
 pub fn is_temporary(name: &OsStr) -> bool {

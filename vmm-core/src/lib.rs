@@ -38,7 +38,7 @@
 //!     fn status(&self) -> WorkerStatus { WorkerStatus::Running }
 //!     fn pause(&self) -> Result<(), WorkerError> { Ok(()) }
 //!     fn resume(&self) -> Result<(), WorkerError> { Ok(()) }
-//!     fn save(&self, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
+//!     fn save(&self, _staging: &Path, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
 //!     fn reset(&self) -> Result<(), WorkerError> { Ok(()) }
 //!     fn turn_off(&self) -> Result<(), WorkerError> { Ok(()) }
 //! }
@@ -82,8 +82,10 @@ mod catalog;
 mod config;
 mod error;
 mod event;
+pub mod fault;
 mod job;
 mod operation;
+mod ownership;
 mod service;
 mod state;
 mod store;

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/vms/<GUID>/config.json     the definition, replaced atomically
 //! <root>/vms/<GUID>/state/          saved state of a Saved VM (present = Saved)
+//! <root>/vms/<GUID>/state.saving/   a save being written; the worker renames it to state/
 //! <root>/vms/<GUID>/disks/          disk images
 //! <root>/vms/<GUID>/checkpoints/    the checkpoint tree (snapshot crate)
 //! <root>/vms/<GUID>/was-running     marker: the VM was running when last seen (automatic start)
@@ -12,7 +13,7 @@
 //!
 //! Whole-folder changes are atomic too: a new VM folder is built under a temporary name and
 //! renamed into place; a destroyed one is renamed away before it is deleted; saved state is
-//! written into a temporary folder and renamed to `state/` only once complete. Temporaries
+//! written into `state.saving/` and renamed to `state/` (by the worker) only once complete. Temporaries
 //! (see [`is_temporary`](crate::atomic_file::is_temporary)) are ignored and cleaned up on open.
 //! One service owns a store at a time.
 //!
@@ -31,6 +32,7 @@ use crate::error::{Error, Result};
 
 const CONFIG_FILE: &str = "config.json";
 const STATE_DIR: &str = "state";
+const SAVING_DIR: &str = "state.saving";
 const DISKS_DIR: &str = "disks";
 const CHECKPOINTS_DIR: &str = "checkpoints";
 const RUNNING_MARKER: &str = "was-running";
@@ -190,29 +192,44 @@ impl Store {
         let dir = self.vm_dir(id);
         let doomed = temporary_sibling(&dir).map_err(|e| Error::io(&dir, e))?;
         rename_durable(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+        crate::fault::point("remove.after-rename");
         fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
     }
 
-    /// Creates an empty folder for a save in progress and returns it; [`Self::commit_saved_state`]
-    /// makes it the VM's `state/`.
+    /// `<root>/vms/<GUID>/state.saving`: where a save in progress is written before the worker
+    /// commits it as `state/`.
+    ///
+    /// Not a [temporary](crate::atomic_file::is_temporary) name on purpose: the store must not
+    /// delete it on open, because the worker writing it may outlive a daemon restart. Recovery
+    /// removes it only once it knows no worker runs the VM.
+    pub fn saving_dir(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(SAVING_DIR)
+    }
+
+    /// Prepares a save of a running VM: an empty `state.saving/` (a leftover of an earlier save
+    /// that failed is removed), and no `state/` — beside a running guest a saved state can only
+    /// be stale, and committing over it would fail. Returns the staging folder.
     pub(crate) fn begin_saved_state(&self, id: VmId) -> Result<PathBuf> {
-        let staging =
-            temporary_sibling(&self.state_dir(id)).map_err(|e| Error::io(self.vm_dir(id), e))?;
+        self.discard_saved_state(id)?;
+        self.remove_unfinished_save(id)?;
+        let staging = self.saving_dir(id);
         fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
         Ok(staging)
     }
 
-    /// Makes a completed save the VM's saved state, atomically.
-    pub(crate) fn commit_saved_state(&self, id: VmId, staging: &Path) -> Result<()> {
-        let state = self.state_dir(id);
-        // Contents first: the files the worker wrote must be durable before the name says Saved.
-        sync_tree(staging).map_err(|e| Error::io(staging, e))?;
-        rename_durable(staging, &state).map_err(|e| Error::io(&state, e))
+    /// Drops the staging folder of a save that did not commit.
+    pub(crate) fn remove_unfinished_save(&self, id: VmId) -> Result<()> {
+        let staging = self.saving_dir(id);
+        match fs::remove_dir_all(&staging) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&staging, e)),
+        }
     }
 
-    /// Drops an unfinished save.
-    pub(crate) fn abandon_saved_state(&self, staging: &Path) {
-        let _ = fs::remove_dir_all(staging);
+    /// Whether a save was being written (a worker may still be writing it).
+    pub fn has_unfinished_save(&self, id: VmId) -> bool {
+        self.saving_dir(id).is_dir()
     }
 
     /// Removes the saved state (turn-off of a Saved VM, or after a successful restore).
@@ -291,20 +308,6 @@ fn remove_temporaries_in(dir: &Path) -> Result<()> {
         removed.map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
-}
-
-/// fsyncs every file and folder under `dir`, then `dir` itself.
-fn sync_tree(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_type = entry.file_type()?;
-        if file_type.is_dir() {
-            sync_tree(&entry.path())?;
-        } else if file_type.is_file() {
-            fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -417,29 +420,40 @@ mod tests {
     }
 
     #[test]
-    fn committed_saved_state_becomes_state_dir() {
+    fn save_staging_is_not_saved_state() {
         let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        let staging = store.begin_saved_state(config.id).expect("begin");
+
+        assert!(store.has_unfinished_save(config.id));
+        assert!(!store.has_saved_state(config.id));
+        assert_eq!(staging, store.saving_dir(config.id));
+    }
+
+    #[test]
+    fn save_staging_survives_reopening_the_store() {
+        let (dir, store) = open_temp_store();
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
         let staging = store.begin_saved_state(config.id).expect("begin");
         fs::write(staging.join("state.json"), b"{}").expect("worker writes");
 
-        store
-            .commit_saved_state(config.id, &staging)
-            .expect("commit");
+        let _reopened = Store::open(dir.path()).expect("reopen");
 
-        assert!(store.has_saved_state(config.id));
-        assert!(store.state_dir(config.id).join("state.json").is_file());
-        assert!(!staging.exists());
+        assert!(staging.join("state.json").is_file());
     }
 
     #[test]
-    fn unfinished_save_is_not_saved_state() {
+    fn beginning_a_save_drops_a_stale_saved_state() {
         let (_dir, store) = open_temp_store();
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
+        fs::create_dir(store.state_dir(config.id)).expect("stale state/");
+        fs::write(store.state_dir(config.id).join("state.json"), b"{}").expect("stale file");
 
-        let _staging = store.begin_saved_state(config.id).expect("begin");
+        store.begin_saved_state(config.id).expect("begin");
 
         assert!(!store.has_saved_state(config.id));
     }
@@ -450,9 +464,7 @@ mod tests {
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
         let staging = store.begin_saved_state(config.id).expect("begin");
-        store
-            .commit_saved_state(config.id, &staging)
-            .expect("commit");
+        crate::atomic_file::commit_dir(&staging, &store.state_dir(config.id)).expect("commit");
 
         store.discard_saved_state(config.id).expect("discard");
 

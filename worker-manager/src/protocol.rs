@@ -20,7 +20,7 @@ use vmm_core::{StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -56,11 +56,18 @@ pub enum Request {
     Pause,
     /// Let the vCPUs run again.
     Resume,
-    /// Pause, write `state.json` and `memory.bin` (fsynced) into `state_dir`, reply, exit.
+    /// Pause, write `state.json` and `memory.bin` (fsynced) into `staging`, commit it by renaming
+    /// it to `state_dir`, reply, exit. On failure before the commit the guest runs on.
     Save {
         /// An existing, empty folder.
+        staging: PathBuf,
+        /// Where the committed saved state goes; must not exist.
         state_dir: PathBuf,
     },
+    /// Ask the guest to shut itself down (the test guest: `halt` on its console). Replies as soon
+    /// as the request is delivered; the guest's power-off arrives as a
+    /// [`Notice::GuestStopped`]. Refused for a guest that cannot be asked.
+    Shutdown,
     /// Power off at once, reply, exit.
     TurnOff,
     /// Hard reset: the guest boots again from its boot source in the same worker.
@@ -111,6 +118,9 @@ pub enum GuestState {
     Running,
     /// vCPUs are parked.
     Paused,
+    /// vCPUs are parked and the guest's state is being written; the worker ends with
+    /// [`GuestState::Stopped`] ([`StopReason::Saved`]) or runs on if the save fails.
+    Saving,
     /// The guest stopped on its own; the worker waits to be turned off (or reset).
     Stopped {
         /// Why it stopped.
@@ -121,7 +131,7 @@ pub enum GuestState {
 /// An unsolicited message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
-    /// The guest moved between running and paused.
+    /// The guest moved between running, paused and saving.
     StateChanged {
         /// The new state.
         state: GuestState,
@@ -406,8 +416,10 @@ mod tests {
             Just(Request::Resume),
             Just(Request::TurnOff),
             Just(Request::Reset),
-            "[^\0]{0,40}".prop_map(|p| Request::Save {
-                state_dir: p.into()
+            Just(Request::Shutdown),
+            ("[^\0]{0,40}", "[^\0]{0,40}").prop_map(|(a, b)| Request::Save {
+                staging: a.into(),
+                state_dir: b.into(),
             }),
         ]
     }

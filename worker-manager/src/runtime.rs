@@ -1,10 +1,12 @@
 //! Where a worker lives on disk: the store layout the worker side reads, and the per-VM runtime
 //! folder `<store>/run/<GUID>/` that both sides share.
 //!
-//! The runtime folder holds `control.sock`, `console.sock`, `pid` and `worker.log`. The worker
-//! creates the sockets and writes `pid` (atomically) once its guest runs, and removes them when it
-//! exits cleanly; after a crash they stay behind, and the parent's re-attach finds the pid dead
-//! and cleans them up.
+//! The runtime folder holds `worker.lock`, `control.sock`, `console.sock`, `pid` and
+//! `worker.log`. Whether a worker runs is decided by the lock alone
+//! ([`WorkerLock`](crate::WorkerLock)); the worker's identity by its control socket's peer
+//! credentials and handshake. The pid file is for people. The worker creates the sockets and
+//! writes `pid` once its guest runs, and removes them when it exits cleanly; after a crash they
+//! stay behind, and whoever next takes the lock removes them.
 
 use std::fs;
 use std::io;
@@ -84,6 +86,24 @@ impl RuntimeDir {
     /// The worker's stdout and stderr.
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("worker.log")
+    }
+
+    /// The lock held by the process that runs (or is starting) the VM's worker
+    /// ([`WorkerLock`](crate::WorkerLock)).
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("worker.lock")
+    }
+
+    /// Removes the sockets and the pid file whoever wrote them: for a caller that holds the
+    /// worker lock, which proves no worker runs that could own them.
+    pub(crate) fn remove_stale_files(&self) {
+        for file in [
+            self.control_socket(),
+            self.console_socket(),
+            self.pid_file(),
+        ] {
+            let _ = fs::remove_file(file);
+        }
     }
 
     /// Creates the folder, readable by its owner only (it holds sockets that control the VM and

@@ -322,11 +322,12 @@ impl Worker for ThreadWorker {
         Ok(())
     }
 
-    fn save(&self, state_dir: &Path) -> Result<(), WorkerError> {
+    fn save(&self, staging: &Path, state_dir: &Path) -> Result<(), WorkerError> {
         self.alive()?;
         self.guest.set(Run::Paused);
         let counter = self.guest.counter().to_string();
-        fs::write(state_dir.join("state.json"), counter).map_err(WorkerError::failed)?;
+        fs::write(staging.join("state.json"), counter).map_err(WorkerError::failed)?;
+        vmm_core::atomic_file::commit_dir(staging, state_dir).map_err(WorkerError::failed)?;
         self.shared.exit(&self.guest);
         Ok(())
     }

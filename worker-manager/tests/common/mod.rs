@@ -57,6 +57,13 @@ impl Fixture {
         }
     }
 
+    /// A fresh, empty staging folder and the (absent) saved-state folder a save commits to.
+    pub fn save_paths(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        let staging = self.dir.path().join("saving");
+        std::fs::create_dir(&staging).unwrap();
+        (staging, self.dir.path().join("saved"))
+    }
+
     pub fn sink(&self) -> EventSink {
         self.sink.clone()
     }
