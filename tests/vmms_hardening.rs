@@ -196,3 +196,42 @@ fn worker_hung_past_the_hang_timeout_is_restarted_per_its_recovery_action() {
     assert!(!alive(worker), "the hung worker was killed");
     daemon.ok(&["stop-vm", "g", "--turn-off"]);
 }
+
+#[test]
+fn save_that_fails_under_a_restarted_daemon_shows_the_guest_running_again() {
+    require_kvm!();
+    let fault = [("VMMS_FAULT", "worker.save.before-commit:delay=1500")];
+    let mut daemon = Daemon::start_with(&[], &fault);
+    let id = daemon.new_vm("g", &["--recovery", "none"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    daemon.ok(&["start-vm", "g"]);
+    let before = daemon.counter_above("g", 0);
+    let store = daemon.path().to_owned();
+    let saving = thread::spawn(move || {
+        let _ = Command::new(vmms_common::vmms_binary())
+            .args(["save-vm", "g", "--store"])
+            .arg(&store)
+            .output();
+    });
+    wait_until("the save is in flight", || {
+        daemon
+            .path()
+            .join(format!("vms/{id}/state.saving"))
+            .exists()
+    });
+    daemon.kill9();
+    saving.join().unwrap();
+    // Something occupies state/, so the worker's commit fails and its guest runs on.
+    let blocker = daemon.path().join(format!("vms/{id}/state"));
+    fs::create_dir(&blocker).unwrap();
+    fs::write(blocker.join("in-the-way"), b"x").unwrap();
+
+    daemon.spawn();
+    let vm = daemon.wait_state("g", 2);
+
+    assert!(daemon.counter_above("g", before) > before, "the guest runs");
+    assert!(vm["process_id"].as_u64().is_some());
+    daemon.ok(&["stop-vm", "g", "--turn-off"]);
+}

@@ -28,6 +28,8 @@ use crate::runtime::RuntimeDir;
 const EXIT_GRACE: Duration = Duration::from_secs(3);
 /// How long a killed worker gets to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the exit watcher waits for the last notices of a worker that exited.
+const NOTICE_DRAIN: Duration = Duration::from_millis(500);
 
 /// What is known about the process's end.
 #[derive(Debug, Default)]
@@ -209,13 +211,35 @@ impl Supervised {
         }
         // Only a parent can reap; for a re-attached worker the status stays unknown.
         let status = reap_child(self.pid());
+        // What the worker said last (its guest saved, powered off) may still be in the socket
+        // behind the exit: read it before deciding why the worker ended.
+        self.drain_notices();
         // Clean up before announcing the exit: whoever waits for it (turn-off) may start the
         // VM's next worker at once, whose files must not be mistaken for these.
         self.runtime.remove_live_files(self.pid());
-        self.lock_exit().exited = Some(status);
+        let said = {
+            let mut exit = self.lock_exit();
+            exit.exited = Some(status);
+            exit.guest_stopped.clone()
+        };
         self.exit_changed.notify_all();
         let (code, signal) = status.map_or((None, None), |s| (s.code, s.signal));
-        self.report(StopReason::WorkerExited { code, signal });
+        self.report(said.unwrap_or(StopReason::WorkerExited { code, signal }));
+    }
+
+    /// Waits (briefly) until the control connection has delivered everything the exited worker
+    /// sent: its reader sees the end of the stream only after the last notice.
+    fn drain_notices(&self) {
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(client) = client else { return };
+        let deadline = Instant::now() + NOTICE_DRAIN;
+        while !client.is_closed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Heartbeat thread: one status request per interval. Silence past the heartbeat timeout is
