@@ -221,4 +221,38 @@ mod tests {
         assert_eq!(result, Received::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(2));
     }
+
+    proptest::proptest! {
+        /// However a client's bytes are cut into reads, the reader returns exactly the lines
+        /// they hold, in order, then the end; it never panics.
+        #[test]
+        fn any_split_of_the_bytes_yields_the_same_lines(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![proptest::strategy::Just(b'\n'), proptest::num::u8::ANY],
+                    1..64,
+                ),
+                0..64,
+            )
+        ) {
+            let bytes: Vec<u8> = chunks.concat();
+            let mut expected: Vec<Vec<u8>> =
+                bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            // What follows the last newline is an unfinished line: never returned.
+            expected.pop();
+            let mut source = script(chunks.into_iter().map(Ok).collect());
+            let mut reader = LineReader::new(TIMEOUTS);
+
+            let mut lines = Vec::new();
+            let end = loop {
+                match reader.next_line(&mut source) {
+                    Received::Line(line) => lines.push(line),
+                    other => break other,
+                }
+            };
+
+            proptest::prop_assert_eq!(lines, expected);
+            proptest::prop_assert_eq!(end, Received::Closed);
+        }
+    }
 }
