@@ -21,6 +21,18 @@ use vmms_common::{Daemon, Launch};
 /// The unprivileged user (`nobody`) and its group (`nogroup`).
 const NOBODY: u32 = 65534;
 
+/// Returns early (skipping the test, with the reason printed) unless the test runs as root,
+/// which it needs to run the CLI as another user.
+macro_rules! require_root {
+    () => {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: running the CLI as another user needs root");
+            return;
+        }
+    };
+}
+
 fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -144,6 +156,7 @@ fn store_root_and_socket_are_private_under_umask_000() {
 
 #[test]
 fn non_root_client_is_refused_even_when_the_socket_is_reachable() {
+    require_root!();
     let daemon = Daemon::start_launch(Launch {
         umask: Some(0),
         ..Launch::default()
@@ -167,6 +180,7 @@ fn non_root_client_is_refused_even_when_the_socket_is_reachable() {
 
 #[test]
 fn socket_group_member_is_served() {
+    require_root!();
     let daemon = Daemon::start_launch(Launch {
         args: vec!["--socket-group".into(), "nogroup".into()],
         ..Launch::default()
