@@ -504,6 +504,19 @@ pub fn kill9(pid: u64) {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
+/// Whether `done` becomes true within [`TIMEOUT`] (for things that happen asynchronously, such
+/// as a line reaching the daemon's log).
+pub fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + TIMEOUT;
     while !done() {
