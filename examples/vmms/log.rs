@@ -123,12 +123,17 @@ mod tests {
         }
     }
 
-    /// A stdout whose reader never reads: every write blocks until the test ends.
-    struct Stalled(Mutex<Receiver<()>>);
+    /// A stdout whose reader never reads: every write says it started, then blocks until the
+    /// test ends.
+    struct Stalled {
+        writing: mpsc::Sender<()>,
+        release: Mutex<Receiver<()>>,
+    }
 
     impl Write for Stalled {
         fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            let _ = self.0.lock().expect("stall").recv();
+            let _ = self.writing.send(());
+            let _ = self.release.lock().expect("stall").recv();
             Err(io::ErrorKind::BrokenPipe.into())
         }
 
@@ -167,7 +172,16 @@ mod tests {
     #[test]
     fn logging_never_waits_on_a_stalled_stdout() {
         let (_release, stall) = mpsc::channel();
-        let log = Log::start(Stalled(Mutex::new(stall))).expect("log thread");
+        let (writing, stuck) = mpsc::channel();
+        let log = Log::start(Stalled {
+            writing,
+            release: Mutex::new(stall),
+        })
+        .expect("log thread");
+        log.line("vmms: the first line, which the log thread gets stuck writing".into());
+        stuck
+            .recv_timeout(Duration::from_secs(10))
+            .expect("log thread writes");
         let started = Instant::now();
 
         for n in 0..(QUEUE * 3) {
@@ -177,7 +191,7 @@ mod tests {
 
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(!flushed);
-        assert!(log.dropped.load(Ordering::Relaxed) >= QUEUE as u64);
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 2 * QUEUE as u64);
     }
 
     #[test]
