@@ -6,10 +6,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -22,12 +19,22 @@ use vmm_core::{
 use worker_manager::{LauncherOptions, ProcessLauncher};
 
 use crate::api::{ApiError, Request, Response, SOCKET, Shutdown, StateChange, VmSpec, VmView};
+use crate::listener::{self, AccessPolicy, Timeouts};
 
 /// How long `get-vm` waits for a worker's live report (a hung worker must not hang the CLI).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Events kept for `get-vm-event`.
 const EVENT_HISTORY: usize = 1000;
+
+/// How `vmms serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Users of this group may use the daemon too (besides root and the daemon's own user).
+    pub socket_group: Option<String>,
+    /// Connection timeouts.
+    pub timeouts: Timeouts,
+}
 
 /// The daemon's state shared by its client threads.
 struct Daemon {
@@ -49,24 +56,44 @@ pub struct Supervision {
 }
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
-pub fn serve(store: &Path, supervision: &Supervision) -> Result<(), String> {
+///
+/// Logging never fails or wedges the daemon (`log!`, see `log.rs`), and both ways out (a signal,
+/// `stop-daemon`) end the process, which releases the store lock.
+pub fn serve(
+    store: &Path,
+    options: &ServeOptions,
+    supervision: &Supervision,
+) -> Result<(), String> {
+    // Before anything is created, and inherited by every worker: nothing of the store, its
+    // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     // Before any thread exists, so every thread inherits the mask and only the signal thread
     // ever takes these signals.
     let signals = block_termination_signals();
+    raise_open_file_limit();
+    crate::log::install().map_err(|e| format!("cannot start the log thread: {e}"))?;
+    let group = options
+        .socket_group
+        .as_deref()
+        .map(listener::group_id)
+        .transpose()?;
     fs::create_dir_all(store).map_err(|e| format!("cannot create {}: {e}", store.display()))?;
     let store = store
         .canonicalize()
         .map_err(|e| format!("cannot resolve {}: {e}", store.display()))?;
     let _lock = lock_store(&store)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let options = LauncherOptions {
+    let launcher_options = LauncherOptions {
         heartbeat_timeout: supervision.heartbeat_timeout,
         hang_timeout: supervision.hang_timeout,
         confine: supervision.confine_workers,
         ..LauncherOptions::default()
     };
-    let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(options));
+    let launcher =
+        Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(launcher_options));
     let as_launcher: Arc<dyn WorkerLauncher> = launcher.clone();
+    // Opening the store also makes its root and top folders 0700.
     let vmms = VirtualSystemManagementService::open(&store, as_launcher)
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     let daemon = Arc::new(Daemon {
@@ -87,7 +114,7 @@ pub fn serve(store: &Path, supervision: &Supervision) -> Result<(), String> {
         .map_err(|e| format!("cannot start event thread: {e}"))?;
 
     let report = daemon.vmms.recover_on_start();
-    println!(
+    log!(
         "vmms: store {}; {} VM(s); re-attached {}, auto-started {}, failed {}",
         store.display(),
         daemon.vmms.list_vms().len(),
@@ -96,27 +123,23 @@ pub fn serve(store: &Path, supervision: &Supervision) -> Result<(), String> {
         report.failed.len()
     );
     for (vm, reason) in &report.failed {
-        println!("vmms: {vm}: {reason}");
+        log!("vmms: {vm}: {reason}");
     }
 
     let socket = store.join(SOCKET);
-    let listener = bind(&socket)?;
+    let listener = listener::bind(&socket, group)?;
     let signal_socket = socket.clone();
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_signal(&signals, &signal_socket))
         .map_err(|e| format!("cannot start signal thread: {e}"))?;
-    println!("vmms: listening on {}", socket.display());
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let daemon = Arc::clone(&daemon);
-        let spawned = thread::Builder::new()
-            .name("client".into())
-            .spawn(move || daemon.client(stream));
-        if let Err(e) = spawned {
-            eprintln!("vmms: cannot serve a client: {e}");
-        }
-    }
+    log!("vmms: listening on {}", socket.display());
+    listener::serve(
+        &listener,
+        AccessPolicy::new(group),
+        options.timeouts,
+        daemon,
+    );
     Ok(())
 }
 
@@ -135,14 +158,21 @@ fn lock_store(store: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-fn bind(socket: &Path) -> Result<UnixListener, String> {
-    // The store lock is ours, so a socket file left here belongs to a daemon that died.
-    let _ = fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-    Ok(listener)
+/// Raises the soft limit on open files to the hard one: each client and each worker connection
+/// holds a descriptor, and the connection limit should bind long before this one does.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer for getrlimit and a valid input for setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 fn block_termination_signals() -> libc::sigset_t {
@@ -161,47 +191,52 @@ fn wait_for_signal(signals: &libc::sigset_t, socket: &Path) {
     let mut signal = 0;
     // SAFETY: `signals` is an initialised set and `signal` a valid out-pointer.
     unsafe { libc::sigwait(signals, &mut signal) };
+    exit(socket, &format!("signal {signal}"));
+}
+
+/// Ends the daemon: the socket goes first (no new client finds a daemon that is leaving), then
+/// the process, and with it the store lock. Nothing here can panic, and stdout is waited for
+/// only briefly.
+fn exit(socket: &Path, why: &str) -> ! {
     let _ = fs::remove_file(socket);
-    println!("vmms: signal {signal}: exiting; running VMs keep running");
+    log!("vmms: {why}: exiting; running VMs keep running");
+    crate::log::flush(Duration::from_secs(1));
     std::process::exit(0);
+}
+
+impl listener::Service for Daemon {
+    fn answer(&self, request: &[u8]) -> (Vec<u8>, bool) {
+        let (response, stop) = match serde_json::from_slice::<Request>(request) {
+            Ok(Request::StopDaemon) => (Ok(serde_json::Value::Null), true),
+            Ok(request) => (self.handle(request), false),
+            Err(e) => (
+                Err(ApiError::with_code(
+                    ReturnCode::InvalidParameter.code(),
+                    format!("bad request: {e}"),
+                )),
+                false,
+            ),
+        };
+        let answer = serde_json::to_vec(&response).unwrap_or_else(|e| {
+            format!(r#"{{"Err":{{"code":null,"message":"cannot encode answer: {e}"}}}}"#)
+                .into_bytes()
+        });
+        (answer, stop)
+    }
+
+    fn stop(&self) -> ! {
+        exit(&self.store.join(SOCKET), "stop requested")
+    }
 }
 
 impl Daemon {
     fn record(&self, event: Event) {
-        println!("vmms: {} {:?}", event.vm, event.kind);
+        log!("vmms: {} {:?}", event.vm, event.kind);
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         if events.len() == EVENT_HISTORY {
             events.pop_front();
         }
         events.push_back(event);
-    }
-
-    fn client(&self, stream: UnixStream) {
-        let Ok(writer) = stream.try_clone() else {
-            return;
-        };
-        let mut writer = writer;
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            let (response, stop) = match serde_json::from_str::<Request>(&line) {
-                Ok(Request::StopDaemon) => (Ok(serde_json::Value::Null), true),
-                Ok(request) => (self.handle(request), false),
-                Err(e) => (Err(ApiError::new(format!("bad request: {e}"))), false),
-            };
-            let mut answer = serde_json::to_vec(&response).unwrap_or_else(|e| {
-                format!(r#"{{"Err":{{"code":null,"message":"cannot encode answer: {e}"}}}}"#)
-                    .into_bytes()
-            });
-            answer.push(b'\n');
-            if writer.write_all(&answer).is_err() {
-                return;
-            }
-            if stop {
-                let _ = fs::remove_file(self.store.join(SOCKET));
-                println!("vmms: stop requested; running VMs keep running");
-                std::process::exit(0);
-            }
-        }
     }
 
     fn handle(&self, request: Request) -> Response {
@@ -251,6 +286,10 @@ impl Daemon {
     }
 
     /// A VM by GUID or by name (names need not be unique; an ambiguous name is refused).
+    ///
+    /// Anything that parses as a GUID names a VM by its id, never by its name: new names that
+    /// parse as a GUID are refused, and a VM stored with one before that rule is reached by its
+    /// own GUID.
     fn resolve(&self, target: &str) -> Result<VmId, ApiError> {
         if let Ok(id) = target.parse::<VmId>() {
             return Ok(id);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example vmms -- demo          # daemon + VM + console, nothing to download
-//! vmms serve [--store DIR]                            # the daemon (VMMS), default store ./vmms-data
+//! vmms serve [--store DIR] [--socket-group NAME]      # the daemon (VMMS), default store ./vmms-data
 //! vmms new-vm web1 [--vcpus N] [--memory-mib N] [--kernel P --initrd P --cmdline S] [--disk P]
 //!                  [--recovery none|restart]
 //! vmms get-vm [NAME|GUID] [--output json]
@@ -26,11 +26,20 @@ macro_rules! out {
     }};
 }
 
+/// A line of the daemon's log (`log.rs`): never waits on stdout, never panics over it.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        crate::log::line(format!($($arg)*))
+    };
+}
+
 mod api;
 mod cli;
 mod console;
 mod daemon;
 mod demo;
+mod listener;
+mod log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,8 +68,18 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Run the daemon (VMMS) for the store.
+    /// Run the daemon (VMMS) for the store. Root and the user running it may use it; so may the
+    /// members of `--socket-group`.
     Serve {
+        /// Let the members of this group (name or number) use the daemon's socket too.
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Seconds a client connection may sit idle between requests before it is closed.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout: u64,
+        /// Seconds a client may take to send one request line once it began.
+        #[arg(long, default_value_t = 10)]
+        request_timeout: u64,
         /// Seconds of worker silence before its VM is reported not responding (HealthState 20).
         #[arg(long, default_value_t = 5)]
         heartbeat_timeout: u64,
@@ -175,16 +194,26 @@ fn main() -> ExitCode {
             });
         }
         Verb::Serve {
+            socket_group,
+            idle_timeout,
+            request_timeout,
             heartbeat_timeout,
             hang_timeout,
             no_confinement,
         } => {
+            let options = daemon::ServeOptions {
+                socket_group,
+                timeouts: listener::Timeouts {
+                    idle: Duration::from_secs(idle_timeout),
+                    request: Duration::from_secs(request_timeout),
+                },
+            };
             let supervision = daemon::Supervision {
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
                 hang_timeout: Duration::from_secs(hang_timeout),
                 confine_workers: !no_confinement,
             };
-            daemon::serve(&store, &supervision).map_err(|e| plain("serve", e))
+            daemon::serve(&store, &options, &supervision).map_err(|e| plain("serve", e))
         }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
@@ -238,7 +267,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{error}");
+            use std::io::Write as _;
+            // A closed stderr must not turn a clean failure into a panic.
+            let _ = writeln!(std::io::stderr().lock(), "{error}");
             ExitCode::FAILURE
         }
     }

@@ -96,7 +96,7 @@ pub use catalog::ComputerSystem;
 pub use config::{
     AutomaticRecoveryAction, AutomaticStartAction, BootSource, CONFIG_VERSION, ConfigError,
     DiskConfig, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MIN_MEMORY_MIB, VmConfig, VmId,
-    validate_name,
+    validate_name, validate_new_name,
 };
 pub use error::{Error, Result, error_chain};
 pub use event::{Event, EventKind};

@@ -111,7 +111,7 @@ impl VirtualSystemManagementService {
 
     /// `DefineSystem`: validates and persists a new VM (Off) and returns its id.
     pub fn define_system(&self, config: VmConfig) -> Result<VmId> {
-        config.validate()?;
+        config.validate_definition()?;
         let id = config.id;
         if self.inner.lock_catalog().vms.contains_key(&id) {
             return Err(Error::VmExists(id));
@@ -166,7 +166,7 @@ impl VirtualSystemManagementService {
     /// the name and the automatic actions may change: processors, memory, boot source and disks
     /// are part of a running or saved guest ([`Error::ChangeRequiresOff`]).
     pub fn modify_system_settings(&self, config: VmConfig) -> Result<()> {
-        config.validate()?;
+        config.validate_definition()?;
         let id = config.id;
         let config = {
             let mut catalog = self.inner.lock_catalog();

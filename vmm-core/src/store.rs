@@ -16,9 +16,14 @@
 //! written into `state.saving/` and renamed to `state/` (by the worker) only once complete. Temporaries
 //! (see [`is_temporary`](crate::atomic_file::is_temporary)) are ignored and cleaned up on open.
 //! One service owns a store at a time.
+//!
+//! The store is private to its owner whatever the caller's umask: folders are 0700 (the root,
+//! `vms/`, `run/`, `backups/` are tightened on every open, also when they already existed) and
+//! files 0600 ([`write_atomic`]). Configs hold kernel command lines; saved states hold guest memory.
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::atomic_file::{is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic};
@@ -31,6 +36,8 @@ const SAVING_DIR: &str = "state.saving";
 const DISKS_DIR: &str = "disks";
 const CHECKPOINTS_DIR: &str = "checkpoints";
 const RUNNING_MARKER: &str = "was-running";
+/// Mode of every folder of the store.
+const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// The service's folder: path helpers for every crate, and the catalog's own reads and writes.
 #[derive(Debug, Clone)]
@@ -39,11 +46,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root` and removes temporaries a crash left behind.
+    /// Opens (creating if needed) the store at `root`, makes its top folders owner-only (0700)
+    /// and removes temporaries a crash left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let store = Store { root: root.into() };
-        for dir in [store.vms_dir(), store.run_dir_root(), store.backups_dir()] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for dir in [
+            store.root.clone(),
+            store.vms_dir(),
+            store.run_dir_root(),
+            store.backups_dir(),
+        ] {
+            create_private_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            // Also when it existed: a store made by an older build, or under a loose umask.
+            fs::set_permissions(&dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+                .map_err(|e| Error::io(&dir, e))?;
         }
         store.remove_temporaries()?;
         Ok(store)
@@ -157,9 +173,9 @@ impl Store {
         }
         let tmp = temporary_sibling(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
         let result = (|| {
-            fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            create_private_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
             let disks = tmp.join(DISKS_DIR);
-            fs::create_dir(&disks).map_err(|e| Error::io(&disks, e))?;
+            create_private_dir(&disks).map_err(|e| Error::io(&disks, e))?;
             let config_path = tmp.join(CONFIG_FILE);
             write_atomic(&config_path, &encode(config)?).map_err(|e| Error::io(&config_path, e))?;
             rename_durable(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))
@@ -258,6 +274,21 @@ impl Store {
     }
 }
 
+/// Creates one folder, owner-only whatever the umask (an explicit chmod: the umask can only
+/// narrow the mode `mkdir` is given, and a caller's mask may be wider than ours).
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+}
+
+/// `mkdir -p` whose new folders are owner-only.
+fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+}
+
 fn encode(config: &VmConfig) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(config).map_err(|e| Error::EncodeConfig(config.id, e))
 }
@@ -282,6 +313,7 @@ fn remove_temporaries_in(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn open_temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -298,6 +330,43 @@ mod tests {
 
         assert_eq!(store.read_config(config.id).expect("read"), config);
         assert!(store.disks_dir(config.id).is_dir());
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn open_tightens_existing_store_folders_to_owner_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["", "vms", "run", "backups"] {
+            let path = dir.path().join(sub);
+            fs::create_dir_all(&path).expect("seed");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o777)).expect("loosen");
+        }
+
+        let store = Store::open(dir.path()).expect("open");
+
+        for path in [
+            store.root().to_owned(),
+            store.vms_dir(),
+            store.run_dir_root(),
+            store.backups_dir(),
+        ] {
+            assert_eq!(mode(&path), 0o700, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn created_vm_folders_and_config_are_owner_only() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+
+        store.create_vm(&config).expect("create");
+
+        assert_eq!(mode(&store.vm_dir(config.id)), 0o700);
+        assert_eq!(mode(&store.disks_dir(config.id)), 0o700);
+        assert_eq!(mode(&store.config_path(config.id)), 0o600);
     }
 
     #[test]

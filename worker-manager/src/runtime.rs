@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use vmm_core::VmId;
@@ -107,9 +107,52 @@ impl RuntimeDir {
         }
     }
 
-    /// Creates the folder, readable by its owner only (it holds sockets that control the VM).
+    /// Creates the folder, readable by its owner only (it holds sockets that control the VM and
+    /// the worker's log), or checks the one that exists.
+    ///
+    /// An existing folder is used only if it is a real folder (not a symbolic link, looked at
+    /// with `lstat`) owned by this process's user; anything else was planted by someone who
+    /// wants our files written elsewhere, and is refused. Its mode is then set to 0700.
     pub fn create(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
+        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The parent `run/` is the store's; create it if a caller has not.
+                if let Some(parent) = self.dir.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                fs::DirBuilder::new().mode(0o700).create(&self.dir)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let meta = fs::symlink_metadata(&self.dir)?;
+        if meta.file_type().is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "runtime folder is a symbolic link; refusing to use it",
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "runtime folder is not a folder",
+            ));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "runtime folder belongs to uid {}, not to us (uid {me}); refusing to use it",
+                    meta.uid()
+                ),
+            ));
+        }
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
     }
 
@@ -198,6 +241,61 @@ mod tests {
         runtime.remove_live_files(100);
 
         assert_eq!(runtime.read_pid().unwrap(), Some(200));
+    }
+
+    #[test]
+    fn create_makes_an_owner_only_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+
+        runtime.create().unwrap();
+
+        let mode = fs::metadata(runtime.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn create_tightens_an_existing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path()).unwrap();
+        fs::set_permissions(runtime.path(), fs::Permissions::from_mode(0o777)).unwrap();
+
+        runtime.create().unwrap();
+
+        let mode = fs::metadata(runtime.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn create_refuses_a_runtime_folder_that_is_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path().parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, runtime.path()).unwrap();
+
+        let result = runtime.create();
+
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn create_refuses_a_runtime_folder_owned_by_another_user() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: handing a folder to another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path()).unwrap();
+        std::os::unix::fs::chown(runtime.path(), Some(65534), Some(65534)).unwrap();
+
+        let result = runtime.create();
+
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
     }
 
     #[test]
