@@ -127,8 +127,8 @@ fn get_vm_shows_the_confinement_and_no_confinement_turns_it_off() {
     unconfined.new_vm("g", &[]);
     unconfined.ok(&["start-vm", "g"]);
 
-    let on = confined.vm("g")["worker"]["confinement"].clone();
-    let off = unconfined.vm("g")["worker"]["confinement"].clone();
+    let on = confined.worker_report("g")["confinement"].clone();
+    let off = unconfined.worker_report("g")["confinement"].clone();
 
     assert_eq!(on["enabled"], true);
     assert_eq!(on["seccomp"], true);

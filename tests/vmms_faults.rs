@@ -83,17 +83,6 @@ fn first_daemon_view(daemon: &Daemon, step: &str) -> Value {
     }
 }
 
-/// The live report of g's worker (`get-vm` leaves it out when the worker is slow to answer, as
-/// it may be on a loaded host).
-fn worker_report(daemon: &Daemon) -> Value {
-    let mut report = Value::Null;
-    wait_until("g's worker reports", || {
-        report = daemon.vm("g")["worker"].clone();
-        !report.is_null()
-    });
-    report
-}
-
 /// Starts `name` and waits until its guest counts; returns the counter.
 fn boot(daemon: &Daemon, name: &str) -> u64 {
     daemon.ok(&["start-vm", name]);
@@ -142,7 +131,7 @@ fn save_survives_a_kill_at_every_step() {
                     let saved = daemon.saved_counter(&id);
                     assert!(saved >= before, "{context}: saved {saved} < {before}");
                     daemon.ok(&["start-vm", "g"]);
-                    assert_eq!(worker_report(&daemon)["restored"], true, "{context}");
+                    assert_eq!(daemon.worker_report("g")["restored"], true, "{context}");
                     assert!(daemon.counter("g") >= saved, "{context}: restore went back");
                 }
                 Some(2) => {
@@ -233,7 +222,7 @@ fn save_completed_while_the_daemon_is_stopped_leaves_the_vm_saved() {
             let saved = daemon.saved_counter(&id);
             assert!(saved >= before, "{context}");
             daemon.ok(&["start-vm", "g"]);
-            assert_eq!(worker_report(&daemon)["restored"], true, "{context}");
+            assert_eq!(daemon.worker_report("g")["restored"], true, "{context}");
             assert!(daemon.counter("g") >= saved, "{context}: restore went back");
             finish(&daemon, "g", &context);
         }
@@ -312,7 +301,7 @@ fn restore_survives_a_kill_at_every_step_and_never_rolls_back() {
             match vm["enabled_state"].as_u64() {
                 Some(2) => {
                     assert_eq!(
-                        worker_report(&daemon)["restored"],
+                        daemon.worker_report("g")["restored"],
                         true,
                         "{context}: cold boot"
                     );

@@ -431,10 +431,20 @@ impl Daemon {
 
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
-        let vm = self.vm(target);
-        vm["worker"]["test_guest"]["counter"]
+        self.worker_report(target)["test_guest"]["counter"]
             .as_u64()
-            .unwrap_or_else(|| panic!("no guest counter in {vm}"))
+            .unwrap_or_else(|| panic!("no guest counter in {target}'s report"))
+    }
+
+    /// The live report of `target`'s worker. `get-vm` leaves it out when the worker does not
+    /// answer within its short deadline, as happens on a loaded host: this asks again.
+    pub fn worker_report(&self, target: &str) -> Value {
+        let mut report = Value::Null;
+        wait_until(&format!("{target}'s worker reports"), || {
+            report = self.vm(target)["worker"].clone();
+            !report["test_guest"]["counter"].is_null() || !report["confinement"].is_null()
+        });
+        report
     }
 
     /// Waits until the guest's counter exceeds `above`; returns it.

@@ -213,7 +213,7 @@ impl Store {
         self.discard_saved_state(id)?;
         self.remove_unfinished_save(id)?;
         let staging = self.saving_dir(id);
-        fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        create_private_dir(&staging).map_err(|e| Error::io(&staging, e))?;
         Ok(staging)
     }
 
