@@ -23,6 +23,7 @@
 //! ```
 
 mod boot;
+pub mod block;
 pub mod bus;
 pub mod config;
 pub mod devices;
