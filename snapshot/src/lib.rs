@@ -27,8 +27,13 @@ mod disk;
 pub mod durable;
 mod error;
 pub mod fault;
+pub mod folder;
+pub mod journal;
 pub mod lock;
+mod ops;
 pub mod progress;
+mod service;
+pub mod tree;
 
 pub use commit::commit_into_backing;
 pub use disk::{
@@ -36,4 +41,12 @@ pub use disk::{
     create_qcow2, open_disk,
 };
 pub use error::{Error, Result};
+pub use folder::VmFolder;
+pub use ops::apply::apply_checkpoint;
+pub use ops::create::{CreateRequest, create_checkpoint};
+pub use ops::delete::{delete_checkpoint, delete_checkpoint_tree};
+pub use ops::export::{ExportMode, ImportMode, export_vm, import_vm};
+pub use ops::recover::{Recovery, recover};
 pub use progress::{NoProgress, Progress, ProgressCounter};
+pub use service::{OfflineSnapshotService, VirtualSystemSnapshotService, rename_checkpoint};
+pub use tree::{Checkpoint, CheckpointId, CheckpointTree, CheckpointType, Consistency};
