@@ -74,16 +74,24 @@ pub fn apply_checkpoint(
     entry.write(&journal)?;
     fault_point("apply-journal");
 
-    for (disk, layer) in layered(&cp_disks).zip(&new_layers) {
-        create_overlay(layer, &disk.path)?;
-        fault_point("apply-overlay");
-    }
-    if checkpoint.has_saved_state {
-        let staging = folder.state_staging_dir();
-        remove_dir_all(&staging)?;
-        progress.add_total(size_of(&cp_state));
-        copy_dir(&cp_state, &staging, progress)?;
-        fault_point("apply-state-copied");
+    let prepared = (|| {
+        for (disk, layer) in layered(&cp_disks).zip(&new_layers) {
+            create_overlay(layer, &disk.path)?;
+            fault_point("apply-overlay");
+        }
+        if checkpoint.has_saved_state {
+            let staging = folder.state_staging_dir();
+            remove_dir_all(&staging)?;
+            progress.add_total(size_of(&cp_state));
+            copy_dir(&cp_state, &staging, progress)?;
+            fault_point("apply-state-copied");
+        }
+        Ok(())
+    })();
+    if let Err(e) = prepared {
+        // Nothing the VM uses changed yet: undo, and report the first failure.
+        let _ = roll_back(folder, &new_layers);
+        return Err(e);
     }
 
     entry.stage = Stage::Committed;

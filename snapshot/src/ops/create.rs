@@ -86,11 +86,19 @@ pub fn create_checkpoint(
     entry.write(&journal)?;
     fault_point("create-journal");
 
-    write_checkpoint_folder(folder, checkpoint.id, &checkpoint_config, saved, progress)?;
-    fault_point("create-folder");
-    for (disk, layer) in layered(&disks).zip(&new_layers) {
-        create_overlay(layer, &disk.path)?;
-        fault_point("create-overlay");
+    let prepared = (|| {
+        write_checkpoint_folder(folder, checkpoint.id, &checkpoint_config, saved, progress)?;
+        fault_point("create-folder");
+        for (disk, layer) in layered(&disks).zip(&new_layers) {
+            create_overlay(layer, &disk.path)?;
+            fault_point("create-overlay");
+        }
+        Ok(())
+    })();
+    if let Err(e) = prepared {
+        // Nothing the VM uses changed yet: undo, and report the first failure.
+        let _ = roll_back(folder, &checkpoint, &new_layers);
+        return Err(e);
     }
 
     entry.stage = Stage::Committed;
