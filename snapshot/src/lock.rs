@@ -47,6 +47,25 @@ impl LockMode {
 /// Checks that no other open file description conflicts with `mode`, then takes the lock on
 /// `file`. The lock lives as long as the open file description (every clone of `file`).
 pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    // A conflict can be transient: when another thread of this process forks (spawning a worker,
+    // say) while we hold an image open, the forked child keeps our open file description, and so
+    // our lock, until it execs, even after we close our descriptor. A real holder keeps its lock;
+    // so a conflict is only reported once it has lasted [`LOCK_PATIENCE`].
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match try_lock(file, path, mode) {
+            Err(Error::ImageLocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a conflicting lock may last before it counts as held by another user of the image.
+pub const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn try_lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     let (perm, shared) = mode.perms();
     let wanted = if mode == LockMode::Write {
         "write"

@@ -285,3 +285,64 @@ fn allocation_map_reports_data_zero_and_unallocated() {
         ]
     );
 }
+
+#[test]
+fn qemu_img_refuses_an_image_we_hold_open_for_writing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.qcow2");
+    create_qcow2(&path, MIB).expect("create");
+    let disk = open_disk(&path, false).expect("open");
+
+    let held = std::process::Command::new("qemu-img")
+        .args(["info", path.to_str().expect("utf8")])
+        .output()
+        .expect("qemu-img");
+    drop(disk);
+    let released = std::process::Command::new("qemu-img")
+        .args(["info", path.to_str().expect("utf8")])
+        .output()
+        .expect("qemu-img");
+
+    assert!(!held.status.success());
+    assert!(
+        String::from_utf8_lossy(&held.stderr).contains("lock"),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    assert!(released.status.success());
+}
+
+#[test]
+fn an_image_qemu_holds_open_for_writing_is_refused_with_a_lock_error() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.qcow2");
+    create_qcow2(&path, MIB).expect("create");
+    let mut qemu = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", path.to_str().expect("utf8")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let mut stdin = qemu.stdin.take().expect("stdin");
+    let mut stdout = std::io::BufReader::new(qemu.stdout.take().expect("stdout"));
+    // Once qemu-io answers a command, it has opened (and locked) the image.
+    writeln!(stdin, "read 0 512").expect("command");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("qemu-io answers");
+
+    let ours = open_disk(&path, false);
+    let reader = open_disk(&path, true);
+    writeln!(stdin, "quit").expect("quit");
+    drop(stdin);
+    qemu.wait().expect("qemu-io exits");
+
+    assert!(
+        matches!(ours, Err(snapshot::Error::ImageLocked { .. })),
+        "{ours:?}"
+    );
+    assert!(
+        matches!(reader, Err(snapshot::Error::ImageLocked { .. })),
+        "{reader:?}"
+    );
+}
