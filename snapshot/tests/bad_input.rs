@@ -128,3 +128,33 @@ fn a_random_file_is_not_taken_for_a_disk() {
         "{result:?}"
     );
 }
+
+mod header_fuzz {
+    use proptest::prelude::*;
+    use snapshot::{create_overlay, create_qcow2, open_disk};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Damaging any header byte of a qcow2 overlay gives an error or a usable disk, never a
+        /// panic; reads of a disk that did open stay within bounds.
+        #[test]
+        fn damaged_qcow2_headers_never_panic(edits in proptest::collection::vec((0usize..512, any::<u8>()), 1..6)) {
+            let dir = tempfile::tempdir().expect("tmp");
+            let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+            create_qcow2(&base, 1 << 20).expect("base");
+            create_overlay(&top, &base).expect("top");
+            let mut bytes = std::fs::read(&top).expect("read");
+            for (at, value) in edits {
+                bytes[at] = value;
+            }
+            std::fs::write(&top, &bytes).expect("write");
+
+            if let Ok(disk) = open_disk(&top, true) {
+                let mut buf = vec![0u8; 4096];
+                let _ = disk.read(0, &mut buf);
+                let _ = disk.allocation_map();
+            }
+        }
+    }
+}
