@@ -14,7 +14,7 @@
 //! | [`guest`] | the test guest embedded as the default boot image |
 
 pub use partition;
-pub use vmm_core as core;
 pub use snapshot;
+pub use vmm_core as core;
 pub use vmms_guest as guest;
 pub use worker_manager;

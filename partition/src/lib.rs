@@ -22,8 +22,8 @@
 //! # Ok::<(), partition::Error>(())
 //! ```
 
-mod boot;
 pub mod block;
+mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;

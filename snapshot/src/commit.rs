@@ -43,6 +43,7 @@ pub fn commit_into_backing(top: &Path, progress: &mut dyn Progress) -> Result<st
             .sum(),
     );
     let mut buf = vec![0u8; CHUNK as usize];
+    let mut chunks = 0u32;
     for extent in map {
         match extent.allocation {
             Allocation::Unallocated => {}
@@ -61,7 +62,8 @@ pub fn commit_into_backing(top: &Path, progress: &mut dyn Progress) -> Result<st
                         .map_err(|e| Error::image(&base_path, e))?;
                     progress.advance(n as u64);
                     offset += n as u64;
-                    fault_point("commit-chunk");
+                    chunks += 1;
+                    fault_point(&format!("commit-chunk-{chunks}"));
                 }
             }
         }

@@ -5,6 +5,12 @@
 //!   chains, through the `imago` crate, locked as QEMU locks them; [`Disk`] implements
 //!   partition's [`partition::block::BlockBackend`], so the virtio-blk device runs on qcow2.
 //! - [`commit_into_backing`]: merge one layer into its backing file (`qemu-img commit`).
+//! - [`CheckpointTree`] (`checkpoints/tree.json`) and the offline operations on a VM folder
+//!   ([`VmFolder`], DESIGN.md §5): [`create_checkpoint`], [`apply_checkpoint`],
+//!   [`delete_checkpoint`] (= merge), [`delete_checkpoint_tree`], [`rename_checkpoint`],
+//!   [`export_vm`] / [`import_vm`]; each journaled so that [`recover`] finishes or undoes what a
+//!   crash interrupted. [`VirtualSystemSnapshotService`] is the seam vmm-core drives
+//!   (`Msvm_VirtualSystemSnapshotService`), [`OfflineSnapshotService`] its implementation.
 //!
 //! ```
 //! # fn main() -> Result<(), snapshot::Error> {

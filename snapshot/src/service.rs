@@ -8,7 +8,7 @@ use crate::folder::VmFolder;
 use crate::ops::apply::apply_checkpoint;
 use crate::ops::create::{CreateRequest, create_checkpoint};
 use crate::ops::delete::{delete_checkpoint, delete_checkpoint_tree};
-use crate::ops::export::{ExportMode, export_vm};
+use crate::ops::export::{ExportMode, ImportMode, export_vm, import_vm};
 use crate::ops::recover::{Recovery, recover};
 use crate::progress::Progress;
 use crate::tree::{Checkpoint, CheckpointId, CheckpointTree, validate_name};
@@ -58,6 +58,15 @@ pub trait VirtualSystemSnapshotService: Send + Sync {
         mode: ExportMode,
         progress: &mut dyn Progress,
     ) -> Result<()>;
+    /// Imports an export folder into the store's `vms/` folder (Hyper-V's `Import-VM`); returns
+    /// the VM's id.
+    fn import(
+        &self,
+        source: &Path,
+        vms_dir: &Path,
+        mode: ImportMode,
+        progress: &mut dyn Progress,
+    ) -> Result<uuid::Uuid>;
     /// Finishes or rolls back an operation a crash interrupted.
     fn recover(&self, vm_dir: &Path) -> Result<Recovery>;
 }
@@ -119,6 +128,16 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         progress: &mut dyn Progress,
     ) -> Result<()> {
         export_vm(&VmFolder::new(vm_dir), target, mode, progress)
+    }
+
+    fn import(
+        &self,
+        source: &Path,
+        vms_dir: &Path,
+        mode: ImportMode,
+        progress: &mut dyn Progress,
+    ) -> Result<uuid::Uuid> {
+        import_vm(source, vms_dir, mode, progress)
     }
 
     fn recover(&self, vm_dir: &Path) -> Result<Recovery> {

@@ -1,6 +1,7 @@
 //! Crash safety: each operation runs in a child process that SIGKILLs itself at a named step
-//! (`VMMS_FAULT=<step>`); after `recover` the operation happened or it did not, every image
-//! passes `qemu-img check`, and no data written before the operation began is lost.
+//! (`VMMS_FAULT=<step>`); every image passes `qemu-img check` right after the kill and after
+//! `recover`, the operation then happened or it did not, and no data written before the
+//! operation began is lost.
 
 mod common_qemu;
 mod common_vm;
@@ -92,6 +93,26 @@ fn run_until_killed(
     );
 }
 
+/// 3 MiB of pattern at 1 MiB (several commit chunks).
+const BULK: (u64, usize) = (1 << 20, 3 << 20);
+
+fn bulk_pattern() -> Vec<u8> {
+    (0..BULK.1).map(|i| (i / 4096 % 250) as u8 + 1).collect()
+}
+
+fn write_bulk(vm: &VmFolder) {
+    let disk = snapshot::open_disk(&live_disk(vm, 0), false).expect("open");
+    disk.write(BULK.0, &bulk_pattern()).expect("bulk write");
+    disk.flush().expect("flush");
+}
+
+fn assert_bulk_intact(vm: &VmFolder, step: &str) {
+    let disk = snapshot::open_disk(&live_disk(vm, 0), true).expect("open");
+    let mut buf = vec![0u8; BULK.1];
+    disk.read(BULK.0, &mut buf).expect("read");
+    assert!(buf == bulk_pattern(), "{step}: bulk data changed");
+}
+
 fn check_all_images(vm: &VmFolder) {
     for file in disk_files(vm) {
         assert_check_clean(&file);
@@ -124,6 +145,7 @@ fn create_killed_at_any_step_is_rolled_back_or_finished() {
         save_vm(&vm, 7);
 
         run_until_killed("create", step, &vm, None, None);
+        check_all_images(&vm);
         let recovery = recover(vm.dir()).expect("recover");
 
         let tree = vm.tree().expect("tree");
@@ -176,6 +198,7 @@ fn apply_killed_at_any_step_is_rolled_back_or_finished() {
         write_record(&vm, 0, 0, 2);
 
         run_until_killed("apply", step, &vm, Some(a.id), None);
+        check_all_images(&vm);
         recover(vm.dir()).expect("recover");
 
         let expected = if happened {
@@ -203,6 +226,7 @@ fn two_checkpoints(root: &Path) -> (VmFolder, CheckpointId, CheckpointId) {
     write_record(&vm, 0, 0, 1);
     let a = create_checkpoint(&vm, &standard("a"), &mut NoProgress).expect("a");
     write_record(&vm, 0, 1, 2);
+    write_bulk(&vm);
     let b = create_checkpoint(&vm, &standard("b"), &mut NoProgress).expect("b");
     write_record(&vm, 0, 2, 3);
     (vm, a.id, b.id)
@@ -212,7 +236,8 @@ fn two_checkpoints(root: &Path) -> (VmFolder, CheckpointId, CheckpointId) {
 fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
     let steps = [
         "delete-journal",
-        "commit-chunk",
+        "commit-chunk-1",
+        "commit-chunk-3",
         "delete-committed",
         "delete-renamed",
         "delete-tree",
@@ -224,6 +249,7 @@ fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
         let files_before = disk_files(&vm).len();
 
         run_until_killed("delete", step, &vm, Some(a), None);
+        check_all_images(&vm);
         let recovery = recover(vm.dir()).expect("recover");
 
         assert_eq!(recovery, Recovery::RolledForward("delete"), "{step}");
@@ -239,6 +265,7 @@ fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
         );
         check_all_images(&vm);
         assert_eq!(blocks(&vm), [1, 2, 3], "{step}: live data");
+        assert_bulk_intact(&vm, step);
         apply_checkpoint(&vm, b, &mut NoProgress).expect("apply b");
         assert_eq!(blocks(&vm), [1, 2, 0], "{step}: checkpoint b");
         check_all_images(&vm);
