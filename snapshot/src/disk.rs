@@ -262,7 +262,7 @@ impl Disk {
 /// Creates a new, empty qcow2 v3 image of `size` bytes (64 KiB clusters, 16-bit refcounts, as
 /// `qemu-img create -f qcow2`). Fails if `path` exists.
 pub fn create_qcow2(path: &Path, size: u64) -> Result<()> {
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         return Err(Error::BadSize { size });
     }
     create(path, size, None)
@@ -464,7 +464,7 @@ fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
     if n == 4 && &magic == QCOW2_MAGIC {
         return Ok(DiskFormat::Qcow2);
     }
-    if len == 0 || len % 512 != 0 {
+    if len == 0 || !len.is_multiple_of(512) {
         return Err(Error::UnknownFormat {
             path: path.to_path_buf(),
             reason: "no qcow2 magic and not a whole number of 512-byte sectors",

@@ -42,7 +42,10 @@ fn flattened_export_imports_as_a_new_vm_with_identical_disk_contents() {
 
     let imported = VmFolder::new(dst.path().join("vms").join(id.to_string()));
     let disk = live_disk(&imported, 0);
-    assert_eq!(backing_chain(&disk).expect("chain"), [disk.clone()]);
+    assert_eq!(
+        backing_chain(&disk).expect("chain"),
+        std::slice::from_ref(&disk)
+    );
     qemu_img(&[
         "compare",
         disk.to_str().expect("utf8"),

@@ -116,10 +116,10 @@ fn merge_layer(
     }
     let mut children = Vec::new();
     for other in others.iter().filter(|o| o.exists()) {
-        if let Some(parent) = parent_in_chain(other, layer)? {
-            if !children.contains(&parent) {
-                children.push(parent);
-            }
+        if let Some(parent) = parent_in_chain(other, layer)?
+            && !children.contains(&parent)
+        {
+            children.push(parent);
         }
     }
     match children.as_slice() {
