@@ -302,7 +302,7 @@ fn create(path: &Path, size: u64, backing: Option<(String, String)>) -> Result<(
 }
 
 /// The name to store in an overlay's header for `backing`: relative when in the same folder.
-fn backing_name(overlay: &Path, backing: &Path) -> String {
+pub(crate) fn backing_name(overlay: &Path, backing: &Path) -> String {
     let same_dir = overlay
         .parent()
         .zip(backing.parent())

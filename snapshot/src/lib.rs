@@ -38,6 +38,7 @@ pub mod journal;
 pub mod lock;
 mod ops;
 pub mod progress;
+mod rebase;
 mod service;
 pub mod tree;
 
@@ -54,5 +55,6 @@ pub use ops::delete::{delete_checkpoint, delete_checkpoint_tree};
 pub use ops::export::{ExportMode, ImportMode, export_vm, import_vm};
 pub use ops::recover::{Recovery, recover};
 pub use progress::{NoProgress, Progress, ProgressCounter};
+pub use rebase::{rebase_onto_grandparent, set_backing_file};
 pub use service::{OfflineSnapshotService, VirtualSystemSnapshotService, rename_checkpoint};
 pub use tree::{Checkpoint, CheckpointId, CheckpointTree, CheckpointType, Consistency};

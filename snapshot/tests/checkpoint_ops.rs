@@ -288,3 +288,21 @@ fn two_disks_are_layered_together() {
     assert_eq!(backing_chain(&live_disk(&vm, 0)).expect("chain").len(), 2);
     check_all(&vm);
 }
+
+#[test]
+fn deleting_a_checkpoint_two_branches_grow_from_rebases_both_and_removes_its_layer() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let vm = make_vm(root.path(), 1);
+    let [a, b, c, d] = three_level_tree_with_a_branch(&vm);
+    let files_before = disk_files(&vm).len();
+
+    delete_checkpoint(&vm, a.id, &mut NoProgress).expect("delete A");
+
+    check_all(&vm);
+    assert_eq!(disk_files(&vm).len(), files_before - 1);
+    assert!(!vm.disks_dir().join("disk0.qcow2").exists());
+    assert_eq!(read_record(&vm, 0, 2), 5);
+    assert_applies_to(&vm, &b, [2, 0, 0]);
+    assert_applies_to(&vm, &c, [3, 0, 0]);
+    assert_applies_to(&vm, &d, [1, 4, 0]);
+}

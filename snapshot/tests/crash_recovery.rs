@@ -327,3 +327,28 @@ fn export_killed_at_any_step_leaves_no_partial_export() {
         assert_eq!(blocks(&vm), [1, 2, 3], "{step}: source untouched");
     }
 }
+
+#[test]
+fn delete_of_a_branch_point_killed_mid_rebase_is_finished() {
+    for step in ["rebase-streamed", "delete-rebased", "delete-layer-removed"] {
+        let root = tempfile::tempdir().expect("tmp");
+        let (vm, a, b) = two_checkpoints(root.path());
+        apply_checkpoint(&vm, a, &mut NoProgress).expect("apply a");
+        write_record(&vm, 0, 2, 9);
+        let d = create_checkpoint(&vm, &standard("d"), &mut NoProgress).expect("d");
+        let files_before = disk_files(&vm).len();
+
+        run_until_killed("delete", step, &vm, Some(a), None);
+        check_all_images(&vm);
+        recover(vm.dir()).expect("recover");
+
+        assert_eq!(disk_files(&vm).len(), files_before - 1, "{step}");
+        assert_eq!(blocks(&vm), [1, 0, 9], "{step}: live data");
+        check_all_images(&vm);
+        apply_checkpoint(&vm, b, &mut NoProgress).expect("apply b");
+        assert_eq!(blocks(&vm), [1, 2, 0], "{step}: checkpoint b");
+        assert_bulk_intact(&vm, step);
+        apply_checkpoint(&vm, d.id, &mut NoProgress).expect("apply d");
+        assert_eq!(blocks(&vm), [1, 0, 9], "{step}: checkpoint d");
+    }
+}

@@ -346,3 +346,54 @@ fn an_image_qemu_holds_open_for_writing_is_refused_with_a_lock_error() {
         "{reader:?}"
     );
 }
+
+#[test]
+fn rebase_onto_the_grandparent_keeps_contents_and_qemu_img_sees_the_new_backing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, mid, top, expected) = (
+        dir.path().join("base.qcow2"),
+        dir.path().join("mid.qcow2"),
+        dir.path().join("top.qcow2"),
+        dir.path().join("expected.qcow2"),
+    );
+    create_qcow2(&base, 4 * MIB).expect("base");
+    open_disk(&base, false)
+        .expect("base")
+        .write(0, &pattern(1, MIB as usize))
+        .expect("w");
+    create_overlay(&mid, &base).expect("mid");
+    let disk = open_disk(&mid, false).expect("mid");
+    disk.write(512 * 1024, &pattern(2, MIB as usize))
+        .expect("w");
+    disk.write_zeroes(3 * MIB, 64 * 1024).expect("z");
+    drop(disk);
+    create_overlay(&top, &mid).expect("top");
+    open_disk(&top, false)
+        .expect("top")
+        .write(MIB, &pattern(3, 4096))
+        .expect("w");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        top.to_str().expect("utf8"),
+        expected.to_str().expect("utf8"),
+    ]);
+
+    snapshot::rebase_onto_grandparent(&top, &mut NoProgress).expect("rebase");
+
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        top.to_str().expect("utf8"),
+    ]))
+    .expect("json");
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    qemu_img(&[
+        "compare",
+        top.to_str().expect("utf8"),
+        expected.to_str().expect("utf8"),
+    ]);
+    assert_check_clean(&top);
+}

@@ -4,8 +4,10 @@
 //! A deleted checkpoint's layer `L` is merged into its only child `K` by committing `K` into `L`
 //! (so `L` then holds what `K` showed) and renaming `L` over `K`: `K`'s own children and every
 //! config that names `K` stay valid, and the chain is one layer shorter. Both steps are idempotent
-//! (the commit changes nothing `K` shows; the rename is atomic), so a crash is rolled forward. A
-//! layer nothing uses any more is removed. Layers are only ever merged or removed inside the VM's
+//! (the commit changes nothing `K` shows; the rename is atomic), so a crash is rolled forward. When
+//! several branches grow from `L`, `L`'s data is copied up into each child, which is then rebased
+//! onto `L`'s backing file ([`crate::rebase`]), and `L` is removed. A layer nothing uses any more
+//! is removed. Layers are only ever merged or removed inside the VM's
 //! own `disks/` folder: a base image elsewhere may be shared with other VMs.
 
 use std::path::{Path, PathBuf};
@@ -137,8 +139,18 @@ fn merge_layer(
                 fault_point("delete-renamed");
             }
         }
-        // Several branches grow from this layer: it stays as their shared base.
-        _ => {}
+        // Several branches grow from this layer: copy it up into each and point each at its
+        // backing file; then nothing uses it. A child outside our folder keeps it.
+        several => {
+            if several.iter().all(|c| c.starts_with(folder.disks_dir())) {
+                for child in several {
+                    crate::rebase::rebase_onto_grandparent(child, progress)?;
+                    fault_point("delete-rebased");
+                }
+                remove_file(layer)?;
+                fault_point("delete-layer-removed");
+            }
+        }
     }
     Ok(())
 }
