@@ -306,3 +306,28 @@ fn deleting_a_checkpoint_two_branches_grow_from_rebases_both_and_removes_its_lay
     assert_applies_to(&vm, &c, [3, 0, 0]);
     assert_applies_to(&vm, &d, [1, 4, 0]);
 }
+
+#[test]
+fn deleting_the_checkpoint_that_owns_a_raw_base_disk_folds_it_into_the_overlay() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let vm = make_vm(root.path(), 0);
+    let raw = vm.disks_dir().join("disk0.raw");
+    std::fs::write(&raw, vec![0u8; DISK_SIZE as usize]).expect("raw disk");
+    let mut config = vm.config().expect("config");
+    config["disks"] = serde_json::json!([{"path": "disk0.raw", "read_only": false}]);
+    snapshot::folder::write_config(&vm.config_path(), &config).expect("config");
+    write_record(&vm, 0, 0, 1);
+    let a = create_checkpoint(&vm, &standard("A"), &mut NoProgress).expect("A");
+    write_record(&vm, 0, 1, 2);
+
+    delete_checkpoint(&vm, a.id, &mut NoProgress).expect("delete A");
+
+    let live = live_disk(&vm, 0);
+    assert!(!raw.exists());
+    assert_eq!(
+        backing_chain(&live).expect("chain"),
+        std::slice::from_ref(&live)
+    );
+    assert_eq!((read_record(&vm, 0, 0), read_record(&vm, 0, 1)), (1, 2));
+    check_all(&vm);
+}

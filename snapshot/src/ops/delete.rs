@@ -129,21 +129,22 @@ fn merge_layer(
             remove_file(layer)?;
             fault_point("delete-layer-removed");
         }
-        [child] => {
-            let both_qcow2 = Disk::open_layer_only(layer)?.format() == DiskFormat::Qcow2
-                && Disk::open_layer_only(child)?.format() == DiskFormat::Qcow2;
-            if both_qcow2 && child.starts_with(folder.disks_dir()) {
-                commit_into_backing(child, progress)?;
-                fault_point("delete-committed");
-                rename(layer, child)?;
-                fault_point("delete-renamed");
-            }
+        // One child, both qcow2: fold the child into the layer and let the layer take its name.
+        [child]
+            if Disk::open_layer_only(layer)?.format() == DiskFormat::Qcow2
+                && child.starts_with(folder.disks_dir()) =>
+        {
+            commit_into_backing(child, progress)?;
+            fault_point("delete-committed");
+            rename(layer, child)?;
+            fault_point("delete-renamed");
         }
-        // Several branches grow from this layer: copy it up into each and point each at its
-        // backing file; then nothing uses it. A child outside our folder keeps it.
-        several => {
-            if several.iter().all(|c| c.starts_with(folder.disks_dir())) {
-                for child in several {
+        // Several branches grow from this layer (or it is raw, so it cannot take a qcow2 child's
+        // place): copy it up into each child and point each at its backing file; then nothing
+        // uses it. A child outside our folder keeps it.
+        children => {
+            if children.iter().all(|c| c.starts_with(folder.disks_dir())) {
+                for child in children {
                     crate::rebase::rebase_onto_grandparent(child, progress)?;
                     fault_point("delete-rebased");
                 }
