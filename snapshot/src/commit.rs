@@ -63,7 +63,7 @@ pub fn commit_into_backing(top: &Path, progress: &mut dyn Progress) -> Result<st
                     progress.advance(n as u64);
                     offset += n as u64;
                     chunks += 1;
-                    fault_point(&format!("commit-chunk-{chunks}"));
+                    fault_point(&format!("snapshot.commit-chunk-{chunks}"));
                 }
             }
         }

@@ -36,7 +36,7 @@ pub fn rebase_onto_grandparent(layer: &Path, progress: &mut dyn Progress) -> Res
     stream(&top, &parent, progress)?;
     top.flush().map_err(|e| Error::image(layer, e))?;
     drop(top);
-    fault_point("rebase-streamed");
+    fault_point("snapshot.rebase-streamed");
     let backing = match &grandparent {
         Some(path) => {
             let format = Disk::open_layer_only(path)?.format();

@@ -130,13 +130,13 @@ fn blocks(vm: &VmFolder) -> [u8; 3] {
 #[test]
 fn create_killed_at_any_step_is_rolled_back_or_finished() {
     let steps = [
-        ("create-journal", false),
-        ("create-state-copied", false),
-        ("create-folder", false),
-        ("create-overlay", false),
-        ("create-committed", true),
-        ("create-tree", true),
-        ("create-config", true),
+        ("snapshot.create-journal", false),
+        ("snapshot.create-state-copied", false),
+        ("snapshot.create-folder", false),
+        ("snapshot.create-overlay", false),
+        ("snapshot.create-committed", true),
+        ("snapshot.create-tree", true),
+        ("snapshot.create-config", true),
     ];
     for (step, happened) in steps {
         let root = tempfile::tempdir().expect("tmp");
@@ -179,14 +179,14 @@ fn create_killed_at_any_step_is_rolled_back_or_finished() {
 #[test]
 fn apply_killed_at_any_step_is_rolled_back_or_finished() {
     let steps = [
-        ("apply-journal", false),
-        ("apply-overlay", false),
-        ("apply-state-copied", false),
-        ("apply-committed", true),
-        ("apply-state", true),
-        ("apply-tree", true),
-        ("apply-config", true),
-        ("apply-discard", true),
+        ("snapshot.apply-journal", false),
+        ("snapshot.apply-overlay", false),
+        ("snapshot.apply-state-copied", false),
+        ("snapshot.apply-committed", true),
+        ("snapshot.apply-state", true),
+        ("snapshot.apply-tree", true),
+        ("snapshot.apply-config", true),
+        ("snapshot.apply-discard", true),
     ];
     for (step, happened) in steps {
         let root = tempfile::tempdir().expect("tmp");
@@ -235,13 +235,13 @@ fn two_checkpoints(root: &Path) -> (VmFolder, CheckpointId, CheckpointId) {
 #[test]
 fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
     let steps = [
-        "delete-journal",
-        "commit-chunk-1",
-        "commit-chunk-3",
-        "delete-committed",
-        "delete-renamed",
-        "delete-tree",
-        "delete-folder",
+        "snapshot.delete-journal",
+        "snapshot.commit-chunk-1",
+        "snapshot.commit-chunk-3",
+        "snapshot.delete-committed",
+        "snapshot.delete-renamed",
+        "snapshot.delete-tree",
+        "snapshot.delete-folder",
     ];
     for step in steps {
         let root = tempfile::tempdir().expect("tmp");
@@ -278,7 +278,13 @@ fn delete_of_an_abandoned_branch_killed_while_removing_its_layer_is_finished() {
     let (vm, a, b) = two_checkpoints(root.path());
     apply_checkpoint(&vm, a, &mut NoProgress).expect("apply a abandons b's branch");
 
-    run_until_killed("delete-tree", "delete-layer-removed", &vm, Some(b), None);
+    run_until_killed(
+        "delete-tree",
+        "snapshot.delete-layer-removed",
+        &vm,
+        Some(b),
+        None,
+    );
     recover(vm.dir()).expect("recover");
 
     let tree = vm.tree().expect("tree");
@@ -291,9 +297,9 @@ fn delete_of_an_abandoned_branch_killed_while_removing_its_layer_is_finished() {
 #[test]
 fn export_killed_at_any_step_leaves_no_partial_export() {
     let steps = [
-        ("export-journal", false),
-        ("export-copied", false),
-        ("export-renamed", true),
+        ("snapshot.export-journal", false),
+        ("snapshot.export-copied", false),
+        ("snapshot.export-renamed", true),
     ];
     for (step, happened) in steps {
         let root = tempfile::tempdir().expect("tmp");
@@ -330,7 +336,11 @@ fn export_killed_at_any_step_leaves_no_partial_export() {
 
 #[test]
 fn delete_of_a_branch_point_killed_mid_rebase_is_finished() {
-    for step in ["rebase-streamed", "delete-rebased", "delete-layer-removed"] {
+    for step in [
+        "snapshot.rebase-streamed",
+        "snapshot.delete-rebased",
+        "snapshot.delete-layer-removed",
+    ] {
         let root = tempfile::tempdir().expect("tmp");
         let (vm, a, b) = two_checkpoints(root.path());
         apply_checkpoint(&vm, a, &mut NoProgress).expect("apply a");

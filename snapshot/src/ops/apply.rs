@@ -72,19 +72,19 @@ pub fn apply_checkpoint(
         },
     };
     entry.write(&journal)?;
-    fault_point("apply-journal");
+    fault_point("snapshot.apply-journal");
 
     let prepared = (|| {
         for (disk, layer) in layered(&cp_disks).zip(&new_layers) {
             create_overlay(layer, &disk.path)?;
-            fault_point("apply-overlay");
+            fault_point("snapshot.apply-overlay");
         }
         if checkpoint.has_saved_state {
             let staging = folder.state_staging_dir();
             remove_dir_all(&staging)?;
             progress.add_total(size_of(&cp_state));
             copy_dir(&cp_state, &staging, progress)?;
-            fault_point("apply-state-copied");
+            fault_point("snapshot.apply-state-copied");
         }
         Ok(())
     })();
@@ -96,7 +96,7 @@ pub fn apply_checkpoint(
 
     entry.stage = Stage::Committed;
     entry.write(&journal)?;
-    fault_point("apply-committed");
+    fault_point("snapshot.apply-committed");
     finish(
         folder,
         id,
@@ -139,19 +139,19 @@ pub(crate) fn finish(
     with_state: bool,
 ) -> Result<()> {
     swap_state(folder, with_state)?;
-    fault_point("apply-state");
+    fault_point("snapshot.apply-state");
     let mut tree = folder.tree()?;
     if tree.now != Some(id) {
         tree.now = Some(id);
         tree.save(&folder.tree_path())?;
     }
-    fault_point("apply-tree");
+    fault_point("snapshot.apply-tree");
     write_config(&folder.config_path(), new_config)?;
-    fault_point("apply-config");
+    fault_point("snapshot.apply-config");
     for layer in discard_layers {
         remove_file(layer)?;
     }
-    fault_point("apply-discard");
+    fault_point("snapshot.apply-discard");
     JournalEntry::clear(&folder.journal_path())
 }
 

@@ -84,14 +84,14 @@ pub fn create_checkpoint(
         },
     };
     entry.write(&journal)?;
-    fault_point("create-journal");
+    fault_point("snapshot.create-journal");
 
     let prepared = (|| {
         write_checkpoint_folder(folder, checkpoint.id, &checkpoint_config, saved, progress)?;
-        fault_point("create-folder");
+        fault_point("snapshot.create-folder");
         for (disk, layer) in layered(&disks).zip(&new_layers) {
             create_overlay(layer, &disk.path)?;
-            fault_point("create-overlay");
+            fault_point("snapshot.create-overlay");
         }
         Ok(())
     })();
@@ -103,7 +103,7 @@ pub fn create_checkpoint(
 
     entry.stage = Stage::Committed;
     entry.write(&journal)?;
-    fault_point("create-committed");
+    fault_point("snapshot.create-committed");
     finish(folder, &checkpoint, &new_config)?;
     Ok(checkpoint)
 }
@@ -123,7 +123,7 @@ fn write_checkpoint_folder(
     if saved {
         progress.add_total(size_of(&folder.state_dir()));
         copy_dir(&folder.state_dir(), &staging.join(STATE_DIR), progress)?;
-        fault_point("create-state-copied");
+        fault_point("snapshot.create-state-copied");
     }
     rename(&staging, &folder.checkpoint_dir(id))
 }
@@ -136,9 +136,9 @@ pub(crate) fn finish(folder: &VmFolder, checkpoint: &Checkpoint, new_config: &Va
         tree.now = Some(checkpoint.id);
         tree.save(&folder.tree_path())?;
     }
-    fault_point("create-tree");
+    fault_point("snapshot.create-tree");
     write_config(&folder.config_path(), new_config)?;
-    fault_point("create-config");
+    fault_point("snapshot.create-config");
     JournalEntry::clear(&folder.journal_path())
 }
 

@@ -65,7 +65,7 @@ fn start(
         },
     };
     entry.write(&folder.journal_path())?;
-    fault_point("delete-journal");
+    fault_point("snapshot.delete-journal");
     finish(folder, &checkpoints, progress)
 }
 
@@ -95,9 +95,9 @@ fn delete_one(folder: &VmFolder, id: CheckpointId, progress: &mut dyn Progress) 
     }
     tree.remove(id);
     tree.save(&folder.tree_path())?;
-    fault_point("delete-tree");
+    fault_point("snapshot.delete-tree");
     remove_dir_all(&folder.checkpoint_dir(id))?;
-    fault_point("delete-folder");
+    fault_point("snapshot.delete-folder");
     Ok(())
 }
 
@@ -127,7 +127,7 @@ fn merge_layer(
     match children.as_slice() {
         [] => {
             remove_file(layer)?;
-            fault_point("delete-layer-removed");
+            fault_point("snapshot.delete-layer-removed");
         }
         // One child, both qcow2: fold the child into the layer and let the layer take its name.
         [child]
@@ -135,9 +135,9 @@ fn merge_layer(
                 && child.starts_with(folder.disks_dir()) =>
         {
             commit_into_backing(child, progress)?;
-            fault_point("delete-committed");
+            fault_point("snapshot.delete-committed");
             rename(layer, child)?;
-            fault_point("delete-renamed");
+            fault_point("snapshot.delete-renamed");
         }
         // Several branches grow from this layer (or it is raw, so it cannot take a qcow2 child's
         // place): copy it up into each child and point each at its backing file; then nothing
@@ -146,10 +146,10 @@ fn merge_layer(
             if children.iter().all(|c| c.starts_with(folder.disks_dir())) {
                 for child in children {
                     crate::rebase::rebase_onto_grandparent(child, progress)?;
-                    fault_point("delete-rebased");
+                    fault_point("snapshot.delete-rebased");
                 }
                 remove_file(layer)?;
-                fault_point("delete-layer-removed");
+                fault_point("snapshot.delete-layer-removed");
             }
         }
     }

@@ -64,15 +64,15 @@ pub fn export_vm(
             create_dir_all(parent)?;
         }
         entry.write(&folder.journal_path())?;
-        fault_point("export-journal");
+        fault_point("snapshot.export-journal");
         remove_dir_all(&staging)?;
         match mode {
             ExportMode::Flattened => export_flattened(folder, &staging, progress)?,
             ExportMode::Chained => export_chained(folder, &staging, progress)?,
         }
-        fault_point("export-copied");
+        fault_point("snapshot.export-copied");
         rename(&staging, target)?;
-        fault_point("export-renamed");
+        fault_point("snapshot.export-renamed");
         JournalEntry::clear(&folder.journal_path())
     })();
     if result.is_err() {
@@ -91,7 +91,7 @@ fn export_flattened(folder: &VmFolder, staging: &Path, progress: &mut dyn Progre
     for (i, disk) in disks.iter().enumerate() {
         let target = out.disks_dir().join(format!("disk{i}.qcow2"));
         flatten(&disk.path, &target, progress)?;
-        fault_point("export-disk");
+        fault_point("snapshot.export-disk");
         paths.push(target);
     }
     write_config(&out.config_path(), &out.with_disk_paths(&config, &paths))?;
@@ -220,7 +220,7 @@ pub fn import_vm(
     let result = (|| {
         progress.add_total(size_of(source));
         copy_tree(source, &staging, progress)?;
-        fault_point("import-copied");
+        fault_point("snapshot.import-copied");
         let folder = VmFolder::new(&staging);
         set_id(&folder.config_path(), id)?;
         for cp in folder.tree()?.checkpoints {
