@@ -15,6 +15,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# qemu-img / qemu-io: the snapshot crate's interop tests check our qcow2 images with QEMU's tools.
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+  step "installing qemu-utils"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+fi
+
 if [ -x scripts/guest-image.sh ] && [ "${VMMS_SKIP_LINUX:-0}" != 1 ]; then
   step "tiny Linux guest image (cached; rebuilt only when its inputs change)"
   scripts/guest-image.sh

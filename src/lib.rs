@@ -10,9 +10,11 @@
 //! | [`partition`] | child partitions: one KVM VM with its memory, vCPUs, devices and state |
 //! | [`core`] | VMMS: the VM catalog, the EnabledState machine, jobs and events |
 //! | [`worker_manager`] | the Worker Process Manager: a worker process (`vmwp.exe`) per running VM, its control protocol, supervision and re-attach |
+//! | [`snapshot`] | the Snapshot Manager: checkpoint trees, qcow2 disks with backing chains, offline checkpoint operations |
 //! | [`guest`] | the test guest embedded as the default boot image |
 
 pub use partition;
+pub use snapshot;
 pub use vmm_core as core;
 pub use vmms_guest as guest;
 pub use worker_manager;
