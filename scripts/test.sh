@@ -15,10 +15,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# qemu-img / qemu-io: the snapshot crate's interop tests check our qcow2 images with QEMU's tools.
-if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
-  step "installing qemu-utils"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+# Debian packages the tests drive for real, each named by a command it provides:
+#   qemu-img, qemu-io  (qemu-utils)  the snapshot crate's interop tests check our qcow2 images
+#   strace             (strace)      the confinement test traces a worker's system calls
+missing=()
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  step "installing ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ -x scripts/guest-image.sh ] && [ "${VMMS_SKIP_LINUX:-0}" != 1 ]; then
