@@ -22,6 +22,7 @@
 //! # Ok::<(), partition::Error>(())
 //! ```
 
+pub mod block;
 mod boot;
 pub mod bus;
 pub mod config;

@@ -8,6 +8,7 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::block::{BlockBackend, RawImage};
 use crate::boot::{self, configure_boot_vcpu, configure_lapic, configure_msrs, vcpu_cpuid};
 use crate::bus::{Bus, BusDevice};
 use crate::config::PartitionConfig;
@@ -197,27 +198,19 @@ fn attach_disk(
     disk: &crate::config::DiskConfig,
     saved: Option<&DiskState>,
 ) -> Result<AttachedDisk> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .open(&disk.path)
-        .map_err(|source| Error::OpenDisk {
-            path: disk.path.clone(),
-            source,
-        })?;
-    let len = file
-        .metadata()
-        .map_err(|source| Error::OpenDisk {
-            path: disk.path.clone(),
-            source,
-        })?
-        .len();
-    let changed = Arc::new(ChangedBlockMap::new(len, disk.changed_block_size)?);
+    let backend: Arc<dyn BlockBackend> = match &disk.backend {
+        Some(backend) => backend.clone(),
+        None => Arc::new(RawImage::open(&disk.path, disk.read_only)?),
+    };
+    let changed = Arc::new(ChangedBlockMap::new(
+        backend.size(),
+        disk.changed_block_size,
+    )?);
     let config = BlockConfig {
         read_only: disk.read_only,
         serial: format!("vmms-disk{index}"),
     };
-    let block = Block::new(file, config, changed.clone())?;
+    let block = Block::new(backend, config, changed.clone())?;
     let (_, gsi) = disk_window(index);
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     let transport = match saved {

@@ -1,11 +1,10 @@
-//! virtio-blk (virtio 1.x section 5.2) over a raw disk image.
+//! virtio-blk (virtio 1.x section 5.2) over a [`BlockBackend`].
 //!
 //! A request is a descriptor chain: a 16-byte header the device reads (type, sector), the data
 //! (device-readable for a write, device-writable for a read), and a final status byte the device
-//! writes. Requests are served synchronously with `pread`/`pwrite` straight between the image and
-//! guest memory; each successful write marks its blocks in the disk's [`ChangedBlockMap`].
+//! writes. Requests move bytes straight between the backend and guest memory; each write marks its
+//! blocks in the disk's [`ChangedBlockMap`], whatever the backend.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -19,12 +18,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::image::ImageCursor;
 use super::{ChangedBlockMap, VirtioDevice, VirtioError};
+use crate::block::BlockBackend;
+pub use crate::block::SECTOR_SIZE;
 use crate::memory::PartitionMemory;
-
-/// Bytes per virtio-blk sector: the unit of `capacity` and of a request's `sector`.
-pub const SECTOR_SIZE: u64 = 512;
 
 /// Descriptors per request queue.
 const QUEUE_SIZE: u16 = 256;
@@ -37,22 +34,24 @@ const CONFIG_LEN: usize = 16;
 /// How a [`Block`] device presents its image.
 #[derive(Clone, Debug, Default)]
 pub struct BlockConfig {
-    /// Offer the disk read-only (`VIRTIO_BLK_F_RO`); writes fail with an I/O error.
+    /// Offer the disk read-only (`VIRTIO_BLK_F_RO`); writes fail with an I/O error. A backend
+    /// that is read-only itself makes the disk read-only whatever this says.
     pub read_only: bool,
     /// What `VIRTIO_BLK_T_GET_ID` returns (Linux shows it as the disk's serial); at most 20 bytes.
     pub serial: String,
 }
 
-/// A virtio-blk device over a raw image file.
+/// A virtio-blk device over a [`BlockBackend`].
 ///
-/// The capacity is the image's length, which must be a whole number of 512-byte sectors. Features
-/// offered: VERSION_1, FLUSH (answered with `fdatasync`), SEG_MAX, and RO for a read-only disk.
+/// The capacity is the backend's size, which must be a whole number of 512-byte sectors. Features
+/// offered: VERSION_1, FLUSH (answered with the backend's flush), SEG_MAX, and RO for a read-only
+/// disk.
 /// Requests that reach past the capacity, carry data that is not whole sectors, or point outside
 /// guest memory fail with `VIRTIO_BLK_S_IOERR` before any byte moves; unknown request types get
 /// `VIRTIO_BLK_S_UNSUPP`.
 #[derive(Debug)]
 pub struct Block {
-    image: File,
+    backend: Arc<dyn BlockBackend>,
     capacity_bytes: u64,
     read_only: bool,
     /// The ID, NUL-padded to its full 20 bytes.
@@ -65,16 +64,16 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device over `image` that records its writes in `changed_blocks`.
+    /// A device over `backend` that records its writes in `changed_blocks`.
     ///
-    /// `image` must be open for reading (and writing, unless `config.read_only`). The owner keeps
-    /// a clone of `changed_blocks` to take it for backups; it must cover the whole image.
+    /// The owner keeps a clone of `changed_blocks` to take it for backups; it must cover the whole
+    /// disk.
     pub fn new(
-        image: File,
+        backend: Arc<dyn BlockBackend>,
         config: BlockConfig,
         changed_blocks: Arc<ChangedBlockMap>,
     ) -> Result<Self, VirtioError> {
-        let capacity_bytes = image.metadata().map_err(VirtioError::ImageMetadata)?.len();
+        let capacity_bytes = backend.size();
         if !capacity_bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(VirtioError::ImageNotSectorAligned {
                 len: capacity_bytes,
@@ -99,10 +98,11 @@ impl Block {
         // The header and the status take one descriptor each.
         block_config[12..].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
 
+        let read_only = config.read_only || backend.read_only();
         Ok(Self {
-            image,
+            backend,
             capacity_bytes,
-            read_only: config.read_only,
+            read_only,
             serial,
             config: block_config,
             changed_blocks,
@@ -156,8 +156,8 @@ impl Block {
                 self.write(memory, chain, header.sector, layout.readable - HEADER_LEN)
             }
             VIRTIO_BLK_T_FLUSH => self
-                .image
-                .sync_data()
+                .backend
+                .flush()
                 .map(|()| 0)
                 .map_err(|_| RequestError::IoError),
             VIRTIO_BLK_T_GET_ID => self.get_id(memory, chain, writable_data),
@@ -184,12 +184,16 @@ impl Block {
         sector: u64,
         len: u64,
     ) -> Result<u32, RequestError> {
-        let start = self.image_offset(sector, len)?;
-        let mut cursor = ImageCursor::new(&self.image, start);
+        let mut offset = self.image_offset(sector, len)?;
         let moved = for_each_range(chain, Direction::Writable, 0, len, |addr, n| {
-            memory
-                .read_exact_volatile_from(addr, &mut cursor, n)
-                .map_err(|_| RequestError::IoError)
+            for slice in memory.get_slices(addr, n) {
+                let slice = slice.map_err(|_| RequestError::IoError)?;
+                self.backend
+                    .read_at(offset, &slice)
+                    .map_err(|_| RequestError::IoError)?;
+                offset += slice.len() as u64;
+            }
+            Ok(())
         })?;
         if moved != len {
             return Err(RequestError::IoError);
@@ -207,21 +211,24 @@ impl Block {
         if self.read_only {
             return Err(RequestError::IoError);
         }
-        let start = self.image_offset(sector, len)?;
-        let mut cursor = ImageCursor::new(&self.image, start);
+        let mut offset = self.image_offset(sector, len)?;
         let moved = for_each_range(chain, Direction::Readable, HEADER_LEN, len, |addr, n| {
-            memory
-                .write_all_volatile_to(addr, &mut cursor, n)
-                .map_err(|_| RequestError::IoError)
-        });
-        // Whatever reached the image changed it, even if the request then failed; the cursor
-        // says how far it got. Marked after the write so a backup never misses it.
-        self.changed_blocks.mark(start, cursor.offset() - start);
-        if moved? != len {
+            for slice in memory.get_slices(addr, n) {
+                let slice = slice.map_err(|_| RequestError::IoError)?;
+                let written = self.backend.write_at(offset, &slice);
+                // A failed write may have changed any part of its range. Marked after the write
+                // so a backup that takes the map, then reads the disk, never misses it.
+                self.changed_blocks.mark(offset, slice.len() as u64);
+                written.map_err(|_| RequestError::IoError)?;
+                offset += slice.len() as u64;
+            }
+            Ok(())
+        })?;
+        if moved != len {
             return Err(RequestError::IoError);
         }
         if !self.flush_negotiated {
-            self.image.sync_data().map_err(|_| RequestError::IoError)?;
+            self.backend.flush().map_err(|_| RequestError::IoError)?;
         }
         Ok(0)
     }

@@ -1,6 +1,7 @@
 //! virtio-blk requests served end to end: a driver builds chains in guest memory and notifies the
 //! transport through its registers; the tests look at the image, guest memory and the map.
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use proptest::prelude::*;
@@ -19,6 +20,7 @@ use super::super::driver::{
     guest_memory, negotiate, setup_queue, used_elem, used_idx, write_register,
 };
 use super::*;
+use crate::block::{BlockBackend, GuestBuffer, RawImage};
 
 const SECTORS: u64 = 64;
 const IMAGE_LEN: u64 = SECTORS * SECTOR_SIZE;
@@ -29,6 +31,11 @@ const STATUS: u64 = 0x30000;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// A writable raw backend over (a clone of) `image`.
+fn raw(image: &File) -> Arc<dyn BlockBackend> {
+    Arc::new(RawImage::from_file(image.try_clone().unwrap(), false).unwrap())
+}
 
 /// The byte the fresh image holds at `offset`.
 fn pattern(offset: u64) -> u8 {
@@ -55,7 +62,7 @@ impl Disk {
         let bytes: Vec<u8> = (0..IMAGE_LEN).map(pattern).collect();
         image.write_all_at(&bytes, 0).unwrap();
         let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN, CHANGED_BLOCK).unwrap());
-        let block = Block::new(image.try_clone().unwrap(), config, Arc::clone(&changed)).unwrap();
+        let block = Block::new(raw(&image), config, Arc::clone(&changed)).unwrap();
         let memory = guest_memory();
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let transport = MmioTransport::new(block, memory.clone(), interrupt).unwrap();
@@ -422,13 +429,33 @@ fn readable_buffer_after_a_writable_one_gets_ioerr() {
     assert!(disk.image_is_pristine());
 }
 
+/// A backend whose size is not whole sectors (a broken implementation).
+#[derive(Debug)]
+struct OddSize;
+
+impl BlockBackend for OddSize {
+    fn size(&self) -> u64 {
+        1000
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, _offset: u64, _buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_at(&self, _offset: u64, _buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
-fn image_that_is_not_whole_sectors_is_refused() {
-    let image = tempfile::tempfile().unwrap();
-    image.set_len(1000).unwrap();
+fn backend_that_is_not_whole_sectors_is_refused() {
     let changed = Arc::new(ChangedBlockMap::new(1000, 512).unwrap());
 
-    let result = Block::new(image, BlockConfig::default(), changed);
+    let result = Block::new(Arc::new(OddSize), BlockConfig::default(), changed);
 
     assert!(matches!(
         result,
@@ -445,7 +472,7 @@ fn serial_longer_than_20_bytes_is_refused() {
         ..Default::default()
     };
 
-    let result = Block::new(image, config, changed);
+    let result = Block::new(raw(&image), config, changed);
 
     assert!(matches!(
         result,
@@ -459,7 +486,7 @@ fn changed_block_map_smaller_than_the_disk_is_refused() {
     image.set_len(IMAGE_LEN).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN / 2, 512).unwrap());
 
-    let result = Block::new(image, BlockConfig::default(), changed);
+    let result = Block::new(raw(&image), BlockConfig::default(), changed);
 
     assert!(matches!(
         result,
@@ -472,7 +499,7 @@ fn restore_refuses_a_disk_of_another_size() {
     let image = tempfile::tempfile().unwrap();
     image.set_len(IMAGE_LEN).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN, 512).unwrap());
-    let mut block = Block::new(image, BlockConfig::default(), changed).unwrap();
+    let mut block = Block::new(raw(&image), BlockConfig::default(), changed).unwrap();
     let state = BlockState {
         capacity_sectors: SECTORS + 1,
         read_only: false,
@@ -492,8 +519,12 @@ fn restore_refuses_a_disk_of_another_size() {
 fn restore_accepts_the_state_of_the_same_disk() {
     let disk = Disk::new(BlockConfig::default());
     let state = disk.transport.device_state();
-    let image = disk.image.try_clone().unwrap();
-    let mut block = Block::new(image, BlockConfig::default(), Arc::clone(&disk.changed)).unwrap();
+    let mut block = Block::new(
+        raw(&disk.image),
+        BlockConfig::default(),
+        Arc::clone(&disk.changed),
+    )
+    .unwrap();
 
     assert!(block.restore(&state).is_ok());
 }

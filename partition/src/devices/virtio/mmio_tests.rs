@@ -22,7 +22,8 @@ fn block() -> Block {
     let image = tempfile::tempfile().unwrap();
     image.set_len(SECTORS * 512).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(SECTORS * 512, 4096).unwrap());
-    Block::new(image, BlockConfig::default(), changed).unwrap()
+    let backend = Arc::new(crate::block::RawImage::from_file(image, false).unwrap());
+    Block::new(backend, BlockConfig::default(), changed).unwrap()
 }
 
 fn interrupt() -> EventFd {

@@ -8,8 +8,9 @@
 //! - [`MmioTransport`]: the virtio-mmio register window (version 2) that puts one device on the
 //!   partition's MMIO bus as a [`BusDevice`](crate::bus::BusDevice). It owns the virtqueues and the
 //!   device status, and raises the device's interrupt through an `EventFd` (a KVM irqfd).
-//! - [`Block`]: virtio-blk over a raw disk image, recording every write in a [`ChangedBlockMap`]
-//!   (Hyper-V's Resilient Change Tracking) so backups can copy only what changed.
+//! - [`Block`]: virtio-blk over a [`BlockBackend`](crate::block::BlockBackend) (a raw image or
+//!   any format an integrator opens), recording every write in a [`ChangedBlockMap`] (Hyper-V's
+//!   Resilient Change Tracking) so backups can copy only what changed.
 //!
 //! Queue notifications are served synchronously on the vCPU thread that wrote `QueueNotify`: there
 //! is no I/O thread, and the request path neither allocates nor logs.
@@ -18,7 +19,6 @@ mod blk;
 mod changed_blocks;
 #[cfg(test)]
 mod driver;
-mod image;
 mod mmio;
 
 use serde::Serialize;
@@ -122,11 +122,8 @@ pub trait VirtioDevice: Send {
 /// Errors of the virtio devices and their transport.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    /// The disk image's metadata could not be read.
-    #[error("cannot stat disk image")]
-    ImageMetadata(#[source] std::io::Error),
-    /// The disk image is not a whole number of 512-byte sectors.
-    #[error("disk image length {len} is not a multiple of {SECTOR_SIZE}")]
+    /// The disk's backend is not a whole number of 512-byte sectors.
+    #[error("disk size {len} is not a multiple of {SECTOR_SIZE}")]
     ImageNotSectorAligned {
         /// The image's length in bytes.
         len: u64,
