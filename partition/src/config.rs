@@ -58,6 +58,19 @@ pub struct BootSource {
     pub protocol: BootProtocol,
 }
 
+/// Where a disk's requests are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskIo {
+    /// On the disk's own I/O thread. The guest's queue notification is a KVM ioeventfd (the
+    /// vCPU's exit ends in the kernel and the vCPU runs on while the request is served) and the
+    /// completion interrupt an irqfd; the thread serves the whole available ring per wake-up.
+    #[default]
+    IoThread,
+    /// On the vCPU that notified, inside its MMIO exit: no extra thread, but the vCPU waits for
+    /// every request and each notification is a full exit to userspace.
+    Synchronous,
+}
+
 /// A virtio-blk disk: a raw image file the partition opens, or a backend the integrator opened.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -77,6 +90,9 @@ pub struct DiskConfig {
     /// the path, and whoever restores it opens the backend again.
     #[serde(skip)]
     pub backend: Option<Arc<dyn BlockBackend>>,
+    /// Where requests are served: the disk's I/O thread (default) or the notifying vCPU.
+    #[serde(default)]
+    pub io: DiskIo,
 }
 
 fn default_changed_block_size() -> u64 {
@@ -91,6 +107,7 @@ impl DiskConfig {
             read_only: false,
             changed_block_size: DEFAULT_CHANGED_BLOCK_SIZE,
             backend: None,
+            io: DiskIo::IoThread,
         }
     }
 

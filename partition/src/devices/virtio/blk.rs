@@ -46,9 +46,10 @@ pub struct BlockConfig {
 /// The capacity is the backend's size, which must be a whole number of 512-byte sectors. Features
 /// offered: VERSION_1, FLUSH (answered with the backend's flush), SEG_MAX, and RO for a read-only
 /// disk.
-/// Requests that reach past the capacity, carry data that is not whole sectors, or point outside
-/// guest memory fail with `VIRTIO_BLK_S_IOERR` before any byte moves; unknown request types get
-/// `VIRTIO_BLK_S_UNSUPP`.
+/// Requests that reach past the capacity or carry data that is not whole sectors fail with
+/// `VIRTIO_BLK_S_IOERR` before any byte moves; unknown request types get `VIRTIO_BLK_S_UNSUPP`. A
+/// chain with a descriptor outside guest memory, or a broken available ring, breaks the device
+/// (`DEVICE_NEEDS_RESET`): nothing of that request is done.
 #[derive(Debug)]
 pub struct Block {
     backend: Arc<dyn BlockBackend>,
@@ -120,24 +121,30 @@ impl Block {
         &self.changed_blocks
     }
 
-    /// Serves one request and returns the bytes written into its buffers, status included.
-    fn execute(&self, memory: &PartitionMemory, chain: &Chain<'_>) -> u32 {
+    /// Serves one request and returns the bytes written into its buffers, status included;
+    /// `None` if a descriptor of the chain lies outside guest memory (the device is then broken:
+    /// nothing of the request is done).
+    fn execute(&self, memory: &PartitionMemory, chain: &Chain<'_>) -> Option<u32> {
+        let layout = ChainLayout::inspect(memory, chain);
+        if !layout.in_memory {
+            return None;
+        }
         // Without a status byte there is nothing to report: hand the buffers back unused.
-        let Some(layout) = ChainLayout::inspect(memory, chain) else {
-            return 0;
+        let Some(status) = layout.status else {
+            return Some(0);
         };
         let result = if layout.well_formed {
             self.serve(memory, chain, &layout)
         } else {
             Err(RequestError::IoError)
         };
-        let (status, written) = match result {
+        let (status_byte, written) = match result {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(error) => (error.status(), 0),
         };
-        match memory.write_obj(status as u8, layout.status) {
-            Ok(()) => written.saturating_add(1),
-            Err(_) => 0,
+        match memory.write_obj(status_byte as u8, status) {
+            Ok(()) => Some(written.saturating_add(1)),
+            Err(_) => Some(0),
         }
     }
 
@@ -305,25 +312,36 @@ impl VirtioDevice for Block {
     fn process_queue(
         &mut self,
         memory: &PartitionMemory,
-        _index: usize,
+        index: usize,
         queue: &mut Queue,
-    ) -> bool {
+    ) -> Result<bool, VirtioError> {
         let mut used = false;
         // At most one ring's worth per notification: chains the driver adds meanwhile come with
         // their own notification (the device never suppresses them), and a driver that keeps
-        // refilling cannot hold the vCPU here forever.
+        // refilling cannot hold the serving thread here forever.
         for _ in 0..queue.size() {
-            let Some(chain) = queue.iter(memory).ok().and_then(|mut chains| chains.next()) else {
+            // An available index more than a ring ahead of the device's is a broken ring.
+            let Some(chain) = queue
+                .iter(memory)
+                .map_err(|_| VirtioError::BrokenQueue { index })?
+                .next()
+            else {
                 break;
             };
             let head = chain.head_index();
-            let written = self.execute(memory, &chain);
-            // A head outside the ring cannot be returned; the driver broke its own request.
-            if head < queue.size() {
-                used |= queue.add_used(memory, head, written).is_ok();
+            // A head outside the ring cannot be returned: the driver broke the queue.
+            if head >= queue.size() {
+                return Err(VirtioError::BrokenQueue { index });
             }
+            let written = self
+                .execute(memory, &chain)
+                .ok_or(VirtioError::BrokenQueue { index })?;
+            queue
+                .add_used(memory, head, written)
+                .map_err(|_| VirtioError::BrokenQueue { index })?;
+            used = true;
         }
-        used
+        Ok(used)
     }
 
     fn state(&self) -> BlockState {
@@ -419,18 +437,20 @@ struct ChainLayout {
     /// Bytes in device-writable descriptors, the status byte included.
     writable: u64,
     /// Where the status byte goes: the last byte of the last non-empty writable descriptor.
-    status: GuestAddress,
-    /// All readable descriptors come first and every descriptor lies in guest memory.
+    status: Option<GuestAddress>,
+    /// All readable descriptors come first and there is room for a header.
     well_formed: bool,
+    /// Every descriptor lies in guest memory.
+    in_memory: bool,
 }
 
 impl ChainLayout {
-    /// `None` if the chain has no writable byte to put a status in.
-    fn inspect(memory: &PartitionMemory, chain: &Chain<'_>) -> Option<Self> {
+    fn inspect(memory: &PartitionMemory, chain: &Chain<'_>) -> Self {
         let (mut readable, mut writable) = (0u64, 0u64);
         let mut status = None;
         let mut seen_writable = false;
         let mut well_formed = true;
+        let mut in_memory = true;
         // A chain yields at most 4 GiB in total, so the sums cannot overflow.
         for desc in chain.clone() {
             let len = u64::from(desc.len());
@@ -444,14 +464,15 @@ impl ChainLayout {
                 well_formed &= !seen_writable;
                 readable += len;
             }
-            well_formed &= memory.check_range(desc.addr(), desc.len() as usize);
+            in_memory &= memory.check_range(desc.addr(), desc.len() as usize);
         }
-        Some(Self {
+        Self {
             readable,
             writable,
-            status: status?,
+            status,
             well_formed: well_formed && readable >= HEADER_LEN,
-        })
+            in_memory,
+        }
     }
 }
 

@@ -16,11 +16,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::MmioTransport;
 use super::super::driver::{
-    AVAIL_RING, Buffer, DESC_TABLE, Driver, MEMORY_SIZE, QUEUE_SIZE, add_status, device_features,
-    guest_memory, negotiate, setup_queue, used_elem, used_idx, write_register,
+    AVAIL_RING, Buffer, DESC_TABLE, Driver, MEMORY_SIZE, QUEUE_SIZE, USED_RING, add_status,
+    device_features, guest_memory, negotiate, read_register, setup_queue, used_elem, used_idx,
+    write_register,
 };
 use super::*;
 use crate::block::{BlockBackend, GuestBuffer, RawImage};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET;
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_STATUS,
+};
 
 const SECTORS: u64 = 64;
 const IMAGE_LEN: u64 = SECTORS * SECTOR_SIZE;
@@ -399,18 +404,78 @@ fn header_shorter_than_16_bytes_gets_ioerr() {
 }
 
 #[test]
-fn buffer_outside_guest_memory_gets_ioerr_and_changes_nothing() {
+fn buffer_outside_guest_memory_breaks_the_device_and_changes_nothing() {
     let mut disk = Disk::new(BlockConfig::default());
+    write_header(&disk.memory, HEADER, VIRTIO_BLK_T_OUT, 0);
 
-    let (status, _) = disk.request(
-        VIRTIO_BLK_T_OUT,
-        0,
-        &[Buffer::readable(MEMORY_SIZE - 256, 512)],
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::readable(MEMORY_SIZE - 256, 512),
+            Buffer::writable(STATUS, 1),
+        ],
     );
 
-    assert_eq!(status, IOERR);
+    let status = read_register(&disk.transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert_eq!(
+        read_register(&disk.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(disk.transport.interrupt().read().unwrap(), 1);
+    assert_eq!(used_idx(&disk.memory), 0);
     assert!(disk.image_is_pristine());
     assert_eq!(disk.changed.count(), 0);
+}
+
+#[test]
+fn broken_device_serves_nothing_until_the_driver_resets_it() {
+    let mut disk = Disk::new(BlockConfig::default());
+    write_header(&disk.memory, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::writable(MEMORY_SIZE + 0x1000, 1),
+        ],
+    );
+
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[Buffer::readable(HEADER, 16), Buffer::writable(STATUS, 1)],
+    );
+    let served_while_broken = used_idx(&disk.memory);
+    write_register(&disk.transport, VIRTIO_MMIO_STATUS, 0);
+    disk.memory
+        .write_slice(&[0; 0x1000], GuestAddress(USED_RING))
+        .unwrap();
+    disk.driver = Driver::start(&disk.transport);
+    let (status, _) = disk.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+
+    assert_eq!(served_while_broken, 0);
+    assert_eq!(status, OK);
+    assert_eq!(
+        read_register(&disk.transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET,
+        0
+    );
+}
+
+#[test]
+fn available_index_more_than_a_ring_ahead_breaks_the_device() {
+    let disk = Disk::new(BlockConfig::default());
+    disk.memory
+        .write_obj(QUEUE_SIZE + 1, GuestAddress(AVAIL_RING + 2))
+        .unwrap();
+
+    write_register(&disk.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+    let status = read_register(&disk.transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert!(disk.image_is_pristine());
 }
 
 #[test]
