@@ -5,6 +5,10 @@
 //! `in`, a 4-byte MMIO store or load. One criterion iteration is one exit round trip; the time is
 //! taken inside the handler, from the first exit to the N+1th, so thread start-up and pause are not
 //! counted. `*_32_devices` puts the target device among 31 others on each bus.
+//!
+//! `queue_notify` prices a virtio queue notification for the notifying vCPU: a store that exits
+//! to userspace (the synchronous disk path) against one KVM matches to an ioeventfd (the I/O
+//! thread's path), at CPL0 and CPL3.
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +20,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use partition::bus::BusDevice;
 use partition::{KernelImage, Partition, PartitionConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -172,6 +176,12 @@ struct RawVm {
 }
 
 fn raw_vm(mode: Mode) -> RawVm {
+    raw_vm_running(&mode.code(), false)
+}
+
+/// A bare KVM VM with `code` at 1 MiB on an identity map, in 64-bit mode at CPL0, or at CPL3
+/// (user bit at every paging level, DPL-3 segments, IOPL 3 so `out` still exits).
+fn raw_vm_running(code: &[u8], cpl3: bool) -> RawVm {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     vm.set_tss_address(0xfffb_d000).unwrap();
@@ -192,15 +202,18 @@ fn raw_vm(mode: Mode) -> RawVm {
     };
     // SAFETY: `memory` maps 16 MiB at `host` and lives in the returned RawVm next to the VM.
     unsafe { vm.set_user_memory_region(region) }.unwrap();
-    memory
-        .write_slice(&mode.code(), GuestAddress(LOAD_ADDR))
-        .unwrap();
+    memory.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
     // Identity map of the first 1 GiB in 2 MiB pages, as the partition's boot path builds.
-    memory.write_obj(0xa003u64, GuestAddress(0x9000)).unwrap();
-    memory.write_obj(0xb003u64, GuestAddress(0xa000)).unwrap();
+    let user = if cpl3 { 0x4 } else { 0 };
+    memory
+        .write_obj(0xa003u64 | user, GuestAddress(0x9000))
+        .unwrap();
+    memory
+        .write_obj(0xb003u64 | user, GuestAddress(0xa000))
+        .unwrap();
     for i in 0..512u64 {
         memory
-            .write_obj((i << 21) | 0x83, GuestAddress(0xb000 + i * 8))
+            .write_obj((i << 21) | 0x83 | user, GuestAddress(0xb000 + i * 8))
             .unwrap();
     }
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -210,13 +223,14 @@ fn raw_vm(mode: Mode) -> RawVm {
     )
     .unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
+    let dpl = if cpl3 { 3 } else { 0 };
     let code = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: 8,
+        selector: 8 | u16::from(dpl),
         type_: 0xb,
         present: 1,
-        dpl: 0,
+        dpl,
         db: 0,
         s: 1,
         l: 1,
@@ -226,7 +240,7 @@ fn raw_vm(mode: Mode) -> RawVm {
         padding: 0,
     };
     let data = kvm_segment {
-        selector: 0x10,
+        selector: 0x10 | u16::from(dpl),
         type_: 0x3,
         l: 0,
         db: 1,
@@ -245,7 +259,7 @@ fn raw_vm(mode: Mode) -> RawVm {
     vcpu.set_sregs(&sregs).unwrap();
     vcpu.set_regs(&kvm_regs {
         rip: LOAD_ADDR,
-        rflags: 2,
+        rflags: if cpl3 { 0x3002 } else { 2 },
         rsp: 0x8ff0,
         ..Default::default()
     })
@@ -383,5 +397,90 @@ fn bench_exits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_bus_dispatch, bench_exits);
+/// How a queue-notify bench guest's store reaches the device.
+#[derive(Clone, Copy, Debug)]
+enum Notify {
+    /// The loop without the store: what the loop itself costs, to subtract.
+    LoopOnly,
+    /// Every store is an MMIO exit to this process (the old synchronous path's notification).
+    UserspaceExit,
+    /// The store matches a KVM ioeventfd (datamatch 0): the exit ends in the kernel, which
+    /// signals the eventfd, and the vCPU re-enters the guest at once (the I/O thread's path).
+    Ioeventfd,
+}
+
+/// `rcx` stores of eax (0: queue 0) to the bench address, then one `out` that hands the vCPU back.
+fn notify_loop(store: bool) -> Vec<u8> {
+    let mut code = vec![0xbf, 0, 0, 0, 0x10]; // mov edi, BENCH_MMIO
+    code.extend_from_slice(&[0x66, 0xba, 0x10, 0x05]); // mov dx, BENCH_PORT
+    if store {
+        code.extend_from_slice(&[0x89, 0x07]); // loop: mov [rdi], eax
+    } else {
+        code.extend_from_slice(&[0x66, 0x90]); // loop: 2-byte nop
+    }
+    code.extend_from_slice(&[0x48, 0xff, 0xc9]); // dec rcx
+    code.extend_from_slice(&[0x75, 0xf9]); // jnz loop
+    code.extend_from_slice(&[0xee, 0xeb, 0xfe]); // out dx, al; jmp $
+    code
+}
+
+/// Runs the notify loop for `iters` passes; the time includes one KVM_SET_REGS and the final exit.
+fn run_notify_loop(raw: &mut RawVm, iters: u64, cpl3: bool) -> Duration {
+    raw.vcpu
+        .set_regs(&kvm_regs {
+            rip: LOAD_ADDR,
+            rflags: if cpl3 { 0x3002 } else { 2 },
+            rsp: 0x8ff0,
+            rcx: iters,
+            ..Default::default()
+        })
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        match raw.vcpu.run().expect("KVM_RUN") {
+            VcpuExit::MmioWrite(BENCH_MMIO, _) => {}
+            VcpuExit::IoOut(BENCH_PORT, _) => return start.elapsed(),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+/// The cost of a virtio queue notification to the notifying vCPU: an MMIO store that exits to
+/// userspace (the synchronous path) next to one KVM turns into an ioeventfd signal (the I/O
+/// thread's path), at CPL0 and at CPL3 (where the test guest's driver runs). Per pass, subtract
+/// `loop_only` for the store alone.
+fn bench_queue_notify(c: &mut Criterion) {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut group = c.benchmark_group("queue_notify");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    for cpl3 in [false, true] {
+        for notify in [Notify::LoopOnly, Notify::UserspaceExit, Notify::Ioeventfd] {
+            let mut raw = raw_vm_running(&notify_loop(!matches!(notify, Notify::LoopOnly)), cpl3);
+            let eventfd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            if matches!(notify, Notify::Ioeventfd) {
+                raw._vm
+                    .register_ioevent(&eventfd, &IoEventAddress::Mmio(BENCH_MMIO), 0u32)
+                    .unwrap();
+            }
+            let name = match notify {
+                Notify::LoopOnly => "loop_only",
+                Notify::UserspaceExit => "userspace_exit",
+                Notify::Ioeventfd => "ioeventfd",
+            };
+            let cpl = if cpl3 { "cpl3" } else { "cpl0" };
+            group.bench_function(format!("{cpl}/{name}"), |b| {
+                b.iter_custom(|iters| run_notify_loop(&mut raw, iters, cpl3))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_bus_dispatch, bench_exits, bench_queue_notify);
 criterion_main!(benches);

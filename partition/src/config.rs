@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::block::BlockBackend;
 use crate::error::{Error, Result};
 
 /// Smallest guest memory accepted: room for the boot structures below 1 MiB, a kernel and its heap.
@@ -57,10 +58,25 @@ pub struct BootSource {
     pub protocol: BootProtocol,
 }
 
-/// A virtio-blk disk over a raw image file.
+/// Where a disk's requests are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskIo {
+    /// On the disk's own I/O thread. The guest's queue notification is a KVM ioeventfd (the
+    /// vCPU's exit ends in the kernel and the vCPU runs on while the request is served) and the
+    /// completion interrupt an irqfd; the thread serves the whole available ring per wake-up.
+    #[default]
+    IoThread,
+    /// On the vCPU that notified, inside its MMIO exit: no extra thread, but the vCPU waits for
+    /// every request and each notification is a full exit to userspace.
+    Synchronous,
+}
+
+/// A virtio-blk disk: a raw image file the partition opens, or a backend the integrator opened.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// The image file; it must exist and be a regular file whose size is a multiple of 512.
+    /// The image file. Without a [`backend`](Self::backend) the partition opens it as a raw image
+    /// (it must be a regular file whose size is a multiple of 512) and locks it against other
+    /// VMs; with one it only names the disk.
     pub path: PathBuf,
     /// Refuse guest writes.
     #[serde(default)]
@@ -68,6 +84,15 @@ pub struct DiskConfig {
     /// Granularity of the changed-block map (a power of two, at least 512).
     #[serde(default = "default_changed_block_size")]
     pub changed_block_size: u64,
+    /// The disk's bytes, opened by the integrator (a qcow2 image, a checkpoint's differencing
+    /// disk): the partition uses it instead of opening `path`. The integrator locks what it opens
+    /// ([`lock_image`](crate::block::lock_image)). Not serialized: a saved configuration names
+    /// the path, and whoever restores it opens the backend again.
+    #[serde(skip)]
+    pub backend: Option<Arc<dyn BlockBackend>>,
+    /// Where requests are served: the disk's I/O thread (default) or the notifying vCPU.
+    #[serde(default)]
+    pub io: DiskIo,
 }
 
 fn default_changed_block_size() -> u64 {
@@ -81,6 +106,18 @@ impl DiskConfig {
             path: path.into(),
             read_only: false,
             changed_block_size: DEFAULT_CHANGED_BLOCK_SIZE,
+            backend: None,
+            io: DiskIo::IoThread,
+        }
+    }
+
+    /// A disk over an already opened `backend`, named `path`, with the default changed-block
+    /// granularity; read-only if the backend is.
+    pub fn with_backend(path: impl Into<PathBuf>, backend: Arc<dyn BlockBackend>) -> Self {
+        Self {
+            read_only: backend.read_only(),
+            backend: Some(backend),
+            ..Self::new(path)
         }
     }
 }
@@ -152,7 +189,9 @@ impl PartitionConfig {
             })?;
         }
         for disk in &self.disks {
-            check_regular_file(&disk.path, |path| Error::DiskNotAFile { path })?;
+            if disk.backend.is_none() {
+                check_regular_file(&disk.path, |path| Error::DiskNotAFile { path })?;
+            }
             let size = disk.changed_block_size;
             if size < 512 || !size.is_power_of_two() {
                 return Err(Error::InvalidChangedBlockSize { size });

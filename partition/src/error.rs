@@ -172,15 +172,10 @@ pub enum Error {
         /// The state it is in.
         state: String,
     },
-    /// A disk image could not be opened.
-    #[error("cannot open disk {}", path.display())]
-    OpenDisk {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A disk image could not be opened, or is locked by another virtual machine
+    /// ([`BlockError::DiskLocked`](crate::block::BlockError::DiskLocked)).
+    #[error(transparent)]
+    Block(#[from] crate::block::BlockError),
     /// A virtio device could not be created or restored.
     #[error("virtio device")]
     Virtio(#[from] crate::devices::virtio::VirtioError),

@@ -37,7 +37,7 @@ pub mod state;
 mod vcpu;
 
 pub use boot::EntryPoint;
-pub use config::{BootProtocol, BootSource, DiskConfig, KernelImage, PartitionConfig};
+pub use config::{BootProtocol, BootSource, DiskConfig, DiskIo, KernelImage, PartitionConfig};
 pub use error::{Error, Result};
 pub use exit::ExitReason;
 pub use partition::{Partition, PartitionBuilder, RunState};

@@ -5,18 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::block::{BlockBackend, RawImage};
 use crate::boot::{self, configure_boot_vcpu, configure_lapic, configure_msrs, vcpu_cpuid};
 use crate::bus::{Bus, BusDevice};
-use crate::config::PartitionConfig;
+use crate::config::{DiskIo, PartitionConfig};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::idle::IdlePort;
 use crate::devices::power::PowerControl;
 use crate::devices::serial::Uart;
-use crate::devices::virtio::{Block, BlockConfig, ChangedBlockMap, MmioTransport};
+use crate::devices::virtio::{
+    Block, BlockConfig, ChangedBlockMap, MmioTransport, QUEUE_NOTIFY_OFFSET,
+};
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
 use crate::layout::{
@@ -197,30 +200,22 @@ fn attach_disk(
     disk: &crate::config::DiskConfig,
     saved: Option<&DiskState>,
 ) -> Result<AttachedDisk> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .open(&disk.path)
-        .map_err(|source| Error::OpenDisk {
-            path: disk.path.clone(),
-            source,
-        })?;
-    let len = file
-        .metadata()
-        .map_err(|source| Error::OpenDisk {
-            path: disk.path.clone(),
-            source,
-        })?
-        .len();
-    let changed = Arc::new(ChangedBlockMap::new(len, disk.changed_block_size)?);
+    let backend: Arc<dyn BlockBackend> = match &disk.backend {
+        Some(backend) => backend.clone(),
+        None => Arc::new(RawImage::open(&disk.path, disk.read_only)?),
+    };
+    let changed = Arc::new(ChangedBlockMap::new(
+        backend.size(),
+        disk.changed_block_size,
+    )?);
     let config = BlockConfig {
         read_only: disk.read_only,
         serial: format!("vmms-disk{index}"),
     };
-    let block = Block::new(file, config, changed.clone())?;
-    let (_, gsi) = disk_window(index);
+    let block = Block::new(backend, config, changed.clone())?;
+    let (base, gsi) = disk_window(index);
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let transport = match saved {
+    let mut transport = match saved {
         Some(state) => MmioTransport::restore(
             block,
             memory.clone(),
@@ -232,6 +227,23 @@ fn attach_disk(
     };
     vm.register_irqfd(transport.interrupt(), gsi)
         .map_err(Error::Kvm)?;
+    if disk.io == DiskIo::IoThread {
+        // Notifications of queue `n` end in the kernel, which signals the I/O thread's eventfd
+        // `n`; any other value written to QueueNotify still exits to the transport.
+        let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+        for (queue, notifier) in transport
+            .start_io_thread(format!("blk{index}"))?
+            .iter()
+            .enumerate()
+        {
+            vm.register_ioevent(notifier, &notify, queue as u32)
+                .map_err(Error::Kvm)?;
+        }
+    }
+    if saved.is_some() {
+        // Requests made available before the capture whose notification was not served yet.
+        transport.quiesce();
+    }
     Ok(AttachedDisk {
         transport: Arc::new(transport),
         changed,
@@ -399,6 +411,11 @@ impl Partition {
             }
         };
         self.parked = threads.join(&self.ctx, false);
+        // With the vCPUs parked nothing new arrives: finish what the guest submitted, so nothing
+        // is in flight (or waiting) while the partition is paused and its state captured.
+        for disk in &self.disks {
+            disk.transport.quiesce();
+        }
         self.run_state = match self.ctx.control.exit_reason() {
             Some(reason) => RunState::Stopped(reason),
             None => RunState::Paused,

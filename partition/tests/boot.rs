@@ -158,7 +158,12 @@ fn disk_whose_size_is_not_whole_sectors_is_rejected() {
     let mut cfg = config(&[0xf4]);
     cfg.disks.push(partition::DiskConfig::new(file.path()));
 
-    assert!(matches!(Partition::new(cfg), Err(Error::Virtio(_))));
+    assert!(matches!(
+        Partition::new(cfg),
+        Err(Error::Block(
+            partition::block::BlockError::NotSectorAligned { len: 1000, .. }
+        ))
+    ));
 }
 
 #[test]

@@ -1,11 +1,10 @@
-//! virtio-blk (virtio 1.x section 5.2) over a raw disk image.
+//! virtio-blk (virtio 1.x section 5.2) over a [`BlockBackend`].
 //!
 //! A request is a descriptor chain: a 16-byte header the device reads (type, sector), the data
 //! (device-readable for a write, device-writable for a read), and a final status byte the device
-//! writes. Requests are served synchronously with `pread`/`pwrite` straight between the image and
-//! guest memory; each successful write marks its blocks in the disk's [`ChangedBlockMap`].
+//! writes. Requests move bytes straight between the backend and guest memory; each write marks its
+//! blocks in the disk's [`ChangedBlockMap`], whatever the backend.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -19,12 +18,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::image::ImageCursor;
 use super::{ChangedBlockMap, VirtioDevice, VirtioError};
+use crate::block::BlockBackend;
+pub use crate::block::SECTOR_SIZE;
 use crate::memory::PartitionMemory;
-
-/// Bytes per virtio-blk sector: the unit of `capacity` and of a request's `sector`.
-pub const SECTOR_SIZE: u64 = 512;
 
 /// Descriptors per request queue.
 const QUEUE_SIZE: u16 = 256;
@@ -37,22 +34,25 @@ const CONFIG_LEN: usize = 16;
 /// How a [`Block`] device presents its image.
 #[derive(Clone, Debug, Default)]
 pub struct BlockConfig {
-    /// Offer the disk read-only (`VIRTIO_BLK_F_RO`); writes fail with an I/O error.
+    /// Offer the disk read-only (`VIRTIO_BLK_F_RO`); writes fail with an I/O error. A backend
+    /// that is read-only itself makes the disk read-only whatever this says.
     pub read_only: bool,
     /// What `VIRTIO_BLK_T_GET_ID` returns (Linux shows it as the disk's serial); at most 20 bytes.
     pub serial: String,
 }
 
-/// A virtio-blk device over a raw image file.
+/// A virtio-blk device over a [`BlockBackend`].
 ///
-/// The capacity is the image's length, which must be a whole number of 512-byte sectors. Features
-/// offered: VERSION_1, FLUSH (answered with `fdatasync`), SEG_MAX, and RO for a read-only disk.
-/// Requests that reach past the capacity, carry data that is not whole sectors, or point outside
-/// guest memory fail with `VIRTIO_BLK_S_IOERR` before any byte moves; unknown request types get
-/// `VIRTIO_BLK_S_UNSUPP`.
+/// The capacity is the backend's size, which must be a whole number of 512-byte sectors. Features
+/// offered: VERSION_1, FLUSH (answered with the backend's flush), SEG_MAX, and RO for a read-only
+/// disk.
+/// Requests that reach past the capacity or carry data that is not whole sectors fail with
+/// `VIRTIO_BLK_S_IOERR` before any byte moves; unknown request types get `VIRTIO_BLK_S_UNSUPP`. A
+/// chain with a descriptor outside guest memory, or a broken available ring, breaks the device
+/// (`DEVICE_NEEDS_RESET`): nothing of that request is done.
 #[derive(Debug)]
 pub struct Block {
-    image: File,
+    backend: Arc<dyn BlockBackend>,
     capacity_bytes: u64,
     read_only: bool,
     /// The ID, NUL-padded to its full 20 bytes.
@@ -65,16 +65,16 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device over `image` that records its writes in `changed_blocks`.
+    /// A device over `backend` that records its writes in `changed_blocks`.
     ///
-    /// `image` must be open for reading (and writing, unless `config.read_only`). The owner keeps
-    /// a clone of `changed_blocks` to take it for backups; it must cover the whole image.
+    /// The owner keeps a clone of `changed_blocks` to take it for backups; it must cover the whole
+    /// disk.
     pub fn new(
-        image: File,
+        backend: Arc<dyn BlockBackend>,
         config: BlockConfig,
         changed_blocks: Arc<ChangedBlockMap>,
     ) -> Result<Self, VirtioError> {
-        let capacity_bytes = image.metadata().map_err(VirtioError::ImageMetadata)?.len();
+        let capacity_bytes = backend.size();
         if !capacity_bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(VirtioError::ImageNotSectorAligned {
                 len: capacity_bytes,
@@ -99,10 +99,11 @@ impl Block {
         // The header and the status take one descriptor each.
         block_config[12..].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
 
+        let read_only = config.read_only || backend.read_only();
         Ok(Self {
-            image,
+            backend,
             capacity_bytes,
-            read_only: config.read_only,
+            read_only,
             serial,
             config: block_config,
             changed_blocks,
@@ -120,24 +121,30 @@ impl Block {
         &self.changed_blocks
     }
 
-    /// Serves one request and returns the bytes written into its buffers, status included.
-    fn execute(&self, memory: &PartitionMemory, chain: &Chain<'_>) -> u32 {
+    /// Serves one request and returns the bytes written into its buffers, status included;
+    /// `None` if a descriptor of the chain lies outside guest memory (the device is then broken:
+    /// nothing of the request is done).
+    fn execute(&self, memory: &PartitionMemory, chain: &Chain<'_>) -> Option<u32> {
+        let layout = ChainLayout::inspect(memory, chain);
+        if !layout.in_memory {
+            return None;
+        }
         // Without a status byte there is nothing to report: hand the buffers back unused.
-        let Some(layout) = ChainLayout::inspect(memory, chain) else {
-            return 0;
+        let Some(status) = layout.status else {
+            return Some(0);
         };
         let result = if layout.well_formed {
             self.serve(memory, chain, &layout)
         } else {
             Err(RequestError::IoError)
         };
-        let (status, written) = match result {
+        let (status_byte, written) = match result {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(error) => (error.status(), 0),
         };
-        match memory.write_obj(status as u8, layout.status) {
-            Ok(()) => written.saturating_add(1),
-            Err(_) => 0,
+        match memory.write_obj(status_byte as u8, status) {
+            Ok(()) => Some(written.saturating_add(1)),
+            Err(_) => Some(0),
         }
     }
 
@@ -156,8 +163,8 @@ impl Block {
                 self.write(memory, chain, header.sector, layout.readable - HEADER_LEN)
             }
             VIRTIO_BLK_T_FLUSH => self
-                .image
-                .sync_data()
+                .backend
+                .flush()
                 .map(|()| 0)
                 .map_err(|_| RequestError::IoError),
             VIRTIO_BLK_T_GET_ID => self.get_id(memory, chain, writable_data),
@@ -184,12 +191,16 @@ impl Block {
         sector: u64,
         len: u64,
     ) -> Result<u32, RequestError> {
-        let start = self.image_offset(sector, len)?;
-        let mut cursor = ImageCursor::new(&self.image, start);
+        let mut offset = self.image_offset(sector, len)?;
         let moved = for_each_range(chain, Direction::Writable, 0, len, |addr, n| {
-            memory
-                .read_exact_volatile_from(addr, &mut cursor, n)
-                .map_err(|_| RequestError::IoError)
+            for slice in memory.get_slices(addr, n) {
+                let slice = slice.map_err(|_| RequestError::IoError)?;
+                self.backend
+                    .read_at(offset, &slice)
+                    .map_err(|_| RequestError::IoError)?;
+                offset += slice.len() as u64;
+            }
+            Ok(())
         })?;
         if moved != len {
             return Err(RequestError::IoError);
@@ -207,21 +218,24 @@ impl Block {
         if self.read_only {
             return Err(RequestError::IoError);
         }
-        let start = self.image_offset(sector, len)?;
-        let mut cursor = ImageCursor::new(&self.image, start);
+        let mut offset = self.image_offset(sector, len)?;
         let moved = for_each_range(chain, Direction::Readable, HEADER_LEN, len, |addr, n| {
-            memory
-                .write_all_volatile_to(addr, &mut cursor, n)
-                .map_err(|_| RequestError::IoError)
-        });
-        // Whatever reached the image changed it, even if the request then failed; the cursor
-        // says how far it got. Marked after the write so a backup never misses it.
-        self.changed_blocks.mark(start, cursor.offset() - start);
-        if moved? != len {
+            for slice in memory.get_slices(addr, n) {
+                let slice = slice.map_err(|_| RequestError::IoError)?;
+                let written = self.backend.write_at(offset, &slice);
+                // A failed write may have changed any part of its range. Marked after the write
+                // so a backup that takes the map, then reads the disk, never misses it.
+                self.changed_blocks.mark(offset, slice.len() as u64);
+                written.map_err(|_| RequestError::IoError)?;
+                offset += slice.len() as u64;
+            }
+            Ok(())
+        })?;
+        if moved != len {
             return Err(RequestError::IoError);
         }
         if !self.flush_negotiated {
-            self.image.sync_data().map_err(|_| RequestError::IoError)?;
+            self.backend.flush().map_err(|_| RequestError::IoError)?;
         }
         Ok(0)
     }
@@ -298,25 +312,36 @@ impl VirtioDevice for Block {
     fn process_queue(
         &mut self,
         memory: &PartitionMemory,
-        _index: usize,
+        index: usize,
         queue: &mut Queue,
-    ) -> bool {
+    ) -> Result<bool, VirtioError> {
         let mut used = false;
         // At most one ring's worth per notification: chains the driver adds meanwhile come with
         // their own notification (the device never suppresses them), and a driver that keeps
-        // refilling cannot hold the vCPU here forever.
+        // refilling cannot hold the serving thread here forever.
         for _ in 0..queue.size() {
-            let Some(chain) = queue.iter(memory).ok().and_then(|mut chains| chains.next()) else {
+            // An available index more than a ring ahead of the device's is a broken ring.
+            let Some(chain) = queue
+                .iter(memory)
+                .map_err(|_| VirtioError::BrokenQueue { index })?
+                .next()
+            else {
                 break;
             };
             let head = chain.head_index();
-            let written = self.execute(memory, &chain);
-            // A head outside the ring cannot be returned; the driver broke its own request.
-            if head < queue.size() {
-                used |= queue.add_used(memory, head, written).is_ok();
+            // A head outside the ring cannot be returned: the driver broke the queue.
+            if head >= queue.size() {
+                return Err(VirtioError::BrokenQueue { index });
             }
+            let written = self
+                .execute(memory, &chain)
+                .ok_or(VirtioError::BrokenQueue { index })?;
+            queue
+                .add_used(memory, head, written)
+                .map_err(|_| VirtioError::BrokenQueue { index })?;
+            used = true;
         }
-        used
+        Ok(used)
     }
 
     fn state(&self) -> BlockState {
@@ -412,18 +437,20 @@ struct ChainLayout {
     /// Bytes in device-writable descriptors, the status byte included.
     writable: u64,
     /// Where the status byte goes: the last byte of the last non-empty writable descriptor.
-    status: GuestAddress,
-    /// All readable descriptors come first and every descriptor lies in guest memory.
+    status: Option<GuestAddress>,
+    /// All readable descriptors come first and there is room for a header.
     well_formed: bool,
+    /// Every descriptor lies in guest memory.
+    in_memory: bool,
 }
 
 impl ChainLayout {
-    /// `None` if the chain has no writable byte to put a status in.
-    fn inspect(memory: &PartitionMemory, chain: &Chain<'_>) -> Option<Self> {
+    fn inspect(memory: &PartitionMemory, chain: &Chain<'_>) -> Self {
         let (mut readable, mut writable) = (0u64, 0u64);
         let mut status = None;
         let mut seen_writable = false;
         let mut well_formed = true;
+        let mut in_memory = true;
         // A chain yields at most 4 GiB in total, so the sums cannot overflow.
         for desc in chain.clone() {
             let len = u64::from(desc.len());
@@ -437,14 +464,15 @@ impl ChainLayout {
                 well_formed &= !seen_writable;
                 readable += len;
             }
-            well_formed &= memory.check_range(desc.addr(), desc.len() as usize);
+            in_memory &= memory.check_range(desc.addr(), desc.len() as usize);
         }
-        Some(Self {
+        Self {
             readable,
             writable,
-            status: status?,
+            status,
             well_formed: well_formed && readable >= HEADER_LEN,
-        })
+            in_memory,
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! virtio-blk requests served end to end: a driver builds chains in guest memory and notifies the
 //! transport through its registers; the tests look at the image, guest memory and the map.
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use proptest::prelude::*;
@@ -15,10 +16,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::MmioTransport;
 use super::super::driver::{
-    AVAIL_RING, Buffer, DESC_TABLE, Driver, MEMORY_SIZE, QUEUE_SIZE, add_status, device_features,
-    guest_memory, negotiate, setup_queue, used_elem, used_idx, write_register,
+    AVAIL_RING, Buffer, DESC_TABLE, Driver, MEMORY_SIZE, QUEUE_SIZE, USED_RING, add_status,
+    device_features, guest_memory, negotiate, read_register, setup_queue, used_elem, used_idx,
+    write_register,
 };
 use super::*;
+use crate::block::{BlockBackend, GuestBuffer, RawImage};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET;
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_STATUS,
+};
 
 const SECTORS: u64 = 64;
 const IMAGE_LEN: u64 = SECTORS * SECTOR_SIZE;
@@ -29,6 +36,11 @@ const STATUS: u64 = 0x30000;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// A writable raw backend over (a clone of) `image`.
+fn raw(image: &File) -> Arc<dyn BlockBackend> {
+    Arc::new(RawImage::from_file(image.try_clone().unwrap(), false).unwrap())
+}
 
 /// The byte the fresh image holds at `offset`.
 fn pattern(offset: u64) -> u8 {
@@ -55,7 +67,7 @@ impl Disk {
         let bytes: Vec<u8> = (0..IMAGE_LEN).map(pattern).collect();
         image.write_all_at(&bytes, 0).unwrap();
         let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN, CHANGED_BLOCK).unwrap());
-        let block = Block::new(image.try_clone().unwrap(), config, Arc::clone(&changed)).unwrap();
+        let block = Block::new(raw(&image), config, Arc::clone(&changed)).unwrap();
         let memory = guest_memory();
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let transport = MmioTransport::new(block, memory.clone(), interrupt).unwrap();
@@ -392,18 +404,78 @@ fn header_shorter_than_16_bytes_gets_ioerr() {
 }
 
 #[test]
-fn buffer_outside_guest_memory_gets_ioerr_and_changes_nothing() {
+fn buffer_outside_guest_memory_breaks_the_device_and_changes_nothing() {
     let mut disk = Disk::new(BlockConfig::default());
+    write_header(&disk.memory, HEADER, VIRTIO_BLK_T_OUT, 0);
 
-    let (status, _) = disk.request(
-        VIRTIO_BLK_T_OUT,
-        0,
-        &[Buffer::readable(MEMORY_SIZE - 256, 512)],
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::readable(MEMORY_SIZE - 256, 512),
+            Buffer::writable(STATUS, 1),
+        ],
     );
 
-    assert_eq!(status, IOERR);
+    let status = read_register(&disk.transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert_eq!(
+        read_register(&disk.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(disk.transport.interrupt().read().unwrap(), 1);
+    assert_eq!(used_idx(&disk.memory), 0);
     assert!(disk.image_is_pristine());
     assert_eq!(disk.changed.count(), 0);
+}
+
+#[test]
+fn broken_device_serves_nothing_until_the_driver_resets_it() {
+    let mut disk = Disk::new(BlockConfig::default());
+    write_header(&disk.memory, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::writable(MEMORY_SIZE + 0x1000, 1),
+        ],
+    );
+
+    disk.driver.submit(
+        &disk.memory,
+        &disk.transport,
+        &[Buffer::readable(HEADER, 16), Buffer::writable(STATUS, 1)],
+    );
+    let served_while_broken = used_idx(&disk.memory);
+    write_register(&disk.transport, VIRTIO_MMIO_STATUS, 0);
+    disk.memory
+        .write_slice(&[0; 0x1000], GuestAddress(USED_RING))
+        .unwrap();
+    disk.driver = Driver::start(&disk.transport);
+    let (status, _) = disk.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+
+    assert_eq!(served_while_broken, 0);
+    assert_eq!(status, OK);
+    assert_eq!(
+        read_register(&disk.transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET,
+        0
+    );
+}
+
+#[test]
+fn available_index_more_than_a_ring_ahead_breaks_the_device() {
+    let disk = Disk::new(BlockConfig::default());
+    disk.memory
+        .write_obj(QUEUE_SIZE + 1, GuestAddress(AVAIL_RING + 2))
+        .unwrap();
+
+    write_register(&disk.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+    let status = read_register(&disk.transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert!(disk.image_is_pristine());
 }
 
 #[test]
@@ -422,13 +494,33 @@ fn readable_buffer_after_a_writable_one_gets_ioerr() {
     assert!(disk.image_is_pristine());
 }
 
+/// A backend whose size is not whole sectors (a broken implementation).
+#[derive(Debug)]
+struct OddSize;
+
+impl BlockBackend for OddSize {
+    fn size(&self) -> u64 {
+        1000
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, _offset: u64, _buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_at(&self, _offset: u64, _buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
-fn image_that_is_not_whole_sectors_is_refused() {
-    let image = tempfile::tempfile().unwrap();
-    image.set_len(1000).unwrap();
+fn backend_that_is_not_whole_sectors_is_refused() {
     let changed = Arc::new(ChangedBlockMap::new(1000, 512).unwrap());
 
-    let result = Block::new(image, BlockConfig::default(), changed);
+    let result = Block::new(Arc::new(OddSize), BlockConfig::default(), changed);
 
     assert!(matches!(
         result,
@@ -445,7 +537,7 @@ fn serial_longer_than_20_bytes_is_refused() {
         ..Default::default()
     };
 
-    let result = Block::new(image, config, changed);
+    let result = Block::new(raw(&image), config, changed);
 
     assert!(matches!(
         result,
@@ -459,7 +551,7 @@ fn changed_block_map_smaller_than_the_disk_is_refused() {
     image.set_len(IMAGE_LEN).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN / 2, 512).unwrap());
 
-    let result = Block::new(image, BlockConfig::default(), changed);
+    let result = Block::new(raw(&image), BlockConfig::default(), changed);
 
     assert!(matches!(
         result,
@@ -472,7 +564,7 @@ fn restore_refuses_a_disk_of_another_size() {
     let image = tempfile::tempfile().unwrap();
     image.set_len(IMAGE_LEN).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(IMAGE_LEN, 512).unwrap());
-    let mut block = Block::new(image, BlockConfig::default(), changed).unwrap();
+    let mut block = Block::new(raw(&image), BlockConfig::default(), changed).unwrap();
     let state = BlockState {
         capacity_sectors: SECTORS + 1,
         read_only: false,
@@ -492,8 +584,12 @@ fn restore_refuses_a_disk_of_another_size() {
 fn restore_accepts_the_state_of_the_same_disk() {
     let disk = Disk::new(BlockConfig::default());
     let state = disk.transport.device_state();
-    let image = disk.image.try_clone().unwrap();
-    let mut block = Block::new(image, BlockConfig::default(), Arc::clone(&disk.changed)).unwrap();
+    let mut block = Block::new(
+        raw(&disk.image),
+        BlockConfig::default(),
+        Arc::clone(&disk.changed),
+    )
+    .unwrap();
 
     assert!(block.restore(&state).is_ok());
 }

@@ -15,8 +15,9 @@ const WORD_BITS: u64 = u64::BITS as u64;
 
 /// Which blocks of a disk were written since the map was last taken.
 ///
-/// Shared between the disk device (a vCPU thread, which marks) and the backup code (another thread,
-/// which takes) through an `Arc`; each 64-block word is an atomic, so neither side locks.
+/// Shared between the disk device (its I/O thread or a vCPU, which marks) and the backup code
+/// (another thread, which takes) through an `Arc`; each 64-block word is an atomic, so neither
+/// side locks.
 ///
 /// Ordering: the device marks a range only after the write to the image completed. A backup that
 /// takes the map, then reads the image, therefore either sees a block in this set or in the next
@@ -67,7 +68,7 @@ impl ChangedBlockMap {
 
     /// Marks every block that `[offset, offset + len)` touches. Bytes past the end are ignored.
     ///
-    /// Lock-free and allocation-free: called on the vCPU thread after each write.
+    /// Lock-free and allocation-free: called by the thread serving the disk after each write.
     pub fn mark(&self, offset: u64, len: u64) {
         if len == 0 || self.block_count == 0 {
             return;

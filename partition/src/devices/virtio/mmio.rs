@@ -2,11 +2,12 @@
 //!
 //! One 4 KiB window per device: 32-bit registers below 0x100, the device's config space from 0x100.
 //! The driver discovers the device, negotiates features, places the virtqueues and sets
-//! `DRIVER_OK`; from then on a write to `QueueNotify` makes the device serve that queue, right there
-//! on the writing vCPU's thread.
+//! `DRIVER_OK`; from then on a write to `QueueNotify` makes the device serve that queue: on the
+//! device's I/O thread when one is started ([`MmioTransport::start_io_thread`]; the partition then
+//! routes the write to it through an ioeventfd, without a userspace exit), otherwise right there on
+//! the writing vCPU's thread.
 
-use std::sync::atomic::{Ordering, fence};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -17,22 +18,26 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
     VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
-    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
-    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE,
-    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
-    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM,
-    VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL,
-    VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_SHM_BASE_HIGH,
-    VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INTERRUPT_ACK,
+    VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+    VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW,
+    VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX,
+    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
+    VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_SHM_BASE_HIGH, VIRTIO_MMIO_SHM_LEN_LOW,
+    VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::data_path::{DataPath, Queues};
+use super::io_thread::IoThread;
 use super::{VirtioDevice, VirtioError};
 use crate::bus::BusDevice;
 use crate::memory::PartitionMemory;
+
+/// Offset of the `QueueNotify` register in the window: where the partition puts the ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// "virt" in little-endian: what `MagicValue` reads.
 const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -62,36 +67,39 @@ const INIT_STEPS: [(u32, u32); 4] = [
 /// virtqueues and the device status; the device model `D` serves the queues.
 ///
 /// Accesses that are not 32-bit and aligned (below 0x100), or hit no register, are ignored and
-/// read as zero. Driver mistakes never panic: the transport ignores out-of-order status writes,
-/// refuses `FEATURES_OK` for features it did not offer, and puts the device into
-/// `DEVICE_NEEDS_RESET` if the queues it was given do not lie in guest memory.
+/// read as zero. Driver mistakes never panic: the transport ignores out-of-order status writes
+/// and refuses `FEATURES_OK` for features it did not offer. It puts the device into
+/// `DEVICE_NEEDS_RESET` (with a configuration-change interrupt) when the queues it was given do
+/// not lie in guest memory, when the driver notifies a queue it never set up, and when the device
+/// model finds a queue broken (a descriptor outside guest memory); a broken device serves nothing
+/// until the driver resets it.
 #[derive(Debug)]
 pub struct MmioTransport<D> {
-    memory: PartitionMemory,
-    interrupt: EventFd,
-    /// Everything the registers change; taken by each access, never held across devices.
-    inner: Mutex<Inner<D>>,
+    path: Arc<DataPath<D>>,
+    /// The registers; lock order: `registers` before the data path's queues.
+    registers: Mutex<Registers>,
+    /// Serves notifications off the vCPU threads, once started.
+    io_thread: Option<IoThread>,
 }
 
+/// The registers a driver writes, apart from the queues.
 #[derive(Debug)]
-struct Inner<D> {
-    device: D,
+struct Registers {
     offered_features: u64,
     status: u32,
     device_features_select: u32,
     driver_features_select: u32,
     acked_features: u64,
     queue_select: u32,
-    interrupt_status: u32,
-    queues: Vec<Queue>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
-    /// Puts `device` behind a register window, in reset state.
+    /// Puts `device` behind a register window, in reset state. Notifications are served on the
+    /// notifying thread until [`start_io_thread`](Self::start_io_thread).
     ///
     /// `memory` is the partition's guest memory (a clone shares the mapping). `interrupt` is the
     /// device's interrupt: the caller registers it as a KVM irqfd for the device's GSI; create it
-    /// with `EFD_NONBLOCK` so signalling can never block a vCPU.
+    /// with `EFD_NONBLOCK` so signalling can never block.
     pub fn new(
         device: D,
         memory: PartitionMemory,
@@ -107,20 +115,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let offered_features = device.features();
+        let queues = Queues {
+            device,
+            queues,
+            running: false,
+        };
         Ok(Self {
-            memory,
-            interrupt,
-            inner: Mutex::new(Inner {
-                device,
+            path: Arc::new(DataPath::new(memory, interrupt, 0, queues)),
+            registers: Mutex::new(Registers {
                 offered_features,
                 status: 0,
                 device_features_select: 0,
                 driver_features_select: 0,
                 acked_features: 0,
                 queue_select: 0,
-                interrupt_status: 0,
-                queues,
             }),
+            io_thread: None,
         })
     }
 
@@ -169,197 +179,127 @@ impl<D: VirtioDevice> MmioTransport<D> {
             });
         }
         device.restore(device_state)?;
-        let mut inner = Inner {
-            device,
+        let registers = Registers {
             offered_features,
             status: state.status,
             device_features_select: state.device_features_select,
             driver_features_select: state.driver_features_select,
             acked_features: state.acked_features,
             queue_select: state.queue_select,
-            interrupt_status: state.interrupt_status,
-            queues,
         };
-        if inner.is_running() {
-            inner.activate(&memory)?;
+        let mut queues = Queues {
+            device,
+            queues,
+            running: false,
+        };
+        if registers.is_running() {
+            activate(&mut queues, &memory, registers.acked_features)?;
         }
-        if inner.interrupt_status != 0 {
-            interrupt.write(1).map_err(VirtioError::Interrupt)?;
-        }
+        let path = DataPath::new(memory, interrupt, state.interrupt_status, queues);
+        path.resignal().map_err(VirtioError::Interrupt)?;
         Ok(Self {
-            memory,
-            interrupt,
-            inner: Mutex::new(inner),
+            path: Arc::new(path),
+            registers: Mutex::new(registers),
+            io_thread: None,
         })
     }
 
+    /// Serves queue notifications on a thread of the device's own (named `name`) from now on.
+    ///
+    /// Returns the queues' notification eventfds, in queue order: the caller registers each as a
+    /// KVM ioeventfd on this window's `QueueNotify` register ([`QUEUE_NOTIFY_OFFSET`]) with the
+    /// queue's index as datamatch. A notification KVM does not match (a queue the device does
+    /// not have) still arrives as an MMIO write and is handled on the vCPU. A transport started
+    /// twice keeps its first thread.
+    pub fn start_io_thread(&mut self, name: String) -> Result<&[EventFd], VirtioError>
+    where
+        D: 'static,
+    {
+        if self.io_thread.is_none() {
+            let count = self.path.lock().queues.len();
+            self.io_thread = Some(IoThread::spawn(name, Arc::clone(&self.path), count)?);
+        }
+        Ok(self.queue_notifiers())
+    }
+
+    /// The notification eventfds of the I/O thread (empty when notifications are served on the
+    /// vCPU).
+    pub fn queue_notifiers(&self) -> &[EventFd] {
+        self.io_thread.as_ref().map_or(&[], IoThread::notifiers)
+    }
+
+    /// Serves everything the driver has made available, now, on the calling thread, after waiting
+    /// for a batch in flight on the I/O thread.
+    ///
+    /// Call it once the vCPUs are parked and before capturing state: every request the guest
+    /// submitted is then finished with its used entry written, none is half done and none waits,
+    /// so the captured queues are exact. Call it after a restore too, before the vCPUs run: a
+    /// request made available without its notification being served yet is picked up.
+    pub fn quiesce(&self) {
+        self.path.serve_pending();
+    }
+
     /// The transport's registers and queues, for a saved partition. Capture it only while the
-    /// vCPUs are parked, together with [`MmioTransport::device_state`].
+    /// vCPUs are parked and after [`quiesce`](Self::quiesce), together with
+    /// [`MmioTransport::device_state`].
     pub fn state(&self) -> MmioTransportState {
-        let inner = self.lock();
+        let registers = self.lock();
+        let queues = self.path.lock();
         MmioTransportState {
-            status: inner.status,
-            device_features_select: inner.device_features_select,
-            driver_features_select: inner.driver_features_select,
-            acked_features: inner.acked_features,
-            queue_select: inner.queue_select,
-            interrupt_status: inner.interrupt_status,
-            queues: inner.queues.iter().map(|q| q.state().into()).collect(),
+            status: self.status(&registers),
+            device_features_select: registers.device_features_select,
+            driver_features_select: registers.driver_features_select,
+            acked_features: registers.acked_features,
+            queue_select: registers.queue_select,
+            interrupt_status: self.path.interrupt_status(),
+            queues: queues.queues.iter().map(|q| q.state().into()).collect(),
         }
     }
 
     /// The device model's own state ([`VirtioDevice::state`]).
     pub fn device_state(&self) -> D::State {
-        self.lock().device.state()
+        self.path.lock().device.state()
     }
 
     /// The eventfd the transport signals for the device's interrupt (to register as an irqfd).
     pub fn interrupt(&self) -> &EventFd {
-        &self.interrupt
+        self.path.interrupt()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner<D>> {
-        // A panic while holding the lock cannot leave the registers half-updated in a way that
-        // matters more than losing the device, so keep serving.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Registers> {
+        // The registers are plain values, consistent after any panic.
+        self.registers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn signal(&self, inner: &mut Inner<D>, cause: u32) {
-        inner.interrupt_status |= cause;
-        // Writing fails only if the counter is about to overflow, i.e. an interrupt is already
-        // pending and the driver will look at `InterruptStatus` anyway.
-        let _ = self.interrupt.write(1);
-    }
-
-    fn write_register(&self, inner: &mut Inner<D>, offset: u32, value: u32) {
-        match offset {
-            VIRTIO_MMIO_DEVICE_FEATURES_SEL => inner.device_features_select = value,
-            VIRTIO_MMIO_DRIVER_FEATURES_SEL => inner.driver_features_select = value,
-            VIRTIO_MMIO_DRIVER_FEATURES => inner.ack_features(value),
-            VIRTIO_MMIO_QUEUE_SEL => inner.queue_select = value,
-            VIRTIO_MMIO_QUEUE_NUM => {
-                if let (Some(queue), Ok(size)) = (inner.queue_to_configure(), u16::try_from(value))
-                {
-                    // An invalid size is not taken; activation then sees the previous one.
-                    let _ = queue.try_set_size(size);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_READY => {
-                if let Some(queue) = inner.queue_to_configure() {
-                    queue.set_ready(value == 1);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_DESC_LOW..=VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                if let Some(queue) = inner.queue_to_configure() {
-                    set_ring_address(queue, offset, value);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(inner, value),
-            VIRTIO_MMIO_INTERRUPT_ACK => inner.interrupt_status &= !value,
-            VIRTIO_MMIO_STATUS => self.write_status(inner, value),
-            _ => {}
+    /// The status the driver sees: its own bits, plus NEEDS_RESET if the data path broke.
+    fn status(&self, registers: &Registers) -> u32 {
+        if self.path.needs_reset() {
+            registers.status | NEEDS_RESET
+        } else {
+            registers.status
         }
     }
 
-    /// The driver notified a queue (the value is the queue index: no NOTIFICATION_DATA).
-    fn notify(&self, inner: &mut Inner<D>, value: u32) {
-        if !inner.is_running() {
-            return;
-        }
-        let Inner { device, queues, .. } = inner;
-        let Some((index, queue)) = usize::try_from(value)
-            .ok()
-            .and_then(|index| Some((index, queues.get_mut(index)?)))
-        else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        if device.process_queue(&self.memory, index, queue)
-            && driver_wants_interrupt(&self.memory, queue)
-        {
-            self.signal(inner, VIRTIO_MMIO_INT_VRING);
-        }
-    }
-
-    fn write_status(&self, inner: &mut Inner<D>, value: u32) {
-        if value == 0 {
-            inner.reset();
-            return;
-        }
-        for (required, step) in INIT_STEPS {
-            if value & step == 0 || inner.status & step != 0 {
-                continue;
-            }
-            if inner.status & !(FAILED | NEEDS_RESET) != required {
-                break;
-            }
-            match step {
-                FEATURES_OK if !inner.features_acceptable() => break,
-                DRIVER_OK if inner.activate(&self.memory).is_err() => {
-                    inner.status |= NEEDS_RESET;
-                    self.signal(inner, VIRTIO_MMIO_INT_CONFIG);
-                }
-                _ => {}
-            }
-            inner.status |= step;
-        }
-        inner.status |= value & FAILED;
-    }
-}
-
-impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = u64::from(VIRTIO_MMIO_CONFIG);
-        if offset >= config {
-            self.lock().device.read_config(offset - config, data);
-            return;
-        }
-        let (Ok(offset), 4) = (u32::try_from(offset), data.len()) else {
-            return;
-        };
-        if !offset.is_multiple_of(4) {
-            return;
-        }
-        let value = self.lock().read_register(offset);
-        data.copy_from_slice(&value.to_le_bytes());
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        let config = u64::from(VIRTIO_MMIO_CONFIG);
-        if offset >= config {
-            self.lock().device.write_config(offset - config, data);
-            return;
-        }
-        let (Ok(offset), Ok(bytes)) = (u32::try_from(offset), <[u8; 4]>::try_from(data)) else {
-            return;
-        };
-        if !offset.is_multiple_of(4) {
-            return;
-        }
-        let mut inner = self.lock();
-        self.write_register(&mut inner, offset, u32::from_le_bytes(bytes));
-    }
-}
-
-impl<D: VirtioDevice> Inner<D> {
     fn read_register(&self, offset: u32) -> u32 {
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_DEVICE_ID => self.path.lock().device.device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
-                0 => self.offered_features as u32,
-                1 => (self.offered_features >> 32) as u32,
-                _ => 0,
-            },
-            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
-            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                let registers = self.lock();
+                match registers.device_features_select {
+                    0 => registers.offered_features as u32,
+                    1 => (registers.offered_features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.with_selected_queue(|q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.with_selected_queue(|q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.path.interrupt_status(),
+            VIRTIO_MMIO_STATUS => self.status(&self.lock()),
             // No shared memory regions: a region that does not exist has length and base all ones.
             VIRTIO_MMIO_SHM_LEN_LOW..=VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             // The config space never changes behind the driver's back.
@@ -368,20 +308,163 @@ impl<D: VirtioDevice> Inner<D> {
         }
     }
 
-    fn selected_queue(&self) -> Option<&Queue> {
-        self.queues.get(usize::try_from(self.queue_select).ok()?)
+    /// `f` of the queue `QueueSel` selects, or 0 if there is no such queue.
+    fn with_selected_queue(&self, f: impl FnOnce(&Queue) -> u32) -> u32 {
+        let select = self.lock().queue_select;
+        let queues = self.path.lock();
+        usize::try_from(select)
+            .ok()
+            .and_then(|index| queues.queues.get(index))
+            .map_or(0, f)
     }
 
-    /// The selected queue, if the driver may configure queues now: after `FEATURES_OK`, before
-    /// `DRIVER_OK` (virtio 1.x section 3.1.1 step 7).
-    fn queue_to_configure(&mut self) -> Option<&mut Queue> {
-        if self.status != ACKNOWLEDGE | DRIVER | FEATURES_OK {
-            return None;
+    fn write_register(&self, offset: u32, value: u32) {
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.lock().device_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.lock().driver_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.lock().ack_features(value),
+            VIRTIO_MMIO_QUEUE_SEL => self.lock().queue_select = value,
+            VIRTIO_MMIO_QUEUE_NUM => self.configure_queue(|queue| {
+                if let Ok(size) = u16::try_from(value) {
+                    // An invalid size is not taken; activation then sees the previous one.
+                    let _ = queue.try_set_size(size);
+                }
+            }),
+            VIRTIO_MMIO_QUEUE_READY => self.configure_queue(|queue| queue.set_ready(value == 1)),
+            VIRTIO_MMIO_QUEUE_DESC_LOW..=VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.configure_queue(|queue| set_ring_address(queue, offset, value))
+            }
+            // Reaches here when served on the vCPU, or when no ioeventfd matched the value.
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.path.notify(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.path.acknowledge(value),
+            VIRTIO_MMIO_STATUS => self.write_status(value),
+            _ => {}
         }
-        self.queues
-            .get_mut(usize::try_from(self.queue_select).ok()?)
     }
 
+    /// Applies `f` to the selected queue, if the driver may configure queues now: after
+    /// `FEATURES_OK`, before `DRIVER_OK` (virtio 1.x section 3.1.1 step 7).
+    fn configure_queue(&self, f: impl FnOnce(&mut Queue)) {
+        let registers = self.lock();
+        if self.status(&registers) != ACKNOWLEDGE | DRIVER | FEATURES_OK {
+            return;
+        }
+        let mut queues = self.path.lock();
+        if let Some(queue) = usize::try_from(registers.queue_select)
+            .ok()
+            .and_then(|index| queues.queues.get_mut(index))
+        {
+            f(queue);
+        }
+    }
+
+    fn write_status(&self, value: u32) {
+        let mut registers = self.lock();
+        if value == 0 {
+            self.reset(&mut registers);
+            return;
+        }
+        for (required, step) in INIT_STEPS {
+            if value & step == 0 || registers.status & step != 0 {
+                continue;
+            }
+            if registers.status & !(FAILED | NEEDS_RESET) != required {
+                break;
+            }
+            match step {
+                FEATURES_OK if !registers.features_acceptable() => break,
+                DRIVER_OK => {
+                    // A device the driver already failed, or one that broke, stays down.
+                    let down =
+                        registers.status & (NEEDS_RESET | FAILED) != 0 || self.path.needs_reset();
+                    if !down {
+                        let mut queues = self.path.lock();
+                        if activate(&mut queues, &self.path.memory, registers.acked_features)
+                            .is_err()
+                        {
+                            registers.status |= NEEDS_RESET;
+                            self.path.signal(VIRTIO_MMIO_INT_CONFIG);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            registers.status |= step;
+        }
+        registers.status |= value & FAILED;
+        if registers.status & FAILED != 0 {
+            self.path.lock().running = false;
+        }
+    }
+
+    /// The driver wrote 0 to `Status`: forget everything negotiated. Waits for a batch in flight.
+    fn reset(&self, registers: &mut Registers) {
+        let mut queues = self.path.lock();
+        queues.running = false;
+        queues.device.reset();
+        queues.queues.iter_mut().for_each(QueueT::reset);
+        self.path.clear();
+        registers.status = 0;
+        registers.device_features_select = 0;
+        registers.driver_features_select = 0;
+        registers.acked_features = 0;
+        registers.queue_select = 0;
+    }
+}
+
+/// Checks that every ready queue lies in guest memory and activates the device: notifications
+/// are served from now on.
+fn activate<D: VirtioDevice>(
+    queues: &mut Queues<D>,
+    memory: &PartitionMemory,
+    features: u64,
+) -> Result<(), VirtioError> {
+    if let Some(index) = queues
+        .queues
+        .iter()
+        .position(|q| q.ready() && !q.is_valid(memory))
+    {
+        return Err(VirtioError::QueueOutsideMemory { index });
+    }
+    queues.device.activate(features)?;
+    queues.running = true;
+    Ok(())
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = u64::from(VIRTIO_MMIO_CONFIG);
+        if offset >= config {
+            self.path.lock().device.read_config(offset - config, data);
+            return;
+        }
+        let (Ok(offset), 4) = (u32::try_from(offset), data.len()) else {
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let config = u64::from(VIRTIO_MMIO_CONFIG);
+        if offset >= config {
+            self.path.lock().device.write_config(offset - config, data);
+            return;
+        }
+        let (Ok(offset), Ok(bytes)) = (u32::try_from(offset), <[u8; 4]>::try_from(data)) else {
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+impl Registers {
     fn ack_features(&mut self, value: u32) {
         // Features are negotiated between DRIVER and FEATURES_OK; later writes are ignored.
         if self.status != ACKNOWLEDGE | DRIVER {
@@ -403,28 +486,6 @@ impl<D: VirtioDevice> Inner<D> {
 
     fn is_running(&self) -> bool {
         self.status & (DRIVER_OK | NEEDS_RESET | FAILED) == DRIVER_OK
-    }
-
-    fn activate(&mut self, memory: &PartitionMemory) -> Result<(), VirtioError> {
-        if let Some(index) = self
-            .queues
-            .iter()
-            .position(|q| q.ready() && !q.is_valid(memory))
-        {
-            return Err(VirtioError::QueueOutsideMemory { index });
-        }
-        self.device.activate(self.acked_features)
-    }
-
-    fn reset(&mut self) {
-        self.device.reset();
-        self.queues.iter_mut().for_each(QueueT::reset);
-        self.status = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.acked_features = 0;
-        self.queue_select = 0;
-        self.interrupt_status = 0;
     }
 }
 
@@ -450,19 +511,6 @@ fn set_ring_address(queue: &mut Queue, register: u32, value: u32) {
         }
         _ => Ok(()),
     };
-}
-
-/// Whether the driver asked for an interrupt when buffers are used (it may suppress them with
-/// `VRING_AVAIL_F_NO_INTERRUPT`; EVENT_IDX is not offered).
-fn driver_wants_interrupt(memory: &PartitionMemory, queue: &Queue) -> bool {
-    // The used ring updates must be visible before the driver's flags are read (virtio 1.x
-    // section 2.7.7.2), or an interrupt it asked for after seeing them could be lost.
-    fence(Ordering::SeqCst);
-    memory
-        .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
-        .map_or(true, |flags| {
-            u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT == 0
-        })
 }
 
 /// The saved state of one virtqueue: virtio-queue's `QueueState`, serializable.

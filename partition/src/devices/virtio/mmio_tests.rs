@@ -12,6 +12,7 @@ use super::super::driver::{
 };
 use super::super::{Block, BlockConfig, ChangedBlockMap};
 use super::*;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 
 const SECTORS: u64 = 64;
 const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
@@ -22,7 +23,8 @@ fn block() -> Block {
     let image = tempfile::tempfile().unwrap();
     image.set_len(SECTORS * 512).unwrap();
     let changed = Arc::new(ChangedBlockMap::new(SECTORS * 512, 4096).unwrap());
-    Block::new(image, BlockConfig::default(), changed).unwrap()
+    let backend = Arc::new(crate::block::RawImage::from_file(image, false).unwrap());
+    Block::new(backend, BlockConfig::default(), changed).unwrap()
 }
 
 fn interrupt() -> EventFd {
@@ -405,4 +407,205 @@ fn restore_refuses_features_the_device_does_not_offer() {
         result,
         Err(VirtioError::FeaturesNotOffered { .. })
     ));
+}
+
+#[test]
+fn notify_of_a_queue_never_set_up_breaks_the_device() {
+    let memory = guest_memory();
+    let transport = transport(&memory);
+    negotiate(&transport, VERSION_1);
+    add_status(&transport, DRIVER_OK);
+
+    write_register(&transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+    let status = read_register(&transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert_eq!(
+        read_register(&transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(interrupts_signalled(&transport), 1);
+}
+
+#[test]
+fn notify_of_a_queue_the_device_does_not_have_breaks_the_device() {
+    let memory = guest_memory();
+    let transport = transport(&memory);
+    Driver::start(&transport);
+
+    write_register(&transport, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+
+    let status = read_register(&transport, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+}
+
+#[test]
+fn notify_before_driver_ok_is_ignored() {
+    let memory = guest_memory();
+    let transport = transport(&memory);
+    negotiate(&transport, VERSION_1);
+
+    write_register(&transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+    assert_eq!(
+        read_register(&transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET,
+        0
+    );
+    assert_eq!(interrupts_signalled(&transport), 0);
+}
+
+#[test]
+fn broken_state_survives_capture_and_restore() {
+    let memory = guest_memory();
+    let original = transport(&memory);
+    Driver::start(&original);
+    write_register(&original, VIRTIO_MMIO_QUEUE_NOTIFY, 3);
+
+    let restored = MmioTransport::restore(
+        block(),
+        memory.clone(),
+        interrupt(),
+        &original.state(),
+        &original.device_state(),
+    )
+    .unwrap();
+
+    let status = read_register(&restored, VIRTIO_MMIO_STATUS);
+    assert_eq!(status & NEEDS_RESET, NEEDS_RESET);
+    assert_eq!(
+        read_register(&restored, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_CONFIG
+    );
+}
+
+/// Publishes a flush request without notifying.
+fn publish_flush(memory: &PartitionMemory, driver: &mut Driver) {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+    memory.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    driver.publish(
+        memory,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::writable(STATUS_BYTE, 1),
+        ],
+    );
+}
+
+/// Waits (generously: the machine may be loaded) until the used ring holds `count` entries.
+fn wait_for_used(memory: &PartitionMemory, count: u16) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if used_idx(memory) == count {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn io_thread_serves_the_whole_available_ring_on_one_notification() {
+    let memory = guest_memory();
+    let mut transport = transport(&memory);
+    let notifiers = transport.start_io_thread("blk-test".into()).unwrap().len();
+    let mut driver = Driver::start(&transport);
+    for _ in 0..5 {
+        publish_flush(&memory, &mut driver);
+    }
+
+    // What KVM does when the guest writes 0 to QueueNotify.
+    transport.queue_notifiers()[0].write(1).unwrap();
+
+    assert_eq!(notifiers, 1);
+    assert!(wait_for_used(&memory, 5), "used idx {}", used_idx(&memory));
+    assert_eq!(
+        read_register(&transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING
+    );
+}
+
+#[test]
+fn io_thread_breaks_the_device_for_a_queue_never_set_up() {
+    let memory = guest_memory();
+    let mut transport = transport(&memory);
+    transport.start_io_thread("blk-test".into()).unwrap();
+    negotiate(&transport, VERSION_1);
+    add_status(&transport, DRIVER_OK);
+
+    transport.queue_notifiers()[0].write(1).unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while read_register(&transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET == 0 {
+        assert!(std::time::Instant::now() < deadline, "device never broke");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(
+        read_register(&transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_CONFIG
+    );
+}
+
+#[test]
+fn quiesce_finishes_every_available_request_and_the_state_shows_none_pending() {
+    let memory = guest_memory();
+    let mut transport = transport(&memory);
+    transport.start_io_thread("blk-test".into()).unwrap();
+    let mut driver = Driver::start(&transport);
+    for _ in 0..3 {
+        publish_flush(&memory, &mut driver);
+    }
+
+    transport.quiesce();
+
+    let queue = transport.state().queues[0];
+    assert_eq!(used_idx(&memory), 3);
+    assert_eq!((queue.next_avail, queue.next_used), (3, 3));
+}
+
+#[test]
+fn restored_transport_with_an_io_thread_continues_the_queue() {
+    let memory = guest_memory();
+    let original = transport(&memory);
+    let mut driver = Driver::start(&original);
+    submit_flush(&memory, &mut driver, &original);
+    let (state, device_state) = (original.state(), original.device_state());
+    drop(original);
+
+    let mut restored =
+        MmioTransport::restore(block(), memory.clone(), interrupt(), &state, &device_state)
+            .unwrap();
+    restored.start_io_thread("blk-test".into()).unwrap();
+    publish_flush(&memory, &mut driver);
+    restored.queue_notifiers()[0].write(1).unwrap();
+
+    assert!(wait_for_used(&memory, 2), "used idx {}", used_idx(&memory));
+    assert_eq!(restored.state().queues[0].next_avail, 2);
+}
+
+#[test]
+fn dropping_the_transport_stops_its_io_thread() {
+    let threads_named = |wanted: &str| {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|task| {
+                let comm = task.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == wanted)
+            })
+            .count()
+    };
+    let memory = guest_memory();
+    let mut transport = transport(&memory);
+    transport.start_io_thread("blk-drop-test".into()).unwrap();
+    // The thread names itself once it runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads_named("blk-drop-test") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let running = threads_named("blk-drop-test");
+
+    drop(transport);
+
+    assert_eq!(running, 1);
+    assert_eq!(threads_named("blk-drop-test"), 0);
 }

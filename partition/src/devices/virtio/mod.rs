@@ -8,17 +8,22 @@
 //! - [`MmioTransport`]: the virtio-mmio register window (version 2) that puts one device on the
 //!   partition's MMIO bus as a [`BusDevice`](crate::bus::BusDevice). It owns the virtqueues and the
 //!   device status, and raises the device's interrupt through an `EventFd` (a KVM irqfd).
-//! - [`Block`]: virtio-blk over a raw disk image, recording every write in a [`ChangedBlockMap`]
-//!   (Hyper-V's Resilient Change Tracking) so backups can copy only what changed.
+//! - [`Block`]: virtio-blk over a [`BlockBackend`](crate::block::BlockBackend) (a raw image or
+//!   any format an integrator opens), recording every write in a [`ChangedBlockMap`] (Hyper-V's
+//!   Resilient Change Tracking) so backups can copy only what changed.
 //!
-//! Queue notifications are served synchronously on the vCPU thread that wrote `QueueNotify`: there
-//! is no I/O thread, and the request path neither allocates nor logs.
+//! Queue notifications are served by the device's I/O thread: the partition registers the
+//! transport's notification eventfds as KVM ioeventfds on `QueueNotify`, so a notification costs
+//! the vCPU an exit that ends in the kernel, and the thread serves the whole available ring per
+//! wake-up. A disk may instead be served synchronously, on the vCPU thread that wrote
+//! `QueueNotify` (no extra thread). Either way the request path neither allocates nor logs.
 
 mod blk;
 mod changed_blocks;
+mod data_path;
 #[cfg(test)]
 mod driver;
-mod image;
+mod io_thread;
 mod mmio;
 
 use serde::Serialize;
@@ -29,13 +34,14 @@ use crate::memory::PartitionMemory;
 
 pub use blk::{Block, BlockConfig, BlockState, SECTOR_SIZE};
 pub use changed_blocks::{ChangedBlockIter, ChangedBlockMap, ChangedBlocks};
-pub use mmio::{MmioTransport, MmioTransportState, VirtqueueState};
+pub use mmio::{MmioTransport, MmioTransportState, QUEUE_NOTIFY_OFFSET, VirtqueueState};
 
 /// A virtio device model, as the transport sees it.
 ///
 /// The transport owns the virtqueues and the guest memory handle and lends them to the device for
 /// each notification, so a device holds only its own backend (a file, a socket) and its config.
-/// All methods run with the transport's lock held; a device needs no locking of its own.
+/// All methods run with the transport's queue lock held; a device needs no locking of its own.
+/// [`process_queue`](Self::process_queue) runs on the device's I/O thread or on a vCPU thread.
 ///
 /// ```
 /// use partition::devices::virtio::{MmioTransport, VirtioDevice, VirtioError};
@@ -58,12 +64,19 @@ pub use mmio::{MmioTransport, MmioTransportState, VirtqueueState};
 ///     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 ///     fn activate(&mut self, _features: u64) -> Result<(), VirtioError> { Ok(()) }
 ///     fn reset(&mut self) {}
-///     fn process_queue(&mut self, memory: &PartitionMemory, _index: usize, queue: &mut Queue) -> bool {
+///     fn process_queue(
+///         &mut self,
+///         memory: &PartitionMemory,
+///         index: usize,
+///         queue: &mut Queue,
+///     ) -> Result<bool, VirtioError> {
+///         let broken = |_| VirtioError::BrokenQueue { index };
 ///         let mut used = false;
-///         while let Some(chain) = queue.iter(memory).ok().and_then(|mut chains| chains.next()) {
-///             used |= queue.add_used(memory, chain.head_index(), 0).is_ok();
+///         while let Some(chain) = queue.iter(memory).map_err(broken)?.next() {
+///             queue.add_used(memory, chain.head_index(), 0).map_err(broken)?;
+///             used = true;
 ///         }
-///         used
+///         Ok(used)
 ///     }
 ///     fn state(&self) {}
 ///     fn restore(&mut self, _state: &()) -> Result<(), VirtioError> { Ok(()) }
@@ -107,9 +120,17 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index`: serve the available buffers of `queue`.
     ///
     /// Returns whether any buffer was put into the used ring, i.e. whether the driver may need an
-    /// interrupt. Runs on a vCPU thread in the middle of an MMIO exit: must not allocate, log or
-    /// block on anything but the device's own backend, and must never panic on guest input.
-    fn process_queue(&mut self, memory: &PartitionMemory, index: usize, queue: &mut Queue) -> bool;
+    /// interrupt, or an error when the driver broke the queue (an available index beyond the ring,
+    /// a descriptor outside guest memory): the transport then puts the device into
+    /// `DEVICE_NEEDS_RESET`. May run on a vCPU thread in the middle of an MMIO exit: must not
+    /// allocate, log or block on anything but the device's own backend, and must never panic on
+    /// guest input.
+    fn process_queue(
+        &mut self,
+        memory: &PartitionMemory,
+        index: usize,
+        queue: &mut Queue,
+    ) -> Result<bool, VirtioError>;
 
     /// Captures the device's own state; only called while the partition's vCPUs are parked.
     fn state(&self) -> Self::State;
@@ -122,11 +143,8 @@ pub trait VirtioDevice: Send {
 /// Errors of the virtio devices and their transport.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    /// The disk image's metadata could not be read.
-    #[error("cannot stat disk image")]
-    ImageMetadata(#[source] std::io::Error),
-    /// The disk image is not a whole number of 512-byte sectors.
-    #[error("disk image length {len} is not a multiple of {SECTOR_SIZE}")]
+    /// The disk's backend is not a whole number of 512-byte sectors.
+    #[error("disk size {len} is not a multiple of {SECTOR_SIZE}")]
     ImageNotSectorAligned {
         /// The image's length in bytes.
         len: u64,
@@ -227,4 +245,14 @@ pub enum VirtioError {
     /// The interrupt eventfd could not be signalled.
     #[error("cannot signal the device interrupt")]
     Interrupt(#[source] std::io::Error),
+    /// The driver broke a queue (its available ring or a descriptor chain): the device needs a
+    /// reset.
+    #[error("queue {index} is broken")]
+    BrokenQueue {
+        /// The queue.
+        index: usize,
+    },
+    /// The device's I/O thread or its eventfds could not be created.
+    #[error("cannot start the device's i/o thread")]
+    IoThread(#[source] std::io::Error),
 }

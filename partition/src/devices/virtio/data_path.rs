@@ -1,0 +1,173 @@
+//! The data path of a virtio-mmio device: its virtqueues, the device model that serves them, and
+//! its interrupt. Shared by the transport (register accesses on vCPU threads) and the device's I/O
+//! thread (queue notifications that arrive through ioeventfds).
+//!
+//! One lock guards the queues and the device, held for a whole batch of requests: whoever holds
+//! it owns the queues, so a capture, a reset or a quiesce that takes it waits for the batch in
+//! flight and then sees every request either finished (its used entry written) or untouched. The
+//! interrupt status and the "needs reset" flag are atomics so the driver's interrupt handler
+//! (read `InterruptStatus`, write `InterruptACK`) never waits behind a batch.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VirtioDevice;
+use crate::memory::PartitionMemory;
+
+/// The queues and the device model, owned by whoever holds the lock.
+#[derive(Debug)]
+pub(super) struct Queues<D> {
+    pub(super) device: D,
+    pub(super) queues: Vec<Queue>,
+    /// `DRIVER_OK` is set and the device is neither reset nor broken: notifications are served.
+    pub(super) running: bool,
+}
+
+/// Everything a queue notification needs, shared between the transport and the I/O thread.
+#[derive(Debug)]
+pub(super) struct DataPath<D> {
+    pub(super) memory: PartitionMemory,
+    /// The device's interrupt: an eventfd the partition registers as a KVM irqfd.
+    interrupt: EventFd,
+    /// `InterruptStatus`: causes the driver has not acknowledged yet.
+    interrupt_status: AtomicU32,
+    /// The data path found the driver broke the device (`DEVICE_NEEDS_RESET`); cleared by a reset.
+    needs_reset: AtomicBool,
+    queues: Mutex<Queues<D>>,
+}
+
+impl<D: VirtioDevice> DataPath<D> {
+    pub(super) fn new(
+        memory: PartitionMemory,
+        interrupt: EventFd,
+        interrupt_status: u32,
+        queues: Queues<D>,
+    ) -> Self {
+        Self {
+            memory,
+            interrupt,
+            interrupt_status: AtomicU32::new(interrupt_status),
+            needs_reset: AtomicBool::new(false),
+            queues: Mutex::new(queues),
+        }
+    }
+
+    /// Takes the queues, waiting for a batch in flight to finish.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Queues<D>> {
+        // A panic while serving cannot leave a queue half-updated in a way that matters more than
+        // losing the device, so keep serving.
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn interrupt(&self) -> &EventFd {
+        &self.interrupt
+    }
+
+    pub(super) fn interrupt_status(&self) -> u32 {
+        self.interrupt_status.load(Ordering::Acquire)
+    }
+
+    pub(super) fn acknowledge(&self, causes: u32) {
+        self.interrupt_status.fetch_and(!causes, Ordering::AcqRel);
+    }
+
+    pub(super) fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Forgets the interrupt status and a broken state: the driver reset the device.
+    pub(super) fn clear(&self) {
+        self.interrupt_status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Raises the device's interrupt for `cause`.
+    pub(super) fn signal(&self, cause: u32) {
+        self.interrupt_status.fetch_or(cause, Ordering::AcqRel);
+        // Writing fails only if the counter is about to overflow, i.e. an interrupt is already
+        // pending and the driver will look at `InterruptStatus` anyway.
+        let _ = self.interrupt.write(1);
+    }
+
+    /// Raises the interrupt again if a cause is pending (after a restore: a spare interrupt is
+    /// harmless; a lost one would stall the driver).
+    pub(super) fn resignal(&self) -> std::io::Result<()> {
+        if self.interrupt_status() != 0 {
+            self.interrupt.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the device into `DEVICE_NEEDS_RESET` and tells the driver with a configuration-change
+    /// interrupt (virtio 1.x section 2.1.2): it stops serving until the driver resets it.
+    pub(super) fn mark_broken(&self, queues: &mut Queues<D>) {
+        queues.running = false;
+        self.needs_reset.store(true, Ordering::Release);
+        self.signal(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// The driver notified queue `index`: serve everything it made available. A notification for
+    /// a queue the driver never set up breaks the device; one before `DRIVER_OK` (or after a
+    /// reset or a break) is ignored.
+    pub(super) fn notify(&self, index: u32) {
+        let mut queues = self.lock();
+        if !queues.running {
+            return;
+        }
+        let ready = usize::try_from(index)
+            .ok()
+            .filter(|&i| queues.queues.get(i).is_some_and(Queue::ready));
+        match ready {
+            Some(index) => self.serve(&mut queues, index),
+            None => self.mark_broken(&mut queues),
+        }
+    }
+
+    /// Serves every ready queue's available buffers now, on this thread: the quiesce before a
+    /// capture (nothing is left in flight or waiting) and the catch-up after a restore.
+    pub(super) fn serve_pending(&self) {
+        let mut queues = self.lock();
+        for index in 0..queues.queues.len() {
+            if queues.running && queues.queues[index].ready() {
+                self.serve(&mut queues, index);
+            }
+        }
+    }
+
+    fn serve(&self, queues: &mut Queues<D>, index: usize) {
+        let Queues {
+            device, queues: q, ..
+        } = queues;
+        let Some(queue) = q.get_mut(index) else {
+            return;
+        };
+        match device.process_queue(&self.memory, index, queue) {
+            Ok(true) => {
+                if driver_wants_interrupt(&self.memory, queue) {
+                    self.signal(VIRTIO_MMIO_INT_VRING);
+                }
+            }
+            Ok(false) => {}
+            Err(_) => self.mark_broken(queues),
+        }
+    }
+}
+
+/// Whether the driver asked for an interrupt when buffers are used (it may suppress them with
+/// `VRING_AVAIL_F_NO_INTERRUPT`; EVENT_IDX is not offered).
+fn driver_wants_interrupt(memory: &PartitionMemory, queue: &Queue) -> bool {
+    // The used ring updates must be visible before the driver's flags are read (virtio 1.x
+    // section 2.7.7.2), or an interrupt it asked for after seeing them could be lost.
+    fence(Ordering::SeqCst);
+    memory
+        .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map_or(true, |flags| {
+            u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT == 0
+        })
+}
