@@ -101,7 +101,20 @@ impl PartitionBuilder {
             cmdline.push(' ');
             cmdline.push_str(flags);
         }
-        let loaded = boot::load(&memory, &self.config.boot, cmdline.trim())?;
+        let machine = boot::MachineDescription {
+            vcpus: self.config.vcpus,
+            virtio_mmio: (0..self.config.disks.len())
+                .map(|index| {
+                    let (base, gsi) = disk_window(index);
+                    boot::VirtioMmioDevice {
+                        base,
+                        len: VIRTIO_MMIO_SIZE,
+                        gsi,
+                    }
+                })
+                .collect(),
+        };
+        let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
         let partition =
             Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, None)?;
         let boot_vcpu = partition
