@@ -1,6 +1,7 @@
 //! [`Partition`]: one KVM VM, from creation through run control to state capture.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,6 +164,8 @@ pub struct Partition {
     threads: Option<VcpuThreads>,
     parked: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
+    /// Signalled when the run ends (see [`Partition::stop_event`]).
+    stop_event: EventFd,
     run_state: RunState,
     com1: Arc<Uart>,
     com2: Arc<Uart>,
@@ -308,7 +311,10 @@ impl Partition {
             None => Vec::new(),
         };
 
-        let control = Arc::new(RunControl::default());
+        let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let control = Arc::new(RunControl::notifying(
+            stop_event.try_clone().map_err(Error::EventFd)?,
+        ));
         let com1_irq = irq_eventfd(&vm, COM1_IRQ)?;
         let com2_irq = irq_eventfd(&vm, COM2_IRQ)?;
         let (com1, com2) = match saved {
@@ -368,6 +374,7 @@ impl Partition {
             threads: None,
             parked,
             ctx,
+            stop_event,
             run_state: RunState::Created,
             com1,
             com2,
@@ -449,6 +456,16 @@ impl Partition {
         }
         self.ctx.control.wait_for_exit(timeout)?;
         Some(self.stop())
+    }
+
+    /// A descriptor that becomes readable when the run ends: the guest stopped on its own, or
+    /// [`stop`](Self::stop) ended it. An owner polls it next to its other descriptors instead of
+    /// waking periodically to call [`wait`](Self::wait); once it is readable, `wait` returns at
+    /// once. It stays readable from then on (the partition never reads it), and it is valid for
+    /// as long as the partition is.
+    pub fn stop_event(&self) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd is owned by `self` and stays open for the borrow's lifetime.
+        unsafe { BorrowedFd::borrow_raw(self.stop_event.as_raw_fd()) }
     }
 
     /// Where the partition is in its life.

@@ -27,8 +27,7 @@ use super::MachineDescription;
 use crate::error::{Error, Result};
 use crate::layout::{
     ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, HIMEM_START,
-    I8042_COMMAND_PORT, IOAPIC_START, PM1A_CONTROL_PORT, PM1A_EVENT_PORT, SCI_IRQ,
-    UART_PORT_SIZE,
+    I8042_COMMAND_PORT, IOAPIC_START, PM1A_CONTROL_PORT, PM1A_EVENT_PORT, SCI_IRQ, UART_PORT_SIZE,
 };
 use crate::memory::PartitionMemory;
 
@@ -201,14 +200,7 @@ fn dsdt(machine: &MachineDescription) -> Sdt {
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
-    let mut dsdt = Sdt::new(
-        *b"DSDT",
-        HEADER_LEN,
-        2,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut dsdt = Sdt::new(*b"DSDT", HEADER_LEN, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt
 }
@@ -416,7 +408,11 @@ mod tests {
 
     #[test]
     fn iasl_disassembles_the_dsdt_without_errors() {
-        if std::process::Command::new("iasl").arg("-v").output().is_err() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "CI must install acpica-tools (scripts/test.sh)"
