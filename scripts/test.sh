@@ -15,6 +15,13 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# iasl (Debian acpica-tools) disassembles the partition's DSDT in a unit test.
+if ! command -v iasl >/dev/null 2>&1; then
+  step "installing acpica-tools (iasl)"
+  apt-get install -y -q acpica-tools >/dev/null ||
+    { apt-get update -q >/dev/null && apt-get install -y -q acpica-tools >/dev/null; }
+fi
+
 if [ -x scripts/guest-image.sh ] && [ "${VMMS_SKIP_LINUX:-0}" != 1 ]; then
   step "tiny Linux guest image (cached; rebuilt only when its inputs change)"
   scripts/guest-image.sh

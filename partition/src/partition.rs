@@ -139,7 +139,11 @@ impl PartitionBuilder {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         self.config.validate(kvm.get_max_vcpus())?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
-        if state.memory != ranges || state.vcpus.len() != usize::from(self.config.vcpus) {
+        // The firmware tables in the saved memory describe the saved machine's vCPUs and disks.
+        if state.memory != ranges
+            || state.vcpus.len() != usize::from(self.config.vcpus)
+            || state.devices.disks.len() != self.config.disks.len()
+        {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_file(memory_file, &ranges)?;
