@@ -2,6 +2,13 @@
 //! entry paths — bzImage, ELF vmlinux (64-bit boot protocol) and the PVH entry — and Linux's own
 //! virtio-blk driver finds our disk with its exact capacity and partition table.
 //!
+//! The ELF and PVH boots run on two vCPUs: the kernel finds the RSDP through the zero page or the
+//! PVH start info, lists our ACPI tables, takes its CPUs from the MADT and brings the second one up
+//! with INIT/SIPI. On hardware KVM both CPUs must come up. On a software KVM (kvm_pvm) the
+//! application processor's real-mode trampoline may not get through the CPL0 emulator; there the
+//! tests assert what the host allows: the tables parsed, both CPUs allowed, and the second vCPU
+//! taken out of its wait-for-SIPI state by the kernel's INIT/SIPI (its KVM mp_state).
+//!
 //! On a software KVM the kernel reaches `Run /init` in about a minute and its /init then dies on its
 //! first system call (no userspace can run there); on hardware KVM it gets to the init marker. The
 //! tests assert only what both reach. Without the image the tests skip, except under CI where a
@@ -16,7 +23,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Capture;
-use partition::{BootProtocol, DiskConfig, Error, KernelImage, Partition, PartitionConfig};
+use kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
+use partition::{
+    BootProtocol, DiskConfig, Error, KernelImage, Partition, PartitionConfig, software_kvm,
+};
 
 /// Longest time any marker may take to appear after the previous one.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(240);
@@ -79,9 +89,15 @@ impl GuestImage {
     }
 }
 
-/// Boots `kernel` with the image's initramfs and a private copy of its disk, and checks the serial
-/// log for each conformance marker in order, printing when each appeared.
-fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
+/// Boots `kernel` on `vcpus` vCPUs with the image's initramfs and a private copy of its disk, and
+/// checks the serial log for each conformance marker in order, printing when each appeared. Returns
+/// the still-running partition and its serial log.
+fn boot_to_init(
+    image: &GuestImage,
+    kernel: &str,
+    protocol: BootProtocol,
+    vcpus: u8,
+) -> (Partition, Capture) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::copy(image.path("DISK"), &disk).unwrap();
@@ -92,6 +108,7 @@ fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     config.boot.initrd = Some(image.path("INITRAMFS"));
     config.boot.protocol = protocol;
     config.memory_mib = 128;
+    config.vcpus = vcpus;
     config.disks.push(DiskConfig::new(&disk));
     let out = Capture::default();
     let mut vm = Partition::new(config).unwrap();
@@ -110,11 +127,63 @@ fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     for marker in &markers {
         at = out.wait_for(marker, at, MARKER_TIMEOUT);
         eprintln!(
-            "{kernel} ({protocol:?}): {marker:?} after {:.1} s",
+            "{kernel} ({protocol:?}, {vcpus} vCPUs): {marker:?} after {:.1} s",
             start.elapsed().as_secs_f64()
         );
     }
-    vm.stop();
+    (vm, out)
+}
+
+/// Asserts the kernel found every vCPU in our ACPI tables and started them: all of them on hardware
+/// KVM; on a software KVM, at least the INIT/SIPI reaching every application processor.
+fn assert_every_cpu_found(vm: &mut Partition, out: &Capture, vcpus: u8) {
+    let text = out.text();
+    let expected = [
+        "ACPI: RSDP 0x00000000000E0000".to_owned(),
+        "ACPI: XSDT 0x".to_owned(),
+        "ACPI: APIC 0x".to_owned(),
+        "ACPI: DSDT 0x".to_owned(),
+        "INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 high level)".to_owned(),
+        "Using ACPI (MADT) for SMP configuration information".to_owned(),
+        format!("smpboot: Allowing {vcpus} CPUs, 0 hotplug CPUs"),
+    ];
+    for line in &expected {
+        assert!(text.contains(line.as_str()), "no {line:?} in:\n{text}");
+    }
+    let smp_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("smp") || l.contains("CPU"))
+        .collect();
+    eprintln!(
+        "what the kernel said about its CPUs:\n{}",
+        smp_lines.join("\n")
+    );
+    let all_up = format!("Brought up 1 node, {vcpus} CPUs");
+    if !software_kvm::is_software_kvm() {
+        assert!(text.contains(&all_up), "no {all_up:?} in:\n{text}");
+        assert!(
+            text.contains(&format!("Total of {vcpus} processors activated")),
+            "{text}"
+        );
+        return;
+    }
+    if text.contains(&all_up) {
+        return;
+    }
+    // kvm_pvm: the kernel sent INIT/SIPI; show that it reached the vCPU (KVM took it out of the
+    // wait-for-SIPI state) and where the application processor is.
+    vm.pause().unwrap();
+    let state = vm.capture_state().unwrap();
+    for (index, ap) in state.vcpus.iter().enumerate().skip(1) {
+        eprintln!(
+            "vCPU {index}: mp_state {}, cs {:#x} (base {:#x}), rip {:#x}, cr0 {:#x}",
+            ap.mp_state.mp_state, ap.sregs.cs.selector, ap.sregs.cs.base, ap.regs.rip, ap.sregs.cr0
+        );
+        assert_ne!(
+            ap.mp_state.mp_state, KVM_MP_STATE_UNINITIALIZED,
+            "vCPU {index} never received INIT/SIPI"
+        );
+    }
 }
 
 #[test]
@@ -124,21 +193,25 @@ fn linux_bzimage_boots_to_init_and_finds_our_virtio_disk() {
         return;
     };
 
-    boot_to_init(&image, "BZIMAGE", BootProtocol::Linux64);
+    let (mut vm, _) = boot_to_init(&image, "BZIMAGE", BootProtocol::Linux64, 1);
+    vm.stop();
 }
 
 #[test]
-fn linux_elf_vmlinux_boots_to_init_and_finds_our_virtio_disk() {
+fn linux_elf_vmlinux_on_two_vcpus_boots_to_init_finds_our_disk_and_both_cpus() {
     require_kvm!();
     let Some(image) = GuestImage::find() else {
         return;
     };
 
-    boot_to_init(&image, "VMLINUX", BootProtocol::Linux64);
+    let (mut vm, out) = boot_to_init(&image, "VMLINUX", BootProtocol::Linux64, 2);
+
+    assert_every_cpu_found(&mut vm, &out, 2);
+    vm.stop();
 }
 
 #[test]
-fn linux_pvh_entry_boots_to_init_and_finds_our_virtio_disk() {
+fn linux_pvh_entry_on_two_vcpus_boots_to_init_finds_our_disk_and_both_cpus() {
     require_kvm!();
     let Some(image) = GuestImage::find() else {
         return;
@@ -148,7 +221,10 @@ fn linux_pvh_entry_boots_to_init_and_finds_our_virtio_disk() {
         return;
     }
 
-    boot_to_init(&image, "VMLINUX", BootProtocol::Pvh);
+    let (mut vm, out) = boot_to_init(&image, "VMLINUX", BootProtocol::Pvh, 2);
+
+    assert_every_cpu_found(&mut vm, &out, 2);
+    vm.stop();
 }
 
 #[test]
