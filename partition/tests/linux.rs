@@ -92,20 +92,21 @@ impl GuestImage {
 /// what the kernel's INIT/SIPI did instead.
 const AP_BRINGUP_WAIT: Duration = Duration::from_secs(90);
 
-/// Builds and starts `kernel` on `vcpus` vCPUs with the image's initramfs, a private copy of its
-/// disk and `extra` on the command line.
+/// Builds and starts `kernel` on `vcpus` vCPUs with the image's initramfs and a private copy of its
+/// disk; returns the partition, its serial log, the disk's folder and when it started.
 fn start(
     image: &GuestImage,
     kernel: &str,
     protocol: BootProtocol,
     vcpus: u8,
-    extra: &str,
-) -> (Partition, Capture, tempfile::TempDir) {
+) -> (Partition, Capture, tempfile::TempDir, Instant) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::copy(image.path("DISK"), &disk).unwrap();
-    let cmdline = format!("{} {extra}", image.get("CMDLINE_ALWAYS"));
-    let mut config = PartitionConfig::new(KernelImage::Path(image.path(kernel)), cmdline.trim());
+    let mut config = PartitionConfig::new(
+        KernelImage::Path(image.path(kernel)),
+        image.get("CMDLINE_ALWAYS"),
+    );
     config.boot.initrd = Some(image.path("INITRAMFS"));
     config.boot.protocol = protocol;
     config.memory_mib = 128;
@@ -114,14 +115,20 @@ fn start(
     let out = Capture::default();
     let mut vm = Partition::new(config).unwrap();
     vm.com1().set_sink(Box::new(out.clone()));
+    let started = Instant::now();
     vm.resume().unwrap();
-    (vm, out, dir)
+    (vm, out, dir, started)
 }
 
-/// Waits for each marker in order from `at`, printing when each appeared; returns where the last
-/// one ended.
-fn expect_in_order(out: &Capture, markers: &[String], mut at: usize, label: &str) -> usize {
-    let start = Instant::now();
+/// Waits for each marker in order from `at`, printing when each appeared (since the guest's log
+/// began); returns where the last one ended.
+fn expect_in_order(
+    out: &Capture,
+    markers: &[String],
+    mut at: usize,
+    label: &str,
+    start: Instant,
+) -> usize {
     for marker in markers {
         at = out.wait_for(marker, at, MARKER_TIMEOUT);
         eprintln!(
@@ -156,7 +163,7 @@ fn whole_boot_reachable() -> bool {
 /// Boots `kernel` on one vCPU: the kernel takes its CPU from our MADT, then (where the host lets
 /// the boot finish) finds the disk and runs init.
 fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
-    let (mut vm, out, _dir) = start(image, kernel, protocol, 1, "");
+    let (mut vm, out, _dir, started) = start(image, kernel, protocol, 1);
     let label = format!("{kernel} ({protocol:?}, 1 vCPU)");
     let mut markers = vec![
         format!("Linux version {}", image.get("KERNEL_VERSION")),
@@ -168,7 +175,7 @@ fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     if whole_boot_reachable() {
         markers.extend(disk_and_init_markers(image));
     }
-    expect_in_order(&out, &markers, 0, &label);
+    expect_in_order(&out, &markers, 0, &label, started);
     vm.stop();
 }
 
@@ -189,7 +196,7 @@ fn appears_within(out: &Capture, needle: &str, from: usize, timeout: Duration) -
 /// markers. Should a software KVM not get the application processor through the kernel's
 /// trampoline, the test shows at least that the INIT/SIPI reached the second vCPU.
 fn boot_two_vcpus(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
-    let (mut vm, out, _dir) = start(image, kernel, protocol, 2, "");
+    let (mut vm, out, _dir, started) = start(image, kernel, protocol, 2);
     let label = format!("{kernel} ({protocol:?}, 2 vCPUs)");
     let markers = [
         format!("Linux version {}", image.get("KERNEL_VERSION")),
@@ -203,7 +210,7 @@ fn boot_two_vcpus(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
         "smpboot: Allowing 2 CPUs, 0 hotplug CPUs".to_owned(),
         "x86: Booting SMP configuration:".to_owned(),
     ];
-    let at = expect_in_order(&out, &markers, 0, &label);
+    let at = expect_in_order(&out, &markers, 0, &label, started);
     let all_up = "smp: Brought up 1 node, 2 CPUs";
     if software_kvm::is_software_kvm() && !appears_within(&out, all_up, at, AP_BRINGUP_WAIT) {
         vm.pause().unwrap();
@@ -237,7 +244,7 @@ fn boot_two_vcpus(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     if whole_boot_reachable() {
         rest.extend(disk_and_init_markers(image));
     }
-    expect_in_order(&out, &rest, at, &label);
+    expect_in_order(&out, &rest, at, &label, started);
     vm.stop();
 }
 
