@@ -16,10 +16,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # Debian packages the tests drive for real, each named by a command it provides:
-#   qemu-img, qemu-io  (qemu-utils)  the snapshot crate's interop tests check our qcow2 images
-#   strace             (strace)      the confinement test traces a worker's system calls
+#   qemu-img, qemu-io  (qemu-utils)     the snapshot crate's interop tests check our qcow2 images
+#   strace             (strace)         the confinement test traces a worker's system calls
+#   iasl               (acpica-tools)   a partition unit test disassembles our DSDT
 missing=()
-for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace; do
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -132,6 +132,14 @@ pub enum Error {
     /// The command line contains a NUL byte.
     #[error("command line contains a nul byte")]
     CmdlineHasNul,
+    /// The ACPI or MP tables for this machine do not fit their area below 1 MiB.
+    #[error("system tables of {size} bytes exceed their {available}-byte area")]
+    SystemTablesTooLarge {
+        /// Bytes the tables need.
+        size: u64,
+        /// Bytes their area holds.
+        available: u64,
+    },
     /// More MSRs than KVM's list type holds.
     #[error("too many msrs")]
     MsrsTooMany,

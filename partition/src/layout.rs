@@ -31,6 +31,22 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// Where kernels are loaded (1 MiB), and the start of the second e820 RAM range.
 pub const HIMEM_START: u64 = 0x10_0000;
 
+/// The MP table (floating pointer, then the configuration table): at the start of the last KiB of
+/// base memory, one of the places Linux's MP-table scan searches. Runs up to [`ACPI_START`], inside
+/// the e820-reserved range `[EBDA_START, HIMEM_START)`.
+pub const MPTABLE_START: u64 = EBDA_START;
+/// The ACPI tables: the RSDP first, in the BIOS area `0xe0000..0x100000` that a guest without a boot
+/// protocol pointer scans, then XSDT, FACS, DSDT, FADT and MADT up to [`HIMEM_START`]. Reserved in
+/// the e820 map.
+pub const ACPI_START: u64 = 0xe_0000;
+
+/// The in-kernel IOAPIC's MMIO window (KVM's fixed address; 24 pins, GSI 0-23).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Number of IOAPIC pins, and so of GSIs.
+pub const IOAPIC_PINS: u8 = 24;
+/// The local APICs' MMIO window (the architectural default address).
+pub const APIC_START: u64 = 0xfee0_0000;
+
 /// Start of the 32-bit MMIO gap: RAM never occupies `[MMIO_GAP_START, MMIO_GAP_END)`.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap (4 GiB).
@@ -48,6 +64,8 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// COM1: the console UART.
 pub const COM1_PORT: u16 = 0x3f8;
+/// The GSI of the ACPI system control interrupt (never raised: no fixed or general-purpose events).
+pub const SCI_IRQ: u32 = 9;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
 /// COM2: the integration-channel UART.
@@ -62,6 +80,9 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The CMOS/RTC index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
+/// The ACPI PM1a event block (status and enable registers, 4 bytes) in QEMU's PIIX4 layout; the
+/// FADT names it because the ACPI specification requires one.
+pub const PM1A_EVENT_PORT: u16 = 0x600;
 /// The ACPI PM1a control register (the port QEMU's PIIX4 uses): writing SLP_EN powers off.
 pub const PM1A_CONTROL_PORT: u16 = 0x604;
 /// The paravirtual idle port (see [`IdlePort`](crate::devices::idle::IdlePort)).

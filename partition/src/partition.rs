@@ -1,6 +1,7 @@
 //! [`Partition`]: one KVM VM, from creation through run control to state capture.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,7 +105,20 @@ impl PartitionBuilder {
             cmdline.push(' ');
             cmdline.push_str(flags);
         }
-        let loaded = boot::load(&memory, &self.config.boot, cmdline.trim())?;
+        let machine = boot::MachineDescription {
+            vcpus: self.config.vcpus,
+            virtio_mmio: (0..self.config.disks.len())
+                .map(|index| {
+                    let (base, gsi) = disk_window(index);
+                    boot::VirtioMmioDevice {
+                        base,
+                        len: VIRTIO_MMIO_SIZE,
+                        gsi,
+                    }
+                })
+                .collect(),
+        };
+        let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
         let partition =
             Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, None)?;
         let boot_vcpu = partition
@@ -128,7 +142,11 @@ impl PartitionBuilder {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         self.config.validate(kvm.get_max_vcpus())?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
-        if state.memory != ranges || state.vcpus.len() != usize::from(self.config.vcpus) {
+        // The firmware tables in the saved memory describe the saved machine's vCPUs and disks.
+        if state.memory != ranges
+            || state.vcpus.len() != usize::from(self.config.vcpus)
+            || state.devices.disks.len() != self.config.disks.len()
+        {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_file(memory_file, &ranges)?;
@@ -153,6 +171,8 @@ pub struct Partition {
     threads: Option<VcpuThreads>,
     parked: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
+    /// Signalled when the run ends (see [`Partition::stop_event`]).
+    stop_event: EventFd,
     run_state: RunState,
     com1: Arc<Uart>,
     com2: Arc<Uart>,
@@ -307,7 +327,10 @@ impl Partition {
             None => Vec::new(),
         };
 
-        let control = Arc::new(RunControl::default());
+        let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let control = Arc::new(RunControl::notifying(
+            stop_event.try_clone().map_err(Error::EventFd)?,
+        ));
         let com1_irq = irq_eventfd(&vm, COM1_IRQ)?;
         let com2_irq = irq_eventfd(&vm, COM2_IRQ)?;
         let (com1, com2) = match saved {
@@ -367,6 +390,7 @@ impl Partition {
             threads: None,
             parked,
             ctx,
+            stop_event,
             run_state: RunState::Created,
             com1,
             com2,
@@ -453,6 +477,16 @@ impl Partition {
         }
         self.ctx.control.wait_for_exit(timeout)?;
         Some(self.stop())
+    }
+
+    /// A descriptor that becomes readable when the run ends: the guest stopped on its own, or
+    /// [`stop`](Self::stop) ended it. An owner polls it next to its other descriptors instead of
+    /// waking periodically to call [`wait`](Self::wait); once it is readable, `wait` returns at
+    /// once. It stays readable from then on (the partition never reads it), and it is valid for
+    /// as long as the partition is.
+    pub fn stop_event(&self) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd is owned by `self` and stays open for the borrow's lifetime.
+        unsafe { BorrowedFd::borrow_raw(self.stop_event.as_raw_fd()) }
     }
 
     /// Where the partition is in its life.

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::bus::Bus;
@@ -68,14 +69,30 @@ pub(crate) struct RunControl {
     /// pthreads of the running vCPU threads, for kicks. A thread is removed before it is joined, so a
     /// kick never targets a joined thread.
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// Signalled once, when the first stop reason is set: the owner's pollable view of `exited`.
+    stopped: Option<EventFd>,
 }
 
 impl RunControl {
+    /// Run control that also signals `stopped` when the run ends.
+    pub(crate) fn notifying(stopped: EventFd) -> Self {
+        Self {
+            stopped: Some(stopped),
+            ..Self::default()
+        }
+    }
+
     /// Stops the partition for `reason` (the first reason wins) and kicks every vCPU out.
     pub(crate) fn request_stop(&self, reason: ExitReason) {
         {
             let mut exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-            exit.get_or_insert(reason);
+            if exit.is_none() {
+                *exit = Some(reason);
+                if let Some(stopped) = &self.stopped {
+                    // Only fails if the counter would overflow; it is written once per run.
+                    let _ = stopped.write(1);
+                }
+            }
             self.request.store(REQUEST_STOP, Ordering::SeqCst);
             self.exited.notify_all();
         }

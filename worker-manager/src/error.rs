@@ -97,6 +97,9 @@ pub enum Error {
     /// The operating system refused a thread.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    /// The operating system refused an eventfd (the worker's request queue needs one).
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
 }
 
 impl Error {

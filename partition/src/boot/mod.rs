@@ -1,8 +1,10 @@
 //! Booting a kernel: load it with linux-loader, describe the machine to it (zero page or PVH start
 //! info, e820 map, command line, initrd) and put the boot vCPU in the state its entry protocol wants.
 
+mod acpi;
 mod cpu;
 mod cpuid;
+mod mptable;
 mod params;
 
 use std::io::Cursor;
@@ -40,11 +42,51 @@ pub(crate) struct LoadedKernel {
     pub entry: EntryPoint,
 }
 
-/// Loads kernel, initrd and command line into `memory` and writes the boot structures.
+/// What the firmware tables (ACPI and MP table) describe: the parts of the machine a guest cannot
+/// probe for.
+#[derive(Clone, Debug)]
+pub(crate) struct MachineDescription {
+    /// vCPUs; vCPU `n` has local APIC ID `n`.
+    pub vcpus: u8,
+    /// The virtio-mmio transports, in device order.
+    pub virtio_mmio: Vec<VirtioMmioDevice>,
+}
+
+/// One virtio-mmio transport's window and interrupt.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct VirtioMmioDevice {
+    /// Guest-physical base of the register window.
+    pub base: u64,
+    /// Size of the window.
+    pub len: u64,
+    /// The GSI (IOAPIC pin) it raises.
+    pub gsi: u32,
+}
+
+impl MachineDescription {
+    /// The IOAPIC's ID: the first one after the vCPUs' APIC IDs (the MP specification wants IDs
+    /// unique on the APIC bus), or 0 when 255 vCPUs use every other xAPIC ID.
+    pub(crate) fn ioapic_id(&self) -> u8 {
+        if self.vcpus < u8::MAX { self.vcpus } else { 0 }
+    }
+}
+
+/// Writes the ACPI tables and the MP table for `machine`; returns the RSDP's address.
+pub(crate) fn write_system_tables(
+    memory: &PartitionMemory,
+    machine: &MachineDescription,
+) -> Result<u64> {
+    mptable::write(memory, machine)?;
+    Ok(acpi::write(memory, machine)?.rsdp)
+}
+
+/// Loads kernel, initrd and command line into `memory` and writes the boot structures, the zero
+/// page or PVH start info pointing at the ACPI tables written for `machine`.
 pub(crate) fn load(
     memory: &PartitionMemory,
     boot: &BootSource,
     cmdline: &str,
+    machine: &MachineDescription,
 ) -> Result<LoadedKernel> {
     let image = read_kernel(&boot.kernel)?;
     let (entry, kernel_end, header) = load_kernel(memory, &image, boot.protocol)?;
@@ -53,11 +95,12 @@ pub(crate) fn load(
         None => None,
     };
     write_cmdline(memory, cmdline)?;
+    let rsdp = write_system_tables(memory, machine)?;
     match entry {
         EntryPoint::Linux64 { .. } => {
-            params::write_zero_page(memory, header, cmdline.len(), initrd)?
+            params::write_zero_page(memory, header, cmdline.len(), initrd, rsdp)?
         }
-        EntryPoint::Pvh { .. } => params::write_pvh_start_info(memory, initrd)?,
+        EntryPoint::Pvh { .. } => params::write_pvh_start_info(memory, initrd, rsdp)?,
     }
     Ok(LoadedKernel { entry })
 }

@@ -9,15 +9,16 @@ use crate::layout::{
 };
 use crate::memory::PartitionMemory;
 
-const E820_RAM: u32 = 1;
-const E820_RESERVED: u32 = 2;
+pub(super) const E820_RAM: u32 = 1;
+pub(super) const E820_RESERVED: u32 = 2;
 /// `boot_params.hdr.type_of_loader`: "undefined" loader, what every VMM without an assigned ID uses.
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// `hvm_start_info.magic`.
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 
-/// The memory map: low RAM below the EBDA, the EBDA to 1 MiB reserved, then every RAM region.
-fn memory_map(memory: &PartitionMemory) -> Vec<(u64, u64, u32)> {
+/// The memory map: low RAM below the EBDA, the EBDA to 1 MiB reserved (it holds the MP table and
+/// the ACPI tables), then every RAM region.
+pub(super) fn memory_map(memory: &PartitionMemory) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
@@ -38,6 +39,7 @@ pub(super) fn write_zero_page(
     header: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<()> {
     let mut params = boot_params::default();
     match header {
@@ -49,6 +51,7 @@ pub(super) fn write_zero_page(
         }
     }
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.acpi_rsdp_addr = rsdp;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32 + 1;
     if let Some((addr, size)) = initrd {
@@ -77,6 +80,7 @@ pub(super) fn write_zero_page(
 pub(super) fn write_pvh_start_info(
     memory: &PartitionMemory,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<()> {
     let map = memory_map(memory);
     let mut memmap = Vec::with_capacity(map.len() * 24);
@@ -94,7 +98,7 @@ pub(super) fn write_pvh_start_info(
     info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
     info.extend_from_slice(&(if initrd.is_some() { modlist_addr } else { 0 }).to_le_bytes());
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr
+    info.extend_from_slice(&rsdp.to_le_bytes()); // rsdp_paddr
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
@@ -124,7 +128,7 @@ mod tests {
     fn zero_page_carries_e820_cmdline_and_initrd() {
         let mem = create_memory(&ram_ranges(64 << 20)).unwrap();
 
-        write_zero_page(&mem, None, 10, Some((0x300_0000, 0x1000))).unwrap();
+        write_zero_page(&mem, None, 10, Some((0x300_0000, 0x1000)), 0xe_0000).unwrap();
 
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(params.e820_entries, 3);
@@ -135,13 +139,14 @@ mod tests {
         );
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
     }
 
     #[test]
     fn pvh_start_info_has_magic_and_memory_map() {
         let mem = create_memory(&ram_ranges(64 << 20)).unwrap();
 
-        write_pvh_start_info(&mem, None).unwrap();
+        write_pvh_start_info(&mem, None, 0xe_0000).unwrap();
 
         assert_eq!(
             mem.read_obj::<u32>(GuestAddress(PVH_INFO_START)).unwrap(),
@@ -156,6 +161,12 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(PVH_MEMMAP_START + 2 * 24))
                 .unwrap(),
             HIMEM_START
+        );
+        // rsdp_paddr
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PVH_INFO_START + 32))
+                .unwrap(),
+            0xe_0000
         );
     }
 }

@@ -5,9 +5,10 @@
 //! diagnostic tool), also at once. A parent that disconnects changes nothing for the guest.
 
 use std::io::BufReader;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use partition::devices::serial::Uart;
 use partition::memory::PartitionMemory;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::VmId;
+use vmm_sys_util::eventfd::EventFd;
 use vmms_guest::protocol::{STATUS_BLOCK_SIZE, STATUS_GPA, STATUS_MAGIC, StatusBlock};
 
 use super::console::ConsoleLog;
@@ -52,6 +54,73 @@ pub(crate) struct Command {
     pub(crate) peer: Arc<Peer>,
 }
 
+/// The sending half of the main thread's request queue: a channel whose every send also signals
+/// an eventfd, so the main thread can sleep in `poll` on requests and the guest's stop together.
+#[derive(Debug)]
+pub(crate) struct CommandSender {
+    tx: Sender<Command>,
+    ready: EventFd,
+}
+
+impl CommandSender {
+    /// Queues `command` and wakes the main thread; gives it back if the main thread is gone.
+    pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
+        self.tx.send(command).map_err(|unsent| unsent.0)?;
+        // Only fails if the counter would overflow, and then the main thread is awake anyway.
+        let _ = self.ready.write(1);
+        Ok(())
+    }
+}
+
+/// The main thread's end of the request queue.
+#[derive(Debug)]
+pub(crate) struct CommandReceiver {
+    rx: Receiver<Command>,
+    ready: EventFd,
+}
+
+/// What [`CommandReceiver::take`] found.
+pub(crate) enum Taken {
+    Command(Command),
+    Empty,
+    /// Every sender is gone: no request can come any more.
+    Closed,
+}
+
+impl CommandReceiver {
+    /// Readable while requests may be waiting.
+    pub(crate) fn ready_fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+
+    /// Clears the readiness signal; call before draining with [`take`](Self::take), so a request
+    /// queued during the drain signals again.
+    pub(crate) fn clear(&self) {
+        // EAGAIN when nothing was signalled: nothing to clear.
+        let _ = self.ready.read();
+    }
+
+    /// The next queued request, without waiting.
+    pub(crate) fn take(&self) -> Taken {
+        match self.rx.try_recv() {
+            Ok(command) => Taken::Command(command),
+            Err(TryRecvError::Empty) => Taken::Empty,
+            Err(TryRecvError::Disconnected) => Taken::Closed,
+        }
+    }
+}
+
+/// A request queue for the main thread.
+pub(crate) fn command_queue() -> std::io::Result<(CommandSender, CommandReceiver)> {
+    let ready = EventFd::new(libc::EFD_NONBLOCK)?;
+    let (tx, rx) = mpsc::channel();
+    let sender = CommandSender {
+        tx,
+        ready: ready.try_clone()?,
+    };
+    Ok((sender, CommandReceiver { rx, ready }))
+}
+
 /// What the guest currently is, as the connection threads see it.
 #[derive(Debug)]
 struct GuestView {
@@ -71,7 +140,7 @@ pub(crate) struct WorkerShared {
     guest: Mutex<GuestView>,
     peers: Mutex<Vec<Arc<Peer>>>,
     next_peer: AtomicU64,
-    commands: Sender<Command>,
+    commands: CommandSender,
     console: Arc<ConsoleLog>,
     confinement: Mutex<Confinement>,
 }
@@ -82,7 +151,7 @@ impl WorkerShared {
         restored: bool,
         test_guest: bool,
         console: Arc<ConsoleLog>,
-        commands: Sender<Command>,
+        commands: CommandSender,
     ) -> Self {
         WorkerShared {
             vm,
@@ -270,8 +339,7 @@ fn requests(
                     request,
                     peer: Arc::clone(peer),
                 };
-                if let Err(unsent) = shared.commands.send(command) {
-                    let command = unsent.0;
+                if let Err(command) = shared.commands.send(command) {
                     command.peer.send(&FromWorker::Reply {
                         id: command.id,
                         result: Err("worker is shutting down".into()),

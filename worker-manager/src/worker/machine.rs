@@ -1,16 +1,17 @@
 //! The worker's owner of the partition: builds or restores it, runs it, and carries out the
 //! parent's requests on it, one at a time, on the worker's main thread.
 //!
-//! `Partition`'s run control takes `&mut self`, so exactly one thread owns it: this one. It waits
-//! on the guest in short slices and takes requests from the control connections between them;
-//! status questions never come here (the connections answer them from [`WorkerShared`]).
+//! `Partition`'s run control takes `&mut self`, so exactly one thread owns it: this one. It sleeps
+//! in `poll` on two descriptors, the partition's stop event and the request queue's eventfd, so an
+//! idle worker does not wake at all; status questions never come here (the connections answer them
+//! from [`WorkerShared`]).
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 use super::WorkerOptions;
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
-use super::control::{self, Command, WorkerShared};
+use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -33,10 +34,6 @@ use crate::worker_lock::WorkerLock;
 pub const STATE_FILE: &str = "state.json";
 /// Name of the guest memory image in a saved-state folder.
 pub const MEMORY_FILE: &str = "memory.bin";
-
-/// How long the owner waits on a running guest before looking for requests: the worst-case
-/// delay of a request, and the cost of idling (one wake-up per slice).
-const SLICE: Duration = Duration::from_millis(10);
 
 /// How long a guest asked to shut down may leave its console unread before the request fails.
 const SHUTDOWN_INPUT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,7 +93,7 @@ pub(crate) struct Machine {
     /// `None` once the guest stopped on its own (its memory is released at once).
     partition: Option<Partition>,
     shared: Arc<WorkerShared>,
-    commands: Receiver<Command>,
+    commands: CommandReceiver,
     runtime: RuntimeDir,
     /// Whether the guest is the embedded test guest (which understands `halt` on COM1).
     test_guest: bool,
@@ -136,7 +133,7 @@ impl Machine {
             None => Partition::new(config.clone())?,
         };
         let console = Arc::new(ConsoleLog::default());
-        let (tx, commands) = mpsc::channel();
+        let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
         let shared = Arc::new(WorkerShared::new(
             vm.id,
@@ -217,30 +214,37 @@ impl Machine {
         self.partition = Some(partition);
     }
 
-    /// Runs the guest and the parent's requests until told to save or turn off.
+    /// Runs the guest and the parent's requests until told to save or turn off. Between events the
+    /// thread sleeps in `poll`: on the request queue always, on the partition's stop event while the
+    /// guest runs.
     pub(crate) fn serve(mut self) -> ExitCode {
-        loop {
-            let running = self.shared.state() == GuestState::Running;
-            if running
+        'serve: loop {
+            let stop_event = match (&self.partition, self.shared.state()) {
+                (Some(partition), GuestState::Running) => Some(partition.stop_event().as_raw_fd()),
+                _ => None,
+            };
+            let (requests, stopped) = wait_readable(self.commands.ready_fd(), stop_event);
+            if stopped
                 && let Some(partition) = &mut self.partition
-                && let Some(exit) = partition.wait(Some(SLICE))
+                && let Some(exit) = partition.wait(Some(Duration::ZERO))
             {
                 self.guest_stopped(&exit);
             }
-            let command = if running {
-                self.commands.try_recv().ok()
-            } else {
-                match self.commands.recv_timeout(SLICE * 10) {
-                    Ok(command) => Some(command),
-                    Err(RecvTimeoutError::Timeout) => None,
+            if !requests {
+                continue;
+            }
+            self.commands.clear();
+            loop {
+                match self.commands.take() {
+                    Taken::Command(command) => {
+                        if let Flow::Exit = self.handle(command) {
+                            break 'serve;
+                        }
+                    }
+                    Taken::Empty => break,
                     // The shared state holds a sender for the whole life of the process.
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Taken::Closed => break 'serve,
                 }
-            };
-            if let Some(command) = command
-                && let Flow::Exit = self.handle(command)
-            {
-                break;
             }
         }
         // The folder itself stays: a confined worker may not remove it, and its lock file and
@@ -421,6 +425,30 @@ impl Machine {
         self.shared
             .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
     }
+}
+
+/// Sleeps until `requests` or `stop_event` (when given) is readable; returns which are. An error
+/// from `poll` (EINTR) returns "requests ready" so the caller looks and polls again.
+fn wait_readable(requests: RawFd, stop_event: Option<RawFd>) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: requests,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            // A negative descriptor is skipped by poll.
+            fd: stop_event.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    if ready < 0 {
+        return (true, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 /// What a confined worker may touch: its VM's folder and runtime folder, its disks (writable
