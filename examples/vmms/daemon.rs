@@ -391,19 +391,7 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
-/// A service error as the CLI shows it.
+/// A service error as the CLI shows it: vmm-core's return code and the whole error chain.
 fn api(error: vmm_core::Error) -> ApiError {
-    let code = match &error {
-        vmm_core::Error::VmNotFound(_) | vmm_core::Error::JobNotFound(_) => None,
-        vmm_core::Error::NotStopped { .. } | vmm_core::Error::Degraded(_) => {
-            Some(ReturnCode::InvalidState.code())
-        }
-        vmm_core::Error::Busy(_) => Some(ReturnCode::SystemInUse.code()),
-        vmm_core::Error::InvalidConfig(_) => Some(ReturnCode::InvalidParameter.code()),
-        _ => Some(ReturnCode::Failed.code()),
-    };
-    ApiError {
-        code,
-        message: error_chain(&error),
-    }
+    ApiError::with_code(vmm_core::return_code(&error).code(), error_chain(&error))
 }

@@ -16,6 +16,7 @@
 //! - [`EnabledState`], [`RequestedState`], [`ReturnCode`], [`HealthState`],
 //!   [`OperationalStatus`] and the pure [`transition`] table.
 //! - [`Job`] / [`JobState`]; [`Event`] / [`EventKind`].
+//! - [`return_code`]: the one mapping from an [`Error`] to Hyper-V's return code, for every front end.
 //! - [`WorkerLauncher`], [`Worker`], [`EventSink`], [`WorkerEvent`], [`StopReason`]: the seam.
 //! - [`Store`]: the on-disk layout; [`atomic_file`]: crash-safe file replacement.
 //!
@@ -84,6 +85,7 @@ mod error;
 mod event;
 mod job;
 mod operation;
+mod return_code;
 mod service;
 mod state;
 mod store;
@@ -99,6 +101,7 @@ pub use config::{
 pub use error::{Error, Result, error_chain};
 pub use event::{Event, EventKind};
 pub use job::{JOB_RETENTION, Job, JobId, JobKind, JobState};
+pub use return_code::return_code;
 pub use service::{
     MAX_RECOVERY_RESTARTS, RECOVERY_WINDOW, StartupReport, VirtualSystemManagementService,
 };
