@@ -38,7 +38,7 @@ struct Daemon {
 }
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
-pub fn serve(store: &Path) -> Result<(), String> {
+pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
     // Before any thread exists, so every thread inherits the mask and only the signal thread
     // ever takes these signals.
     let signals = block_termination_signals();
@@ -81,6 +81,7 @@ pub fn serve(store: &Path) -> Result<(), String> {
     for (vm, reason) in &report.failed {
         println!("vmms: {vm}: {reason}");
     }
+    crate::cim::start(&daemon.vmms, cim)?;
 
     let socket = store.join(SOCKET);
     let listener = bind(&socket)?;

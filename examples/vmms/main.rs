@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example vmms -- demo          # daemon + VM + console, nothing to download
-//! vmms serve [--store DIR]                            # the daemon (VMMS), default store ./vmms-data
+//! vmms serve [--store DIR] [--cim-listen ADDR] [--no-cim]  # the daemon (VMMS) + CIM-XML on 127.0.0.1:5988
+//!                                                     # (store: --store, else $VMMS_STORE, else ./vmms-data)
 //! vmms new-vm web1 [--vcpus N] [--memory-mib N] [--kernel P --initrd P --cmdline S] [--disk P]
 //!                  [--recovery none|restart]
 //! vmms get-vm [NAME|GUID] [--output json]
@@ -27,6 +28,7 @@ macro_rules! out {
 }
 
 mod api;
+mod cim;
 mod cli;
 mod console;
 mod daemon;
@@ -48,7 +50,7 @@ use crate::cli::{Cli, CliError, Output};
 #[command(name = "vmms", version)]
 struct Args {
     /// The store: VM definitions, saved states, runtime sockets.
-    #[arg(long, global = true, default_value = "./vmms-data")]
+    #[arg(long, global = true, env = "VMMS_STORE", default_value = "./vmms-data")]
     store: PathBuf,
     /// How results are printed.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -59,8 +61,11 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Run the daemon (VMMS) for the store.
-    Serve,
+    /// Run the daemon (VMMS) for the store, with its CIM-XML endpoint.
+    Serve {
+        #[command(flatten)]
+        cim: cim::CimArgs,
+    },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
     /// The worker process of one VM (started by the daemon).
@@ -155,7 +160,7 @@ fn main() -> ExitCode {
                 default_kernel: vmms::guest::ELF,
             });
         }
-        Verb::Serve => daemon::serve(&store).map_err(|e| plain("serve", e)),
+        Verb::Serve { cim } => daemon::serve(&store, &cim).map_err(|e| plain("serve", e)),
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
             name,
