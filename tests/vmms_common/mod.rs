@@ -95,14 +95,22 @@ fn newest(dir: &Path) -> Option<SystemTime> {
 pub struct Daemon {
     pub store: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra `vmms serve` arguments (kept for restarts).
+    serve_args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `vmms serve` on a fresh store and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts `vmms serve ARGS…` on a fresh store and waits until it answers.
+    pub fn start_with(args: &[&str]) -> Self {
         let mut daemon = Daemon {
             store: tempfile::tempdir().expect("tempdir"),
             child: None,
+            serve_args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         daemon.spawn();
         daemon
@@ -122,6 +130,7 @@ impl Daemon {
         let child = Command::new(vmms_binary())
             .args(["serve", "--store"])
             .arg(self.path())
+            .args(&self.serve_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
