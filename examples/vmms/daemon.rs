@@ -4,7 +4,6 @@
 //! SIGTERM and SIGINT end the daemon without touching running VMs: their workers run in sessions
 //! of their own and the next daemon re-attaches to them.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -16,8 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmm_core::{
-    AutomaticRecoveryAction, BootSource, DiskConfig, EnabledState, Event, RequestedState,
-    ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
+    AutomaticRecoveryAction, BootSource, DiskConfig, EnabledState, Event, EventHistory,
+    RequestedState, ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher,
+    error_chain,
 };
 use worker_manager::ProcessLauncher;
 
@@ -34,7 +34,7 @@ struct Daemon {
     store: PathBuf,
     vmms: VirtualSystemManagementService,
     launcher: Arc<ProcessLauncher>,
-    events: Mutex<VecDeque<Event>>,
+    events: Mutex<EventHistory>,
 }
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
@@ -54,7 +54,7 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     let daemon = Arc::new(Daemon {
         store: store.clone(),
-        events: Mutex::new(VecDeque::new()),
+        events: Mutex::new(open_event_history(&store)),
         vmms,
         launcher,
     });
@@ -63,8 +63,13 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
     thread::Builder::new()
         .name("event-log".into())
         .spawn(move || {
-            for event in subscription {
+            while let Ok(event) = subscription.recv() {
                 logger.record(event);
+                // One write for a burst of events.
+                while let Ok(event) = subscription.try_recv() {
+                    logger.record(event);
+                }
+                logger.save_events();
             }
         })
         .map_err(|e| format!("cannot start event thread: {e}"))?;
@@ -102,6 +107,15 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The event history of the previous daemon (`<store>/events.json`), or an empty one.
+fn open_event_history(store: &Path) -> EventHistory {
+    let path = store.join("events.json");
+    EventHistory::open(&path, EVENT_HISTORY).unwrap_or_else(|e| {
+        eprintln!("vmms: starting a new event history: {}", error_chain(&e));
+        EventHistory::new(path, EVENT_HISTORY)
+    })
 }
 
 /// Takes the store's lock: one daemon per store.
@@ -154,10 +168,14 @@ impl Daemon {
     fn record(&self, event: Event) {
         println!("vmms: {} {:?}", event.vm, event.kind);
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
-        if events.len() == EVENT_HISTORY {
-            events.pop_front();
+        events.record(event);
+    }
+
+    fn save_events(&self) {
+        let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = events.save() {
+            eprintln!("vmms: cannot save the event history: {}", error_chain(&e));
         }
-        events.push_back(event);
     }
 
     fn client(&self, stream: UnixStream) {

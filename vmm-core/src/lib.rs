@@ -83,6 +83,7 @@ mod catalog;
 mod config;
 mod error;
 mod event;
+mod event_history;
 mod job;
 mod operation;
 mod return_code;
@@ -100,6 +101,7 @@ pub use config::{
 };
 pub use error::{Error, Result, error_chain};
 pub use event::{Event, EventKind};
+pub use event_history::EventHistory;
 pub use job::{JOB_RETENTION, Job, JobId, JobKind, JobState};
 pub use return_code::return_code;
 pub use service::{

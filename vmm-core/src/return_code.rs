@@ -38,6 +38,7 @@ pub fn return_code(error: &Error) -> ReturnCode {
             _ => ReturnCode::Failed,
         },
         Error::ParseConfig { .. } => ReturnCode::Failed,
+        Error::ParseEvents { .. } => ReturnCode::Failed,
         Error::ConfigIdMismatch { .. } => ReturnCode::Failed,
         Error::EncodeConfig(..) => ReturnCode::Failed,
         Error::JobNotFound(_) => ReturnCode::InvalidParameter,
@@ -152,6 +153,15 @@ mod tests {
     fn unparsable_config_is_failed() {
         let error = Error::ParseConfig {
             path: PathBuf::from("config.json"),
+            source: json_error(),
+        };
+        assert_eq!(return_code(&error).code(), 32768);
+    }
+
+    #[test]
+    fn unparsable_event_history_is_failed() {
+        let error = Error::ParseEvents {
+            path: PathBuf::from("events.json"),
             source: json_error(),
         };
         assert_eq!(return_code(&error).code(), 32768);

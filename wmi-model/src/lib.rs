@@ -35,4 +35,4 @@ pub use error::{CimError, CimResult, CimStatus};
 pub use instance::{Instance, Property};
 pub use path::{KeyValue, ObjectPath, PathError};
 pub use provider::{Args, Provider, TypedArg, local_host_name};
-pub use value::{CimType, CimValue, Scalar, datetime, interval};
+pub use value::{CimType, CimValue, Scalar, datetime, interval, iso8601};

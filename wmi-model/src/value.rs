@@ -201,6 +201,21 @@ pub fn datetime(time: SystemTime) -> String {
     )
 }
 
+/// `time` as ISO 8601 in UTC (`2026-11-29T01:09:10.498661Z`), for people and JSON output.
+pub fn iso8601(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let rem = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    )
+}
+
 /// A CIM interval (`ddddddddhhmmss.mmmmmm:000`).
 pub fn interval(duration: Duration) -> String {
     let secs = duration.as_secs();
@@ -238,6 +253,13 @@ mod tests {
         let time = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
 
         assert_eq!(datetime(time), "20231114221320.123456+000");
+    }
+
+    #[test]
+    fn iso8601_has_utc_layout() {
+        let time = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+
+        assert_eq!(iso8601(time), "2023-11-14T22:13:20.123456Z");
     }
 
     #[test]
