@@ -11,8 +11,10 @@
 //! | [`core`] | VMMS: the VM catalog, the EnabledState machine, jobs and events |
 //! | [`worker_manager`] | the Worker Process Manager: a worker process (`vmwp.exe`) per running VM, its control protocol, supervision and re-attach |
 //! | [`guest`] | the test guest embedded as the default boot image |
+//! | [`wmi`] | the WMI provider (`root/virtualization/v2`): the Msvm_* model, WQL and a CIM-XML endpoint |
 
 pub use partition;
 pub use vmm_core as core;
 pub use vmms_guest as guest;
+pub use wmi_model as wmi;
 pub use worker_manager;

@@ -1,5 +1,5 @@
 //! Typed views of the model's classes, each built from vmm-core's state and rendered as a CIM
-//! [`Instance`](crate::Instance). Nothing here is invented: every value comes from the service.
+//! [`Instance`]. Nothing here is invented: every value comes from the service.
 
 mod computer_system;
 mod job;
