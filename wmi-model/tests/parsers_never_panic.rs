@@ -3,62 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use vmm_core::{
-    EventSink, LaunchMode, VirtualSystemManagementService, VmConfig, VmId, Worker, WorkerError,
-    WorkerLauncher, WorkerStatus,
-};
+use vmm_core::VmConfig;
 use wmi_model::cimxml::{parse_instance, parse_request};
 use wmi_model::wql;
 use wmi_model::{ObjectPath, Provider};
 
-/// A worker that runs no guest (the provider's parsing is what is under test).
-#[derive(Debug)]
-struct NoGuest;
-
-impl Worker for NoGuest {
-    fn pid(&self) -> u32 {
-        std::process::id()
-    }
-    fn status(&self) -> WorkerStatus {
-        WorkerStatus::Running
-    }
-    fn pause(&self) -> Result<(), WorkerError> {
-        Ok(())
-    }
-    fn resume(&self) -> Result<(), WorkerError> {
-        Ok(())
-    }
-    fn save(&self, _: &Path) -> Result<(), WorkerError> {
-        Ok(())
-    }
-    fn reset(&self) -> Result<(), WorkerError> {
-        Ok(())
-    }
-    fn turn_off(&self) -> Result<(), WorkerError> {
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct Launcher;
-
-impl WorkerLauncher for Launcher {
-    fn launch(
-        &self,
-        _: &VmConfig,
-        _: LaunchMode,
-        _: EventSink,
-    ) -> Result<Box<dyn Worker>, WorkerError> {
-        Ok(Box::new(NoGuest))
-    }
-    fn reattach(&self, _: VmId, _: EventSink) -> Result<Option<Box<dyn Worker>>, WorkerError> {
-        Ok(None)
-    }
-}
+mod common;
 
 fn provider() -> &'static Provider {
     static PROVIDER: OnceLock<(tempfile::TempDir, Provider)> = OnceLock::new();
@@ -73,7 +26,7 @@ fn provider() -> &'static Provider {
         .1
 }
 
-const NS: &str = r#"<LOCALNAMESPACEPATH><NAMESPACE NAME="root"/><NAMESPACE NAME="virtualization"/><NAMESPACE NAME="v2"/></LOCALNAMESPACEPATH>"#;
+use common::NS;
 
 fn requests() -> Vec<String> {
     let wrap = |body: String| {
