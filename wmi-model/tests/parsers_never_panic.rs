@@ -17,9 +17,7 @@ fn provider() -> &'static Provider {
     static PROVIDER: OnceLock<(tempfile::TempDir, Provider)> = OnceLock::new();
     &PROVIDER
         .get_or_init(|| {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let vmms =
-                VirtualSystemManagementService::open(dir.path(), Arc::new(Launcher)).expect("open");
+            let (dir, vmms) = common::service();
             vmms.define_system(VmConfig::new("fuzz")).expect("define");
             (dir, Provider::new(vmms, "host"))
         })
