@@ -124,6 +124,16 @@ fn every_cli_verb_has_a_cim_method_equivalent() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("verbs ok"));
 }
 
+#[test]
+fn pywbem_modifies_settings_adds_a_disk_and_summarises() {
+    let bin = require_venv!();
+    let (daemon, url) = daemon_with_cim();
+
+    let output = run_script(&bin, &daemon, &url, "settings.py", &[]);
+
+    assert!(String::from_utf8_lossy(&output.stdout).contains("settings ok"));
+}
+
 fn pywbemcli(bin: &Path, url: &str, args: &[&str]) -> String {
     let output = Command::new(bin.join("pywbemcli"))
         .args(["-s", url, "-d", "root/virtualization/v2"])

@@ -378,7 +378,7 @@ fn path_element(inner: &Element) -> Result<ObjectPath, ProtocolError> {
 }
 
 /// Parses an embedded instance: the text of a string parameter that holds an `INSTANCE`
-/// (optionally inside `VALUE.OBJECT`).
+/// (optionally inside `VALUE.OBJECT`, `VALUE.INSTANCEWITHPATH` or `VALUE.NAMEDINSTANCE`).
 pub fn parse_instance(xml: &str) -> Result<Instance, ProtocolError> {
     parse_instance_at(xml, 0)
 }
@@ -388,11 +388,15 @@ fn parse_instance_at(xml: &str, depth: usize) -> Result<Instance, ProtocolError>
         return Err(invalid("embedded instances nest too deeply"));
     }
     let root = dom::parse(xml.trim())?;
-    let element = if root.name == "VALUE.OBJECT" {
-        root.child("INSTANCE")
-            .ok_or_else(|| invalid("VALUE.OBJECT holds no INSTANCE"))?
-    } else {
-        &root
+    // pywbem renders an instance that has a path as VALUE.INSTANCEWITHPATH.
+    let element = match root.name.as_str() {
+        "VALUE.OBJECT"
+        | "VALUE.INSTANCEWITHPATH"
+        | "VALUE.NAMEDINSTANCE"
+        | "VALUE.OBJECTWITHPATH" => root
+            .child("INSTANCE")
+            .ok_or_else(|| invalid(format!("{} holds no INSTANCE", root.name)))?,
+        _ => &root,
     };
     if element.name != "INSTANCE" {
         return Err(invalid(format!(
