@@ -307,6 +307,41 @@ fn bench_bus_dispatch(c: &mut Criterion) {
     group.finish();
 }
 
+/// A partition driven from a thread that carries the worker's seccomp filters, as a confined
+/// worker's are: the vCPU threads it starts inherit them, so their exits pay whatever the
+/// filter costs per KVM_RUN.
+struct FilteredPartition {
+    runs: std::sync::mpsc::Sender<u64>,
+    elapsed: std::sync::mpsc::Receiver<Duration>,
+}
+
+impl FilteredPartition {
+    fn start(mode: Mode) -> Self {
+        let (runs, requests) = std::sync::mpsc::channel::<u64>();
+        let (done, elapsed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let clock = Arc::new(ExitClock::default());
+            let mut vm = partition_for(mode, &clock, 0);
+            worker_manager::worker::install_seccomp_on_current_thread().expect("seccomp");
+            for iters in requests {
+                clock.arm(iters);
+                vm.resume().expect("resume");
+                let took = clock.wait();
+                vm.pause().expect("pause");
+                if done.send(took).is_err() {
+                    break;
+                }
+            }
+        });
+        FilteredPartition { runs, elapsed }
+    }
+
+    fn run(&self, iters: u64) -> Duration {
+        self.runs.send(iters).expect("filtered thread");
+        self.elapsed.recv().expect("filtered thread")
+    }
+}
+
 fn bench_exits(c: &mut Criterion) {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is not available on this host");
@@ -326,6 +361,10 @@ fn bench_exits(c: &mut Criterion) {
                 clock.arm(iters);
                 run_raw(&mut raw, &clock)
             })
+        });
+        let filtered = FilteredPartition::start(mode);
+        group.bench_function(format!("{}/partition_seccomp", mode.name()), |b| {
+            b.iter_custom(|iters| filtered.run(iters))
         });
         for (label, fillers) in [("partition", 0), ("partition_32_devices", 31)] {
             let clock = Arc::new(ExitClock::default());

@@ -46,7 +46,7 @@ fn free_port(ip: &str) -> u16 {
 fn daemon_with_cim() -> (Daemon, String) {
     let port = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
-    let daemon = Daemon::start_with(&["--cim-listen", &listen]);
+    let daemon = Daemon::start_with(&["--cim-listen", &listen], &[]);
     (daemon, format!("http://{listen}"))
 }
 
@@ -269,16 +269,19 @@ fn tls_and_basic_auth_guard_a_non_loopback_bind() {
         .args(["--cim-listen", &listen])
         .output()
         .expect("run vmms serve");
-    let daemon = Daemon::start_with(&[
-        "--cim-listen",
-        &listen,
-        "--cim-cert",
-        cert.to_str().unwrap(),
-        "--cim-key",
-        key.to_str().unwrap(),
-        "--cim-credentials",
-        credentials.to_str().unwrap(),
-    ]);
+    let daemon = Daemon::start_with(
+        &[
+            "--cim-listen",
+            &listen,
+            "--cim-cert",
+            cert.to_str().unwrap(),
+            "--cim-key",
+            key.to_str().unwrap(),
+            "--cim-credentials",
+            credentials.to_str().unwrap(),
+        ],
+        &[],
+    );
 
     let output = run_script(
         &bin,

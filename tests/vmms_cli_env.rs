@@ -21,7 +21,7 @@ fn vmms_with_env(daemon: &Daemon, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn cli_finds_the_daemon_through_vmms_store_without_store_flag() {
-    let daemon = Daemon::start_with(&["--no-cim"]);
+    let daemon = Daemon::start_with(&["--no-cim"], &[]);
 
     let created = vmms_with_env(&daemon, &["new-vm", "env-vm", "--memory-mib", "16"]);
     let listed = vmms_with_env(&daemon, &["get-vm"]);
@@ -36,7 +36,7 @@ fn cli_finds_the_daemon_through_vmms_store_without_store_flag() {
 
 #[test]
 fn get_vm_json_prints_times_as_iso_8601() {
-    let daemon = Daemon::start_with(&["--no-cim"]);
+    let daemon = Daemon::start_with(&["--no-cim"], &[]);
     daemon.new_vm("iso-vm", &[]);
 
     let vm = daemon.vm("iso-vm");
@@ -53,7 +53,7 @@ fn get_vm_json_prints_times_as_iso_8601() {
 
 #[test]
 fn event_history_survives_a_daemon_restart() {
-    let mut daemon = Daemon::start_with(&["--no-cim"]);
+    let mut daemon = Daemon::start_with(&["--no-cim"], &[]);
     daemon.new_vm("history-vm", &[]);
     vmms_common::wait_until("the Defined event is recorded", || {
         !daemon.events("history-vm").is_empty()

@@ -5,18 +5,10 @@
 
 mod vmms_common;
 
-use std::fs;
 use std::thread;
 use std::time::Duration;
 
 use vmms_common::{Daemon, alive};
-
-/// The test guest's counter inside a saved memory image (RAM from address 0, in order).
-fn saved_counter(daemon: &Daemon, id: &str) -> u64 {
-    let image = fs::read(daemon.path().join(format!("vms/{id}/state/memory.bin"))).unwrap();
-    let at = vmms::guest::protocol::STATUS_GPA as usize + 8;
-    u64::from_le_bytes(image[at..at + 8].try_into().unwrap())
-}
 
 #[test]
 fn full_lifecycle_through_the_cli_shows_each_enabled_state() {
@@ -42,7 +34,7 @@ fn full_lifecycle_through_the_cli_shows_each_enabled_state() {
 
     daemon.ok(&["save-vm", "web1"]);
     let saved = daemon.vm("web1");
-    let saved_value = saved_counter(&daemon, &id);
+    let saved_value = daemon.saved_counter(&id);
 
     daemon.ok(&["start-vm", "web1"]);
     let restored = daemon.vm("web1");

@@ -196,18 +196,24 @@ impl Client {
         })
     }
 
+    /// The daemon's pid, as the kernel recorded it when the daemon accepted us (`SO_PEERCRED`).
+    pub fn daemon_pid(&self) -> std::io::Result<i32> {
+        crate::listener::peer_of(&self.writer).map(|peer| peer.pid)
+    }
+
     /// Sends `request` and decodes the answer as `T`.
     pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ApiError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ApiError::new(e.to_string()))?;
         line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|e| ApiError::new(format!("daemon connection: {e}")))?;
+        // A daemon that refuses us (access denied, too many connections) answers and closes
+        // at once, maybe before our request is written: its answer is still there to read.
+        let sent = self.writer.write_all(&line);
         let mut answer = String::new();
-        match self.reader.read_line(&mut answer) {
-            Ok(0) => return Err(ApiError::new("daemon closed the connection")),
-            Ok(_) => {}
-            Err(e) => return Err(ApiError::new(format!("daemon connection: {e}"))),
+        match (self.reader.read_line(&mut answer), sent) {
+            (Ok(n), _) if n > 0 => {}
+            (_, Err(e)) => return Err(ApiError::new(format!("daemon connection: {e}"))),
+            (Ok(_), Ok(())) => return Err(ApiError::new("daemon closed the connection")),
+            (Err(e), Ok(())) => return Err(ApiError::new(format!("daemon connection: {e}"))),
         }
         let response: Response = serde_json::from_str(&answer)
             .map_err(|e| ApiError::new(format!("daemon answer: {e}")))?;

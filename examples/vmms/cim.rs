@@ -102,11 +102,11 @@ pub fn start(vmms: &VirtualSystemManagementService, args: &CimArgs) -> Result<()
         .map_err(|e| format!("cannot start the CIM thread: {e}"))?;
     match ready_rx.recv() {
         Ok(Ok(address)) => {
-            println!("vmms: CIM-XML on {scheme}://{address}/cimom");
+            log!("vmms: CIM-XML on {scheme}://{address}/cimom");
             Ok(())
         }
         Ok(Err(reason)) if !explicit => {
-            println!("vmms: CIM-XML endpoint disabled: {reason}");
+            log!("vmms: CIM-XML endpoint disabled: {reason}");
             Ok(())
         }
         Ok(Err(reason)) => Err(format!("CIM-XML endpoint: {reason}")),

@@ -1,13 +1,18 @@
 //! The CLI verbs (after Hyper-V's PowerShell cmdlets), each a client of the daemon.
 
+use std::fs::File;
 use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use vmm_core::{Event, Job, RequestedState};
 
 use crate::api::{ApiError, Client, Request, Shutdown, StateChange, VmSpec, VmView, describe_code};
+
+/// How long `stop-daemon` waits for the daemon to be gone.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -246,10 +251,28 @@ impl Cli<'_> {
         Ok(())
     }
 
-    /// `stop-daemon`.
+    /// `stop-daemon`: succeeds only once the daemon has exited and its store lock is free, so a
+    /// new daemon can start on the store at once.
     pub fn stop_daemon(&self) -> Result<(), CliError> {
         let mut client = self.connect()?;
+        let pid = client.daemon_pid().map_err(|e| {
+            self.fail(ApiError::new(format!(
+                "cannot tell which process the daemon is: {e}"
+            )))
+        })?;
         let _: serde_json::Value = self.call(&mut client, &Request::StopDaemon)?;
+        drop(client);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !(process_gone(pid) && store_unlocked(self.store)) {
+            if Instant::now() >= deadline {
+                return Err(self.fail(ApiError::new(format!(
+                    "the daemon (pid {pid}) accepted the stop but has not exited and released \
+                     the store lock within {}s",
+                    STOP_TIMEOUT.as_secs()
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(())
     }
 
@@ -272,6 +295,27 @@ impl Cli<'_> {
             Output::Table => print_table(vms),
         }
     }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie its parent has not reaped yet).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the command name, which ends at the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+/// Whether no process holds the store's lock (`vmms.lock`, taken by a serving daemon).
+fn store_unlocked(store: &Path) -> bool {
+    let Ok(file) = File::open(store.join("vmms.lock")) else {
+        return true;
+    };
+    // SAFETY: flock only acts on the descriptor `file` owns; the shared lock we may take goes
+    // away when `file` closes at the end of this function.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -5,29 +5,35 @@
 //! of their own and the next daemon re-attaches to them.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_core::{
-    AutomaticRecoveryAction, BootSource, DiskConfig, EnabledState, Event, EventHistory,
-    RequestedState, ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher,
-    error_chain,
+    AutomaticRecoveryAction, BootSource, DiskConfig, Event, EventHistory, JobState, RequestedState,
+    ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
 };
-use worker_manager::ProcessLauncher;
+use worker_manager::{LauncherOptions, ProcessLauncher};
 
 use crate::api::{ApiError, Request, Response, SOCKET, Shutdown, StateChange, VmSpec, VmView};
+use crate::listener::{self, AccessPolicy, Timeouts};
 
 /// How long `get-vm` waits for a worker's live report (a hung worker must not hang the CLI).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Events kept for `get-vm-event`.
 const EVENT_HISTORY: usize = 1000;
+
+/// How `vmms serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Users of this group may use the daemon too (besides root and the daemon's own user).
+    pub socket_group: Option<String>,
+    /// Connection timeouts.
+    pub timeouts: Timeouts,
+}
 
 /// The daemon's state shared by its client threads.
 struct Daemon {
@@ -37,19 +43,57 @@ struct Daemon {
     events: Mutex<EventHistory>,
 }
 
+/// How the daemon watches its workers (`vmms serve` flags).
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// Silence after which a worker is reported not responding (HealthState 20).
+    pub heartbeat_timeout: Duration,
+    /// Silence after which the VM's recovery action applies to a hung worker.
+    pub hang_timeout: Duration,
+    /// Confine workers (off only with `--no-confinement`).
+    pub confine_workers: bool,
+}
+
 /// Runs the daemon until a signal or a `stop-daemon` request.
-pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
+///
+/// Logging never fails or wedges the daemon (`log!`, see `log.rs`), and both ways out (a signal,
+/// `stop-daemon`) end the process, which releases the store lock.
+pub fn serve(
+    store: &Path,
+    options: &ServeOptions,
+    supervision: &Supervision,
+    cim: &crate::cim::CimArgs,
+) -> Result<(), String> {
+    // Before anything is created, and inherited by every worker: nothing of the store, its
+    // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     // Before any thread exists, so every thread inherits the mask and only the signal thread
     // ever takes these signals.
     let signals = block_termination_signals();
+    raise_open_file_limit();
+    crate::log::install().map_err(|e| format!("cannot start the log thread: {e}"))?;
+    let group = options
+        .socket_group
+        .as_deref()
+        .map(listener::group_id)
+        .transpose()?;
     fs::create_dir_all(store).map_err(|e| format!("cannot create {}: {e}", store.display()))?;
     let store = store
         .canonicalize()
         .map_err(|e| format!("cannot resolve {}: {e}", store.display()))?;
     let _lock = lock_store(&store)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]));
+    let launcher_options = LauncherOptions {
+        heartbeat_timeout: supervision.heartbeat_timeout,
+        hang_timeout: supervision.hang_timeout,
+        confine: supervision.confine_workers,
+        ..LauncherOptions::default()
+    };
+    let launcher =
+        Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(launcher_options));
     let as_launcher: Arc<dyn WorkerLauncher> = launcher.clone();
+    // Opening the store also makes its root and top folders 0700.
     let vmms = VirtualSystemManagementService::open(&store, as_launcher)
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     let daemon = Arc::new(Daemon {
@@ -75,7 +119,7 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start event thread: {e}"))?;
 
     let report = daemon.vmms.recover_on_start();
-    println!(
+    log!(
         "vmms: store {}; {} VM(s); re-attached {}, auto-started {}, failed {}",
         store.display(),
         daemon.vmms.list_vms().len(),
@@ -84,28 +128,24 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
         report.failed.len()
     );
     for (vm, reason) in &report.failed {
-        println!("vmms: {vm}: {reason}");
+        log!("vmms: {vm}: {reason}");
     }
     crate::cim::start(&daemon.vmms, cim)?;
 
     let socket = store.join(SOCKET);
-    let listener = bind(&socket)?;
+    let listener = listener::bind(&socket, group)?;
     let signal_socket = socket.clone();
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_signal(&signals, &signal_socket))
         .map_err(|e| format!("cannot start signal thread: {e}"))?;
-    println!("vmms: listening on {}", socket.display());
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let daemon = Arc::clone(&daemon);
-        let spawned = thread::Builder::new()
-            .name("client".into())
-            .spawn(move || daemon.client(stream));
-        if let Err(e) = spawned {
-            eprintln!("vmms: cannot serve a client: {e}");
-        }
-    }
+    log!("vmms: listening on {}", socket.display());
+    listener::serve(
+        &listener,
+        AccessPolicy::new(group),
+        options.timeouts,
+        daemon,
+    );
     Ok(())
 }
 
@@ -113,7 +153,7 @@ pub fn serve(store: &Path, cim: &crate::cim::CimArgs) -> Result<(), String> {
 fn open_event_history(store: &Path) -> EventHistory {
     let path = store.join("events.json");
     EventHistory::open(&path, EVENT_HISTORY).unwrap_or_else(|e| {
-        eprintln!("vmms: starting a new event history: {}", error_chain(&e));
+        log!("vmms: starting a new event history: {}", error_chain(&e));
         EventHistory::new(path, EVENT_HISTORY)
     })
 }
@@ -133,14 +173,21 @@ fn lock_store(store: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-fn bind(socket: &Path) -> Result<UnixListener, String> {
-    // The store lock is ours, so a socket file left here belongs to a daemon that died.
-    let _ = fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-    Ok(listener)
+/// Raises the soft limit on open files to the hard one: each client and each worker connection
+/// holds a descriptor, and the connection limit should bind long before this one does.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer for getrlimit and a valid input for setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 fn block_termination_signals() -> libc::sigset_t {
@@ -159,14 +206,47 @@ fn wait_for_signal(signals: &libc::sigset_t, socket: &Path) {
     let mut signal = 0;
     // SAFETY: `signals` is an initialised set and `signal` a valid out-pointer.
     unsafe { libc::sigwait(signals, &mut signal) };
+    exit(socket, &format!("signal {signal}"));
+}
+
+/// Ends the daemon: the socket goes first (no new client finds a daemon that is leaving), then
+/// the process, and with it the store lock. Nothing here can panic, and stdout is waited for
+/// only briefly.
+fn exit(socket: &Path, why: &str) -> ! {
     let _ = fs::remove_file(socket);
-    println!("vmms: signal {signal}: exiting; running VMs keep running");
+    log!("vmms: {why}: exiting; running VMs keep running");
+    crate::log::flush(Duration::from_secs(1));
     std::process::exit(0);
+}
+
+impl listener::Service for Daemon {
+    fn answer(&self, request: &[u8]) -> (Vec<u8>, bool) {
+        let (response, stop) = match serde_json::from_slice::<Request>(request) {
+            Ok(Request::StopDaemon) => (Ok(serde_json::Value::Null), true),
+            Ok(request) => (self.handle(request), false),
+            Err(e) => (
+                Err(ApiError::with_code(
+                    ReturnCode::InvalidParameter.code(),
+                    format!("bad request: {e}"),
+                )),
+                false,
+            ),
+        };
+        let answer = serde_json::to_vec(&response).unwrap_or_else(|e| {
+            format!(r#"{{"Err":{{"code":null,"message":"cannot encode answer: {e}"}}}}"#)
+                .into_bytes()
+        });
+        (answer, stop)
+    }
+
+    fn stop(&self) -> ! {
+        exit(&self.store.join(SOCKET), "stop requested")
+    }
 }
 
 impl Daemon {
     fn record(&self, event: Event) {
-        println!("vmms: {} {:?}", event.vm, event.kind);
+        log!("vmms: {} {:?}", event.vm, event.kind);
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         events.record(event);
     }
@@ -174,35 +254,7 @@ impl Daemon {
     fn save_events(&self) {
         let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = events.save() {
-            eprintln!("vmms: cannot save the event history: {}", error_chain(&e));
-        }
-    }
-
-    fn client(&self, stream: UnixStream) {
-        let Ok(writer) = stream.try_clone() else {
-            return;
-        };
-        let mut writer = writer;
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            let (response, stop) = match serde_json::from_str::<Request>(&line) {
-                Ok(Request::StopDaemon) => (Ok(serde_json::Value::Null), true),
-                Ok(request) => (self.handle(request), false),
-                Err(e) => (Err(ApiError::new(format!("bad request: {e}"))), false),
-            };
-            let mut answer = serde_json::to_vec(&response).unwrap_or_else(|e| {
-                format!(r#"{{"Err":{{"code":null,"message":"cannot encode answer: {e}"}}}}"#)
-                    .into_bytes()
-            });
-            answer.push(b'\n');
-            if writer.write_all(&answer).is_err() {
-                return;
-            }
-            if stop {
-                let _ = fs::remove_file(self.store.join(SOCKET));
-                println!("vmms: stop requested; running VMs keep running");
-                std::process::exit(0);
-            }
+            log!("vmms: cannot save the event history: {}", error_chain(&e));
         }
     }
 
@@ -253,6 +305,10 @@ impl Daemon {
     }
 
     /// A VM by GUID or by name (names need not be unique; an ambiguous name is refused).
+    ///
+    /// Anything that parses as a GUID names a VM by its id, never by its name: new names that
+    /// parse as a GUID are refused, and a VM stored with one before that rule is reached by its
+    /// own GUID.
     fn resolve(&self, target: &str) -> Result<VmId, ApiError> {
         if let Ok(id) = target.parse::<VmId>() {
             return Ok(id);
@@ -329,80 +385,39 @@ impl Daemon {
         })
     }
 
-    /// Asks the guest to shut down (the test guest's `halt` on its console) and waits for it to
-    /// power off; turns it off when it has no way to be asked or does not comply in time.
+    /// `InitiateShutdown`: the service asks the guest to power off and turns it off if it cannot
+    /// be asked or does not comply within `timeout`; the shutdown owns the VM until it is off.
     fn shutdown(&self, target: &str, timeout: Duration) -> Result<Shutdown, ApiError> {
         let id = self.resolve(target)?;
-        let vm = self.vmms.get_vm(id).map_err(api)?;
-        let test_guest = vm
-            .config
-            .as_ref()
-            .is_some_and(|c| c.boot == BootSource::TestGuest);
-        let outcome = match (vm.enabled_state, test_guest) {
-            (EnabledState::Running, true) => match self.ask_guest_to_halt(id, timeout) {
-                Ok(()) => return Ok(self.shutdown_result(id, vm.name, "guest shut down")),
-                Err(why) => format!("turned off: {why}"),
-            },
-            (EnabledState::Running, false) => {
-                "turned off: the guest has no shutdown integration".to_owned()
-            }
-            (EnabledState::Paused, _) => "turned off: a paused guest cannot shut down".to_owned(),
-            (state, _) => {
-                return Err(ApiError::with_code(
-                    ReturnCode::InvalidState.code(),
-                    format!("cannot shut down a VM that is {state}"),
-                ));
-            }
+        let name = self.vmms.get_vm(id).map_err(api)?.name;
+        let (code, job) = self.vmms.initiate_shutdown(id, timeout).map_err(api)?;
+        let Some(job) = job else {
+            let state = self.vmms.get_vm(id).map_err(api)?.enabled_state;
+            return Err(ApiError::with_code(
+                code.code(),
+                format!("cannot shut down a VM that is {state}"),
+            ));
         };
-        let change = self.change_state(target, RequestedState::TurnOff.code())?;
-        if change.code != ReturnCode::JobStarted.code() {
-            return Err(ApiError::with_code(change.code, "turn off refused"));
-        }
-        if let Some(job) = change.job {
-            let job = self
-                .vmms
-                .wait_for_job(job, Duration::from_secs(60))
-                .map_err(api)?;
-            if !job.state.is_success() {
+        // The guest's own timeout plus time to turn it off.
+        let job = self
+            .vmms
+            .wait_for_job(job, timeout + Duration::from_secs(60))
+            .map_err(api)?;
+        let outcome = match job.state {
+            JobState::Completed => "guest shut down".to_owned(),
+            JobState::CompletedWithWarnings => job.error_description.unwrap_or_default(),
+            _ => {
                 return Err(ApiError::with_code(
                     job.error_code,
                     job.error_description.unwrap_or_default(),
                 ));
             }
-        }
-        Ok(self.shutdown_result(id, vm.name, &outcome))
-    }
-
-    fn shutdown_result(&self, vm: VmId, name: String, outcome: &str) -> Shutdown {
-        Shutdown {
-            vm,
+        };
+        Ok(Shutdown {
+            vm: id,
             name,
-            outcome: outcome.to_owned(),
-        }
-    }
-
-    /// Types `halt` at the test guest's shell and waits for the VM to reach Off.
-    fn ask_guest_to_halt(&self, id: VmId, timeout: Duration) -> Result<(), String> {
-        let socket = self.launcher.runtime_dir(id).console_socket();
-        let mut console =
-            UnixStream::connect(&socket).map_err(|e| format!("console unreachable: {e}"))?;
-        // A leading CR ends whatever half-typed line the shell holds.
-        console
-            .write_all(b"\rhalt\r")
-            .map_err(|e| format!("console write failed: {e}"))?;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let state = self
-                .vmms
-                .get_vm(id)
-                .map_err(|e| e.to_string())?
-                .enabled_state;
-            if state == EnabledState::Off {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("the guest did not power off within {timeout:?}"))
+            outcome,
+        })
     }
 }
 

@@ -85,7 +85,11 @@ pub fn demo(store: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     cli("remove-vm").remove_vm().map_err(|e| e.to_string())?;
     if let Some(mut child) = daemon {
-        let _ = client.call::<serde_json::Value>(&Request::StopDaemon);
+        // A fresh connection (the first may have sat idle past the daemon's idle timeout);
+        // `stop-daemon` returns once the daemon is gone.
+        if cli("stop-daemon").stop_daemon().is_err() {
+            let _ = child.kill();
+        }
         let _ = child.wait();
         out!("==> daemon stopped");
     }

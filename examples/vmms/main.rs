@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example vmms -- demo          # daemon + VM + console, nothing to download
-//! vmms serve [--store DIR] [--cim-listen ADDR] [--no-cim]  # the daemon (VMMS) + CIM-XML on 127.0.0.1:5988
-//!                                                     # (store: --store, else $VMMS_STORE, else ./vmms-data)
+//! vmms serve [--store DIR] [--socket-group NAME]      # the daemon (VMMS), default store ./vmms-data
+//!       [--cim-listen ADDR] [--no-cim]               # + CIM-XML on 127.0.0.1:5988 (store also from $VMMS_STORE)
 //! vmms new-vm web1 [--vcpus N] [--memory-mib N] [--kernel P --initrd P --cmdline S] [--disk P]
 //!                  [--recovery none|restart]
 //! vmms get-vm [NAME|GUID] [--output json]
@@ -27,12 +27,21 @@ macro_rules! out {
     }};
 }
 
+/// A line of the daemon's log (`log.rs`): never waits on stdout, never panics over it.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        crate::log::line(format!($($arg)*))
+    };
+}
+
 mod api;
 mod cim;
 mod cli;
 mod console;
 mod daemon;
 mod demo;
+mod listener;
+mod log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,8 +70,28 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Run the daemon (VMMS) for the store, with its CIM-XML endpoint.
+    /// Run the daemon (VMMS) for the store. Root and the user running it may use it; so may the
+    /// members of `--socket-group`.
     Serve {
+        /// Let the members of this group (name or number) use the daemon's socket too.
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Seconds a client connection may sit idle between requests before it is closed.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout: u64,
+        /// Seconds a client may take to send one request line once it began.
+        #[arg(long, default_value_t = 10)]
+        request_timeout: u64,
+        /// Seconds of worker silence before its VM is reported not responding (HealthState 20).
+        #[arg(long, default_value_t = 5)]
+        heartbeat_timeout: u64,
+        /// Seconds of worker silence before the VM's recovery action applies (restart kills and
+        /// restarts a hung worker; none leaves it alone).
+        #[arg(long, default_value_t = 30)]
+        hang_timeout: u64,
+        /// Run workers without seccomp, Landlock and rlimits (debugging only).
+        #[arg(long)]
+        no_confinement: bool,
         #[command(flatten)]
         cim: cim::CimArgs,
     },
@@ -77,6 +106,9 @@ enum Verb {
         /// Restore this saved state instead of booting.
         #[arg(long)]
         restore: Option<PathBuf>,
+        /// Run without seccomp, Landlock and rlimits (debugging only).
+        #[arg(long)]
+        no_confinement: bool,
     },
     /// Define a VM (default: the embedded test guest, 1 vCPU, 64 MiB).
     NewVm {
@@ -152,15 +184,42 @@ fn main() -> ExitCode {
         target,
     };
     let result: Result<(), CliError> = match args.verb {
-        Verb::Worker { vm, restore } => {
+        Verb::Worker {
+            vm,
+            restore,
+            no_confinement,
+        } => {
             return worker::run(WorkerOptions {
                 vm,
                 store,
                 restore,
                 default_kernel: vmms::guest::ELF,
+                confine: !no_confinement,
             });
         }
-        Verb::Serve { cim } => daemon::serve(&store, &cim).map_err(|e| plain("serve", e)),
+        Verb::Serve {
+            socket_group,
+            idle_timeout,
+            request_timeout,
+            heartbeat_timeout,
+            hang_timeout,
+            no_confinement,
+            cim,
+        } => {
+            let options = daemon::ServeOptions {
+                socket_group,
+                timeouts: listener::Timeouts {
+                    idle: Duration::from_secs(idle_timeout),
+                    request: Duration::from_secs(request_timeout),
+                },
+            };
+            let supervision = daemon::Supervision {
+                heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
+                hang_timeout: Duration::from_secs(hang_timeout),
+                confine_workers: !no_confinement,
+            };
+            daemon::serve(&store, &options, &supervision, &cim).map_err(|e| plain("serve", e))
+        }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
             name,
@@ -213,7 +272,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{error}");
+            use std::io::Write as _;
+            // A closed stderr must not turn a clean failure into a panic.
+            let _ = writeln!(std::io::stderr().lock(), "{error}");
             ExitCode::FAILURE
         }
     }

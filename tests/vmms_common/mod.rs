@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_docs)]
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -91,26 +92,47 @@ fn newest(dir: &Path) -> Option<SystemTime> {
     latest
 }
 
+/// How a test starts its daemon, beyond the defaults (stdout and stderr into `daemon.log`).
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// The umask the daemon process starts with.
+    pub umask: Option<libc::mode_t>,
+    /// Its `RLIMIT_NOFILE`, soft and hard (what `prlimit --nofile=N` sets).
+    pub nofile: Option<u64>,
+    /// Its stdout: this pipe (the test decides when its reader goes away) instead of the log.
+    pub stdout: Option<std::io::PipeWriter>,
+    /// Extra arguments to `vmms serve`.
+    pub args: Vec<String>,
+    /// Extra environment variables (its workers inherit them).
+    pub env: Vec<(String, String)>,
+    /// The store root's mode before the daemon first starts (a world-writable store, say).
+    pub store_mode: Option<u32>,
+}
+
+/// A [`Launch`] with just extra `serve` arguments and environment.
+fn launch_of(args: &[&str], env: &[(&str, &str)]) -> Launch {
+    Launch {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Launch::default()
+    }
+}
+
 /// A daemon on its own temporary store.
 pub struct Daemon {
     pub store: tempfile::TempDir,
     child: Option<Child>,
-    /// Extra `vmms serve` arguments (kept for restarts).
-    serve_args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `vmms serve` on a fresh store and waits until it answers.
     pub fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    /// Starts `vmms serve ARGS…` on a fresh store and waits until it answers.
-    pub fn start_with(args: &[&str]) -> Self {
         let mut daemon = Daemon {
             store: tempfile::tempdir().expect("tempdir"),
             child: None,
-            serve_args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         daemon.spawn();
         daemon
@@ -120,26 +142,210 @@ impl Daemon {
         self.store.path()
     }
 
+    /// Starts `vmms serve` as `launch` says on a fresh store, and waits until it answers.
+    pub fn start_launch(launch: Launch) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mut daemon = Daemon {
+            store: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        if let Some(mode) = launch.store_mode {
+            fs::set_permissions(daemon.path(), fs::Permissions::from_mode(mode))
+                .expect("chmod store");
+        }
+        daemon.spawn_launch(launch);
+        daemon
+    }
+
     /// Starts the daemon process (again) on this store.
     pub fn spawn(&mut self) {
+        self.spawn_launch(Launch::default());
+    }
+
+    /// Starts the daemon process (again) with extra `serve` arguments and environment
+    /// variables (its workers inherit the environment), and waits until it answers.
+    pub fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.spawn_launch(launch_of(args, env));
+    }
+
+    /// Starts the daemon process (again) on this store as `launch` says, and waits until it
+    /// answers.
+    pub fn spawn_launch(&mut self, launch: Launch) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path().join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(vmms_binary())
+        let stdout = match launch.stdout {
+            Some(pipe) => Stdio::from(pipe),
+            None => Stdio::from(log.try_clone().expect("log")),
+        };
+        let mut command = Command::new(vmms_binary());
+        command
             .args(["serve", "--store"])
             .arg(self.path())
-            .args(&self.serve_args)
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn vmms serve");
+            .stdout(stdout)
+            .stderr(log);
+        let (umask, nofile) = (launch.umask, launch.nofile);
+        // SAFETY: the closure runs in the forked child before exec and calls only umask and
+        // setrlimit, which are async-signal-safe, on values it owns.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(mask) = umask {
+                    libc::umask(mask);
+                }
+                if let Some(n) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn vmms serve");
         self.child = Some(child);
         wait_until("the daemon answers", || {
             self.vmms(&["get-vm"]).status.success()
         });
+    }
+
+    /// Waits up to `timeout` for the daemon process to exit; its status if it did.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("poll daemon") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM to the daemon, without waiting.
+    pub fn send_sigterm(&self) {
+        // SAFETY: kill only sends a signal, to the daemon this fixture started.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+    }
+
+    /// Whether the store's lock is free (no daemon holds it).
+    pub fn store_lock_is_free(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = fs::File::open(self.path().join("vmms.lock")) else {
+            return true;
+        };
+        // SAFETY: flock only acts on the descriptor `file` owns; closing it releases our lock.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+
+    /// Runs the CLI against this store as user and group `id` (no supplementary groups); the
+    /// test must run as root.
+    pub fn vmms_as(&self, id: u32, args: &[&str]) -> Output {
+        Command::new(vmms_binary())
+            .args(args)
+            .arg("--store")
+            .arg(self.path())
+            .uid(id)
+            .gid(id)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vmms as another user")
+    }
+
+    /// Runs the CLI, killing it if it has not finished within `timeout` (`None` then).
+    pub fn vmms_within(&self, args: &[&str], timeout: Duration) -> Option<Output> {
+        let mut child = Command::new(vmms_binary())
+            .args(args)
+            .arg("--store")
+            .arg(self.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run vmms");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().expect("poll vmms").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Some(child.wait_with_output().expect("vmms output"))
+    }
+
+    /// The daemon's resident memory in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// Starts a daemon on a fresh store with extra `serve` arguments and environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Daemon::start_launch(launch_of(args, env))
+    }
+
+    /// Whether the daemon process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait daemon").is_some(),
+            None => true,
+        };
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
+    /// Waits until the daemon process has exited by itself (a fault injected into it).
+    pub fn wait_exit(&mut self) {
+        wait_until("the daemon exits", || self.has_exited());
+    }
+
+    /// Pids of live worker processes of this store, found from `/proc` (not from pid files,
+    /// which a crash can leave wrong): every process whose command line is `… worker … --store
+    /// <this store>`.
+    pub fn live_workers(&self) -> Vec<u64> {
+        let store = self.path().as_os_str().as_encoded_bytes().to_vec();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let is_worker = args.iter().any(|a| *a == b"worker");
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == b"--store" && w[1] == store.as_slice());
+            if is_worker && ours && alive(pid) {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        pids
     }
 
     /// The daemon's pid.
@@ -214,6 +420,15 @@ impl Daemon {
         list.pop().expect("one vm")
     }
 
+    /// The test guest's counter inside the saved memory image of the VM with GUID `id` (RAM
+    /// from address 0, in order).
+    pub fn saved_counter(&self, id: &str) -> u64 {
+        let path = self.path().join(format!("vms/{id}/state/memory.bin"));
+        let image = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let at = vmms::guest::protocol::STATUS_GPA as usize + 8;
+        u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
+    }
+
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
         let vm = self.vm(target);
@@ -272,6 +487,9 @@ impl Drop for Daemon {
             // SAFETY: kill only sends a signal, to a worker this test's daemon started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        for pid in self.live_workers() {
+            kill9(pid);
+        }
     }
 }
 
@@ -284,6 +502,19 @@ pub fn alive(pid: u64) -> bool {
 pub fn kill9(pid: u64) {
     // SAFETY: kill only sends a signal.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// Whether `done` becomes true within [`TIMEOUT`] (for things that happen asynchronously, such
+/// as a line reaching the daemon's log).
+pub fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -6,17 +6,24 @@
 //! before the name points at it, and the folder fsync makes the new name itself durable. What a
 //! crash can leave behind is a temporary file; [`is_temporary`] recognises those so that loaders
 //! skip them.
+//!
+//! Everything written here is private to the owner (files 0600, whatever the umask): a store's
+//! files hold VM definitions with kernel command lines, pid files and saved guest state.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Mode of every file this module creates (before the umask, which can only narrow it).
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Marker inside the names of temporary files and folders (`.<name>.tmp.<pid>.<n>`).
 const TEMP_MARKER: &str = ".tmp.";
 
-/// Replaces `path` with `contents` atomically and durably.
+/// Replaces `path` with `contents` atomically and durably; the new file is owner-only (0600).
 ///
 /// The temporary file is created next to `path` (so the rename stays within one file system) with
 /// a name unique to this process and call, so concurrent writers never share one. On any error
@@ -48,6 +55,30 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Commits a folder built under a temporary name: fsyncs every file and folder in `staging`,
+/// then renames it to `target` and fsyncs the parent. `target` must not exist (or be an empty
+/// folder): a folder is never replaced over existing contents.
+///
+/// Used for saved states: after a crash at any instant `target` is either absent or complete.
+pub fn commit_dir(staging: &Path, target: &Path) -> io::Result<()> {
+    sync_tree(staging)?;
+    rename_durable(staging, target)
+}
+
+/// fsyncs every file and folder under `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if file_type.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Whether a file or folder name is a temporary left by [`write_atomic`] or
 /// [`temporary_sibling`]; loaders skip such entries.
 pub fn is_temporary(name: &OsStr) -> bool {
@@ -75,7 +106,11 @@ pub fn temporary_sibling(path: &Path) -> io::Result<PathBuf> {
 }
 
 fn write_and_rename(tmp: &Path, path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(tmp)?;
     file.write_all(contents)?;
     file.sync_all()?;
     drop(file);
@@ -94,6 +129,7 @@ fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn names_in(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)
@@ -173,6 +209,26 @@ mod tests {
         let tmp = temporary_sibling(Path::new("/store/vms/x/config.json")).expect("temp name");
 
         assert_eq!(tmp.parent(), Some(Path::new("/store/vms/x")));
+    }
+
+    #[test]
+    fn written_file_is_owner_only_whatever_the_umask() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        fs::write(&path, b"old").expect("seed");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("loosen");
+        // SAFETY: umask only swaps the process's file mode creation mask and touches no memory.
+        // (Tests running in parallel may create a file with the open mask for this instant;
+        // none of them checks modes it did not set explicitly.)
+        let old = unsafe { libc::umask(0) };
+
+        let written = write_atomic(&path, b"new");
+        // SAFETY: as above; restores the mask read a moment ago.
+        unsafe { libc::umask(old) };
+
+        written.expect("write");
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::{VmConfig, VmId};
 use crate::error::{Result, error_chain};
 use crate::event::{EventBus, EventKind};
+use crate::ownership::Ownership;
 use crate::state::{EnabledState, HealthState, OperationalStatus, RequestedState};
 use crate::store::Store;
-use crate::worker::{StopReason, Worker};
+use crate::worker::Worker;
 
 /// A snapshot of one virtual machine as clients see it (`Msvm_ComputerSystem` plus the
 /// configuration), serialisable for the wire.
@@ -87,12 +88,8 @@ pub(crate) struct VmRecord {
     pub(crate) last_state_change: SystemTime,
     /// The attached worker, if one runs.
     pub(crate) worker: Option<Arc<dyn Worker>>,
-    /// Identifies the current worker's event sink; events carrying another value are stale.
-    pub(crate) generation: u64,
-    /// An operation owns this VM; nothing else may change it.
-    pub(crate) busy: bool,
-    /// A stop reported while an operation owned the VM, dealt with when it ends.
-    pub(crate) held: Option<StopReason>,
+    /// Which operation may change this VM and which worker's events count.
+    pub(crate) owner: Ownership,
     pub(crate) on_time: OnTime,
     /// When recovery restarts happened recently (restart-loop protection).
     pub(crate) recoveries: Vec<Instant>,
@@ -114,9 +111,7 @@ impl VmRecord {
             status_description: None,
             last_state_change: SystemTime::now(),
             worker: None,
-            generation: 0,
-            busy: false,
-            held: None,
+            owner: Ownership::default(),
             on_time: OnTime::default(),
             recoveries: Vec::new(),
         }
@@ -163,7 +158,7 @@ impl VmRecord {
     pub(crate) fn snapshot(&self) -> ComputerSystem {
         let operational_status = if self.is_degraded() {
             OperationalStatus::Degraded
-        } else if self.busy {
+        } else if self.owner.is_claimed() {
             OperationalStatus::InService
         } else {
             OperationalStatus::Ok

@@ -184,8 +184,9 @@ pub struct VmConfig {
     pub version: u32,
     /// The virtual machine's identity; never changes.
     pub id: VmId,
-    /// Display name (`ElementName`): 1 to [`MAX_NAME_LEN`] characters, no control characters.
-    /// Names need not be unique, as in Hyper-V.
+    /// Display name (`ElementName`): 1 to [`MAX_NAME_LEN`] characters, no control characters, and
+    /// (for names given now, see [`VmConfig::validate_definition`]) not a GUID. Names need not be
+    /// unique, as in Hyper-V.
     pub name: String,
     /// Number of virtual processors (1..=255).
     pub vcpus: u8,
@@ -268,6 +269,28 @@ impl VmConfig {
         }
         Ok(())
     }
+
+    /// What `DefineSystem` and `ModifySystemSettings` check: [`validate`](Self::validate) plus
+    /// the rules for a name being given now ([`validate_new_name`]).
+    ///
+    /// Stored definitions are loaded with [`validate`](Self::validate) alone, so a store written
+    /// before a rule existed still loads: its VM is not degraded, and a client that names VMs
+    /// "by name or GUID" resolves the GUID first.
+    pub fn validate_definition(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        validate_new_name(&self.name)
+    }
+}
+
+/// Checks a name a client gives a VM now: [`validate_name`], and not something that parses as a
+/// GUID. Every client that takes "a name or a GUID" (the CLI, WMI queries) would read such a name
+/// as another VM's id, so `remove-vm <GUID>` could act on a different VM than the one so named.
+pub fn validate_new_name(name: &str) -> Result<(), ConfigError> {
+    validate_name(name)?;
+    if name.trim().parse::<VmId>().is_ok() {
+        return Err(ConfigError::NameIsGuid);
+    }
+    Ok(())
 }
 
 /// Checks a display name the way `ElementName` is limited.
@@ -313,6 +336,9 @@ pub enum ConfigError {
     /// The name contains control characters (they break tables, logs and CIM-XML).
     #[error("name contains control characters")]
     NameHasControlCharacters,
+    /// The name parses as a GUID, so it could be taken for another VM's id.
+    #[error("name looks like a GUID; a GUID names a VM by its id, choose another name")]
+    NameIsGuid,
     /// Zero virtual processors.
     #[error("at least one virtual processor is needed")]
     NoVcpus,
@@ -432,6 +458,51 @@ mod tests {
             config.validate(),
             Err(ConfigError::NameHasControlCharacters)
         );
+    }
+
+    #[test]
+    fn name_that_parses_as_a_guid_is_refused_for_a_definition() {
+        let id = VmId::new_random();
+        let names = [
+            id.to_string(),
+            id.to_string().to_lowercase(),
+            id.as_uuid().simple().to_string(),
+            format!("{{{id}}}"),
+            format!("urn:uuid:{id}"),
+            format!(" {id} "),
+        ];
+
+        for name in names {
+            let config = VmConfig {
+                name: name.clone(),
+                ..VmConfig::new("x")
+            };
+            assert_eq!(
+                config.validate_definition(),
+                Err(ConfigError::NameIsGuid),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn stored_name_that_parses_as_a_guid_still_loads() {
+        let config = VmConfig {
+            name: VmId::new_random().to_string(),
+            ..VmConfig::new("x")
+        };
+
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn name_that_only_contains_a_guid_is_accepted() {
+        let config = VmConfig {
+            name: format!("web-{}", VmId::new_random()),
+            ..VmConfig::new("x")
+        };
+
+        assert_eq!(config.validate_definition(), Ok(()));
     }
 
     #[test]

@@ -67,7 +67,14 @@ pub enum EventKind {
         /// Why not.
         reason: String,
     },
-    /// A job on it ended.
+    /// The worker has not answered its heartbeat for this long (HealthState 20 meanwhile).
+    WorkerNotResponding {
+        /// Milliseconds of silence when reported.
+        silent_for_ms: u64,
+    },
+    /// The worker answers again after not responding.
+    WorkerResponding,
+    /// A job ended.
     JobCompleted {
         /// The job.
         job: JobId,

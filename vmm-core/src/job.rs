@@ -144,6 +144,21 @@ pub enum JobKind {
     AutomaticStart,
     /// The `AutomaticRecoveryAction` (restart) after the worker was lost.
     RecoveryRestart,
+    /// `Msvm_ShutdownComponent.InitiateShutdown`: the guest is asked to shut down, and turned
+    /// off if it cannot be asked or does not comply in time (then the job completes with
+    /// warnings that say so).
+    Shutdown,
+}
+
+/// How a job ended, as its owner reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JobOutcome {
+    /// `Completed` (7).
+    Completed,
+    /// `CompletedWithWarnings` (32768): done, but not quite as asked; the text says how.
+    CompletedWithWarnings(String),
+    /// `Exception` (10) with Hyper-V's error code and a description.
+    Failed(u32, String),
 }
 
 impl JobKind {
@@ -153,6 +168,7 @@ impl JobKind {
             JobKind::RequestStateChange { requested } => format!("Changing state to {requested}"),
             JobKind::AutomaticStart => "Automatic start".to_owned(),
             JobKind::RecoveryRestart => "Automatic recovery: restart".to_owned(),
+            JobKind::Shutdown => "Shutting down the guest".to_owned(),
         }
     }
 }
@@ -172,7 +188,7 @@ pub struct Job {
     pub percent_complete: u8,
     /// 0 on success, else a [`ReturnCode`](crate::ReturnCode) value saying what kind of failure.
     pub error_code: u32,
-    /// What went wrong, for people.
+    /// What went wrong, for people; for `CompletedWithWarnings`, what the warning is.
     pub error_description: Option<String>,
     /// When it was created.
     pub time_submitted: SystemTime,
@@ -257,7 +273,7 @@ impl JobTable {
     pub(crate) fn finish(
         &self,
         id: JobId,
-        error: Option<(u32, String)>,
+        outcome: JobOutcome,
         announce: impl FnOnce(&Job),
     ) -> Option<Job> {
         let mut jobs = self.lock();
@@ -265,12 +281,17 @@ impl JobTable {
         record.ended = Some(Instant::now());
         let job = &mut record.job;
         job.time_of_last_state_change = SystemTime::now();
-        match error {
-            None => {
+        match outcome {
+            JobOutcome::Completed => {
                 job.state = JobState::Completed;
                 job.percent_complete = 100;
             }
-            Some((code, description)) => {
+            JobOutcome::CompletedWithWarnings(description) => {
+                job.state = JobState::CompletedWithWarnings;
+                job.percent_complete = 100;
+                job.error_description = Some(description);
+            }
+            JobOutcome::Failed(code, description) => {
                 job.state = JobState::Exception;
                 job.error_code = code;
                 job.error_description = Some(description);
@@ -349,7 +370,7 @@ mod tests {
         let table = JobTable::default();
         let id = table.create(start_kind(), VmId::new_random());
 
-        table.finish(id, None, |_| {});
+        table.finish(id, JobOutcome::Completed, |_| {});
 
         let job = table.get(id).expect("job exists");
         assert_eq!(
@@ -363,7 +384,11 @@ mod tests {
         let table = JobTable::default();
         let id = table.create(start_kind(), VmId::new_random());
 
-        table.finish(id, Some((32768, "worker failed: no kvm".into())), |_| {});
+        table.finish(
+            id,
+            JobOutcome::Failed(32768, "worker failed: no kvm".into()),
+            |_| {},
+        );
 
         let job = table.get(id).expect("job exists");
         assert_eq!(job.state, JobState::Exception);
@@ -382,7 +407,7 @@ mod tests {
             let table = table.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
-                table.finish(id, None, |_| {});
+                table.finish(id, JobOutcome::Completed, |_| {});
             })
         };
 

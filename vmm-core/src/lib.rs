@@ -39,7 +39,7 @@
 //!     fn status(&self) -> WorkerStatus { WorkerStatus::Running }
 //!     fn pause(&self) -> Result<(), WorkerError> { Ok(()) }
 //!     fn resume(&self) -> Result<(), WorkerError> { Ok(()) }
-//!     fn save(&self, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
+//!     fn save(&self, _staging: &Path, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
 //!     fn reset(&self) -> Result<(), WorkerError> { Ok(()) }
 //!     fn turn_off(&self) -> Result<(), WorkerError> { Ok(()) }
 //! }
@@ -84,8 +84,10 @@ mod config;
 mod error;
 mod event;
 mod event_history;
+pub mod fault;
 mod job;
 mod operation;
+mod ownership;
 mod return_code;
 mod service;
 mod state;
@@ -97,7 +99,7 @@ pub use catalog::ComputerSystem;
 pub use config::{
     AutomaticRecoveryAction, AutomaticStartAction, BootSource, CONFIG_VERSION, ConfigError,
     DiskConfig, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MIN_MEMORY_MIB, VmConfig, VmId,
-    validate_name,
+    validate_name, validate_new_name,
 };
 pub use error::{Error, Result, error_chain};
 pub use event::{Event, EventKind};

@@ -1,6 +1,6 @@
 //! Carrying out one accepted state change: the job thread behind `RequestStateChange`.
 //!
-//! [`begin`] runs with the catalog locked: it consults the transition table, marks the VM busy,
+//! [`begin`] runs with the catalog locked: it consults the transition table, claims the VM,
 //! shows the transitional state and spawns a thread. The thread makes the slow calls (launcher,
 //! worker, store) with no lock held, then [`finish`] takes the lock again to settle the VM in its
 //! target state (or back where it came from), end the job and deal with any worker stop that
@@ -9,12 +9,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use crate::catalog::VmRecord;
 use crate::config::{VmConfig, VmId};
 use crate::error::{Error, error_chain};
 use crate::event::EventKind;
-use crate::job::{JobId, JobKind};
+use crate::fault;
+use crate::job::{JobId, JobKind, JobOutcome};
 use crate::service::Inner;
 use crate::state::{
     EnabledState, HealthState, RequestedState, ReturnCode, Transition, TransitionAction, transition,
@@ -34,6 +36,12 @@ enum Step {
     Save(Arc<dyn Worker>),
     Reset(Arc<dyn Worker>),
     TurnOff(Arc<dyn Worker>),
+    /// Ask the guest to shut down (when `ask`), turn it off if that fails.
+    Shutdown {
+        worker: Arc<dyn Worker>,
+        timeout: Duration,
+        ask: bool,
+    },
     DiscardSavedState,
 }
 
@@ -45,6 +53,9 @@ enum Done {
     WorkerKept,
     /// The worker exited as asked (save, turn-off).
     WorkerFinished,
+    /// The worker was turned off instead of doing what was asked (a shutdown the guest could
+    /// not do); the text says why.
+    WorkerTurnedOff(String),
     /// No worker was involved.
     NoWorker,
 }
@@ -118,25 +129,76 @@ pub(crate) fn begin(
     requested: RequestedState,
     kind: JobKind,
 ) -> (ReturnCode, Option<JobId>) {
-    if record.busy {
+    if record.owner.is_claimed() {
         return (ReturnCode::SystemInUse, None);
     }
     if record.is_degraded() && requested != RequestedState::TurnOff {
         return (ReturnCode::InvalidState, None);
     }
-    let transition = match transition(record.state, requested) {
-        Ok(transition) => transition,
-        Err(code) => return (code, None),
+    match transition(record.state, requested) {
+        Ok(transition) => begin_transition(inner, record, transition, requested, kind, None),
+        Err(code) => (code, None),
+    }
+}
+
+/// Starts a graceful shutdown (`InitiateShutdown`) of a running or paused VM (catalog locked):
+/// the guest is asked (a paused one cannot be), and turned off if that fails within `timeout`.
+pub(crate) fn begin_shutdown(
+    inner: &Arc<Inner>,
+    record: &mut VmRecord,
+    timeout: Duration,
+) -> (ReturnCode, Option<JobId>) {
+    if record.owner.is_claimed() || record.state.is_transitional() {
+        return (ReturnCode::SystemInUse, None);
+    }
+    if record.is_degraded() || !matches!(record.state, EnabledState::Running | EnabledState::Paused)
+    {
+        return (ReturnCode::InvalidState, None);
+    }
+    let shutdown = Transition {
+        pending: EnabledState::Stopping,
+        target: EnabledState::Off,
+        action: TransitionAction::Shutdown,
     };
-    let Some(step) = prepare(inner, record, transition.action) else {
+    let ask = record.state == EnabledState::Running;
+    let options = ShutdownOptions { timeout, ask };
+    begin_transition(
+        inner,
+        record,
+        shutdown,
+        RequestedState::TurnOff,
+        JobKind::Shutdown,
+        Some(options),
+    )
+}
+
+/// What a shutdown step needs besides the worker.
+#[derive(Debug, Clone, Copy)]
+struct ShutdownOptions {
+    timeout: Duration,
+    ask: bool,
+}
+
+/// Claims the VM, shows the pending state and runs `transition` on its own thread.
+fn begin_transition(
+    inner: &Arc<Inner>,
+    record: &mut VmRecord,
+    transition: Transition,
+    requested: RequestedState,
+    kind: JobKind,
+    shutdown: Option<ShutdownOptions>,
+) -> (ReturnCode, Option<JobId>) {
+    if !record.owner.claim() {
+        return (ReturnCode::SystemInUse, None);
+    }
+    let Some(step) = prepare(inner, record, transition.action, shutdown) else {
         // The table allowed it, but the record lacks what the step needs (no worker attached to
         // a VM shown running): refuse rather than pretend.
+        supervision::release(inner, record);
         return (ReturnCode::InvalidState, None);
     };
     let previous = record.state;
     let job = inner.jobs.create(kind, record.id);
-    record.busy = true;
-    record.held = None;
     record.requested = requested;
     record.set_state(transition.pending, &inner.events);
 
@@ -154,13 +216,15 @@ pub(crate) fn begin(
     match spawned {
         Ok(_) => (ReturnCode::JobStarted, Some(job)),
         Err(error) => {
-            record.busy = false;
             record.requested = RequestedState::NotApplicable;
             record.set_state(previous, &inner.events);
             let text = format!("cannot start operation thread: {error}");
-            inner
-                .jobs
-                .finish(job, Some((ReturnCode::Failed.code(), text)), |_| {});
+            inner.jobs.finish(
+                job,
+                JobOutcome::Failed(ReturnCode::Failed.code(), text),
+                |_| {},
+            );
+            supervision::release(inner, record);
             (ReturnCode::Failed, None)
         }
     }
@@ -168,7 +232,12 @@ pub(crate) fn begin(
 
 /// Gathers what the step needs from the record (catalog locked). Launches get a fresh event
 /// generation so that events from any earlier worker are recognised as stale.
-fn prepare(inner: &Inner, record: &mut VmRecord, action: TransitionAction) -> Option<Step> {
+fn prepare(
+    inner: &Inner,
+    record: &mut VmRecord,
+    action: TransitionAction,
+    shutdown: Option<ShutdownOptions>,
+) -> Option<Step> {
     let worker = record.worker.clone();
     let step = match action {
         TransitionAction::Boot | TransitionAction::RestoreSavedState => {
@@ -180,11 +249,11 @@ fn prepare(inner: &Inner, record: &mut VmRecord, action: TransitionAction) -> Op
                     state_dir: inner.store.state_dir(record.id),
                 }
             };
-            record.generation += 1;
+            let generation = record.owner.next_generation();
             Step::Launch {
                 config,
                 mode,
-                events: sink(inner, record.id, record.generation),
+                events: sink(inner, record.id, generation),
             }
         }
         TransitionAction::Pause => Step::Pause(worker?),
@@ -192,6 +261,14 @@ fn prepare(inner: &Inner, record: &mut VmRecord, action: TransitionAction) -> Op
         TransitionAction::Save => Step::Save(worker?),
         TransitionAction::Reset => Step::Reset(worker?),
         TransitionAction::TurnOff => Step::TurnOff(worker?),
+        TransitionAction::Shutdown => {
+            let ShutdownOptions { timeout, ask } = shutdown?;
+            Step::Shutdown {
+                worker: worker?,
+                timeout,
+                ask,
+            }
+        }
         TransitionAction::DiscardSavedState => Step::DiscardSavedState,
     };
     Some(step)
@@ -211,13 +288,20 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
             mode,
             events,
         } => {
-            let worker = inner
-                .launcher
-                .launch(config, mode.clone(), events.clone())
-                .map_err(|e| Failure::from_worker("cannot start worker", &e))?;
+            fault::point("start.before-launch");
+            let launched = inner.launcher.launch(config, mode.clone(), events.clone());
+            let worker = launched.map_err(|e| {
+                let mut failure = Failure::from_worker("cannot start worker", &e);
+                if matches!(mode, LaunchMode::RestoreSaved { .. }) && !store.has_saved_state(vm) {
+                    // The worker consumed the saved state and then failed: its guest is gone.
+                    failure.critical = Some(EnabledState::Off);
+                }
+                failure
+            })?;
+            fault::point("start.after-launch");
             if let LaunchMode::RestoreSaved { .. } = mode {
-                // A saved state left behind after a restore would be restored again after a
-                // host restart, on top of disks that have moved on: consume it or undo.
+                // The worker consumed the saved state when its guest came up; a launcher that
+                // does not leaves it to us. Either way it must not be restored twice.
                 if let Err(error) = store.discard_saved_state(vm) {
                     let _ = worker.turn_off();
                     return Err(Failure::from_store("cannot consume saved state", &error));
@@ -230,18 +314,57 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
         Step::Resume(worker) => call(worker.resume(), "resume failed"),
         Step::Reset(worker) => call(worker.reset(), "reset failed"),
         Step::Save(worker) => save(inner, vm, worker.as_ref()),
-        Step::TurnOff(worker) => match worker.turn_off() {
-            Ok(()) | Err(WorkerError::Gone) => {
-                mark_running(inner, vm, false);
-                Ok(Done::WorkerFinished)
-            }
-            Err(error) => Err(Failure::from_worker("turn off failed", &error)),
-        },
+        Step::TurnOff(worker) => {
+            turn_off(inner, vm, worker.as_ref()).map(|()| Done::WorkerFinished)
+        }
+        Step::Shutdown {
+            worker,
+            timeout,
+            ask,
+        } => shutdown(inner, vm, worker.as_ref(), *timeout, *ask),
         Step::DiscardSavedState => store
             .discard_saved_state(vm)
             .map(|()| Done::NoWorker)
             .map_err(|e| Failure::from_store("cannot delete saved state", &e)),
     }
+}
+
+fn turn_off(inner: &Inner, vm: VmId, worker: &dyn Worker) -> Result<(), Failure> {
+    match worker.turn_off() {
+        Ok(()) | Err(WorkerError::Gone) => {
+            mark_running(inner, vm, false);
+            Ok(())
+        }
+        Err(error) => Err(Failure::from_worker("turn off failed", &error)),
+    }
+}
+
+/// Asks the guest to power itself off; turns it off when it cannot be asked or does not comply.
+/// Either way the worker that is turned off is the one this operation was started on.
+fn shutdown(
+    inner: &Inner,
+    vm: VmId,
+    worker: &dyn Worker,
+    timeout: Duration,
+    ask: bool,
+) -> Result<Done, Failure> {
+    fault::point("shutdown.before-request");
+    let asked = if ask {
+        worker.shutdown(timeout)
+    } else {
+        Err(WorkerError::Refused {
+            reason: "a paused guest cannot shut down".into(),
+        })
+    };
+    fault::point("shutdown.after-request");
+    turn_off(inner, vm, worker)?;
+    Ok(match asked {
+        Ok(()) => Done::WorkerFinished,
+        Err(WorkerError::Timeout(waited)) => Done::WorkerTurnedOff(format!(
+            "turned off: the guest did not shut down within {waited:?}"
+        )),
+        Err(error) => Done::WorkerTurnedOff(format!("turned off: {}", error_chain(&error))),
+    })
 }
 
 fn call(result: Result<(), WorkerError>, context: &str) -> Result<Done, Failure> {
@@ -250,24 +373,38 @@ fn call(result: Result<(), WorkerError>, context: &str) -> Result<Done, Failure>
         .map_err(|e| Failure::from_worker(context, &e))
 }
 
-/// Saves into a staging folder and commits it as the VM's saved state.
+/// Saves into the staging folder; the worker commits it as the VM's saved state.
+///
+/// The commit is the worker's, so what decides the outcome is whether `state/` exists afterwards:
+/// a worker that committed and then died before it could reply has still saved the guest.
 fn save(inner: &Inner, vm: VmId, worker: &dyn Worker) -> Result<Done, Failure> {
     let store = &inner.store;
     let staging: PathBuf = store
         .begin_saved_state(vm)
         .map_err(|e| Failure::from_store("cannot prepare saved state folder", &e))?;
-    if let Err(error) = worker.save(&staging) {
-        store.abandon_saved_state(&staging);
-        return Err(Failure::from_worker("save failed", &error));
-    }
-    if let Err(error) = store.commit_saved_state(vm, &staging) {
-        // The worker has exited with the guest's state in the staging folder, which is not a
-        // valid saved state: the guest is lost.
-        store.abandon_saved_state(&staging);
-        let mut failure = Failure::from_store("cannot commit saved state", &error);
-        failure.fate = Fate::Finished;
-        failure.critical = Some(EnabledState::Off);
-        return Err(failure);
+    fault::point("save.before-worker");
+    let saved = worker.save(&staging, &store.state_dir(vm));
+    fault::point("save.after-worker");
+    let committed = store.has_saved_state(vm);
+    match saved {
+        Ok(()) if committed => {}
+        Ok(()) => {
+            let mut failure = Failure::new(
+                ReturnCode::Failed,
+                "the worker reported a save but left no saved state".into(),
+            );
+            failure.fate = Fate::Finished;
+            failure.critical = Some(EnabledState::Off);
+            return Err(failure);
+        }
+        Err(_) if committed => {
+            // Committed, then lost before replying: saved all the same. Make sure it is gone.
+            let _ = worker.turn_off();
+        }
+        Err(error) => {
+            let _ = store.remove_unfinished_save(vm);
+            return Err(Failure::from_worker("save failed", &error));
+        }
     }
     mark_running(inner, vm, false);
     Ok(Done::WorkerFinished)
@@ -283,16 +420,19 @@ fn mark_running(inner: &Inner, vm: VmId, running: bool) {
 fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
     let mut catalog = inner.lock_catalog();
     let Some(record) = catalog.vms.get_mut(&op.vm) else {
-        // Busy VMs cannot be destroyed, so this does not happen; end the job honestly anyway.
+        // Claimed VMs cannot be destroyed, so this does not happen; end the job honestly anyway.
         let text = "virtual machine vanished during the operation".to_owned();
-        inner
-            .jobs
-            .finish(op.job, Some((ReturnCode::Failed.code(), text)), |_| {});
+        inner.jobs.finish(
+            op.job,
+            JobOutcome::Failed(ReturnCode::Failed.code(), text),
+            |_| {},
+        );
         return;
     };
     let events = &inner.events;
-    let error = match result {
+    let outcome = match result {
         Ok(done) => {
+            let mut outcome = JobOutcome::Completed;
             match done {
                 Done::Launched(worker) => {
                     record.worker = Some(Arc::from(worker));
@@ -300,20 +440,22 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
                     record.set_health(HealthState::Ok, events);
                 }
                 Done::WorkerFinished => detach_worker(record),
+                Done::WorkerTurnedOff(why) => {
+                    detach_worker(record);
+                    outcome = JobOutcome::CompletedWithWarnings(why);
+                }
                 Done::WorkerKept | Done::NoWorker => {}
             }
             record.set_state(op.transition.target, events);
-            None
+            outcome
         }
         Err(failure) => {
             match failure.fate {
                 Fate::Kept => {}
-                Fate::Lost => {
-                    record.held.get_or_insert(StopReason::WorkerExited {
-                        code: None,
-                        signal: None,
-                    });
-                }
+                Fate::Lost => record.owner.hold(StopReason::WorkerExited {
+                    code: None,
+                    signal: None,
+                }),
                 Fate::Finished => detach_worker(record),
             }
             match failure.critical {
@@ -324,12 +466,11 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
                 }
                 None => record.set_state(op.previous, events),
             }
-            Some((failure.code.code(), failure.description))
+            JobOutcome::Failed(failure.code.code(), failure.description)
         }
     };
     record.requested = RequestedState::NotApplicable;
-    record.busy = false;
-    inner.jobs.finish(op.job, error, |job| {
+    inner.jobs.finish(op.job, outcome, |job| {
         events.publish(
             op.vm,
             EventKind::JobCompleted {
@@ -338,14 +479,13 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
             },
         );
     });
-    supervision::after_operation(inner, record);
+    supervision::release(inner, record);
 }
 
-/// Forgets the worker; its late events become stale.
+/// Forgets the worker; its late events (and a stop held for it) become stale.
 fn detach_worker(record: &mut VmRecord) {
     record.worker = None;
-    record.generation += 1;
-    record.held = None;
+    record.owner.next_generation();
 }
 
 /// First block of a GUID, for thread names (Linux limits them to 15 bytes).

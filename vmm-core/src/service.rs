@@ -11,6 +11,7 @@ use crate::catalog::{Catalog, ComputerSystem, VmRecord};
 use crate::config::{CONFIG_VERSION, VmConfig, VmId};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBus, EventKind};
+use crate::fault;
 use crate::job::{Job, JobId, JobKind, JobTable};
 use crate::operation;
 use crate::state::{EnabledState, RequestedState, ReturnCode};
@@ -110,7 +111,7 @@ impl VirtualSystemManagementService {
 
     /// `DefineSystem`: validates and persists a new VM (Off) and returns its id.
     pub fn define_system(&self, config: VmConfig) -> Result<VmId> {
-        config.validate()?;
+        config.validate_definition()?;
         let id = config.id;
         if self.inner.lock_catalog().vms.contains_key(&id) {
             return Err(Error::VmExists(id));
@@ -130,7 +131,7 @@ impl VirtualSystemManagementService {
         {
             let mut catalog = self.inner.lock_catalog();
             let record = catalog.vms.get_mut(&id).ok_or(Error::VmNotFound(id))?;
-            if record.busy {
+            if record.owner.is_claimed() {
                 return Err(Error::Busy(id));
             }
             if !matches!(record.state, EnabledState::Off | EnabledState::Saved) {
@@ -139,8 +140,9 @@ impl VirtualSystemManagementService {
                     state: record.state,
                 });
             }
-            record.busy = true;
+            let _claimed = record.owner.claim();
         }
+        fault::point("remove.before-store");
         let removed = self.inner.store.remove_vm(id);
         let mut catalog = self.inner.lock_catalog();
         match removed {
@@ -151,7 +153,7 @@ impl VirtualSystemManagementService {
             }
             Err(error) => {
                 if let Some(record) = catalog.vms.get_mut(&id) {
-                    record.busy = false;
+                    supervision::release(&self.inner, record);
                 }
                 Err(error)
             }
@@ -164,12 +166,12 @@ impl VirtualSystemManagementService {
     /// the name and the automatic actions may change: processors, memory, boot source and disks
     /// are part of a running or saved guest ([`Error::ChangeRequiresOff`]).
     pub fn modify_system_settings(&self, config: VmConfig) -> Result<()> {
-        config.validate()?;
+        config.validate_definition()?;
         let id = config.id;
         let config = {
             let mut catalog = self.inner.lock_catalog();
             let record = catalog.vms.get_mut(&id).ok_or(Error::VmNotFound(id))?;
-            if record.busy {
+            if record.owner.is_claimed() {
                 return Err(Error::Busy(id));
             }
             let old = record.config.as_ref().ok_or(Error::Degraded(id))?;
@@ -187,7 +189,7 @@ impl VirtualSystemManagementService {
                     state: record.state,
                 });
             }
-            record.busy = true;
+            let _claimed = record.owner.claim();
             config
         };
         let written = self.inner.store.write_config(&config);
@@ -195,12 +197,11 @@ impl VirtualSystemManagementService {
         let Some(record) = catalog.vms.get_mut(&id) else {
             return Err(Error::VmNotFound(id));
         };
-        record.busy = false;
         if written.is_ok() {
             record.config = Some(config);
             self.inner.events.publish(id, EventKind::Modified);
         }
-        supervision::after_operation(&self.inner, record);
+        supervision::release(&self.inner, record);
         written
     }
 
@@ -221,6 +222,25 @@ impl VirtualSystemManagementService {
         let record = catalog.vms.get_mut(&id).ok_or(Error::VmNotFound(id))?;
         let kind = JobKind::RequestStateChange { requested };
         Ok(operation::begin(&self.inner, record, requested, kind))
+    }
+
+    /// `Msvm_ShutdownComponent.InitiateShutdown`: asks the guest of a running VM to shut itself
+    /// down and waits up to `timeout` for it to power off; turns it off if the guest cannot be
+    /// asked (no shutdown integration, paused) or does not comply in time — then the job ends
+    /// `CompletedWithWarnings` and says so.
+    ///
+    /// The shutdown is an operation like any other: it owns the VM until the guest is off, so a
+    /// save or another stop asked meanwhile gets [`ReturnCode::SystemInUse`], and the turn-off
+    /// acts only on the worker whose guest it asked. Returns 4096 and the job, or 32775 for a VM
+    /// that is not running or paused.
+    pub fn initiate_shutdown(
+        &self,
+        id: VmId,
+        timeout: Duration,
+    ) -> Result<(ReturnCode, Option<JobId>)> {
+        let mut catalog = self.inner.lock_catalog();
+        let record = catalog.vms.get_mut(&id).ok_or(Error::VmNotFound(id))?;
+        Ok(operation::begin_shutdown(&self.inner, record, timeout))
     }
 
     /// One VM as clients see it.

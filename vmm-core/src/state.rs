@@ -278,6 +278,10 @@ pub enum TransitionAction {
     DiscardSavedState,
     /// Ask the worker to hard-reset the guest.
     Reset,
+    /// Ask the guest to shut itself down, turning it off if it does not (never produced by
+    /// [`transition`]: graceful shutdown is `Msvm_ShutdownComponent.InitiateShutdown`, not a
+    /// `RequestStateChange`).
+    Shutdown,
 }
 
 /// An accepted state change: the state shown while it runs, the state it ends in, and the work.

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/vms/<GUID>/config.json     the definition, replaced atomically
 //! <root>/vms/<GUID>/state/          saved state of a Saved VM (present = Saved)
+//! <root>/vms/<GUID>/state.saving/   a save being written; the worker renames it to state/
 //! <root>/vms/<GUID>/disks/          disk images
 //! <root>/vms/<GUID>/checkpoints/    the checkpoint tree (snapshot crate)
 //! <root>/vms/<GUID>/was-running     marker: the VM was running when last seen (automatic start)
@@ -12,12 +13,17 @@
 //!
 //! Whole-folder changes are atomic too: a new VM folder is built under a temporary name and
 //! renamed into place; a destroyed one is renamed away before it is deleted; saved state is
-//! written into a temporary folder and renamed to `state/` only once complete. Temporaries
+//! written into `state.saving/` and renamed to `state/` (by the worker) only once complete. Temporaries
 //! (see [`is_temporary`](crate::atomic_file::is_temporary)) are ignored and cleaned up on open.
 //! One service owns a store at a time.
+//!
+//! The store is private to its owner whatever the caller's umask: folders are 0700 (the root,
+//! `vms/`, `run/`, `backups/` are tightened on every open, also when they already existed) and
+//! files 0600 ([`write_atomic`]). Configs hold kernel command lines; saved states hold guest memory.
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::atomic_file::{is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic};
@@ -26,9 +32,12 @@ use crate::error::{Error, Result};
 
 const CONFIG_FILE: &str = "config.json";
 const STATE_DIR: &str = "state";
+const SAVING_DIR: &str = "state.saving";
 const DISKS_DIR: &str = "disks";
 const CHECKPOINTS_DIR: &str = "checkpoints";
 const RUNNING_MARKER: &str = "was-running";
+/// Mode of every folder of the store.
+const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// The service's folder: path helpers for every crate, and the catalog's own reads and writes.
 #[derive(Debug, Clone)]
@@ -37,11 +46,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root` and removes temporaries a crash left behind.
+    /// Opens (creating if needed) the store at `root`, makes its top folders owner-only (0700)
+    /// and removes temporaries a crash left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let store = Store { root: root.into() };
-        for dir in [store.vms_dir(), store.run_dir_root(), store.backups_dir()] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for dir in [
+            store.root.clone(),
+            store.vms_dir(),
+            store.run_dir_root(),
+            store.backups_dir(),
+        ] {
+            create_private_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            // Also when it existed: a store made by an older build, or under a loose umask.
+            fs::set_permissions(&dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+                .map_err(|e| Error::io(&dir, e))?;
         }
         store.remove_temporaries()?;
         Ok(store)
@@ -155,9 +173,9 @@ impl Store {
         }
         let tmp = temporary_sibling(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
         let result = (|| {
-            fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            create_private_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
             let disks = tmp.join(DISKS_DIR);
-            fs::create_dir(&disks).map_err(|e| Error::io(&disks, e))?;
+            create_private_dir(&disks).map_err(|e| Error::io(&disks, e))?;
             let config_path = tmp.join(CONFIG_FILE);
             write_atomic(&config_path, &encode(config)?).map_err(|e| Error::io(&config_path, e))?;
             rename_durable(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))
@@ -174,29 +192,44 @@ impl Store {
         let dir = self.vm_dir(id);
         let doomed = temporary_sibling(&dir).map_err(|e| Error::io(&dir, e))?;
         rename_durable(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+        crate::fault::point("remove.after-rename");
         fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
     }
 
-    /// Creates an empty folder for a save in progress and returns it; [`Self::commit_saved_state`]
-    /// makes it the VM's `state/`.
+    /// `<root>/vms/<GUID>/state.saving`: where a save in progress is written before the worker
+    /// commits it as `state/`.
+    ///
+    /// Not a [temporary](crate::atomic_file::is_temporary) name on purpose: the store must not
+    /// delete it on open, because the worker writing it may outlive a daemon restart. Recovery
+    /// removes it only once it knows no worker runs the VM.
+    pub fn saving_dir(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join(SAVING_DIR)
+    }
+
+    /// Prepares a save of a running VM: an empty `state.saving/` (a leftover of an earlier save
+    /// that failed is removed), and no `state/` — beside a running guest a saved state can only
+    /// be stale, and committing over it would fail. Returns the staging folder.
     pub(crate) fn begin_saved_state(&self, id: VmId) -> Result<PathBuf> {
-        let staging =
-            temporary_sibling(&self.state_dir(id)).map_err(|e| Error::io(self.vm_dir(id), e))?;
+        self.discard_saved_state(id)?;
+        self.remove_unfinished_save(id)?;
+        let staging = self.saving_dir(id);
         fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
         Ok(staging)
     }
 
-    /// Makes a completed save the VM's saved state, atomically.
-    pub(crate) fn commit_saved_state(&self, id: VmId, staging: &Path) -> Result<()> {
-        let state = self.state_dir(id);
-        // Contents first: the files the worker wrote must be durable before the name says Saved.
-        sync_tree(staging).map_err(|e| Error::io(staging, e))?;
-        rename_durable(staging, &state).map_err(|e| Error::io(&state, e))
+    /// Drops the staging folder of a save that did not commit.
+    pub(crate) fn remove_unfinished_save(&self, id: VmId) -> Result<()> {
+        let staging = self.saving_dir(id);
+        match fs::remove_dir_all(&staging) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&staging, e)),
+        }
     }
 
-    /// Drops an unfinished save.
-    pub(crate) fn abandon_saved_state(&self, staging: &Path) {
-        let _ = fs::remove_dir_all(staging);
+    /// Whether a save was being written (a worker may still be writing it).
+    pub fn has_unfinished_save(&self, id: VmId) -> bool {
+        self.saving_dir(id).is_dir()
     }
 
     /// Removes the saved state (turn-off of a Saved VM, or after a successful restore).
@@ -241,6 +274,21 @@ impl Store {
     }
 }
 
+/// Creates one folder, owner-only whatever the umask (an explicit chmod: the umask can only
+/// narrow the mode `mkdir` is given, and a caller's mask may be wider than ours).
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+}
+
+/// `mkdir -p` whose new folders are owner-only.
+fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+}
+
 fn encode(config: &VmConfig) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(config).map_err(|e| Error::EncodeConfig(config.id, e))
 }
@@ -262,23 +310,10 @@ fn remove_temporaries_in(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// fsyncs every file and folder under `dir`, then `dir` itself.
-fn sync_tree(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_type = entry.file_type()?;
-        if file_type.is_dir() {
-            sync_tree(&entry.path())?;
-        } else if file_type.is_file() {
-            fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    sync_dir(dir)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn open_temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -295,6 +330,43 @@ mod tests {
 
         assert_eq!(store.read_config(config.id).expect("read"), config);
         assert!(store.disks_dir(config.id).is_dir());
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn open_tightens_existing_store_folders_to_owner_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["", "vms", "run", "backups"] {
+            let path = dir.path().join(sub);
+            fs::create_dir_all(&path).expect("seed");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o777)).expect("loosen");
+        }
+
+        let store = Store::open(dir.path()).expect("open");
+
+        for path in [
+            store.root().to_owned(),
+            store.vms_dir(),
+            store.run_dir_root(),
+            store.backups_dir(),
+        ] {
+            assert_eq!(mode(&path), 0o700, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn created_vm_folders_and_config_are_owner_only() {
+        let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+
+        store.create_vm(&config).expect("create");
+
+        assert_eq!(mode(&store.vm_dir(config.id)), 0o700);
+        assert_eq!(mode(&store.disks_dir(config.id)), 0o700);
+        assert_eq!(mode(&store.config_path(config.id)), 0o600);
     }
 
     #[test]
@@ -348,29 +420,40 @@ mod tests {
     }
 
     #[test]
-    fn committed_saved_state_becomes_state_dir() {
+    fn save_staging_is_not_saved_state() {
         let (_dir, store) = open_temp_store();
+        let config = VmConfig::new("a");
+        store.create_vm(&config).expect("create");
+
+        let staging = store.begin_saved_state(config.id).expect("begin");
+
+        assert!(store.has_unfinished_save(config.id));
+        assert!(!store.has_saved_state(config.id));
+        assert_eq!(staging, store.saving_dir(config.id));
+    }
+
+    #[test]
+    fn save_staging_survives_reopening_the_store() {
+        let (dir, store) = open_temp_store();
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
         let staging = store.begin_saved_state(config.id).expect("begin");
         fs::write(staging.join("state.json"), b"{}").expect("worker writes");
 
-        store
-            .commit_saved_state(config.id, &staging)
-            .expect("commit");
+        let _reopened = Store::open(dir.path()).expect("reopen");
 
-        assert!(store.has_saved_state(config.id));
-        assert!(store.state_dir(config.id).join("state.json").is_file());
-        assert!(!staging.exists());
+        assert!(staging.join("state.json").is_file());
     }
 
     #[test]
-    fn unfinished_save_is_not_saved_state() {
+    fn beginning_a_save_drops_a_stale_saved_state() {
         let (_dir, store) = open_temp_store();
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
+        fs::create_dir(store.state_dir(config.id)).expect("stale state/");
+        fs::write(store.state_dir(config.id).join("state.json"), b"{}").expect("stale file");
 
-        let _staging = store.begin_saved_state(config.id).expect("begin");
+        store.begin_saved_state(config.id).expect("begin");
 
         assert!(!store.has_saved_state(config.id));
     }
@@ -381,9 +464,7 @@ mod tests {
         let config = VmConfig::new("a");
         store.create_vm(&config).expect("create");
         let staging = store.begin_saved_state(config.id).expect("begin");
-        store
-            .commit_saved_state(config.id, &staging)
-            .expect("commit");
+        crate::atomic_file::commit_dir(&staging, &store.state_dir(config.id)).expect("commit");
 
         store.discard_saved_state(config.id).expect("discard");
 

@@ -6,7 +6,7 @@
 //! owns the VM; during an operation it is held and handled when the operation ends, so that only
 //! one party ever changes a VM at a time. Stopping a worker the guest or a crash finished
 //! ("reaping": turning it off so that its process and runtime folder are gone) runs on its own
-//! thread with the VM marked busy, so nothing can start a second worker for the VM meanwhile.
+//! thread with the VM claimed, so nothing can start a second worker for the VM meanwhile.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
@@ -90,24 +90,70 @@ fn on_worker_event(inner: &Arc<Inner>, vm: VmId, generation: u64, event: WorkerE
     let Some(record) = catalog.vms.get_mut(&vm) else {
         return;
     };
-    if generation != record.generation {
+    if !record.owner.is_current(generation) {
         return;
     }
+    let events = &inner.events;
     match event {
-        WorkerEvent::Stopped(reason) => {
-            if record.busy {
-                record.held.get_or_insert(reason);
-            } else {
-                handle_stop(inner, record, reason);
+        WorkerEvent::Stopped(reason) => stopped(inner, record, reason),
+        WorkerEvent::StateChanged(status) => {
+            // During an operation the operation decides the state.
+            if record.owner.is_claimed() {
+                return;
             }
+            let state = match status {
+                WorkerStatus::Running => EnabledState::Running,
+                WorkerStatus::Paused => EnabledState::Paused,
+                WorkerStatus::Saving => EnabledState::Saving,
+                WorkerStatus::NotResponding | WorkerStatus::Exited => return,
+            };
+            record.set_state(state, events);
+        }
+        WorkerEvent::NotResponding { silent_for } => {
+            record.status_description = Some(format!(
+                "the worker has not answered for {} s",
+                silent_for.as_secs()
+            ));
+            record.set_health(HealthState::MajorFailure, events);
+            events.publish(
+                record.id,
+                EventKind::WorkerNotResponding {
+                    silent_for_ms: u64::try_from(silent_for.as_millis()).unwrap_or(u64::MAX),
+                },
+            );
+        }
+        WorkerEvent::Responding => {
+            if record.health == HealthState::MajorFailure {
+                record.status_description = None;
+                record.set_health(HealthState::Ok, events);
+                events.publish(record.id, EventKind::WorkerResponding);
+            }
+        }
+        WorkerEvent::Hung { silent_for } => {
+            let action = record.config.as_ref().map(|c| c.automatic_recovery_action);
+            if matches!(action, None | Some(AutomaticRecoveryAction::None)) {
+                // Nothing may be done to the guest: it stays reported as not responding and
+                // comes back by itself if the worker answers again.
+                return;
+            }
+            stopped(inner, record, StopReason::HeartbeatLost { silent_for });
         }
     }
 }
 
-/// Called at the end of every operation (catalog locked, VM no longer busy): handles a stop
-/// that was reported meanwhile, if the worker it concerns is still attached.
-pub(crate) fn after_operation(inner: &Arc<Inner>, record: &mut VmRecord) {
-    if let Some(reason) = record.held.take() {
+/// The current worker stopped: handled now, or when the operation that owns the VM ends.
+fn stopped(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
+    if record.owner.is_claimed() {
+        record.owner.hold(reason);
+    } else {
+        handle_stop(inner, record, reason);
+    }
+}
+
+/// Ends whatever owned the VM (an operation, a reap, a re-attach) and handles a stop that was
+/// reported meanwhile, if the worker it concerns is still attached. Every claim ends here.
+pub(crate) fn release(inner: &Arc<Inner>, record: &mut VmRecord) {
+    if let Some(reason) = record.owner.release() {
         handle_stop(inner, record, reason);
     }
 }
@@ -116,24 +162,33 @@ pub(crate) fn after_operation(inner: &Arc<Inner>, record: &mut VmRecord) {
 enum AfterReap {
     /// Nothing more (guest powered off).
     Nothing,
+    /// The worker saved the guest and exited: Saved if the saved state is there.
+    Saved,
+    /// The worker ended while saving: Saved if the saved state is there, else lost for the
+    /// reason given.
+    SavedOrLost(StopReason),
     /// Boot a fresh worker and keep the VM Running (guest reset).
     Relaunch { config: VmConfig, events: EventSink },
     /// Apply the recovery action (worker lost).
     Recover,
 }
 
-/// The current worker stopped for `reason` (catalog locked, VM not busy).
+/// The current worker stopped for `reason` (catalog locked, VM not claimed).
 fn handle_stop(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
     let Some(old) = record.worker.take() else {
         return;
     };
-    record.generation += 1;
+    let generation = record.owner.next_generation();
     let events = &inner.events;
     let next = match (&reason, record.config.clone()) {
         (StopReason::GuestReset, Some(config)) => AfterReap::Relaunch {
             config,
-            events: sink(inner, record.id, record.generation),
+            events: sink(inner, record.id, generation),
         },
+        (StopReason::Saved, _) => AfterReap::Saved,
+        // A worker that ended while saving (re-attached mid-save, its last words lost) may have
+        // committed first: then the VM is Saved, not lost. The reap looks.
+        (_, _) if record.state == EnabledState::Saving => AfterReap::SavedOrLost(reason.clone()),
         (StopReason::GuestPowerOff | StopReason::GuestReset, _) => {
             record.set_state(EnabledState::Off, events);
             AfterReap::Nothing
@@ -151,7 +206,9 @@ fn handle_stop(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
             AfterReap::Recover
         }
     };
-    record.busy = true;
+    // Not claimed (the caller's rule), so this succeeds: nothing can start a second worker for
+    // the VM while the old one is being reaped.
+    let _ = record.owner.claim();
     let thread_inner = Arc::clone(inner);
     let vm = record.id;
     let spawned = thread::Builder::new()
@@ -159,7 +216,7 @@ fn handle_stop(inner: &Arc<Inner>, record: &mut VmRecord, reason: StopReason) {
         .spawn(move || reap(thread_inner, vm, old, next));
     if spawned.is_err() {
         // The closure (and with it the old worker) is gone: the worker is detached, not stopped.
-        record.busy = false;
+        let _ = record.owner.release();
         record.status_description = Some("cannot start a thread to stop the worker".into());
         record.set_health(HealthState::CriticalFailure, events);
         record.set_state(EnabledState::Off, events);
@@ -172,12 +229,18 @@ fn reap(inner: Arc<Inner>, vm: VmId, old: Arc<dyn Worker>, next: AfterReap) {
     // can be done here either way.
     let _ = old.turn_off();
     drop(old);
+    let mut saved = false;
     let relaunched = match &next {
         AfterReap::Relaunch { config, events } => Some(inner.launcher.launch(
             config,
             LaunchMode::Boot,
             events.clone(),
         )),
+        AfterReap::Saved | AfterReap::SavedOrLost(_) => {
+            saved = inner.store.has_saved_state(vm);
+            let _ = inner.store.set_running_marker(vm, false);
+            None
+        }
         AfterReap::Nothing | AfterReap::Recover => {
             let _ = inner.store.set_running_marker(vm, false);
             None
@@ -187,17 +250,45 @@ fn reap(inner: Arc<Inner>, vm: VmId, old: Arc<dyn Worker>, next: AfterReap) {
     let Some(record) = catalog.vms.get_mut(&vm) else {
         return;
     };
-    record.busy = false;
+    let events = &inner.events;
     match (next, relaunched) {
         (AfterReap::Relaunch { .. }, Some(Ok(worker))) => {
             record.worker = Some(Arc::from(worker));
-            record.set_state(EnabledState::Running, &inner.events);
+            record.set_state(EnabledState::Running, events);
         }
         (AfterReap::Relaunch { .. }, Some(Err(error))) => relaunch_failed(&inner, record, &error),
-        (AfterReap::Recover, _) => recover(&inner, record),
+        (AfterReap::Saved | AfterReap::SavedOrLost(_), _) if saved => {
+            record.set_state(EnabledState::Saved, events);
+        }
+        (AfterReap::SavedOrLost(reason), _) => {
+            events.publish(
+                record.id,
+                EventKind::WorkerLost {
+                    reason: reason.clone(),
+                },
+            );
+            record.status_description = Some(reason.to_string());
+            record.set_health(HealthState::CriticalFailure, events);
+            record.set_state(EnabledState::Off, events);
+            let _ = record.owner.release();
+            recover(&inner, record);
+            return;
+        }
+        (AfterReap::Saved, _) => {
+            record.status_description =
+                Some("the worker reported a save but left no saved state".into());
+            record.set_health(HealthState::CriticalFailure, events);
+            record.set_state(EnabledState::Off, events);
+        }
+        (AfterReap::Recover, _) => {
+            // The recovery start claims the VM itself, so the reap's claim ends first.
+            let _ = record.owner.release();
+            recover(&inner, record);
+            return;
+        }
         _ => {}
     }
-    after_operation(&inner, record);
+    release(&inner, record);
 }
 
 fn relaunch_failed(inner: &Inner, record: &mut VmRecord, error: &WorkerError) {
@@ -268,69 +359,104 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
         let Some(record) = catalog.vms.get_mut(&id) else {
             return;
         };
-        if record.busy || record.worker.is_some() {
+        if record.worker.is_some() || !record.owner.claim() {
             return;
         }
-        record.busy = true;
-        record.generation += 1;
-        record.generation
+        record.owner.next_generation()
     };
     let found = inner.launcher.reattach(id, sink(inner, id, generation));
     let status = match &found {
         Ok(Some(worker)) => Some(worker.status()),
         _ => None,
     };
+    let untidy = reconcile_saved_state(inner, id, found.as_ref().ok(), status).err();
+    let saved = inner.store.has_saved_state(id);
     let was_running = inner.store.running_marker(id);
 
     let mut catalog = inner.lock_catalog();
     let Some(record) = catalog.vms.get_mut(&id) else {
         return;
     };
-    record.busy = false;
     let events = &inner.events;
-    let mut stale_marker = false;
+    if let Some(error) = untidy {
+        let text = format!("cannot tidy saved state: {}", error_chain(&error));
+        record.status_description = Some(text.clone());
+        report.failed.push((id, text));
+    }
     match found {
         Ok(Some(worker)) => {
             record.worker = Some(Arc::from(worker));
-            let (state, stop) = match status {
-                Some(WorkerStatus::Paused) => (EnabledState::Paused, None),
-                Some(WorkerStatus::Running) => (EnabledState::Running, None),
-                Some(WorkerStatus::NotResponding) => (
-                    EnabledState::Running,
-                    Some(StopReason::HeartbeatLost {
-                        silent_for: Duration::ZERO,
-                    }),
-                ),
-                Some(WorkerStatus::Exited) | None => (
-                    EnabledState::Running,
-                    Some(StopReason::WorkerExited {
+            let state = match status {
+                Some(WorkerStatus::Paused) => EnabledState::Paused,
+                Some(WorkerStatus::Saving) => EnabledState::Saving,
+                Some(WorkerStatus::Running | WorkerStatus::NotResponding) => EnabledState::Running,
+                Some(WorkerStatus::Exited) | None => {
+                    record.owner.hold(StopReason::WorkerExited {
                         code: None,
                         signal: None,
-                    }),
-                ),
+                    });
+                    EnabledState::Running
+                }
             };
             record.set_state(state, events);
-            if let Some(stop) = stop {
-                record.held.get_or_insert(stop);
+            if status == Some(WorkerStatus::NotResponding) {
+                // Its heartbeat reports it hung (and the recovery action applies) if it stays
+                // silent; until then it is only reported.
+                record.status_description = Some("the worker is not responding".into());
+                record.set_health(HealthState::MajorFailure, events);
             }
             report.reattached.push(id);
+            release(inner, record);
         }
-        Ok(None) => match automatic_start(inner, record, was_running) {
-            Some(job) => report.auto_started.push((id, job)),
-            // Off and staying off: "was running" no longer holds.
-            None => stale_marker = was_running,
-        },
+        Ok(None) => {
+            // A worker may have committed a save after the catalog was loaded.
+            if matches!(record.state, EnabledState::Off | EnabledState::Saved) {
+                let state = if saved {
+                    EnabledState::Saved
+                } else {
+                    EnabledState::Off
+                };
+                record.set_state(state, events);
+            }
+            release(inner, record);
+            match automatic_start(inner, record, was_running) {
+                Some(job) => report.auto_started.push((id, job)),
+                // Off and staying off: "was running" no longer holds.
+                None if was_running => {
+                    drop(catalog);
+                    let _ = inner.store.set_running_marker(id, false);
+                }
+                None => {}
+            }
+        }
         Err(error) => {
             let text = format!("cannot re-attach worker: {}", error_chain(&error));
             record.status_description = Some(text.clone());
             record.set_health(HealthState::CriticalFailure, events);
             report.failed.push((id, text));
+            release(inner, record);
         }
     }
-    after_operation(inner, record);
-    drop(catalog);
-    if stale_marker {
-        let _ = inner.store.set_running_marker(id, false);
+}
+
+/// Makes the saved-state folders agree with what runs (no lock held): beside a guest that runs,
+/// a saved state is stale (its guest has moved on; restoring it later would be a silent
+/// rollback) and so is an unfinished save; without a worker, an unfinished save will never be
+/// finished. A worker that is saving, or that did not answer, is left to finish.
+fn reconcile_saved_state(
+    inner: &Inner,
+    id: VmId,
+    found: Option<&Option<Box<dyn Worker>>>,
+    status: Option<WorkerStatus>,
+) -> crate::Result<()> {
+    let store = &inner.store;
+    match (found, status) {
+        (Some(Some(_)), Some(WorkerStatus::Running | WorkerStatus::Paused)) => {
+            store.discard_saved_state(id)?;
+            store.remove_unfinished_save(id)
+        }
+        (Some(None), _) => store.remove_unfinished_save(id),
+        _ => Ok(()),
     }
 }
 

@@ -32,8 +32,12 @@ pub enum LaunchMode {
     /// Cold boot from the configuration's boot source.
     Boot,
     /// Restore the state a previous worker saved into `state_dir` (the VM's `state/` folder).
-    /// The service deletes that folder once `launch` returns successfully, so the worker must
-    /// have opened (or mapped) everything it still needs by then.
+    ///
+    /// The saved state is consumed: once the guest runs from it, the folder must be gone, so that
+    /// a crash of the service at any later instant can never restore it a second time on top of
+    /// disks that have moved on. A worker should remove it itself before it reports ready (the
+    /// worker-manager crate's workers do); the service also removes whatever is left once
+    /// `launch` returns, for launchers that do not.
     RestoreSaved {
         /// The saved state written by [`Worker::save`].
         state_dir: PathBuf,
@@ -47,11 +51,17 @@ pub enum WorkerStatus {
     Running,
     /// The guest is paused.
     Paused,
+    /// The guest's state is being saved (for instance a save that an earlier service started);
+    /// the worker ends as [`StopReason::Saved`] or, if the save fails, runs on.
+    Saving,
     /// The process is alive but did not answer in time.
     NotResponding,
     /// The process is gone.
     Exited,
 }
+
+/// The signal a seccomp filter kills with (`SECCOMP_RET_KILL_PROCESS`).
+const SIGSYS: i32 = 31;
 
 /// Why a guest stopped or its worker went away, as reported by the worker manager.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +71,10 @@ pub enum StopReason {
     /// The guest reset itself (reboot). The service starts a fresh worker and keeps the VM
     /// Running; not a failure.
     GuestReset,
+    /// The worker saved the guest's state into the VM's `state/` folder and exited, without the
+    /// current service having asked (a save that a previous service started). The VM is Saved;
+    /// not a failure.
+    Saved,
     /// The guest triple-faulted (KVM shutdown exit).
     TripleFault,
     /// The partition stopped on an internal error (emulation failure, unhandled exit, …).
@@ -86,7 +100,10 @@ impl StopReason {
     /// Whether this is a failure (HealthState 25 and the recovery action), as opposed to the
     /// guest's own power-off or reboot.
     pub const fn is_failure(&self) -> bool {
-        !matches!(self, StopReason::GuestPowerOff | StopReason::GuestReset)
+        !matches!(
+            self,
+            StopReason::GuestPowerOff | StopReason::GuestReset | StopReason::Saved
+        )
     }
 }
 
@@ -95,6 +112,7 @@ impl fmt::Display for StopReason {
         match self {
             StopReason::GuestPowerOff => f.write_str("guest powered off"),
             StopReason::GuestReset => f.write_str("guest reset"),
+            StopReason::Saved => f.write_str("guest state saved"),
             StopReason::TripleFault => f.write_str("guest triple fault"),
             StopReason::GuestCrash { detail } => write!(f, "guest crashed: {detail}"),
             StopReason::WorkerExited {
@@ -102,6 +120,10 @@ impl fmt::Display for StopReason {
             } => {
                 write!(f, "worker exited with code {code}")
             }
+            StopReason::WorkerExited {
+                signal: Some(SIGSYS),
+                ..
+            } => f.write_str("worker killed by its seccomp filter: bad system call"),
             StopReason::WorkerExited {
                 signal: Some(signal),
                 ..
@@ -123,6 +145,24 @@ pub enum WorkerEvent {
     /// The guest stopped or the worker went away. After this the worker is finished: the
     /// service turns it off (to reap it) and acts on the reason.
     Stopped(StopReason),
+    /// The guest's run state changed without the service asking (a save started by an earlier
+    /// service failed and the guest runs again, for instance). Ignored while an operation owns
+    /// the VM: the operation knows better.
+    StateChanged(WorkerStatus),
+    /// The worker has not answered for `silent_for`. Reported as a health state; nothing is
+    /// done to the worker yet.
+    NotResponding {
+        /// How long it has been silent.
+        silent_for: Duration,
+    },
+    /// The worker answers again after [`WorkerEvent::NotResponding`].
+    Responding,
+    /// Still silent after the hang timeout: the VM's recovery action decides whether the worker
+    /// is killed (restart, revert) or left alone (none).
+    Hung {
+        /// How long it has been silent.
+        silent_for: Duration,
+    },
 }
 
 /// Where a worker sends its [`WorkerEvent`]s. Cheap to clone; safe to use from any thread.
@@ -217,7 +257,7 @@ impl WorkerError {
 ///     fn status(&self) -> WorkerStatus { WorkerStatus::Running }
 ///     fn pause(&self) -> Result<(), WorkerError> { Ok(()) }
 ///     fn resume(&self) -> Result<(), WorkerError> { Ok(()) }
-///     fn save(&self, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
+///     fn save(&self, _staging: &Path, _state_dir: &Path) -> Result<(), WorkerError> { Ok(()) }
 ///     fn reset(&self) -> Result<(), WorkerError> { Ok(()) }
 ///     fn turn_off(&self) -> Result<(), WorkerError> { Ok(()) }
 /// }
@@ -239,10 +279,25 @@ pub trait Worker: Send + Sync + fmt::Debug {
     /// Lets the vCPUs run again.
     fn resume(&self) -> Result<(), WorkerError>;
 
-    /// Captures the complete VM state (devices, vCPUs, memory) into the empty folder
-    /// `state_dir`, then stops the partition; the process exits after replying. The service
-    /// makes the folder the VM's saved state only after this returns `Ok`.
-    fn save(&self, state_dir: &Path) -> Result<(), WorkerError>;
+    /// Captures the complete VM state (devices, vCPUs, memory) into the empty folder `staging`,
+    /// makes it durable, and commits it by renaming `staging` to `state_dir` (the VM's `state/`);
+    /// then stops the partition and the process exits after replying.
+    ///
+    /// The worker commits, not the service, so that a save finished while no service listens
+    /// (the daemon was stopped or killed meanwhile) is a saved state all the same. On any failure
+    /// before the commit the guest runs on and `state_dir` is untouched.
+    fn save(&self, staging: &Path, state_dir: &Path) -> Result<(), WorkerError>;
+
+    /// Asks the guest to shut itself down and waits up to `timeout` for it to power off. `Ok`
+    /// once it has (the worker then waits to be turned off); [`WorkerError::Timeout`] when it did
+    /// not comply in time, [`WorkerError::Refused`] when the guest has no way to be asked. The
+    /// guest is left as it is on error: the service decides whether to turn it off.
+    fn shutdown(&self, timeout: Duration) -> Result<(), WorkerError> {
+        let _ = timeout;
+        Err(WorkerError::Refused {
+            reason: "the guest has no shutdown integration".into(),
+        })
+    }
 
     /// Hard-resets the guest (works from running or paused; the guest runs afterwards).
     fn reset(&self) -> Result<(), WorkerError>;
@@ -279,6 +334,7 @@ mod tests {
         let failures = [
             StopReason::GuestPowerOff,
             StopReason::GuestReset,
+            StopReason::Saved,
             StopReason::TripleFault,
             StopReason::GuestCrash {
                 detail: "unhandled exit".into(),
@@ -293,7 +349,7 @@ mod tests {
         ]
         .map(|r| r.is_failure());
 
-        assert_eq!(failures, [false, false, true, true, true, true]);
+        assert_eq!(failures, [false, false, false, true, true, true, true]);
     }
 
     #[test]

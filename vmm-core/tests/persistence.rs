@@ -260,3 +260,63 @@ fn second_recover_on_start_does_not_start_a_vm_turned_off_since() {
     assert_eq!(again, vmm_core::StartupReport::default());
     assert_eq!(state_of(&vmms, vm), EnabledState::Off);
 }
+
+#[test]
+fn worker_saving_at_restart_is_shown_saving_and_then_saved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms.define_system(VmConfig::new("saver")).expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    launcher.start_saving(vm);
+    drop(vmms);
+
+    let reopened = open(dir.path(), &launcher);
+    reopened.recover_on_start();
+    let while_saving = state_of(&reopened, vm);
+    launcher.finish_saving(vm, &reopened.store().state_dir(vm));
+    wait_for_state(&reopened, vm, EnabledState::Saved);
+
+    assert_eq!(while_saving, EnabledState::Saving);
+    assert!(reopened.store().has_saved_state(vm));
+}
+
+#[test]
+fn saved_state_beside_a_running_worker_is_discarded_at_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms.define_system(VmConfig::new("stale")).expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    drop(vmms);
+    // What a restore left behind when its service died before consuming it.
+    let state_dir = dir.path().join(format!("vms/{vm}/state"));
+    std::fs::create_dir(&state_dir).expect("stale state");
+    std::fs::write(state_dir.join("state.json"), "1").expect("stale file");
+
+    let reopened = open(dir.path(), &launcher);
+    reopened.recover_on_start();
+
+    assert_eq!(state_of(&reopened, vm), EnabledState::Running);
+    assert!(
+        !reopened.store().has_saved_state(vm),
+        "a stale state would be a rollback"
+    );
+}
+
+#[test]
+fn unfinished_save_without_a_worker_is_removed_at_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms.define_system(VmConfig::new("torn")).expect("define");
+    drop(vmms);
+    let staging = dir.path().join(format!("vms/{vm}/state.saving"));
+    std::fs::create_dir(&staging).expect("leftover staging");
+
+    let reopened = open(dir.path(), &launcher);
+    reopened.recover_on_start();
+
+    assert!(!staging.exists());
+    assert_eq!(state_of(&reopened, vm), EnabledState::Off);
+}

@@ -3,9 +3,11 @@
 mod common;
 
 use common::{TIMEOUT, ThreadLauncher, change, expect_event, open, state_of, wait_for_state};
+use std::time::Duration;
+
 use vmm_core::{
     AutomaticRecoveryAction, EnabledState, EventKind, HealthState, JobKind, RequestedState,
-    StopReason, VmConfig,
+    StopReason, VmConfig, WorkerEvent,
 };
 
 fn config(name: &str, recovery: AutomaticRecoveryAction) -> VmConfig {
@@ -272,4 +274,98 @@ fn stale_events_from_a_replaced_worker_are_ignored() {
             .try_iter()
             .all(|e| !matches!(e.kind, EventKind::WorkerLost { .. }))
     );
+}
+
+#[test]
+fn silent_worker_is_shown_major_failure_and_healthy_again_when_it_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms
+        .define_system(config("quiet", AutomaticRecoveryAction::Restart))
+        .expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    let events = vmms.subscribe();
+    let guest = launcher.guest(vm);
+
+    guest.send(WorkerEvent::NotResponding {
+        silent_for: Duration::from_secs(5),
+    });
+    expect_event(&events, vm, |k| {
+        matches!(k, EventKind::WorkerNotResponding { .. })
+    });
+    let silent = vmms.get_vm(vm).expect("vm");
+    guest.send(WorkerEvent::Responding);
+    expect_event(&events, vm, |k| *k == EventKind::WorkerResponding);
+    let back = vmms.get_vm(vm).expect("vm");
+
+    assert_eq!(silent.health_state.code(), 20);
+    assert_eq!(silent.enabled_state, EnabledState::Running);
+    assert_eq!(back.health_state, HealthState::Ok);
+    assert_eq!(
+        back.process_id,
+        Some(guest.pid()),
+        "nothing was done to the worker"
+    );
+}
+
+#[test]
+fn hung_worker_is_left_alone_when_the_recovery_action_is_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms
+        .define_system(config("patient", AutomaticRecoveryAction::None))
+        .expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    let guest = launcher.guest(vm);
+
+    guest.send(WorkerEvent::NotResponding {
+        silent_for: Duration::from_secs(5),
+    });
+    guest.send(WorkerEvent::Hung {
+        silent_for: Duration::from_secs(30),
+    });
+    wait_for_health(&vmms, vm, HealthState::MajorFailure);
+
+    assert_eq!(state_of(&vmms, vm), EnabledState::Running);
+    assert!(launcher.is_live(vm), "the worker was not killed");
+}
+
+#[test]
+fn hung_worker_is_restarted_when_the_recovery_action_is_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let vm = vmms
+        .define_system(config("stuck", AutomaticRecoveryAction::Restart))
+        .expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    let first = launcher.guest(vm).pid();
+    let events = vmms.subscribe();
+
+    launcher.guest(vm).send(WorkerEvent::Hung {
+        silent_for: Duration::from_secs(30),
+    });
+    expect_event(&events, vm, |k| {
+        matches!(k, EventKind::RecoveryStarted { .. })
+    });
+    wait_for_state(&vmms, vm, EnabledState::Running);
+
+    assert_ne!(launcher.guest(vm).pid(), first);
+}
+
+fn wait_for_health(
+    vmms: &vmm_core::VirtualSystemManagementService,
+    vm: vmm_core::VmId,
+    health: HealthState,
+) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while vmms.get_vm(vm).expect("vm").health_state != health {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never became {health:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

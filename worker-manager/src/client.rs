@@ -19,6 +19,7 @@ use std::time::Duration;
 use vmm_core::VmId;
 
 use crate::error::{Error, Result};
+use crate::process::{is_trusted_uid, peer_credentials};
 use crate::protocol::{
     FromWorker, Notice, PROTOCOL_VERSION, ProtocolError, Reply, Request, ToWorker, WorkerReport,
     read_frame, write_frame,
@@ -61,8 +62,9 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// Connects to the control socket at `path`, does the version handshake within `timeout`, and
-    /// checks the worker runs `expected` (when given). Notices go to `on_notice`, on the
+    /// Connects to the control socket at `path`, checks that the process serving it is of our
+    /// user (or root) and is the process the handshake names (peer credentials), does the version
+    /// handshake within `timeout`, and checks the worker runs `expected` (when given). Notices go to `on_notice`, on the
     /// connection's reader thread.
     pub fn connect(
         path: &Path,
@@ -71,10 +73,25 @@ impl ControlClient {
         on_notice: impl Fn(Notice) + Send + 'static,
     ) -> Result<Self> {
         let stream = UnixStream::connect(path).map_err(|e| Error::io(path, e))?;
+        // Identity comes from the kernel, not from the peer's own words: the process that serves
+        // the socket must be ours and must be the one the handshake names.
+        let (peer_pid, peer_uid) = peer_credentials(&stream).map_err(|e| Error::io(path, e))?;
+        if !is_trusted_uid(peer_uid) {
+            return Err(Error::ForeignPeer {
+                pid: peer_pid,
+                uid: peer_uid,
+            });
+        }
         let (vm, pid) = handshake(&stream, timeout).map_err(|e| match e {
             Error::Protocol(ProtocolError::Io(io)) if is_timeout(&io) => Error::Timeout(timeout),
             other => other,
         })?;
+        if pid != peer_pid {
+            return Err(Error::ForeignPeer {
+                pid: peer_pid,
+                uid: peer_uid,
+            });
+        }
         if expected.is_some_and(|want| want != vm) {
             return Err(Error::WrongWorker { vm, pid });
         }

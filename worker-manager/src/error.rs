@@ -28,11 +28,20 @@ pub enum Error {
         /// The worker's own account (its start-up error, or the last line of its log).
         message: String,
     },
-    /// Another live worker already runs this virtual machine.
-    #[error("a worker (pid {pid}) already runs this virtual machine")]
-    AlreadyRunning {
-        /// Its pid.
+    /// Another live worker already runs (or is starting) this virtual machine: it holds the
+    /// runtime folder's lock.
+    #[error("another worker already runs this virtual machine")]
+    AlreadyRunning,
+    /// The process serving a control socket is not one this side may trust: another user's, or
+    /// not the process the handshake names.
+    #[error(
+        "control socket served by pid {pid} of uid {uid}, which is not this virtual machine's worker"
+    )]
+    ForeignPeer {
+        /// The serving process, from the socket's peer credentials.
         pid: u32,
+        /// Its user.
+        uid: u32,
     },
     /// A file or socket of the worker's runtime folder or store could not be used.
     #[error("i/o on {}", path.display())]
@@ -82,6 +91,9 @@ pub enum Error {
     /// what, so it is shown as is.
     #[error(transparent)]
     Partition(#[from] partition::Error),
+    /// The worker could not be confined.
+    #[error("cannot confine the worker")]
+    Confinement(#[from] crate::worker::ConfinementError),
     /// The operating system refused a thread.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),

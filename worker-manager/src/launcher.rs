@@ -6,20 +6,23 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use vmm_core::{EventSink, LaunchMode, VmConfig, VmId, Worker, WorkerError, WorkerLauncher};
+use vmm_core::{EventSink, LaunchMode, VmConfig, VmId, Worker, WorkerError, WorkerLauncher, fault};
 
+use crate::client::ControlClient;
 use crate::error::{Error, Result};
-use crate::process::{ExitStatus, PidFd, cmdline_has_arg, reap_child};
+use crate::process::{ExitStatus, PidFd, reap_child};
 use crate::protocol::WorkerReport;
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::supervisor::{ProcessWorker, Supervised};
 use crate::worker::READY_FD_ENV;
+use crate::worker_lock::{LOCK_FD_ENV, WorkerLock};
 
 /// Timeouts of the parent side. The defaults suit the embedded test guest and small VMs on a
 /// loaded host; a daemon running large guests raises `save_timeout`.
@@ -33,8 +36,16 @@ pub struct LauncherOptions {
     pub save_timeout: Duration,
     /// Time between heartbeats.
     pub heartbeat_interval: Duration,
-    /// Silence after which a worker is reported lost (`StopReason::HeartbeatLost`).
+    /// Silence after which a worker is reported not responding (HealthState 20; nothing is done
+    /// to it yet).
     pub heartbeat_timeout: Duration,
+    /// Silence after which a worker is reported hung: the VM's recovery action then decides
+    /// whether it is killed (restart) or left alone (none). A worker stopped for a while (a
+    /// debugger, SIGSTOP, a host under memory pressure) must not be killed on a hair trigger.
+    pub hang_timeout: Duration,
+    /// Confine workers (seccomp, Landlock, no new privileges, rlimits); `false` passes
+    /// `--no-confinement`, for debugging only.
+    pub confine: bool,
 }
 
 impl Default for LauncherOptions {
@@ -45,6 +56,8 @@ impl Default for LauncherOptions {
             save_timeout: Duration::from_secs(120),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
+            hang_timeout: Duration::from_secs(30),
+            confine: true,
         }
     }
 }
@@ -118,18 +131,39 @@ impl ProcessLauncher {
     }
 
     /// Spawns the worker and waits for its readiness line.
+    ///
+    /// The runtime folder's lock is taken before the worker exists and handed to it, so a
+    /// service that looks at any instant from here on (a daemon restarted while this one is
+    /// killed mid-launch) sees that a worker runs or is starting.
     fn spawn(&self, vm: VmId, restore: Option<&Path>) -> Result<PidFd> {
         let runtime = self.store.runtime(vm);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
-        if let Some(pid) = live_worker(&runtime, vm) {
-            return Err(Error::AlreadyRunning { pid });
-        }
-        runtime.remove_live_files(0);
+        let lock = WorkerLock::try_acquire(&runtime)
+            .map_err(|e| Error::io(runtime.lock_file(), e))?
+            .ok_or(Error::AlreadyRunning)?;
+        // We hold the lock, so no worker owns what is left in the folder.
+        runtime.remove_stale_files();
         let log_path = runtime.log_file();
-        let log = File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        // Never through a link: a link planted here would have our truncate hit its target.
+        let log = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&log_path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "worker.log is a symbolic link; refusing to follow it",
+                ),
+                _ => e,
+            })
+            .map_err(|e| Error::io(&log_path, e))?;
         let log_err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
         let (ready_rx, ready_tx) = io::pipe().map_err(|e| Error::io("pipe", e))?;
         let ready_fd = ready_tx.as_raw_fd();
+        let lock_fd = lock.as_raw_fd();
 
         let mut command = Command::new(&self.program);
         command
@@ -141,19 +175,25 @@ impl ProcessLauncher {
         if let Some(dir) = restore {
             command.arg("--restore").arg(dir);
         }
+        if !self.options.confine {
+            command.arg("--no-confinement");
+        }
         command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            .env(READY_FD_ENV, ready_fd.to_string());
+            .env(READY_FD_ENV, ready_fd.to_string())
+            .env(LOCK_FD_ENV, lock_fd.to_string());
         // SAFETY: the closure runs in the forked child before exec and calls only
         // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
         unsafe {
-            command.pre_exec(move || prepare_child(ready_fd));
+            command.pre_exec(move || prepare_child(&[ready_fd, lock_fd]));
         }
         let spawned = command.spawn();
-        // The child has its copy; ours must go so that the pipe reports EOF if the child dies.
+        // The child has its copies; ours must go so that the pipe reports EOF if the child dies
+        // and the lock is held by the child alone.
         drop(ready_tx);
+        drop(lock);
         drop(command);
         let child = spawned.map_err(|source| Error::Spawn {
             program: self.program.clone(),
@@ -162,10 +202,14 @@ impl ProcessLauncher {
         let pid = child.id();
         // The child is reaped by the exit watcher (waitpid), not through `Child`.
         drop(child);
+        fault::point("launch.after-spawn");
         let pidfd = PidFd::open(pid).map_err(|e| Error::io(format!("/proc/{pid}"), e))?;
 
         match read_ready(ready_rx, self.options.launch_timeout) {
-            Ok(line) if line == "ready" => Ok(pidfd),
+            Ok(line) if line == "ready" => {
+                fault::point("launch.after-ready");
+                Ok(pidfd)
+            }
             outcome => {
                 // It never became ready: make sure it is gone, then say why.
                 let _ = pidfd.send_signal(libc::SIGKILL);
@@ -177,6 +221,28 @@ impl ProcessLauncher {
         }
     }
 
+    /// Finds the worker that holds `runtime`'s lock through its control socket, waiting while it
+    /// is still starting (its socket not yet there). `Ok(None)` once the lock is free: there is no
+    /// worker, or it died meanwhile.
+    fn find_live_worker(&self, vm: VmId, runtime: &RuntimeDir) -> Result<Option<PidFd>> {
+        let deadline = Instant::now() + self.options.launch_timeout;
+        loop {
+            let held =
+                WorkerLock::is_held(runtime).map_err(|e| Error::io(runtime.lock_file(), e))?;
+            if !held {
+                return Ok(None);
+            }
+            match identify(vm, runtime, self.options.request_timeout) {
+                Ok(pidfd) => return Ok(Some(pidfd)),
+                // Another user's process, or another VM's worker: never adopt it.
+                Err(error @ (Error::ForeignPeer { .. } | Error::WrongWorker { .. })) => {
+                    return Err(error);
+                }
+                Err(error) if Instant::now() >= deadline => return Err(error),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
     /// Supervises the worker `pidfd` and asks for its first report (which also reports a guest
     /// that stopped while nobody was connected).
     fn attach(
@@ -227,22 +293,20 @@ impl WorkerLauncher for ProcessLauncher {
         events: EventSink,
     ) -> std::result::Result<Option<Box<dyn Worker>>, WorkerError> {
         let runtime = self.store.runtime(vm);
-        let pid = match runtime.read_pid() {
-            Ok(Some(pid)) => pid,
-            Ok(None) => {
-                runtime.remove_live_files(0);
-                return Ok(None);
+        if !runtime.path().exists() {
+            return Ok(None);
+        }
+        let Some(pidfd) = self.find_live_worker(vm, &runtime)? else {
+            // Nobody holds the lock: what the folder holds is left over from a dead worker.
+            if let Some(lock) =
+                WorkerLock::try_acquire(&runtime).map_err(|e| Error::io(runtime.lock_file(), e))?
+            {
+                runtime.remove_stale_files();
+                drop(lock);
             }
-            Err(e) => return Err(Error::io(runtime.pid_file(), e).into()),
+            return Ok(None);
         };
-        let pidfd = match PidFd::open(pid) {
-            Ok(pidfd) if cmdline_has_arg(pid, &vm.to_string()) => pidfd,
-            // Dead, or the pid now belongs to an unrelated process: a stale entry.
-            _ => {
-                runtime.remove_live_files(pid);
-                return Ok(None);
-            }
-        };
+        let pid = pidfd.pid();
         let (supervised, report) = self.attach(vm, pidfd, events)?;
         if report.is_err() && supervised.process_gone() {
             supervised.abandon();
@@ -250,10 +314,20 @@ impl WorkerLauncher for ProcessLauncher {
             return Ok(None);
         }
         // Alive and ours but possibly not answering: attached either way. A silent worker's
-        // status says NotResponding and the service treats it as lost (turn-off kills it, the
-        // recovery action follows).
+        // status says NotResponding; its heartbeat reports it hung if it stays silent.
         Ok(Some(Box::new(ProcessWorker::new(supervised))))
     }
+}
+
+/// The pid of the worker serving `runtime`'s control socket, proven by the socket's peer
+/// credentials and the handshake (see [`ControlClient::connect`]), with a pidfd on it.
+fn identify(vm: VmId, runtime: &RuntimeDir, timeout: Duration) -> Result<PidFd> {
+    let client = ControlClient::connect(&runtime.control_socket(), Some(vm), timeout, |_| {})?;
+    let pidfd = PidFd::open(client.pid()).map_err(|e| Error::io("pidfd_open", e))?;
+    // The pid could in theory have been recycled between the handshake and pidfd_open; a
+    // worker that still answers on the same connection after it proves it was not.
+    client.status(timeout)?;
+    Ok(pidfd)
 }
 
 /// Why a worker never became ready: its own error line, a timeout, or how it died (with the last
@@ -284,18 +358,12 @@ fn start_failure(
     Error::StartFailed { message }
 }
 
-/// The pid of a live worker already serving `vm` from `runtime`, if there is one.
-fn live_worker(runtime: &RuntimeDir, vm: VmId) -> Option<u32> {
-    let pid = runtime.read_pid().ok()??;
-    let alive = PidFd::open(pid).is_ok_and(|p| !p.has_exited());
-    (alive && cmdline_has_arg(pid, &vm.to_string())).then_some(pid)
-}
-
 /// In the forked child, before exec: a session of its own (no terminal signals, survives the
-/// daemon), an empty signal mask, and the readiness pipe kept open across exec.
-fn prepare_child(ready_fd: RawFd) -> io::Result<()> {
+/// daemon), an empty signal mask, and the readiness pipe and the worker lock kept open across
+/// exec.
+fn prepare_child(keep: &[RawFd]) -> io::Result<()> {
     // SAFETY: setsid, sigemptyset, sigprocmask and fcntl are async-signal-safe and act only on
-    // this (single-threaded, just forked) process and its own descriptor.
+    // this (single-threaded, just forked) process and its own descriptors.
     unsafe {
         if libc::setsid() < 0 {
             return Err(io::Error::last_os_error());
@@ -303,8 +371,10 @@ fn prepare_child(ready_fd: RawFd) -> io::Result<()> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        if libc::fcntl(ready_fd, libc::F_SETFD, 0) < 0 {
-            return Err(io::Error::last_os_error());
+        for &fd in keep {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
     }
     Ok(())

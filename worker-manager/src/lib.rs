@@ -50,6 +50,7 @@ pub mod protocol;
 mod runtime;
 mod supervisor;
 pub mod worker;
+mod worker_lock;
 
 pub use client::ControlClient;
 pub use error::{Error, Result};
@@ -58,3 +59,4 @@ pub use runtime::{RuntimeDir, StoreLayout};
 pub use supervisor::ProcessWorker;
 pub use vmm_core::{Worker, WorkerLauncher};
 pub use worker::{MEMORY_FILE, STATE_FILE};
+pub use worker_lock::{LOCK_FD_ENV, WorkerLock};

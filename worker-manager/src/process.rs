@@ -5,6 +5,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// How a process ended, when we could see it (only a parent sees its child's status).
@@ -143,16 +144,39 @@ pub(crate) fn reap_child(pid: u32) -> Option<ExitStatus> {
     })
 }
 
-/// Whether process `pid`'s command line contains `needle` as one of its arguments (how a
-/// re-attaching parent tells its worker from an unrelated process that reused a stale pid).
-pub(crate) fn cmdline_has_arg(pid: u32, needle: &str) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| {
-            cmdline
-                .split(|&b| b == 0)
-                .any(|arg| arg == needle.as_bytes())
-        })
-        .unwrap_or(false)
+/// Who serves the other end of a connected Unix socket: the process that created the listening
+/// socket (its pid and effective uid), as the kernel recorded them (`SO_PEERCRED`). Unlike a pid
+/// file or a handshake message, the peer cannot forge this.
+pub(crate) fn peer_credentials(socket: &UnixStream) -> io::Result<(u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>())
+        .map_err(|_| io::Error::other("ucred size"))?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pid = u32::try_from(cred.pid).map_err(|_| io::Error::other("peer has no pid"))?;
+    Ok((pid, cred.uid))
+}
+
+/// Whether a process of user `uid` may be trusted as one of our workers: our own user, or root.
+pub(crate) fn is_trusted_uid(uid: u32) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    uid == ours || uid == 0
 }
 
 /// The resident set size of process `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
@@ -213,23 +237,5 @@ mod tests {
 
         assert!(!pidfd.has_exited());
         assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
-    }
-
-    #[test]
-    fn cmdline_match_is_per_argument() {
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
-        // spawn() returns while execve is still setting up: the new cmdline shows a moment later.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !cmdline_has_arg(child.id(), "sleep") && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-
-        let whole = cmdline_has_arg(child.id(), "30");
-        let part = cmdline_has_arg(child.id(), "3");
-        child.kill().unwrap();
-        child.wait().unwrap();
-
-        assert!(whole);
-        assert!(!part);
     }
 }

@@ -20,7 +20,7 @@ use vmm_core::{StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -56,11 +56,18 @@ pub enum Request {
     Pause,
     /// Let the vCPUs run again.
     Resume,
-    /// Pause, write `state.json` and `memory.bin` (fsynced) into `state_dir`, reply, exit.
+    /// Pause, write `state.json` and `memory.bin` (fsynced) into `staging`, commit it by renaming
+    /// it to `state_dir`, reply, exit. On failure before the commit the guest runs on.
     Save {
         /// An existing, empty folder.
+        staging: PathBuf,
+        /// Where the committed saved state goes; must not exist.
         state_dir: PathBuf,
     },
+    /// Ask the guest to shut itself down (the test guest: `halt` on its console). Replies as soon
+    /// as the request is delivered; the guest's power-off arrives as a
+    /// [`Notice::GuestStopped`]. Refused for a guest that cannot be asked.
+    Shutdown,
     /// Power off at once, reply, exit.
     TurnOff,
     /// Hard reset: the guest boots again from its boot source in the same worker.
@@ -111,6 +118,9 @@ pub enum GuestState {
     Running,
     /// vCPUs are parked.
     Paused,
+    /// vCPUs are parked and the guest's state is being written; the worker ends with
+    /// [`GuestState::Stopped`] ([`StopReason::Saved`]) or runs on if the save fails.
+    Saving,
     /// The guest stopped on its own; the worker waits to be turned off (or reset).
     Stopped {
         /// Why it stopped.
@@ -121,7 +131,7 @@ pub enum GuestState {
 /// An unsolicited message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
-    /// The guest moved between running and paused.
+    /// The guest moved between running, paused and saving.
     StateChanged {
         /// The new state.
         state: GuestState,
@@ -150,6 +160,23 @@ pub struct WorkerReport {
     pub rss_kib: u64,
     /// The test guest's live counters, when the VM runs the embedded test guest and it is up.
     pub test_guest: Option<TestGuestCounters>,
+    /// What the worker runs under.
+    pub confinement: Confinement,
+}
+
+/// The confinement a worker runs under (Hyper-V runs each `vmwp.exe` under its own virtual
+/// account; ours is a seccomp allowlist and a Landlock domain).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Confinement {
+    /// Confinement was asked for (the daemon runs without `--no-confinement`).
+    pub enabled: bool,
+    /// `PR_SET_NO_NEW_PRIVS` is set.
+    pub no_new_privs: bool,
+    /// The seccomp allowlist is installed on every thread.
+    pub seccomp: bool,
+    /// How Landlock is enforced: "fully enforced (ABI 6)", "partially enforced (ABI 3)", "not
+    /// enforced (not in this kernel)", or "off".
+    pub landlock: String,
 }
 
 /// The test guest's status block (`vmms_guest::protocol::StatusBlock`), read from guest memory.
@@ -303,6 +330,12 @@ mod tests {
                     counter: 99,
                     records: 3,
                 }),
+                confinement: Confinement {
+                    enabled: true,
+                    no_new_privs: true,
+                    seccomp: true,
+                    landlock: "fully enforced (ABI 6)".into(),
+                },
             })),
         }
     }
@@ -406,8 +439,10 @@ mod tests {
             Just(Request::Resume),
             Just(Request::TurnOff),
             Just(Request::Reset),
-            "[^\0]{0,40}".prop_map(|p| Request::Save {
-                state_dir: p.into()
+            Just(Request::Shutdown),
+            ("[^\0]{0,40}", "[^\0]{0,40}").prop_map(|(a, b)| Request::Save {
+                staging: a.into(),
+                state_dir: b.into(),
             }),
         ]
     }

@@ -1,14 +1,16 @@
 //! Where a worker lives on disk: the store layout the worker side reads, and the per-VM runtime
 //! folder `<store>/run/<GUID>/` that both sides share.
 //!
-//! The runtime folder holds `control.sock`, `console.sock`, `pid` and `worker.log`. The worker
-//! creates the sockets and writes `pid` (atomically) once its guest runs, and removes them when it
-//! exits cleanly; after a crash they stay behind, and the parent's re-attach finds the pid dead
-//! and cleans them up.
+//! The runtime folder holds `worker.lock`, `control.sock`, `console.sock`, `pid` and
+//! `worker.log`. Whether a worker runs is decided by the lock alone
+//! ([`WorkerLock`](crate::WorkerLock)); the worker's identity by its control socket's peer
+//! credentials and handshake. The pid file is for people. The worker creates the sockets and
+//! writes `pid` once its guest runs, and removes them when it exits cleanly; after a crash they
+//! stay behind, and whoever next takes the lock removes them.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use vmm_core::VmId;
@@ -49,7 +51,8 @@ impl StoreLayout {
         }
     }
 
-    fn vm_dir(&self, vm: VmId) -> PathBuf {
+    /// `<root>/vms/<GUID>`: everything persistent about the VM.
+    pub fn vm_dir(&self, vm: VmId) -> PathBuf {
         self.root.join("vms").join(vm.to_string())
     }
 }
@@ -86,9 +89,70 @@ impl RuntimeDir {
         self.dir.join("worker.log")
     }
 
-    /// Creates the folder, readable by its owner only (it holds sockets that control the VM).
+    /// The lock held by the process that runs (or is starting) the VM's worker
+    /// ([`WorkerLock`](crate::WorkerLock)).
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("worker.lock")
+    }
+
+    /// Removes the sockets and the pid file whoever wrote them: for a caller that holds the
+    /// worker lock, which proves no worker runs that could own them.
+    pub(crate) fn remove_stale_files(&self) {
+        for file in [
+            self.control_socket(),
+            self.console_socket(),
+            self.pid_file(),
+        ] {
+            let _ = fs::remove_file(file);
+        }
+    }
+
+    /// Creates the folder, readable by its owner only (it holds sockets that control the VM and
+    /// the worker's log), or checks the one that exists.
+    ///
+    /// An existing folder is used only if it is a real folder (not a symbolic link, looked at
+    /// with `lstat`) owned by this process's user; anything else was planted by someone who
+    /// wants our files written elsewhere, and is refused. Its mode is then set to 0700.
     pub fn create(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
+        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The parent `run/` is the store's; create it if a caller has not.
+                if let Some(parent) = self.dir.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                fs::DirBuilder::new().mode(0o700).create(&self.dir)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let meta = fs::symlink_metadata(&self.dir)?;
+        if meta.file_type().is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "runtime folder is a symbolic link; refusing to use it",
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "runtime folder is not a folder",
+            ));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "runtime folder belongs to uid {}, not to us (uid {me}); refusing to use it",
+                    meta.uid()
+                ),
+            ));
+        }
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
     }
 
@@ -122,15 +186,6 @@ impl RuntimeDir {
             // Missing files are what we want; anything else cannot be helped here.
             let _ = fs::remove_file(file);
         }
-    }
-
-    /// Removes the whole folder (a worker that exits cleanly leaves nothing behind), under the
-    /// same ownership rule as [`remove_live_files`](Self::remove_live_files).
-    pub fn remove(&self, pid: u32) {
-        if matches!(self.read_pid(), Ok(Some(found)) if found != pid) {
-            return;
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 
     /// The last non-empty line of `worker.log`, for error messages about a worker that died.
@@ -186,6 +241,61 @@ mod tests {
         runtime.remove_live_files(100);
 
         assert_eq!(runtime.read_pid().unwrap(), Some(200));
+    }
+
+    #[test]
+    fn create_makes_an_owner_only_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+
+        runtime.create().unwrap();
+
+        let mode = fs::metadata(runtime.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn create_tightens_an_existing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path()).unwrap();
+        fs::set_permissions(runtime.path(), fs::Permissions::from_mode(0o777)).unwrap();
+
+        runtime.create().unwrap();
+
+        let mode = fs::metadata(runtime.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn create_refuses_a_runtime_folder_that_is_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path().parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, runtime.path()).unwrap();
+
+        let result = runtime.create();
+
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn create_refuses_a_runtime_folder_owned_by_another_user() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: handing a folder to another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = StoreLayout::new(dir.path()).runtime(VmId::new_random());
+        fs::create_dir_all(runtime.path()).unwrap();
+        std::os::unix::fs::chown(runtime.path(), Some(65534), Some(65534)).unwrap();
+
+        let result = runtime.create();
+
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
     }
 
     #[test]

@@ -28,12 +28,17 @@ use crate::runtime::RuntimeDir;
 const EXIT_GRACE: Duration = Duration::from_secs(3);
 /// How long a killed worker gets to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the exit watcher waits for the last notices of a worker that exited.
+/// Generous: on a loaded host the connection's reader thread may wait its turn for a while.
+const NOTICE_DRAIN: Duration = Duration::from_secs(2);
 
 /// What is known about the process's end.
 #[derive(Debug, Default)]
 struct ExitState {
     /// Set once the process has exited; holds its status when we could reap it.
     exited: Option<Option<ExitStatus>>,
+    /// Set once the worker said its guest stopped (whether or not that was reported).
+    guest_stopped: Option<StopReason>,
 }
 
 /// Everything the handle and the watcher threads share about one worker.
@@ -49,7 +54,7 @@ pub(crate) struct Supervised {
     reported: AtomicBool,
     /// The service asked the worker to end (save, turn-off): its exit is not a failure.
     finishing: AtomicBool,
-    /// The heartbeat gave up on it: turn-off kills without asking first.
+    /// It is not answering its heartbeat: turn-off kills without asking first.
     hung: AtomicBool,
     exit: Mutex<ExitState>,
     exit_changed: Condvar,
@@ -141,8 +146,44 @@ impl Supervised {
     }
 
     fn on_notice(&self, notice: Notice) {
-        if let Notice::GuestStopped { reason } = notice {
-            self.report(reason);
+        match notice {
+            Notice::GuestStopped { reason } => {
+                self.note_guest_stopped(&reason);
+                self.report(reason);
+            }
+            Notice::StateChanged { state } => {
+                if let Some(status) = worker_status(&state)
+                    && !self.finishing.load(Ordering::SeqCst)
+                {
+                    self.events.send(WorkerEvent::StateChanged(status));
+                }
+            }
+        }
+    }
+
+    fn note_guest_stopped(&self, reason: &StopReason) {
+        self.lock_exit()
+            .guest_stopped
+            .get_or_insert_with(|| reason.clone());
+        self.exit_changed.notify_all();
+    }
+
+    /// Waits until the worker says its guest stopped, or the process exits, or `timeout` passes.
+    fn wait_guest_stopped(&self, timeout: Duration) -> Option<StopReason> {
+        let state = self.lock_exit();
+        let (state, _) = self
+            .exit_changed
+            .wait_timeout_while(state, timeout, |s| {
+                s.guest_stopped.is_none() && s.exited.is_none()
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        match (&state.guest_stopped, state.exited) {
+            (Some(reason), _) => Some(reason.clone()),
+            (None, Some(status)) => Some(StopReason::WorkerExited {
+                code: status.and_then(|s| s.code),
+                signal: status.and_then(|s| s.signal),
+            }),
+            (None, None) => None,
         }
     }
 
@@ -157,6 +198,7 @@ impl Supervised {
     /// A report's news the notice may have missed (it was sent while nobody was connected).
     pub(crate) fn check_report(&self, report: &WorkerReport) {
         if let GuestState::Stopped { reason } = &report.state {
+            self.note_guest_stopped(reason);
             self.report(reason.clone());
         }
     }
@@ -170,18 +212,45 @@ impl Supervised {
         }
         // Only a parent can reap; for a re-attached worker the status stays unknown.
         let status = reap_child(self.pid());
+        // What the worker said last (its guest saved, powered off) may still be in the socket
+        // behind the exit: read it before deciding why the worker ended.
+        self.drain_notices();
         // Clean up before announcing the exit: whoever waits for it (turn-off) may start the
         // VM's next worker at once, whose files must not be mistaken for these.
         self.runtime.remove_live_files(self.pid());
-        self.lock_exit().exited = Some(status);
+        let said = {
+            let mut exit = self.lock_exit();
+            exit.exited = Some(status);
+            exit.guest_stopped.clone()
+        };
         self.exit_changed.notify_all();
         let (code, signal) = status.map_or((None, None), |s| (s.code, s.signal));
-        self.report(StopReason::WorkerExited { code, signal });
+        self.report(said.unwrap_or(StopReason::WorkerExited { code, signal }));
     }
 
-    /// Heartbeat thread: one status request per interval; silence past the timeout is a loss.
+    /// Waits (briefly) until the control connection has delivered everything the exited worker
+    /// sent: its reader sees the end of the stream only after the last notice.
+    fn drain_notices(&self) {
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(client) = client else { return };
+        let deadline = Instant::now() + NOTICE_DRAIN;
+        while !client.is_closed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Heartbeat thread: one status request per interval. Silence past the heartbeat timeout is
+    /// reported as not responding, past the hang timeout as hung (the service applies the VM's
+    /// recovery action); an answer after either is reported too. It runs until the process
+    /// exits or the handle is dropped.
     fn heartbeat(self: Arc<Self>) {
         let mut last_answer = Instant::now();
+        let mut not_responding = false;
+        let mut hung = false;
         loop {
             if !self.sleep(self.options.heartbeat_interval) {
                 return;
@@ -195,18 +264,35 @@ impl Supervised {
             match answer {
                 Ok(report) => {
                     last_answer = Instant::now();
+                    if not_responding {
+                        not_responding = false;
+                        hung = false;
+                        self.hung.store(false, Ordering::SeqCst);
+                        self.notify(WorkerEvent::Responding);
+                    }
                     self.check_report(&report);
                 }
                 Err(_) if self.has_exited() || self.pidfd.has_exited() => return,
                 Err(_) => {
                     let silent_for = last_answer.elapsed();
-                    if silent_for >= self.options.heartbeat_timeout {
+                    if !not_responding && silent_for >= self.options.heartbeat_timeout {
+                        not_responding = true;
                         self.hung.store(true, Ordering::SeqCst);
-                        self.report(StopReason::HeartbeatLost { silent_for });
-                        return;
+                        self.notify(WorkerEvent::NotResponding { silent_for });
+                    }
+                    if !hung && silent_for >= self.options.hang_timeout {
+                        hung = true;
+                        self.notify(WorkerEvent::Hung { silent_for });
                     }
                 }
             }
+        }
+    }
+
+    /// Sends a health event, unless the service asked the worker to end.
+    fn notify(&self, event: WorkerEvent) {
+        if !self.finishing.load(Ordering::SeqCst) {
+            self.events.send(event);
         }
     }
 
@@ -315,6 +401,17 @@ impl Supervised {
     }
 }
 
+/// What a worker's guest state means to the service; `None` for a stopped guest (reported as a
+/// stop, not a state).
+fn worker_status(state: &GuestState) -> Option<WorkerStatus> {
+    match state {
+        GuestState::Running => Some(WorkerStatus::Running),
+        GuestState::Paused => Some(WorkerStatus::Paused),
+        GuestState::Saving => Some(WorkerStatus::Saving),
+        GuestState::Stopped { .. } => None,
+    }
+}
+
 /// One worker process as the service drives it ([`vmm_core::Worker`]).
 ///
 /// Dropping it detaches: the watcher threads stop and the process keeps running, to be found
@@ -366,12 +463,9 @@ impl Worker for ProcessWorker {
             return WorkerStatus::Exited;
         }
         match self.report() {
-            Ok(report) => match report.state {
-                GuestState::Paused => WorkerStatus::Paused,
-                // A stopped guest has been reported through the event sink; the process itself
-                // is alive and answering until it is turned off.
-                GuestState::Running | GuestState::Stopped { .. } => WorkerStatus::Running,
-            },
+            // A stopped guest has been reported through the event sink; the process itself is
+            // alive and answering until it is turned off.
+            Ok(report) => worker_status(&report.state).unwrap_or(WorkerStatus::Running),
             Err(_) if self.inner.has_exited() || self.inner.pidfd.has_exited() => {
                 WorkerStatus::Exited
             }
@@ -389,14 +483,15 @@ impl Worker for ProcessWorker {
         self.inner.call(Request::Resume, timeout).map(drop)
     }
 
-    fn save(&self, state_dir: &Path) -> Result<(), WorkerError> {
+    fn save(&self, staging: &Path, state_dir: &Path) -> Result<(), WorkerError> {
         let inner = &self.inner;
         inner.finishing.store(true, Ordering::SeqCst);
         let request = Request::Save {
+            staging: staging.to_path_buf(),
             state_dir: state_dir.to_path_buf(),
         };
         match inner.call(request, inner.options.save_timeout) {
-            // The state is durable; the process now exits (or is made to).
+            // The state is committed; the process now exits (or is made to).
             Ok(_) => inner.end(false),
             Err(error) => {
                 if !inner.has_exited() {
@@ -404,6 +499,18 @@ impl Worker for ProcessWorker {
                 }
                 Err(error)
             }
+        }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        inner.call(Request::Shutdown, inner.options.request_timeout)?;
+        match inner.wait_guest_stopped(timeout) {
+            Some(StopReason::GuestPowerOff) => Ok(()),
+            Some(other) => Err(WorkerError::Refused {
+                reason: format!("the guest did not power off: {other}"),
+            }),
+            None => Err(WorkerError::Timeout(timeout)),
         }
     }
 

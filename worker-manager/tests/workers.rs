@@ -100,11 +100,10 @@ fn saved_worker_exits_and_restore_continues_from_the_saved_counter() {
     let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.id).console_socket());
     console.wait_for(BANNER, 0);
     let before_save = console.status_counter();
-    let state_dir = fixture.dir.path().join("saved");
-    fs::create_dir(&state_dir).unwrap();
+    let (staging, state_dir) = fixture.save_paths(vm.id);
     let first_pid = worker.pid();
 
-    worker.save(&state_dir).unwrap();
+    worker.save(&staging, &state_dir).unwrap();
     let saved = saved_counter(&state_dir.join(MEMORY_FILE));
     let restored = fixture
         .launcher
@@ -116,12 +115,13 @@ fn saved_worker_exits_and_restore_continues_from_the_saved_counter() {
             fixture.sink(),
         )
         .unwrap();
-    // The memory is mapped: the service deletes the folder right after launch returns.
-    fs::remove_dir_all(&state_dir).unwrap();
+    let consumed = !state_dir.exists();
     let report = fixture.launcher.report(vm.id, TIMEOUT).unwrap().unwrap();
     let after = report.test_guest.unwrap().counter;
 
     assert!(!pid_alive(first_pid), "the saving worker exited");
+    assert!(consumed, "the restored worker consumed the saved state");
+    assert!(!staging.exists(), "the staging folder was committed");
     assert!(saved >= before_save, "saved {saved} < {before_save}");
     assert!(report.restored);
     assert!(
@@ -148,10 +148,9 @@ fn saved_state_folder_holds_state_and_memory() {
     let fixture = Fixture::new();
     let vm = fixture.small_vm("files");
     let worker = fixture.boot(&vm);
-    let state_dir = fixture.dir.path().join("saved");
-    fs::create_dir(&state_dir).unwrap();
+    let (staging, state_dir) = fixture.save_paths(vm.id);
 
-    worker.save(&state_dir).unwrap();
+    worker.save(&staging, &state_dir).unwrap();
 
     let memory = fs::metadata(state_dir.join(MEMORY_FILE)).unwrap().len();
     let state: serde_json::Value =
@@ -178,8 +177,10 @@ fn guest_halt_is_reported_as_power_off_and_turn_off_reaps_the_worker() {
     assert_eq!(event, WorkerEvent::Stopped(StopReason::GuestPowerOff));
     assert!(!pid_alive(pid));
     assert!(
-        !runtime.path().exists(),
-        "a clean exit leaves no runtime folder"
+        !runtime.control_socket().exists()
+            && !runtime.console_socket().exists()
+            && !runtime.pid_file().exists(),
+        "a clean exit leaves no live files"
     );
 }
 
@@ -243,11 +244,12 @@ fn killed_worker_is_reported_with_its_signal_at_once() {
 }
 
 #[test]
-fn stopped_worker_is_reported_lost_by_the_heartbeat() {
+fn stopped_worker_is_reported_not_responding_then_hung() {
     require_kvm!();
     let fixture = Fixture::with_options(LauncherOptions {
         heartbeat_interval: Duration::from_millis(100),
         heartbeat_timeout: Duration::from_millis(800),
+        hang_timeout: Duration::from_millis(2000),
         ..LauncherOptions::default()
     });
     let vm = fixture.small_vm("hang");
@@ -255,18 +257,54 @@ fn stopped_worker_is_reported_lost_by_the_heartbeat() {
 
     // SAFETY: kill only sends a signal to the worker we started.
     unsafe { libc::kill(worker.pid() as i32, libc::SIGSTOP) };
-    let event = fixture.next_event();
+    let first = fixture.next_event();
+    let second = fixture.next_event();
     worker.turn_off().unwrap();
 
     assert!(
-        matches!(
-            &event,
-            WorkerEvent::Stopped(StopReason::HeartbeatLost { silent_for })
-                if *silent_for >= Duration::from_millis(800)
-        ),
-        "{event:?}"
+        matches!(&first, WorkerEvent::NotResponding { silent_for }
+            if *silent_for >= Duration::from_millis(800)),
+        "{first:?}"
+    );
+    assert!(
+        matches!(&second, WorkerEvent::Hung { silent_for }
+            if *silent_for >= Duration::from_millis(2000)),
+        "{second:?}"
     );
     assert!(!pid_alive(worker.pid()), "turn-off kills a hung worker");
+}
+
+#[test]
+fn worker_that_answers_again_is_reported_responding_and_kept() {
+    require_kvm!();
+    let fixture = Fixture::with_options(LauncherOptions {
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(800),
+        ..LauncherOptions::default()
+    });
+    let vm = fixture.small_vm("pause-process");
+    let worker = fixture.boot(&vm);
+    let pid = worker.pid() as i32;
+
+    // SAFETY: kill only sends signals to the worker we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let silent = fixture.next_event();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let back = fixture.next_event();
+    let status = worker.status();
+
+    assert!(
+        matches!(silent, WorkerEvent::NotResponding { .. }),
+        "{silent:?}"
+    );
+    assert_eq!(back, WorkerEvent::Responding);
+    assert_eq!(status, WorkerStatus::Running);
+    assert!(
+        pid_alive(worker.pid()),
+        "a worker that was only stopped keeps its guest"
+    );
+    worker.turn_off().unwrap();
 }
 
 #[test]

@@ -33,6 +33,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 enum Run {
     Running,
     Paused,
+    /// Paused and writing its state (a save a previous service started).
+    Saving,
     Exited,
 }
 
@@ -85,7 +87,7 @@ impl Guest {
         loop {
             match *run {
                 Run::Exited => return,
-                Run::Paused => run = self.changed.wait(run).expect("guest lock"),
+                Run::Paused | Run::Saving => run = self.changed.wait(run).expect("guest lock"),
                 Run::Running => {
                     self.counter.fetch_add(1, Ordering::SeqCst);
                     run = self
@@ -100,8 +102,13 @@ impl Guest {
 
     /// Sends `reason` on the sink this guest's worker was given.
     pub fn report(&self, reason: StopReason) {
+        self.send(WorkerEvent::Stopped(reason));
+    }
+
+    /// Sends any event on the guest's current sink, as a worker would on its own.
+    pub fn send(&self, event: WorkerEvent) {
         let sink = self.sink.lock().expect("sink lock").clone();
-        sink.send(WorkerEvent::Stopped(reason));
+        sink.send(event);
     }
 }
 
@@ -132,6 +139,7 @@ struct Shared {
     next_pid: AtomicU32,
     launches: AtomicUsize,
     fail_launches: AtomicBool,
+    ignore_shutdown: AtomicBool,
     pause_gate: Gate,
 }
 
@@ -183,6 +191,26 @@ impl ThreadLauncher {
     }
 
     /// Holds (`true`) or releases (`false`) pause requests.
+    /// Guests ignore shutdown requests from now on (or obey them again).
+    pub fn ignore_shutdown(&self, ignore: bool) {
+        self.shared.ignore_shutdown.store(ignore, Ordering::SeqCst);
+    }
+
+    /// The guest of `vm` starts saving on its own (as after a save a previous service began).
+    pub fn start_saving(&self, vm: VmId) {
+        self.guest(vm).set(Run::Saving);
+    }
+
+    /// The saving guest of `vm` commits its counter as the VM's saved state at `state_dir`,
+    /// exits and reports [`StopReason::Saved`].
+    pub fn finish_saving(&self, vm: VmId, state_dir: &Path) {
+        let guest = self.guest(vm);
+        fs::create_dir_all(state_dir).expect("state dir");
+        fs::write(state_dir.join("state.json"), guest.counter().to_string()).expect("state");
+        self.shared.exit(&guest);
+        guest.report(StopReason::Saved);
+    }
+
     pub fn hold_pauses(&self, hold: bool) {
         self.shared.pause_gate.set(hold);
     }
@@ -305,8 +333,20 @@ impl Worker for ThreadWorker {
         match *self.guest.lock() {
             Run::Running => WorkerStatus::Running,
             Run::Paused => WorkerStatus::Paused,
+            Run::Saving => WorkerStatus::Saving,
             Run::Exited => WorkerStatus::Exited,
         }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> Result<(), WorkerError> {
+        self.alive()?;
+        if self.shared.ignore_shutdown.load(Ordering::SeqCst) {
+            thread::sleep(timeout);
+            return Err(WorkerError::Timeout(timeout));
+        }
+        self.shared.exit(&self.guest);
+        self.guest.report(StopReason::GuestPowerOff);
+        Ok(())
     }
 
     fn pause(&self) -> Result<(), WorkerError> {
@@ -322,11 +362,12 @@ impl Worker for ThreadWorker {
         Ok(())
     }
 
-    fn save(&self, state_dir: &Path) -> Result<(), WorkerError> {
+    fn save(&self, staging: &Path, state_dir: &Path) -> Result<(), WorkerError> {
         self.alive()?;
         self.guest.set(Run::Paused);
         let counter = self.guest.counter().to_string();
-        fs::write(state_dir.join("state.json"), counter).map_err(WorkerError::failed)?;
+        fs::write(staging.join("state.json"), counter).map_err(WorkerError::failed)?;
+        vmm_core::atomic_file::commit_dir(staging, state_dir).map_err(WorkerError::failed)?;
         self.shared.exit(&self.guest);
         Ok(())
     }

@@ -21,8 +21,8 @@ use super::console::ConsoleLog;
 use super::machine::lock;
 use crate::process::rss_kib;
 use crate::protocol::{
-    FromWorker, GuestState, PROTOCOL_VERSION, ProtocolError, Reply, Request, TestGuestCounters,
-    ToWorker, WorkerReport, read_frame, write_frame,
+    Confinement, FromWorker, GuestState, PROTOCOL_VERSION, ProtocolError, Reply, Request,
+    TestGuestCounters, ToWorker, WorkerReport, read_frame, write_frame,
 };
 
 /// How long a new connection may take to say hello.
@@ -73,6 +73,7 @@ pub(crate) struct WorkerShared {
     next_peer: AtomicU64,
     commands: Sender<Command>,
     console: Arc<ConsoleLog>,
+    confinement: Mutex<Confinement>,
 }
 
 impl WorkerShared {
@@ -98,7 +99,18 @@ impl WorkerShared {
             next_peer: AtomicU64::new(0),
             commands,
             console,
+            confinement: Mutex::new(Confinement::default()),
         }
+    }
+
+    /// Records what the worker runs under, for status reports.
+    pub(crate) fn set_confinement(&self, confinement: Confinement) {
+        *lock(&self.confinement) = confinement;
+    }
+
+    /// Changes part of what the worker runs under.
+    pub(crate) fn update_confinement(&self, change: impl FnOnce(&mut Confinement)) {
+        change(&mut lock(&self.confinement));
     }
 
     pub(crate) fn vm(&self) -> VmId {
@@ -147,6 +159,7 @@ impl WorkerShared {
             restored: self.restored,
             rss_kib: rss_kib(self.pid).unwrap_or(0),
             test_guest,
+            confinement: lock(&self.confinement).clone(),
         }
     }
 

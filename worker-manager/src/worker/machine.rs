@@ -18,14 +18,16 @@ use partition::{
     DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig,
     PartitionState,
 };
-use vmm_core::{BootSource, StopReason, VmConfig, error_chain};
+use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, WorkerShared};
 use crate::error::{Error, Result};
-use crate::protocol::{FromWorker, GuestState, Notice, Reply, Request};
+use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
+use crate::worker_lock::WorkerLock;
 
 /// Name of the partition state in a saved-state folder.
 pub const STATE_FILE: &str = "state.json";
@@ -35,6 +37,9 @@ pub const MEMORY_FILE: &str = "memory.bin";
 /// How long the owner waits on a running guest before looking for requests: the worst-case
 /// delay of a request, and the cost of idling (one wake-up per slice).
 const SLICE: Duration = Duration::from_millis(10);
+
+/// How long a guest asked to shut down may leave its console unread before the request fails.
+const SHUTDOWN_INPUT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Maps a virtual machine's definition to the partition that runs it. Relative disk paths are
 /// resolved against `disks_dir`; the test guest boots from `default_kernel`.
@@ -93,6 +98,14 @@ pub(crate) struct Machine {
     shared: Arc<WorkerShared>,
     commands: Receiver<Command>,
     runtime: RuntimeDir,
+    /// Whether the guest is the embedded test guest (which understands `halt` on COM1).
+    test_guest: bool,
+    /// Whether the process is confined (seccomp goes on before the first `KVM_RUN`).
+    confine: bool,
+    vm_name: String,
+    /// Held for the whole life of the process: it is what tells a service that this VM has a
+    /// worker (see [`WorkerLock`]).
+    _lock: WorkerLock,
 }
 
 impl Machine {
@@ -102,38 +115,68 @@ impl Machine {
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(options.vm);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
+        let lock = WorkerLock::inherit_or_acquire(&runtime)
+            .map_err(|e| Error::io(runtime.lock_file(), e))?
+            .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
         let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let confinement = if options.confine {
+            // Facts the partition reads from outside the sandbox, read once before it closes.
+            partition::software_kvm::is_software_kvm();
+            let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
+            confinement::restrict_process(&view)?
+        } else {
+            Confinement {
+                landlock: "off".into(),
+                ..Confinement::default()
+            }
+        };
         let partition = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => Partition::new(config.clone())?,
         };
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = mpsc::channel();
+        let test_guest = vm.boot == BootSource::TestGuest;
         let shared = Arc::new(WorkerShared::new(
             vm.id,
             options.restore.is_some(),
-            vm.boot == BootSource::TestGuest,
+            test_guest,
             Arc::clone(&console),
             tx,
         ));
+        shared.set_confinement(confinement);
         let mut machine = Machine {
             config,
             partition: None,
             shared,
             commands,
             runtime,
+            test_guest,
+            confine: options.confine,
+            vm_name: vm.name.clone(),
+            _lock: lock,
         };
-        let result = machine.open_and_run(partition);
+        let result = machine.open_and_run(partition, options.restore.as_deref());
         if result.is_err() {
             machine.runtime.remove_live_files(std::process::id());
         }
         result.map(|()| machine)
     }
 
-    fn open_and_run(&mut self, partition: Partition) -> Result<()> {
+    /// Opens the sockets, consumes the saved state the guest was restored from (if any), and
+    /// starts the guest.
+    fn open_and_run(&mut self, partition: Partition, restored_from: Option<&Path>) -> Result<()> {
         let control = bind(&self.runtime.control_socket())?;
         let console_listener = bind(&self.runtime.console_socket())?;
+        if let Some(dir) = restored_from {
+            // From here on the guest lives in this process only: the saved state must be gone
+            // before anyone can see this worker run, or a crash of the service could have the
+            // same state restored a second time on top of disks that have moved on.
+            fault::point("worker.restore.before-consume");
+            consume_saved_state(dir)?;
+            fault::point("worker.restore.after-consume");
+        }
         self.install(partition);
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
@@ -145,6 +188,12 @@ impl Machine {
             .name("console".into())
             .spawn(move || console::serve(console_listener, &shared))
             .map_err(Error::Thread)?;
+        if self.confine {
+            // Set-up is over: from the first KVM_RUN on, only the allowlist.
+            confinement::install_seccomp()?;
+            self.shared.update_confinement(|c| c.seccomp = true);
+            confinement::start_test_escape(&self.vm_name);
+        }
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }
@@ -194,7 +243,9 @@ impl Machine {
                 break;
             }
         }
-        self.runtime.remove(std::process::id());
+        // The folder itself stays: a confined worker may not remove it, and its lock file and
+        // log are what the next worker and a post-mortem use.
+        self.runtime.remove_live_files(std::process::id());
         eprintln!("worker {}: exiting", self.shared.vm());
         ExitCode::SUCCESS
     }
@@ -221,10 +272,11 @@ impl Machine {
             Request::Pause => (self.pause(), Flow::Continue),
             Request::Resume => (self.resume(), Flow::Continue),
             Request::Reset => (self.reset(), Flow::Continue),
-            Request::Save { state_dir } => match self.save(&state_dir) {
+            Request::Save { staging, state_dir } => match self.save(&staging, &state_dir) {
                 Ok(()) => (Ok(Reply::Done), Flow::Exit),
                 Err(reason) => (Err(reason), Flow::Continue),
             },
+            Request::Shutdown => (self.shutdown(), Flow::Continue),
             Request::TurnOff => {
                 if let Some(partition) = &mut self.partition {
                     partition.stop();
@@ -302,30 +354,62 @@ impl Machine {
         }
     }
 
-    /// Pauses, writes the state and memory durably into `dir`, and stops the partition. On
-    /// failure the guest runs on as before.
-    fn save(&mut self, dir: &Path) -> std::result::Result<(), String> {
-        let was_running = self.shared.state() == GuestState::Running;
-        if was_running {
+    /// Asks the guest to shut down: the test guest powers off on `halt` typed at its shell (a
+    /// leading CR ends whatever half-typed line it holds). The power-off itself is announced
+    /// when the vCPUs see it.
+    fn shutdown(&mut self) -> std::result::Result<Reply, String> {
+        if !self.test_guest {
+            return Err("the guest has no shutdown integration".into());
+        }
+        if self.shared.state() != GuestState::Running {
+            return Err("only a running guest can shut down".into());
+        }
+        let com1 = self.shared.com1().ok_or("guest is not running")?;
+        com1.send_all(b"\rhalt\r", SHUTDOWN_INPUT_TIMEOUT)
+            .map_err(|e| format!("the guest does not read its console: {e}"))?;
+        Ok(Reply::Done)
+    }
+
+    /// Pauses, writes the state and memory durably into `staging`, commits it as `state_dir`,
+    /// and releases the guest. On any failure before the commit the guest runs on as before
+    /// (or stays paused, if it was) and `state_dir` is untouched.
+    fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), String> {
+        let before = self.shared.state();
+        if before == GuestState::Running {
             self.pause()?;
         }
-        let partition = self.live()?;
+        self.set_and_announce(GuestState::Saving);
         let started = Instant::now();
-        match write_saved_state(partition, dir) {
+        let written = self.live().and_then(|partition| {
+            write_saved_state(partition, staging).map_err(|e| error_chain(&e))
+        });
+        let committed = written.and_then(|bytes| {
+            fault::point("worker.save.before-commit");
+            vmm_core::atomic_file::commit_dir(staging, state_dir)
+                .map(|()| bytes)
+                .map_err(|e| format!("cannot commit {}: {e}", state_dir.display()))
+        });
+        match committed {
             Ok(bytes) => {
-                partition.stop();
+                fault::point("worker.save.after-commit");
                 eprintln!(
                     "worker {}: saved {bytes} bytes of memory in {:?}",
                     self.shared.vm(),
                     started.elapsed()
                 );
+                // A parent that re-attached during the save learns from this that the VM is
+                // Saved; the one that asked ignores it.
+                self.release_guest(StopReason::Saved);
                 Ok(())
             }
-            Err(error) => {
-                let reason = format!("save failed: {}", error_chain(&error));
-                if was_running {
-                    // Best effort: the reply says the save failed either way.
+            Err(reason) => {
+                let reason = format!("save failed: {reason}");
+                // Best effort: the reply says the save failed either way.
+                if before == GuestState::Running {
+                    self.shared.set_state(GuestState::Paused);
                     let _ = self.resume();
+                } else {
+                    self.set_and_announce(GuestState::Paused);
                 }
                 Err(reason)
             }
@@ -337,6 +421,44 @@ impl Machine {
         self.shared
             .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
     }
+}
+
+/// What a confined worker may touch: its VM's folder and runtime folder, its disks (writable
+/// unless read-only), its kernel and initrd, and the folder it restores from.
+fn filesystem_view(
+    layout: &StoreLayout,
+    vm: &VmConfig,
+    config: &PartitionConfig,
+    restore: Option<&Path>,
+) -> FilesystemView {
+    let mut view = FilesystemView {
+        writable_dirs: vec![
+            layout.vm_dir(vm.id),
+            layout.runtime(vm.id).path().to_owned(),
+        ],
+        ..FilesystemView::default()
+    };
+    // Consuming a saved state renames it within its parent.
+    if let Some(parent) = restore.and_then(Path::parent) {
+        view.writable_dirs.push(parent.to_owned());
+    }
+    for disk in &config.disks {
+        let list = if disk.read_only {
+            &mut view.readable
+        } else {
+            &mut view.writable_files
+        };
+        list.push(disk.path.clone());
+    }
+    if let KernelImage::Path(kernel) = &config.boot.kernel {
+        view.readable.push(kernel.clone());
+    }
+    view.readable.extend(config.boot.initrd.clone());
+    // A path that does not exist cannot carry a rule; building the partition then fails with
+    // its own error about it, which is what the user needs to read.
+    view.writable_files.retain(|p| p.exists());
+    view.readable.retain(|p| p.exists());
+    view
 }
 
 /// Reads and checks the VM's `config.json`.
@@ -371,6 +493,29 @@ fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
     Ok(Partition::builder(config).restore(&state, &memory)?)
 }
 
+/// Removes a saved-state folder the guest now runs from: renamed away first (so a crash never
+/// leaves half of it under its real name), then deleted. The memory file stays readable through
+/// the guest's private mapping of it.
+fn consume_saved_state(dir: &Path) -> Result<()> {
+    let doomed = vmm_core::atomic_file::temporary_sibling(dir).map_err(|e| Error::io(dir, e))?;
+    vmm_core::atomic_file::rename_durable(dir, &doomed).map_err(|e| Error::io(dir, e))?;
+    // Renamed away, it is no saved state any more; a leftover is a temporary the service tidies.
+    let _ = fs::remove_dir_all(&doomed);
+    Ok(())
+}
+
+/// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
+/// must not be readable by other users), failing if it exists.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Writes `state.json` and `memory.bin` into `dir`, each fsynced, then the folder; returns the
 /// memory bytes written.
 fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
@@ -384,11 +529,12 @@ fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
         let path = path.to_path_buf();
         move |e| Error::io(path, e)
     };
-    let mut file = File::create_new(&state_path).map_err(io(&state_path))?;
+    let mut file = create_private(&state_path).map_err(io(&state_path))?;
     file.write_all(&json).map_err(io(&state_path))?;
     file.sync_all().map_err(io(&state_path))?;
+    fault::point("worker.save.after-state-file");
     let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = File::create_new(&memory_path).map_err(io(&memory_path))?;
+    let mut memory = create_private(&memory_path).map_err(io(&memory_path))?;
     let bytes = partition.save_memory(&mut memory)?;
     memory.sync_all().map_err(io(&memory_path))?;
     vmm_core::atomic_file::sync_dir(dir).map_err(io(dir))?;

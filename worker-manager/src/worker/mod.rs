@@ -7,9 +7,11 @@
 //! runtime folder, writes the pid file, tells the parent it is ready, and runs the guest until it
 //! is told to save or turn off.
 
+mod confinement;
 mod console;
 mod control;
 mod machine;
+mod syscalls;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -20,8 +22,11 @@ use std::process::ExitCode;
 use vmm_core::{VmId, error_chain};
 
 use crate::error::{Error, Result};
+use crate::worker_lock::LOCK_FD_ENV;
 
+pub use confinement::{ConfinementError, TEST_ESCAPE_ENV, install_seccomp_on_current_thread};
 pub use machine::{MEMORY_FILE, STATE_FILE, partition_config, stop_reason};
+pub use syscalls::{ALLOWANCE_MARGIN, allowlist_names};
 
 /// Environment variable naming the descriptor on which a worker reports readiness to its parent:
 /// one line, `ready` or `error: <reason>`, then the descriptor is closed.
@@ -42,11 +47,15 @@ pub struct WorkerOptions<'a> {
     /// The image booted for [`BootSource::TestGuest`](vmm_core::BootSource::TestGuest); the
     /// reference binaries pass `vmms_guest::ELF`.
     pub default_kernel: &'a [u8],
+    /// Confine the process (seccomp, Landlock, no new privileges, rlimits); off only for
+    /// debugging (`--no-confinement`).
+    pub confine: bool,
 }
 
 impl<'a> WorkerOptions<'a> {
-    /// Parses the worker command line `--vm <GUID> --store <DIR> [--restore <DIR>]` (what
-    /// [`ProcessLauncher`](crate::ProcessLauncher) appends to the program's own arguments).
+    /// Parses the worker command line `--vm <GUID> --store <DIR> [--restore <DIR>]
+    /// [--no-confinement]` (what [`ProcessLauncher`](crate::ProcessLauncher) appends to the
+    /// program's own arguments).
     pub fn from_args(
         args: impl IntoIterator<Item = OsString>,
         default_kernel: &'a [u8],
@@ -54,6 +63,7 @@ impl<'a> WorkerOptions<'a> {
         let mut vm = None;
         let mut store = None;
         let mut restore = None;
+        let mut confine = true;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -74,6 +84,7 @@ impl<'a> WorkerOptions<'a> {
                 }
                 Some("--store") => store = Some(PathBuf::from(value()?)),
                 Some("--restore") => restore = Some(PathBuf::from(value()?)),
+                Some("--no-confinement") => confine = false,
                 _ => {
                     return Err(Error::Usage(format!(
                         "unexpected argument {}",
@@ -87,6 +98,7 @@ impl<'a> WorkerOptions<'a> {
             store: store.ok_or_else(|| Error::Usage("--store is required".into()))?,
             restore,
             default_kernel,
+            confine,
         })
     }
 }
@@ -97,6 +109,8 @@ impl<'a> WorkerOptions<'a> {
 pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     unblock_signals();
     let ready = ReadyPipe::from_env();
+    // Exactly what the parent meant to pass survives: stdio, the readiness pipe, the lock.
+    confinement::close_inherited_fds(&[ready.raw_fd(), inherited_fd(LOCK_FD_ENV)]);
     eprintln!(
         "worker {}: pid {}, {}",
         options.vm,
@@ -147,12 +161,25 @@ impl ReadyPipe {
         ReadyPipe(fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
 
+    fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.0.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
     fn send(self, line: &str) {
         if let Some(mut file) = self.0 {
             // The parent may have given up waiting; then nobody needs the line.
             let _ = writeln!(file, "{line}");
         }
     }
+}
+
+/// The descriptor number an environment variable names (-1 when none).
+fn inherited_fd(variable: &str) -> i32 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1)
 }
 
 fn fd_is_open(fd: i32) -> bool {

@@ -57,6 +57,16 @@ impl Fixture {
         }
     }
 
+    /// A fresh, empty staging folder and the (absent) saved-state folder a save commits to,
+    /// inside the VM's folder as the service lays them out (a confined worker can write nowhere
+    /// else).
+    pub fn save_paths(&self, vm: VmId) -> (std::path::PathBuf, std::path::PathBuf) {
+        let store = vmm_core::Store::open(self.dir.path()).unwrap();
+        let staging = store.saving_dir(vm);
+        std::fs::create_dir(&staging).unwrap();
+        (staging, store.state_dir(vm))
+    }
+
     pub fn sink(&self) -> EventSink {
         self.sink.clone()
     }

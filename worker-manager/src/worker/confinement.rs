@@ -1,0 +1,304 @@
+//! Confining a worker, so that a guest that escapes our device emulation owns one unprivileged,
+//! walled-in process instead of the host.
+//!
+//! In order, as the worker starts:
+//! 1. [`close_inherited_fds`]: nothing but stdio, the readiness pipe and the worker lock survives
+//!    from the parent.
+//! 2. [`restrict_process`], before any thread exists (Landlock applies to the calling thread and
+//!    the threads it creates later): no new privileges, no core dumps (guest memory must not land
+//!    in a core file), a descriptor limit, and a Landlock domain in which the filesystem is the
+//!    VM's own folder, its runtime folder, its disks, its kernel and `/dev/kvm`, and no TCP port
+//!    may be bound or connected.
+//! 3. [`install_seccomp`], after set-up and before the first `KVM_RUN`: the syscall allowlist of
+//!    [`super::syscalls`], on every thread at once; anything else kills the process, which the
+//!    supervisor reports like any crash ("bad system call").
+//!
+//! `--no-confinement` (the daemon's, passed to its workers) skips 2 and 3 for debugging; the
+//! worker's status report says what it runs under either way.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
+    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+};
+use seccompiler::BpfProgram;
+
+use crate::protocol::Confinement;
+
+/// Descriptor limit of a confined worker: its sockets, a few per control or console
+/// connection, disks, eventfds, and the KVM fds of a reset VM, with room to spare.
+pub(crate) const MAX_OPEN_FILES: u64 = 512;
+
+/// The newest Landlock ABI this code knows; older kernels get what they support.
+const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// Why confinement could not be put in place.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfinementError {
+    /// A prctl or rlimit call failed.
+    #[error("{what} failed")]
+    Process {
+        /// The call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The Landlock ruleset could not be built or applied.
+    #[error("landlock")]
+    Landlock(#[from] landlock::RulesetError),
+    /// A path the worker needs could not be opened for a Landlock rule.
+    #[error("landlock rule")]
+    LandlockPath(#[from] landlock::PathFdError),
+    /// The seccomp filter could not be built.
+    #[error("seccomp filter")]
+    SeccompBuild(#[from] seccompiler::BackendError),
+    /// The seccomp filter could not be installed.
+    #[error("seccomp install")]
+    SeccompInstall(#[from] seccompiler::Error),
+}
+
+/// What the worker may touch on the filesystem.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FilesystemView {
+    /// Read, write, create and remove anything beneath.
+    pub(crate) writable_dirs: Vec<PathBuf>,
+    /// Read and write (disk images).
+    pub(crate) writable_files: Vec<PathBuf>,
+    /// Read only (kernel, initrd, read-only disks, backing files).
+    pub(crate) readable: Vec<PathBuf>,
+}
+
+/// Closes every descriptor above stderr except `keep` (the readiness pipe and the worker lock):
+/// a worker starts with exactly what it was meant to inherit.
+pub(crate) fn close_inherited_fds(keep: &[RawFd]) {
+    for (first, last) in ranges_to_close(keep) {
+        close_range(first, last);
+    }
+}
+
+/// The descriptor ranges above stderr that hold none of `keep`.
+fn ranges_to_close(keep: &[RawFd]) -> Vec<(u32, u32)> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut ranges = Vec::new();
+    let mut first = 3u32;
+    for fd in keep {
+        if fd > first {
+            ranges.push((first, fd - 1));
+        }
+        first = fd + 1;
+    }
+    ranges.push((first, u32::MAX));
+    ranges
+}
+
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range only closes descriptors in the range; the ones this process still
+    // needs were excluded by the caller, and nothing else in it owns descriptors yet (this runs
+    // first thing in the worker, single-threaded).
+    unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+}
+
+/// Step 2: no new privileges, no core dumps, a descriptor limit, and the Landlock domain.
+pub(crate) fn restrict_process(view: &FilesystemView) -> Result<Confinement, ConfinementError> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
+    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
+    set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
+    set_rlimit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "RLIMIT_NOFILE")?;
+    let landlock = apply_landlock(view)?;
+    Ok(Confinement {
+        enabled: true,
+        no_new_privs: true,
+        seccomp: false,
+        landlock,
+    })
+}
+
+fn apply_landlock(view: &FilesystemView) -> Result<String, ConfinementError> {
+    let abi = LANDLOCK_ABI;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::from_read(abi);
+    // A file can only carry file rights (a directory's would be refused).
+    let file_rw = all & (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate);
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)?
+        .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)?
+        .create()?;
+    for dir in &view.writable_dirs {
+        ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(dir)?, all))?;
+    }
+    for file in &view.writable_files {
+        ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(file)?, file_rw))?;
+    }
+    for path in &view.readable {
+        let access = if path.is_dir() {
+            read
+        } else {
+            read & AccessFs::ReadFile
+        };
+        ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(path)?, access))?;
+    }
+    // /dev/kvm: a reset opens it again and creates a VM through it.
+    let kvm = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/dev/kvm")?, all & kvm))?;
+    // Its own /proc entry: the status report reads the worker's resident memory.
+    ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/proc/self")?, read))?;
+    let status = ruleset.restrict_self()?;
+    Ok(describe(status.ruleset, status.landlock))
+}
+
+fn describe(ruleset: RulesetStatus, kernel: LandlockStatus) -> String {
+    let abi = match kernel {
+        LandlockStatus::Available { effective_abi, .. } => {
+            format!(" (ABI {})", effective_abi as i32)
+        }
+        LandlockStatus::NotEnabled => " (disabled in this kernel)".to_owned(),
+        LandlockStatus::NotImplemented => " (not in this kernel)".to_owned(),
+    };
+    let how = match ruleset {
+        RulesetStatus::FullyEnforced => "fully enforced",
+        RulesetStatus::PartiallyEnforced => "partially enforced",
+        RulesetStatus::NotEnforced => "not enforced",
+    };
+    format!("{how}{abi}")
+}
+
+/// Step 3: the syscall allowlist on every thread, plus `clone3` → `ENOSYS` so that thread
+/// creation goes through `clone`, whose flags the allowlist can check.
+pub(crate) fn install_seccomp() -> Result<(), ConfinementError> {
+    let [fallback, allowlist] = seccomp_programs()?;
+    seccompiler::apply_filter_all_threads(&fallback)?;
+    seccompiler::apply_filter_all_threads(&allowlist)?;
+    Ok(())
+}
+
+/// Installs a worker's seccomp filters on the calling thread only (and so on the threads it
+/// starts later, vCPU threads included). For benchmarks that compare exits with and without the
+/// filter in one process, and for integrators who confine their own vCPU threads.
+pub fn install_seccomp_on_current_thread() -> Result<(), ConfinementError> {
+    let [fallback, allowlist] = seccomp_programs()?;
+    seccompiler::apply_filter(&fallback)?;
+    seccompiler::apply_filter(&allowlist)?;
+    Ok(())
+}
+
+fn seccomp_programs() -> Result<[BpfProgram; 2], ConfinementError> {
+    Ok([
+        super::syscalls::clone3_fallback()?.try_into()?,
+        super::syscalls::allowlist()?.try_into()?,
+    ])
+}
+
+/// Environment variable of the confinement tests: `<vm name>:<attempt>` makes that VM's worker
+/// try, once it is confined, one thing a guest that escaped might: `open-shadow` (read
+/// /etc/shadow), `write-outside` (create a file outside its folders), `exec` (execve) or `socket`
+/// (open a TCP socket). What happened is written to the worker's log; the last two are expected
+/// to kill the process. Like `VMMS_FAULT`, only tests set it.
+pub const TEST_ESCAPE_ENV: &str = "VMMS_TEST_ESCAPE";
+
+/// Starts the attempt [`TEST_ESCAPE_ENV`] asks of the VM named `vm_name`, if any, a moment after
+/// the guest started (so the launch itself succeeds).
+pub(crate) fn start_test_escape(vm_name: &str) {
+    let Ok(spec) = std::env::var(TEST_ESCAPE_ENV) else {
+        return;
+    };
+    let Some((name, attempt)) = spec.split_once(':') else {
+        return;
+    };
+    if name != vm_name {
+        return;
+    }
+    let attempt = attempt.to_owned();
+    let _ = std::thread::Builder::new()
+        .name("test-escape".into())
+        .spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let outcome = try_escape(&attempt);
+            eprintln!("escape {attempt}: {outcome}");
+        });
+}
+
+fn try_escape(attempt: &str) -> String {
+    let refused = |result: io::Result<()>| match result {
+        Ok(()) => "SUCCEEDED".to_owned(),
+        Err(error) => format!("refused ({error})"),
+    };
+    match attempt {
+        "open-shadow" => refused(std::fs::read("/etc/shadow").map(drop)),
+        "write-outside" => {
+            let path = std::env::temp_dir().join(format!("vmms-escape-{}", std::process::id()));
+            refused(std::fs::write(path, b"escaped"))
+        }
+        "exec" => {
+            let error = std::process::Command::new("/bin/true").status();
+            refused(error.map(drop))
+        }
+        "socket" => refused(std::net::TcpListener::bind("127.0.0.1:0").map(drop)),
+        other => format!("unknown attempt {other}"),
+    }
+}
+
+fn prctl(
+    option: libc::c_int,
+    value: libc::c_ulong,
+    what: &'static str,
+) -> Result<(), ConfinementError> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS and PR_SET_DUMPABLE take plain integers and affect only this
+    // process.
+    let rc = unsafe { libc::prctl(option, value, 0, 0, 0) };
+    if rc < 0 {
+        return Err(ConfinementError::Process {
+            what,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn set_rlimit(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    what: &'static str,
+) -> Result<(), ConfinementError> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: setrlimit reads the rlimit struct we pass and affects only this process.
+    let rc = unsafe { libc::setrlimit(resource, &limit) };
+    if rc < 0 {
+        return Err(ConfinementError::Process {
+            what,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_skip_kept_descriptors_and_stdio() {
+        let ranges = ranges_to_close(&[9, 4, 2, 9]);
+
+        assert_eq!(ranges, [(3, 3), (5, 8), (10, u32::MAX)]);
+    }
+
+    #[test]
+    fn nothing_kept_closes_everything_above_stderr() {
+        assert_eq!(ranges_to_close(&[]), [(3, u32::MAX)]);
+    }
+}
