@@ -331,15 +331,22 @@ pub(crate) fn instance_xml(out: &mut String, instance: &Instance, origin: Origin
 }
 
 fn scalar_xml(out: &mut String, value: &Scalar, origin: Origin<'_>) {
-    let text = match value {
+    // Written in place: enumerations of thousands of instances spend their time here.
+    out.push_str("<VALUE>");
+    match value {
+        Scalar::String(s) | Scalar::Datetime(s) => out.push_str(&escape(s)),
+        Scalar::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Scalar::Boolean(b) => out.push_str(if *b { "TRUE" } else { "FALSE" }),
         Scalar::Instance(inner) => {
             let mut xml = String::new();
             instance_xml(&mut xml, inner, origin);
-            xml
+            out.push_str(&escape(&xml));
         }
-        other => other.to_text(),
-    };
-    let _ = write!(out, "<VALUE>{}</VALUE>", escape(&text));
+        Scalar::Reference(path) => out.push_str(&escape(&path.to_string())),
+    }
+    out.push_str("</VALUE>");
 }
 
 fn qualifier(out: &mut String, name: &str, value: &str) {

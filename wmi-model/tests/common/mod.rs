@@ -26,7 +26,7 @@ impl Worker for NoGuest {
     fn resume(&self) -> Result<(), WorkerError> {
         Ok(())
     }
-    fn save(&self, _: &Path) -> Result<(), WorkerError> {
+    fn save(&self, _: &Path, _: &Path) -> Result<(), WorkerError> {
         Ok(())
     }
     fn reset(&self) -> Result<(), WorkerError> {
