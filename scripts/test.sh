@@ -29,6 +29,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The CIM-XML tests drive the daemon with real WBEM clients from PyPI, in a venv outside the repo.
+VMMS_VENV="${VMMS_VENV:-$HOME/.cache/vmms/venv}"
+if ! "$VMMS_VENV/bin/python" -c 'import pywbem, pywbemtools' >/dev/null 2>&1; then
+  step "python venv for the CIM-XML tests: $VMMS_VENV (pywbem 1.9, pywbemtools)"
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+  fi
+  python3 -m venv "$VMMS_VENV"
+  "$VMMS_VENV/bin/pip" install -q 'pywbem>=1.9,<1.10' pywbemtools
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  step "installing openssl (the TLS test makes its certificate with it)"
+  apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+fi
+export VMMS_VENV
+
 if [ -x scripts/guest-image.sh ] && [ "${VMMS_SKIP_LINUX:-0}" != 1 ]; then
   step "tiny Linux guest image (cached; rebuilt only when its inputs change)"
   scripts/guest-image.sh

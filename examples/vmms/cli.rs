@@ -319,9 +319,39 @@ fn store_unlocked(store: &Path) -> bool {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    match serde_json::to_string_pretty(value) {
+    let mut value = match serde_json::to_value(value) {
+        Ok(value) => value,
+        Err(e) => return eprintln!("cannot encode output: {e}"),
+    };
+    iso_times(&mut value);
+    match serde_json::to_string_pretty(&value) {
         Ok(text) => out!("{text}"),
         Err(e) => eprintln!("cannot encode output: {e}"),
+    }
+}
+
+/// Rewrites every time (serde's `{secs_since_epoch, nanos_since_epoch}`) as an ISO 8601 string,
+/// as scripts expect; the daemon's wire format stays as it is.
+fn iso_times(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let secs = map
+                .get("secs_since_epoch")
+                .and_then(serde_json::Value::as_u64);
+            let nanos = map
+                .get("nanos_since_epoch")
+                .and_then(serde_json::Value::as_u64);
+            if let (Some(secs), Some(nanos), 2) = (secs, nanos, map.len()) {
+                let time = SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(secs)
+                    + Duration::from_nanos(nanos);
+                *value = serde_json::Value::String(wmi_model::iso8601(time));
+            } else {
+                map.values_mut().for_each(iso_times);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(iso_times),
+        _ => {}
     }
 }
 

@@ -4,7 +4,6 @@
 //! SIGTERM and SIGINT end the daemon without touching running VMs: their workers run in sessions
 //! of their own and the next daemon re-attaches to them.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -13,8 +12,8 @@ use std::thread;
 use std::time::Duration;
 
 use vmm_core::{
-    AutomaticRecoveryAction, BootSource, DiskConfig, Event, JobState, RequestedState, ReturnCode,
-    VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
+    AutomaticRecoveryAction, BootSource, DiskConfig, Event, EventHistory, JobState, RequestedState,
+    ReturnCode, VirtualSystemManagementService, VmConfig, VmId, WorkerLauncher, error_chain,
 };
 use worker_manager::{LauncherOptions, ProcessLauncher};
 
@@ -41,7 +40,7 @@ struct Daemon {
     store: PathBuf,
     vmms: VirtualSystemManagementService,
     launcher: Arc<ProcessLauncher>,
-    events: Mutex<VecDeque<Event>>,
+    events: Mutex<EventHistory>,
 }
 
 /// How the daemon watches its workers (`vmms serve` flags).
@@ -63,6 +62,7 @@ pub fn serve(
     store: &Path,
     options: &ServeOptions,
     supervision: &Supervision,
+    cim: &crate::cim::CimArgs,
 ) -> Result<(), String> {
     // Before anything is created, and inherited by every worker: nothing of the store, its
     // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
@@ -98,7 +98,7 @@ pub fn serve(
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     let daemon = Arc::new(Daemon {
         store: store.clone(),
-        events: Mutex::new(VecDeque::new()),
+        events: Mutex::new(open_event_history(&store)),
         vmms,
         launcher,
     });
@@ -107,8 +107,13 @@ pub fn serve(
     thread::Builder::new()
         .name("event-log".into())
         .spawn(move || {
-            for event in subscription {
+            while let Ok(event) = subscription.recv() {
                 logger.record(event);
+                // One write for a burst of events.
+                while let Ok(event) = subscription.try_recv() {
+                    logger.record(event);
+                }
+                logger.save_events();
             }
         })
         .map_err(|e| format!("cannot start event thread: {e}"))?;
@@ -125,6 +130,7 @@ pub fn serve(
     for (vm, reason) in &report.failed {
         log!("vmms: {vm}: {reason}");
     }
+    crate::cim::start(&daemon.vmms, cim)?;
 
     let socket = store.join(SOCKET);
     let listener = listener::bind(&socket, group)?;
@@ -141,6 +147,15 @@ pub fn serve(
         daemon,
     );
     Ok(())
+}
+
+/// The event history of the previous daemon (`<store>/events.json`), or an empty one.
+fn open_event_history(store: &Path) -> EventHistory {
+    let path = store.join("events.json");
+    EventHistory::open(&path, EVENT_HISTORY).unwrap_or_else(|e| {
+        log!("vmms: starting a new event history: {}", error_chain(&e));
+        EventHistory::new(path, EVENT_HISTORY)
+    })
 }
 
 /// Takes the store's lock: one daemon per store.
@@ -233,10 +248,14 @@ impl Daemon {
     fn record(&self, event: Event) {
         log!("vmms: {} {:?}", event.vm, event.kind);
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
-        if events.len() == EVENT_HISTORY {
-            events.pop_front();
+        events.record(event);
+    }
+
+    fn save_events(&self) {
+        let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = events.save() {
+            log!("vmms: cannot save the event history: {}", error_chain(&e));
         }
-        events.push_back(event);
     }
 
     fn handle(&self, request: Request) -> Response {
@@ -406,19 +425,7 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
-/// A service error as the CLI shows it.
+/// A service error as the CLI shows it: vmm-core's return code and the whole error chain.
 fn api(error: vmm_core::Error) -> ApiError {
-    let code = match &error {
-        vmm_core::Error::VmNotFound(_) | vmm_core::Error::JobNotFound(_) => None,
-        vmm_core::Error::NotStopped { .. } | vmm_core::Error::Degraded(_) => {
-            Some(ReturnCode::InvalidState.code())
-        }
-        vmm_core::Error::Busy(_) => Some(ReturnCode::SystemInUse.code()),
-        vmm_core::Error::InvalidConfig(_) => Some(ReturnCode::InvalidParameter.code()),
-        _ => Some(ReturnCode::Failed.code()),
-    };
-    ApiError {
-        code,
-        message: error_chain(&error),
-    }
+    ApiError::with_code(vmm_core::return_code(&error).code(), error_chain(&error))
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example vmms -- demo          # daemon + VM + console, nothing to download
 //! vmms serve [--store DIR] [--socket-group NAME]      # the daemon (VMMS), default store ./vmms-data
+//!       [--cim-listen ADDR] [--no-cim]               # + CIM-XML on 127.0.0.1:5988 (store also from $VMMS_STORE)
 //! vmms new-vm web1 [--vcpus N] [--memory-mib N] [--kernel P --initrd P --cmdline S] [--disk P]
 //!                  [--recovery none|restart]
 //! vmms get-vm [NAME|GUID] [--output json]
@@ -34,6 +35,7 @@ macro_rules! log {
 }
 
 mod api;
+mod cim;
 mod cli;
 mod console;
 mod daemon;
@@ -57,7 +59,7 @@ use crate::cli::{Cli, CliError, Output};
 #[command(name = "vmms", version)]
 struct Args {
     /// The store: VM definitions, saved states, runtime sockets.
-    #[arg(long, global = true, default_value = "./vmms-data")]
+    #[arg(long, global = true, env = "VMMS_STORE", default_value = "./vmms-data")]
     store: PathBuf,
     /// How results are printed.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -90,6 +92,8 @@ enum Verb {
         /// Run workers without seccomp, Landlock and rlimits (debugging only).
         #[arg(long)]
         no_confinement: bool,
+        #[command(flatten)]
+        cim: cim::CimArgs,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
             heartbeat_timeout,
             hang_timeout,
             no_confinement,
+            cim,
         } => {
             let options = daemon::ServeOptions {
                 socket_group,
@@ -213,7 +218,7 @@ fn main() -> ExitCode {
                 hang_timeout: Duration::from_secs(hang_timeout),
                 confine_workers: !no_confinement,
             };
-            daemon::serve(&store, &options, &supervision).map_err(|e| plain("serve", e))
+            daemon::serve(&store, &options, &supervision, &cim).map_err(|e| plain("serve", e))
         }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {

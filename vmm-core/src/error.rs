@@ -66,6 +66,15 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The saved event history is not valid JSON of the expected shape (or cannot be encoded).
+    #[error("cannot parse the event history {}", path.display())]
+    ParseEvents {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A `config.json` names a different virtual machine than the folder it sits in.
     #[error("{} names virtual machine {found}", path.display())]
     ConfigIdMismatch {

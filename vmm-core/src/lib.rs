@@ -16,6 +16,7 @@
 //! - [`EnabledState`], [`RequestedState`], [`ReturnCode`], [`HealthState`],
 //!   [`OperationalStatus`] and the pure [`transition`] table.
 //! - [`Job`] / [`JobState`]; [`Event`] / [`EventKind`].
+//! - [`return_code`]: the one mapping from an [`Error`] to Hyper-V's return code, for every front end.
 //! - [`WorkerLauncher`], [`Worker`], [`EventSink`], [`WorkerEvent`], [`StopReason`]: the seam.
 //! - [`Store`]: the on-disk layout; [`atomic_file`]: crash-safe file replacement.
 //!
@@ -82,10 +83,12 @@ mod catalog;
 mod config;
 mod error;
 mod event;
+mod event_history;
 pub mod fault;
 mod job;
 mod operation;
 mod ownership;
+mod return_code;
 mod service;
 mod state;
 mod store;
@@ -100,7 +103,9 @@ pub use config::{
 };
 pub use error::{Error, Result, error_chain};
 pub use event::{Event, EventKind};
+pub use event_history::EventHistory;
 pub use job::{JOB_RETENTION, Job, JobId, JobKind, JobState};
+pub use return_code::return_code;
 pub use service::{
     MAX_RECOVERY_RESTARTS, RECOVERY_WINDOW, StartupReport, VirtualSystemManagementService,
 };

@@ -1,0 +1,31 @@
+//! Typed views of the model's classes, each built from vmm-core's state and rendered as a CIM
+//! [`Instance`]. Nothing here is invented: every value comes from the service.
+
+mod computer_system;
+mod job;
+mod service;
+mod settings;
+mod summary;
+
+pub use computer_system::{ComputerSystem, HostComputerSystem};
+pub use job::ConcreteJob;
+pub use service::{ManagementService, SnapshotService};
+pub(crate) use settings::resources_of as settings_of;
+pub use settings::{
+    MemorySettingData, ProcessorSettingData, ResourceSettings, StorageAllocationSettingData,
+    SystemSettings, VirtualSystemSettingData,
+};
+pub use summary::SummaryInformation;
+
+use crate::instance::Instance;
+use crate::path::ObjectPath;
+
+/// A typed model object that renders as a CIM instance.
+pub trait CimObject {
+    /// The CIM class name.
+    const CLASS: &'static str;
+    /// The instance with every property.
+    fn to_instance(&self) -> Instance;
+    /// The instance path (keys only).
+    fn path(&self) -> ObjectPath;
+}

@@ -1,0 +1,200 @@
+//! Enumerating and fetching instances of the virtualization namespace.
+
+use vmm_core::{ComputerSystem as Vm, VmId};
+
+use super::Provider;
+use crate::error::{CimError, CimResult, CimStatus};
+use crate::instance::Instance;
+use crate::model::settings_of;
+use crate::model::{
+    CimObject, ComputerSystem, ConcreteJob, HostComputerSystem, ManagementService, SnapshotService,
+    VirtualSystemSettingData,
+};
+use crate::path::ObjectPath;
+use crate::schema::{ClassDecl, Namespace, Schema};
+use crate::value::CimType;
+
+/// A consistent view of the service for one operation.
+pub(crate) struct View {
+    pub(crate) vms: Vec<Vm>,
+    pub(crate) jobs: Vec<vmm_core::Job>,
+}
+
+impl Provider {
+    pub(crate) fn view(&self) -> View {
+        View {
+            vms: self.vmms.list_vms(),
+            jobs: self.vmms.jobs(),
+        }
+    }
+
+    pub(crate) fn host_system(&self) -> HostComputerSystem {
+        HostComputerSystem {
+            name: self.host.clone(),
+            process_id: std::process::id(),
+        }
+    }
+
+    /// The declaration of `class` in `namespace`, or `CIM_ERR_INVALID_CLASS`.
+    pub(crate) fn class(&self, namespace: Namespace, class: &str) -> CimResult<&'static ClassDecl> {
+        Schema::get().class(namespace, class).ok_or_else(|| {
+            CimError::new(
+                CimStatus::InvalidClass,
+                format!("class {class} does not exist in {}", namespace.name()),
+            )
+        })
+    }
+
+    /// Every instance of `class` and its subclasses, with paths.
+    pub(crate) fn enumerate(
+        &self,
+        namespace: Namespace,
+        class: &str,
+        view: &View,
+    ) -> CimResult<Vec<(ObjectPath, Instance)>> {
+        let schema = Schema::get();
+        if !schema.knows(namespace, class) {
+            return Err(CimError::new(
+                CimStatus::InvalidClass,
+                format!("class {class} does not exist in {}", namespace.name()),
+            ));
+        }
+        if namespace == Namespace::Interop {
+            return Ok(self.subscriptions.enumerate(class));
+        }
+        let mut out = Vec::new();
+        for decl in schema.classes(namespace).iter().filter(|c| c.is_a(class)) {
+            let keys = decl.keys();
+            for instance in self.concrete(decl.name, view) {
+                out.push((instance.path(&keys), instance));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every instance of exactly the concrete class `class`.
+    fn concrete(&self, class: &str, view: &View) -> Vec<Instance> {
+        let configured = || {
+            view.vms
+                .iter()
+                .filter_map(|vm| vm.config.as_ref().map(|c| (vm, c)))
+        };
+        match class {
+            "Msvm_ComputerSystem" => std::iter::once(self.host_system().to_instance())
+                .chain(
+                    view.vms
+                        .iter()
+                        .map(|vm| ComputerSystem::from(vm).to_instance()),
+                )
+                .collect(),
+            "Msvm_VirtualSystemSettingData" => configured()
+                .map(|(vm, c)| self.vssd(vm, c).to_instance())
+                .collect(),
+            "Msvm_ProcessorSettingData"
+            | "Msvm_MemorySettingData"
+            | "Msvm_StorageAllocationSettingData" => configured()
+                .flat_map(|(_, c)| settings_of(c))
+                .filter(|i| i.class == class)
+                .collect(),
+            "Msvm_VirtualSystemManagementService" => {
+                vec![ManagementService(self.host.clone()).to_instance()]
+            }
+            "Msvm_VirtualSystemSnapshotService" => {
+                vec![SnapshotService(self.host.clone()).to_instance()]
+            }
+            "Msvm_ConcreteJob" => view
+                .jobs
+                .iter()
+                .map(|j| ConcreteJob(j.clone()).to_instance())
+                .collect(),
+            "Msvm_SettingsDefineState"
+            | "Msvm_VirtualSystemSettingDataComponent"
+            | "Msvm_AffectedJobElement" => self.association_instances(class, view),
+            // Checkpoints do not exist yet, summaries are only returned by
+            // GetSummaryInformation, indications are only delivered.
+            _ => Vec::new(),
+        }
+    }
+
+    pub(crate) fn vssd(&self, vm: &Vm, config: &vmm_core::VmConfig) -> VirtualSystemSettingData {
+        VirtualSystemSettingData {
+            config: config.clone(),
+            configuration_data_root: self.vmms.store().vm_dir(vm.id),
+            is_saved: self.vmms.store().has_saved_state(vm.id),
+        }
+    }
+
+    /// One instance by path, or `CIM_ERR_NOT_FOUND`.
+    pub(crate) fn get(&self, namespace: Namespace, path: &ObjectPath) -> CimResult<Instance> {
+        let decl = self.class(namespace, &path.class)?;
+        let not_found = || CimError::new(CimStatus::NotFound, format!("no instance {path}"));
+        if namespace == Namespace::Interop {
+            return self.subscriptions.get(path).ok_or_else(not_found);
+        }
+        // Fast paths for what clients poll: a VM, a job, a VM's settings.
+        let one_vm = |id: VmId| -> CimResult<View> {
+            let vm = self.vmms.get_vm(id).map_err(|_| not_found())?;
+            Ok(View {
+                vms: vec![vm],
+                jobs: Vec::new(),
+            })
+        };
+        let view = match decl.name {
+            "Msvm_ComputerSystem" => match path.key("Name").and_then(|n| n.parse::<VmId>().ok()) {
+                Some(id) => one_vm(id)?,
+                None => View {
+                    vms: Vec::new(),
+                    jobs: Vec::new(),
+                },
+            },
+            "Msvm_ConcreteJob" => {
+                let id = path
+                    .key("InstanceID")
+                    .and_then(|i| i.parse().ok())
+                    .ok_or_else(not_found)?;
+                let job = self.vmms.job(id).map_err(|_| not_found())?;
+                View {
+                    vms: Vec::new(),
+                    jobs: vec![job],
+                }
+            }
+            "Msvm_VirtualSystemSettingData"
+            | "Msvm_ProcessorSettingData"
+            | "Msvm_MemorySettingData"
+            | "Msvm_StorageAllocationSettingData" => {
+                let id = path
+                    .key("InstanceID")
+                    .and_then(VirtualSystemSettingData::vm_of)
+                    .ok_or_else(not_found)?;
+                one_vm(id)?
+            }
+            _ => self.view(),
+        };
+        let keys = decl.keys();
+        self.concrete(decl.name, &view)
+            .into_iter()
+            .find(|i| i.path(&keys).matches(path))
+            .ok_or_else(not_found)
+    }
+
+    /// The key names of `class` (for building paths of instances).
+    pub(crate) fn keys_of(&self, namespace: Namespace, class: &str) -> Vec<&'static str> {
+        Schema::get()
+            .class(namespace, class)
+            .map(ClassDecl::keys)
+            .unwrap_or_default()
+    }
+}
+
+/// A reference property of `instance`, if it has one named `role`.
+pub(crate) fn reference_of<'a>(instance: &'a Instance, role: &str) -> Option<&'a ObjectPath> {
+    match instance.property(role) {
+        Some(p) if p.ty == CimType::Reference => match &p.value {
+            Some(crate::value::CimValue::Scalar(crate::value::Scalar::Reference(path))) => {
+                Some(path)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}

@@ -1,0 +1,63 @@
+//! The provider: answers CIM operations from vmm-core's live state.
+//!
+//! One [`Provider`] serves every connection. It keeps nothing of its own about VMs or jobs —
+//! each operation reads the service — except the indication subscriptions, which are the
+//! provider's own objects.
+
+mod args;
+mod assoc;
+mod dispatch;
+mod instances;
+mod methods;
+
+use std::sync::Arc;
+
+use vmm_core::VirtualSystemManagementService;
+
+use crate::indication::Subscriptions;
+
+pub use args::{Args, TypedArg};
+
+/// The WMI provider over one vmm-core service.
+#[derive(Debug)]
+pub struct Provider {
+    pub(crate) vmms: VirtualSystemManagementService,
+    pub(crate) host: String,
+    subscriptions: Arc<Subscriptions>,
+}
+
+impl Provider {
+    /// A provider for `vmms`, naming the host `host` (`Msvm_ComputerSystem.Name` of the host and
+    /// `SystemName` of the services).
+    pub fn new(vmms: VirtualSystemManagementService, host: impl Into<String>) -> Self {
+        Provider {
+            vmms,
+            host: host.into(),
+            subscriptions: Arc::new(Subscriptions::default()),
+        }
+    }
+
+    /// The service underneath.
+    pub fn service(&self) -> &VirtualSystemManagementService {
+        &self.vmms
+    }
+
+    /// The host name used in paths.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The indication subscriptions clients have created.
+    pub fn subscriptions(&self) -> &Arc<Subscriptions> {
+        &self.subscriptions
+    }
+}
+
+/// The machine's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+pub fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
