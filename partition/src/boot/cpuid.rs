@@ -1,15 +1,14 @@
 //! The CPUID a vCPU reports: what KVM supports, with this vCPU's APIC ID and topology filled in.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_bindings::CpuId;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::host;
 
-/// KVM's supported CPUID with per-vCPU fields set for vCPU `index` of `count`.
-pub(crate) fn vcpu_cpuid(kvm: &Kvm, index: u8, count: u8) -> Result<CpuId> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::Kvm)?;
+/// KVM's supported CPUID (asked once per process) with per-vCPU fields set for vCPU `index` of
+/// `count`.
+pub(crate) fn vcpu_cpuid(index: u8, count: u8) -> Result<CpuId> {
+    let mut cpuid = host::supported_cpuid()?.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
