@@ -531,8 +531,11 @@ impl Partition {
         })
     }
 
-    /// Writes guest memory to `out` (RAM ranges in address order); the partition must be paused.
-    /// Returns the bytes written.
+    /// Writes the memory image to `out` from its current position: RAM ranges in address order,
+    /// as long as guest memory, with data only where memory holds some (pages the guest or the
+    /// VMM touched, and pages a restored partition's own image had data in) and holes elsewhere,
+    /// so saving costs what the guest used. Anything `out` held past its position is dropped. The
+    /// partition must be paused (or not yet run). Returns the bytes of data written.
     pub fn save_memory(&self, out: &mut File) -> Result<u64> {
         self.require_parked("save memory")?;
         memory::save_memory(&self.memory, out)
