@@ -9,8 +9,8 @@
 //! below are printed as well, measured in interleaved rounds so that load changes hit every subject
 //! alike:
 //! - spawn → marker (`OK\n` read from the process's stdout) and spawn → exit, for the `partition`
-//!   example (`target/release/examples/partition`; build it with `cargo build --release --example
-//!   partition`), Firecracker (`$FIRECRACKER`, default `/work/peers/bin/firecracker`) and, when
+//!   example (`$VMMS_EXAMPLE`, default `target/release/examples/partition`; build it with `cargo
+//!   build --release --example partition`), Firecracker (`$FIRECRACKER`, default `/work/peers/bin/firecracker`) and, when
 //!   `$VMMS_BASELINE_EXAMPLE` names one, an older build of the example;
 //! - in-process VMs started and stopped per second, one after the other.
 #![allow(missing_docs)]
@@ -245,6 +245,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn example_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMMS_EXAMPLE") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/startup-<hash> → target/<profile>/examples/partition
     exe.parent()
