@@ -23,6 +23,7 @@ use vmm_core::{BootSource, StopReason, VmConfig, error_chain};
 use super::WorkerOptions;
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, WorkerShared};
+use super::start_trace::mark;
 use crate::error::{Error, Result};
 use crate::protocol::{FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -103,11 +104,13 @@ impl Machine {
         let runtime = layout.runtime(options.vm);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
         let vm = read_config(&layout, options)?;
+        mark("config");
         let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
         let partition = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => Partition::new(config.clone())?,
         };
+        mark("partition");
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = mpsc::channel();
         let shared = Arc::new(WorkerShared::new(
@@ -145,14 +148,18 @@ impl Machine {
             .name("console".into())
             .spawn(move || console::serve(console_listener, &shared))
             .map_err(Error::Thread)?;
+        mark("sockets");
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }
+        mark("running");
         self.shared.set_state(GuestState::Running);
         let pid_file = self.runtime.pid_file();
         self.runtime
             .write_pid(std::process::id())
-            .map_err(|e| Error::io(pid_file, e))
+            .map_err(|e| Error::io(pid_file, e))?;
+        mark("pid");
+        Ok(())
     }
 
     /// Makes `partition` the running one: COM1 into the console log, memory and COM1 visible to

@@ -10,6 +10,7 @@
 mod console;
 mod control;
 mod machine;
+pub mod start_trace;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -95,6 +96,7 @@ impl<'a> WorkerOptions<'a> {
 /// off as asked; [`EXIT_START_FAILED`] that it never ran (the reason is on stderr and, when
 /// started by a [`ProcessLauncher`](crate::ProcessLauncher), sent to the parent).
 pub fn run(options: WorkerOptions<'_>) -> ExitCode {
+    start_trace::begin();
     unblock_signals();
     let ready = ReadyPipe::from_env();
     eprintln!(
@@ -109,7 +111,9 @@ pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     match machine::Machine::start(&options) {
         Ok(machine) => {
             ready.send("ready");
+            start_trace::mark("ready");
             eprintln!("worker {}: guest running", options.vm);
+            start_trace::log(options.vm);
             machine.serve()
         }
         Err(error) => {
