@@ -5,7 +5,7 @@
 //! `worker <GUID>: start trace: main=<ns> config=<ns> … ready=<ns>`, each value the
 //! `CLOCK_MONOTONIC` time in nanoseconds at which that step ended (`main`: when `run` began), a
 //! clock every process on the host shares, so a parent can place the steps next to its own.
-//! Steps are marked with [`mark`] from wherever they end, without threading a recorder through.
+//! Steps are marked with `mark` from wherever they end, without threading a recorder through.
 
 use std::sync::{Mutex, PoisonError};
 
