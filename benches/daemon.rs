@@ -21,6 +21,7 @@ use partition::{KernelImage, Partition, PartitionConfig};
 use vmm_core::{
     EnabledState, JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId,
 };
+use worker_manager::worker::start_trace::{START_TRACE_ENV, START_TRACE_MARKER, monotonic_ns};
 use worker_manager::worker::{self, WorkerOptions};
 use worker_manager::{ProcessLauncher, StoreLayout};
 
@@ -40,10 +41,15 @@ fn main() -> ExitCode {
     // `cargo bench` passes --bench; test runners list (--list) or smoke-test the benches without it,
     // and the one-shot figures below are measurements, not tests.
     let measuring = std::env::args().any(|a| a == "--bench");
+    if measuring {
+        // SAFETY: no other thread exists yet to read the environment concurrently.
+        unsafe { std::env::set_var(START_TRACE_ENV, "1") };
+    }
     let mut criterion = Criterion::default().configure_from_args();
     first_byte(&mut criterion);
     criterion.final_summary();
     if measuring {
+        start_steps();
         figures();
     }
     ExitCode::SUCCESS
@@ -153,6 +159,83 @@ fn first_byte(c: &mut Criterion) {
         });
     });
     group.finish();
+}
+
+/// The worker's start trace (see `worker_manager::worker::start_trace`) from its log: step name
+/// and `CLOCK_MONOTONIC` nanoseconds.
+fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
+    let log = std::fs::read_to_string(StoreLayout::new(&daemon.store).runtime(vm).log_file())
+        .unwrap_or_default();
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(START_TRACE_MARKER).map(|(_, steps)| steps))
+        .expect("the worker logs its start trace");
+    line.split_whitespace()
+        .filter_map(|step| step.split_once('='))
+        .map(|(name, ns)| (name.to_owned(), ns.parse().unwrap()))
+        .collect()
+}
+
+/// Where a start through the daemon spends its time, step by step (medians over rounds), next to
+/// the turn-off that follows.
+fn start_steps() {
+    let daemon = Daemon::new();
+    let vm = daemon.define("steps", MEMORY_MIB);
+    let rounds = 15;
+    let mut spans: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut record = |name: &str, ns: u64| match spans.iter_mut().find(|(n, _)| n == name) {
+        Some((_, list)) => list.push(ns),
+        None => spans.push((name.to_owned(), vec![ns])),
+    };
+    println!("load average before: {}", load_average());
+    for _ in 0..rounds {
+        let start = monotonic_ns();
+        daemon.change(vm, RequestedState::Start);
+        let job_done = monotonic_ns();
+        let mut console = daemon.console(vm);
+        let connected = monotonic_ns();
+        let mut byte = [0u8; 1];
+        console.read_exact(&mut byte).unwrap();
+        let first_byte = monotonic_ns();
+        let trace = start_trace(&daemon, vm);
+        let off = monotonic_ns();
+        daemon.change(vm, RequestedState::TurnOff);
+        let turned_off = monotonic_ns();
+
+        let mut previous = ("daemon: spawn → worker main".to_owned(), start);
+        for (step, at) in &trace {
+            if step != "main" {
+                record(&format!("worker: {} → {step}", previous.0), at - previous.1);
+            } else {
+                record(&previous.0, at - previous.1);
+            }
+            previous = (step.clone(), *at);
+        }
+        record(
+            "daemon: ready → job completed (handshake, status)",
+            job_done - previous.1,
+        );
+        record("client: console connect", connected - job_done);
+        record("client: first byte read", first_byte - connected);
+        record("total: start-vm → first guest byte", first_byte - start);
+        record("turn-off (reply + worker exit)", turned_off - off);
+    }
+    println!("load average after {rounds} rounds: {}", load_average());
+    for (name, values) in &mut spans {
+        values.sort_unstable();
+        println!(
+            "{name:>55}: median {:7.3} ms (min {:.3})",
+            values[values.len() / 2] as f64 / 1e6,
+            values[0] as f64 / 1e6
+        );
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Figures that are not per-iteration timings: start rate and memory overhead.

@@ -29,11 +29,13 @@ pub mod config;
 pub mod devices;
 pub mod error;
 pub mod exit;
+mod host;
 pub mod layout;
 pub mod memory;
 mod partition;
 pub mod software_kvm;
 pub mod state;
+mod teardown;
 mod vcpu;
 
 pub use boot::EntryPoint;

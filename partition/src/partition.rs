@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::block::{BlockBackend, RawImage};
@@ -23,6 +23,7 @@ use crate::devices::virtio::{
 };
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
+use crate::host;
 use crate::layout::{
     CMOS_PORT, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, I8042_DATA_PORT, IDLE_PORT,
     KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE,
@@ -35,8 +36,9 @@ use crate::memory::{
 use crate::software_kvm;
 use crate::state::{
     DeviceStates, DiskState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
-    restore_vm, saveable_msrs,
+    restore_vm,
 };
+use crate::teardown::VmHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};
 
 /// Where a partition is in its life.
@@ -91,8 +93,7 @@ impl PartitionBuilder {
 
     /// Creates the VM and loads the boot source; the partition is [`RunState::Created`].
     pub fn build(self) -> Result<Partition> {
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        self.config.validate(kvm.get_max_vcpus())?;
+        self.config.validate(host::max_vcpus()?)?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
         let memory = create_memory(&ranges)?;
         let mut cmdline = self.config.boot.cmdline.clone();
@@ -120,7 +121,7 @@ impl PartitionBuilder {
         };
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
         let partition =
-            Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, None)?;
+            Partition::assemble_with(self.config, self.extra, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
@@ -139,8 +140,7 @@ impl PartitionBuilder {
                 supported: STATE_VERSION,
             });
         }
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        self.config.validate(kvm.get_max_vcpus())?;
+        self.config.validate(host::max_vcpus()?)?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
         // The firmware tables in the saved memory describe the saved machine's vCPUs and disks.
         if state.memory != ranges
@@ -151,7 +151,7 @@ impl PartitionBuilder {
         }
         let memory = map_memory_file(memory_file, &ranges)?;
         let partition =
-            Partition::assemble_with(kvm, self.config, self.extra, memory, ranges, Some(state))?;
+            Partition::assemble_with(self.config, self.extra, memory, ranges, Some(state))?;
         for (vcpu, saved) in partition.parked.iter().zip(&state.vcpus) {
             restore_vcpu(&vcpu.fd, saved)?;
         }
@@ -179,11 +179,10 @@ pub struct Partition {
     disks: Vec<AttachedDisk>,
     ranges: Vec<RamRange>,
     config: PartitionConfig,
-    msr_indices: Vec<u32>,
-    // Field order is drop order: the VM goes before the memory it maps.
-    vm: VmFd,
     memory: PartitionMemory,
-    _kvm: Kvm,
+    // Field order is drop order: every vCPU descriptor (in `threads`/`parked`) is closed before the
+    // VM's, so the handle's teardown thread, not the owner, destroys the VM.
+    vm: VmHandle,
 }
 
 impl std::fmt::Debug for Partition {
@@ -270,6 +269,54 @@ fn attach_disk(
     })
 }
 
+/// Creates the KVM VM for `memory`: memory slots, then the in-kernel irqchip and PIT.
+///
+/// The order keeps every ioctl off SRCU grace periods that an earlier one started. A memory-slot
+/// change (`KVM_SET_USER_MEMORY_REGION`) ends by waiting for a grace period on the VM's SRCU
+/// (`kvm_swap_active_memslots` → `synchronize_srcu_expedited`). Made right after
+/// `KVM_CREATE_VM` that takes 0.1 ms; made after `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2`, whose
+/// device registrations leave grace periods in flight, it sleeps 4-12 ms (traced on the test hosts,
+/// in steps of the host's tick). So memory goes first, then the devices.
+///
+/// The order is valid on every x86 KVM, VT-x and SVM included, by the KVM API documentation
+/// (`Documentation/virt/kvm/api.rst`): `KVM_SET_USER_MEMORY_REGION` states no order against the
+/// irqchip or PIT; `KVM_CREATE_IRQCHIP` "sets up future vcpus to have a local APIC", so it only
+/// has to precede `KVM_CREATE_VCPU`; `KVM_CREATE_PIT2` "is only valid after enabling in-kernel
+/// irqchip support via KVM_CREATE_IRQCHIP"; the `KVM_SET_TSS_ADDR` region "must not conflict with
+/// any memory slot" (it lies in the MMIO gap) and `KVM_SET_IDENTITY_MAP_ADDR` "fails if any VCPU
+/// has already been created". crosvm, on Intel and AMD hardware, also registers all guest memory
+/// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards.
+fn create_vm(memory: &PartitionMemory, dirty_log: bool) -> Result<VmHandle> {
+    let vm = host::kvm()?.create_vm().map_err(Error::Kvm)?;
+    let vm = VmHandle::new(vm, memory.clone());
+    register_memory(&vm, memory, dirty_log)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(Error::Kvm)?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(Error::Kvm)?;
+    vm.create_irq_chip().map_err(Error::Kvm)?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(Error::Kvm)?;
+    Ok(vm)
+}
+
+/// Creates `count` vCPUs with their CPUID, reset MSRs and local APIC wiring.
+fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<Vcpu>> {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
+        fd.set_cpuid2(&vcpu_cpuid(index, count)?)
+            .map_err(Error::Kvm)?;
+        configure_msrs(&fd)?;
+        configure_lapic(&fd)?;
+        vcpus.push(Vcpu { fd, index });
+    }
+    Ok(vcpus)
+}
+
 fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&evt, gsi).map_err(Error::Kvm)?;
@@ -293,39 +340,14 @@ impl Partition {
     /// Creates the VM, its in-kernel devices, memory slots, vCPUs and emulated devices; `saved`
     /// supplies device state on restore.
     fn assemble_with(
-        kvm: Kvm,
         config: PartitionConfig,
         extra: ExtraDevices,
         memory: PartitionMemory,
         ranges: Vec<RamRange>,
         saved: Option<&PartitionState>,
     ) -> Result<Self> {
-        let vm = kvm.create_vm().map_err(Error::Kvm)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(Error::Kvm)?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(Error::Kvm)?;
-        vm.create_irq_chip().map_err(Error::Kvm)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(Error::Kvm)?;
-        register_memory(&vm, &memory, config.dirty_log)?;
-
-        let mut parked = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
-            fd.set_cpuid2(&vcpu_cpuid(&kvm, index, config.vcpus)?)
-                .map_err(Error::Kvm)?;
-            configure_msrs(&fd)?;
-            configure_lapic(&fd)?;
-            parked.push(Vcpu { fd, index });
-        }
-        let msr_indices = match parked.first() {
-            Some(vcpu) => saveable_msrs(&kvm, &vcpu.fd)?,
-            None => Vec::new(),
-        };
+        let vm = create_vm(&memory, config.dirty_log)?;
+        let parked = create_vcpus(&vm, config.vcpus)?;
 
         let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let control = Arc::new(RunControl::notifying(
@@ -397,10 +419,8 @@ impl Partition {
             disks,
             ranges,
             config,
-            msr_indices,
-            vm,
             memory,
-            _kvm: kvm,
+            vm,
         })
     }
 
@@ -534,10 +554,14 @@ impl Partition {
     /// not yet run).
     pub fn capture_state(&self) -> Result<PartitionState> {
         self.require_parked("capture state")?;
+        let msr_indices = match self.parked.first() {
+            Some(vcpu) => host::msrs_to_save(&vcpu.fd)?,
+            None => &[],
+        };
         let vcpus = self
             .parked
             .iter()
-            .map(|vcpu| capture_vcpu(&vcpu.fd, &self.msr_indices))
+            .map(|vcpu| capture_vcpu(&vcpu.fd, msr_indices))
             .collect::<Result<Vec<_>>>()?;
         Ok(PartitionState {
             version: STATE_VERSION,
@@ -559,8 +583,11 @@ impl Partition {
         })
     }
 
-    /// Writes guest memory to `out` (RAM ranges in address order); the partition must be paused.
-    /// Returns the bytes written.
+    /// Writes the memory image to `out` from its current position: RAM ranges in address order,
+    /// as long as guest memory, with data only where memory holds some (pages the guest or the
+    /// VMM touched, and pages a restored partition's own image had data in) and holes elsewhere,
+    /// so saving costs what the guest used. Anything `out` held past its position is dropped. The
+    /// partition must be paused (or not yet run). Returns the bytes of data written.
     pub fn save_memory(&self, out: &mut File) -> Result<u64> {
         self.require_parked("save memory")?;
         memory::save_memory(&self.memory, out)

@@ -166,9 +166,19 @@ impl RuntimeDir {
         }
     }
 
-    /// Records `pid` as the folder's worker.
+    /// Records `pid` as the folder's worker: atomically (a reader sees no pid file or the whole
+    /// new one) but not durably. The file names a live process, which a crash of the host ends
+    /// anyway (a pid file a crash leaves behind is stale, and is treated so), while an fsync on
+    /// every worker's start path costs 5-50 ms on a busy disk.
     pub fn write_pid(&self, pid: u32) -> io::Result<()> {
-        vmm_core::atomic_file::write_atomic(&self.pid_file(), format!("{pid}\n").as_bytes())
+        let path = self.pid_file();
+        let tmp = vmm_core::atomic_file::temporary_sibling(&path)?;
+        let written = fs::write(&tmp, format!("{pid}\n")).and_then(|()| fs::rename(&tmp, &path));
+        if written.is_err() {
+            // Best effort: the temporary may not exist if creating it is what failed.
+            let _ = fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// Removes the sockets and the pid file, keeping `worker.log` for post-mortems. Only when the

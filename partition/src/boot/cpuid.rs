@@ -1,9 +1,9 @@
 //! The CPUID a vCPU reports: what KVM supports, with this vCPU's APIC ID and topology filled in.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_bindings::CpuId;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::host;
 use crate::software_kvm;
 
 /// KVM's paravirtual feature leaf.
@@ -16,11 +16,10 @@ const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
-/// KVM's supported CPUID with per-vCPU fields set for vCPU `index` of `count`.
-pub(crate) fn vcpu_cpuid(kvm: &Kvm, index: u8, count: u8) -> Result<CpuId> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::Kvm)?;
+/// KVM's supported CPUID (asked once per process) with per-vCPU fields set for vCPU `index` of
+/// `count`.
+pub(crate) fn vcpu_cpuid(index: u8, count: u8) -> Result<CpuId> {
+    let mut cpuid = host::supported_cpuid()?.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {

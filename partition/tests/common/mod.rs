@@ -5,6 +5,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 /// Returns early (skipping the test, with the reason printed) when /dev/kvm is missing.
 #[macro_export]
 macro_rules! require_kvm {

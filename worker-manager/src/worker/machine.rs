@@ -25,6 +25,7 @@ use super::WorkerOptions;
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
+use super::start_trace::mark;
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -116,6 +117,7 @@ impl Machine {
             .map_err(|e| Error::io(runtime.lock_file(), e))?
             .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
+        mark("config");
         let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
@@ -132,6 +134,7 @@ impl Machine {
             Some(dir) => restore(config.clone(), dir)?,
             None => Partition::new(config.clone())?,
         };
+        mark("partition");
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
@@ -191,14 +194,18 @@ impl Machine {
             self.shared.update_confinement(|c| c.seccomp = true);
             confinement::start_test_escape(&self.vm_name);
         }
+        mark("sockets");
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }
+        mark("running");
         self.shared.set_state(GuestState::Running);
         let pid_file = self.runtime.pid_file();
         self.runtime
             .write_pid(std::process::id())
-            .map_err(|e| Error::io(pid_file, e))
+            .map_err(|e| Error::io(pid_file, e))?;
+        mark("pid");
+        Ok(())
     }
 
     /// Makes `partition` the running one: COM1 into the console log, memory and COM1 visible to

@@ -11,6 +11,7 @@ mod confinement;
 mod console;
 mod control;
 mod machine;
+pub mod start_trace;
 mod syscalls;
 
 use std::ffi::OsString;
@@ -107,6 +108,7 @@ impl<'a> WorkerOptions<'a> {
 /// off as asked; [`EXIT_START_FAILED`] that it never ran (the reason is on stderr and, when
 /// started by a [`ProcessLauncher`](crate::ProcessLauncher), sent to the parent).
 pub fn run(options: WorkerOptions<'_>) -> ExitCode {
+    start_trace::begin();
     unblock_signals();
     let ready = ReadyPipe::from_env();
     // Exactly what the parent meant to pass survives: stdio, the readiness pipe, the lock.
@@ -123,7 +125,9 @@ pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     match machine::Machine::start(&options) {
         Ok(machine) => {
             ready.send("ready");
+            start_trace::mark("ready");
             eprintln!("worker {}: guest running", options.vm);
+            start_trace::log(options.vm);
             machine.serve()
         }
         Err(error) => {

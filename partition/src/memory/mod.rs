@@ -1,20 +1,17 @@
 //! Guest memory of a partition: its layout, its KVM memory slots, the dirty-page log, and saving it
-//! to / mapping it back from a file.
+//! to / mapping it back from a sparse image file (`image.rs`, with `touched.rs` finding the pages
+//! that hold anything).
 
-use std::fs::File;
-use std::io::Write;
-use std::num::NonZeroUsize;
-use std::sync::Arc;
+mod image;
+mod touched;
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
-    WriteVolatile,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub(crate) use image::{map_memory_file, save_memory};
 
 use crate::error::{Error, Result};
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -58,66 +55,6 @@ pub(crate) fn create_memory(ranges: &[RamRange]) -> Result<PartitionMemory> {
         .map(|r| (GuestAddress(r.start), r.len as usize))
         .collect();
     PartitionMemory::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
-}
-
-/// Guest memory mapped copy-on-write from a memory file written by [`save_memory`].
-///
-/// Pages are read from the file only when first touched and guest writes never reach the file, so a
-/// restore costs the same for 64 MiB as for 64 GiB, and the file can be restored again.
-pub(crate) fn map_memory_file(file: &File, ranges: &[RamRange]) -> Result<PartitionMemory> {
-    let file_len = file.metadata().map_err(Error::MemoryFile)?.len();
-    let needed: u64 = ranges.iter().map(|r| r.len).sum();
-    if file_len < needed {
-        return Err(Error::MemoryFileTooShort {
-            len: file_len,
-            needed,
-        });
-    }
-    let page = NonZeroUsize::new(PAGE_SIZE as usize).expect("page size is non-zero");
-    let mut regions = Vec::with_capacity(ranges.len());
-    let mut offset = 0u64;
-    for range in ranges {
-        let len = range.len as usize;
-        let file = file.try_clone().map_err(Error::MemoryFile)?;
-        let mapping: MmapRegion<AtomicBitmap> =
-            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
-                .with_file_offset(FileOffset::new(file, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(range.start))
-            .ok_or_else(|| Error::GuestMemory("memory range wraps".into()))?;
-        regions.push(Arc::new(region));
-        offset += range.len;
-    }
-    PartitionMemory::from_arc_regions(regions).map_err(|e| Error::GuestMemory(e.to_string()))
-}
-
-/// Writes every RAM range of `memory`, in address order, to `out`.
-pub(crate) fn save_memory(memory: &PartitionMemory, out: &mut File) -> Result<u64> {
-    let mut written = 0u64;
-    for region in memory.iter() {
-        let slice = region
-            .get_slice(vm_memory::MemoryRegionAddress(0), region.len() as usize)
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
-        let mut done = 0usize;
-        while done < slice.len() {
-            let chunk = slice
-                .subslice(done, slice.len() - done)
-                .map_err(|e| Error::GuestMemory(e.to_string()))?;
-            let n = out
-                .write_volatile(&chunk)
-                .map_err(|e| Error::MemoryFile(std::io::Error::other(e)))?;
-            if n == 0 {
-                return Err(Error::MemoryFile(std::io::ErrorKind::WriteZero.into()));
-            }
-            done += n;
-        }
-        written += region.len();
-    }
-    out.flush().map_err(Error::MemoryFile)?;
-    Ok(written)
 }
 
 /// Gives every region of `memory` to KVM, one slot per region in address order.
@@ -246,37 +183,5 @@ mod tests {
             vec![0x1000_0000, 0x1000_2000, 0x1000_0000 + 64 * 4096]
         );
         assert_eq!(dirty.count(), 3);
-    }
-
-    #[test]
-    fn saved_memory_maps_back_with_the_same_contents_and_private_writes() {
-        use vm_memory::Bytes;
-        let ranges = ram_ranges(2 << 20);
-        let memory = create_memory(&ranges).unwrap();
-        memory
-            .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
-            .unwrap();
-        let mut file = tempfile::tempfile().unwrap();
-        save_memory(&memory, &mut file).unwrap();
-
-        let restored = map_memory_file(&file, &ranges).unwrap();
-        restored.write_obj(7u32, GuestAddress(0x2000)).unwrap();
-        let again = map_memory_file(&file, &ranges).unwrap();
-
-        assert_eq!(
-            restored.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
-            0xdead_beef
-        );
-        assert_eq!(again.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0);
-    }
-
-    #[test]
-    fn memory_file_shorter_than_the_ranges_is_rejected() {
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(4096).unwrap();
-
-        let err = map_memory_file(&file, &ram_ranges(2 << 20)).unwrap_err();
-
-        assert!(matches!(err, Error::MemoryFileTooShort { .. }));
     }
 }
