@@ -23,7 +23,7 @@ use vmm_core::{
 };
 use worker_manager::worker::start_trace::{START_TRACE_ENV, START_TRACE_MARKER, monotonic_ns};
 use worker_manager::worker::{self, WorkerOptions};
-use worker_manager::{ProcessLauncher, StoreLayout};
+use worker_manager::{LauncherOptions, ProcessLauncher, StoreLayout};
 
 const MEMORY_MIB: u64 = 16;
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,10 +64,16 @@ struct Daemon {
 
 impl Daemon {
     fn new() -> Self {
+        Self::with_options(LauncherOptions::default())
+    }
+
+    /// A service whose launcher uses `options` (confinement off, for one comparison).
+    fn with_options(options: LauncherOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().to_path_buf();
         let exe = std::env::current_exe().unwrap();
-        let launcher = Arc::new(ProcessLauncher::new(&store, exe, ["worker"]));
+        let launcher =
+            Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(options));
         let vmms = VirtualSystemManagementService::open(&store, launcher).unwrap();
         Daemon {
             _dir: dir,
@@ -122,22 +128,32 @@ fn first_byte(c: &mut Criterion) {
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(8));
 
-    let daemon = Daemon::new();
-    let vm = daemon.define("bench", MEMORY_MIB);
-    group.bench_function("vmms_worker_process", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let start = Instant::now();
-                daemon.change(vm, RequestedState::Start);
-                let mut byte = [0u8; 1];
-                daemon.console(vm).read_exact(&mut byte).unwrap();
-                total += start.elapsed();
-                daemon.change(vm, RequestedState::TurnOff);
-            }
-            total
+    // Confined workers (the default) next to unconfined ones: what seccomp, Landlock and the
+    // rest cost a start.
+    let unconfined = LauncherOptions {
+        confine: false,
+        ..LauncherOptions::default()
+    };
+    for (label, daemon) in [
+        ("vmms_worker_process", Daemon::new()),
+        ("vmms_worker_process_unconfined", Daemon::with_options(unconfined)),
+    ] {
+        let vm = daemon.define("bench", MEMORY_MIB);
+        group.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    daemon.change(vm, RequestedState::Start);
+                    let mut byte = [0u8; 1];
+                    daemon.console(vm).read_exact(&mut byte).unwrap();
+                    total += start.elapsed();
+                    daemon.change(vm, RequestedState::TurnOff);
+                }
+                total
+            });
         });
-    });
+    }
 
     group.bench_function("partition_in_process", |b| {
         b.iter_custom(|iters| {
