@@ -235,3 +235,25 @@ fn save_that_fails_under_a_restarted_daemon_shows_the_guest_running_again() {
     assert!(vm["process_id"].as_u64().is_some());
     daemon.ok(&["stop-vm", "g", "--turn-off"]);
 }
+
+#[test]
+fn second_vm_on_the_same_disk_image_is_refused_and_the_first_keeps_writing() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    let disk = daemon.path().join("shared.img");
+    fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let disk = disk.to_str().unwrap();
+    daemon.new_vm("first", &["--disk", disk, "--recovery", "none"]);
+    daemon.new_vm("second", &["--disk", disk, "--recovery", "none"]);
+    daemon.ok(&["start-vm", "first"]);
+
+    let refusal = daemon.fails(&["start-vm", "second"]);
+
+    assert!(refusal.contains("locked"), "{refusal}");
+    assert_eq!(daemon.vm("second")["enabled_state"], 3);
+    let before = daemon.counter_above("first", 0);
+    assert!(daemon.counter_above("first", before) > before);
+    daemon.ok(&["stop-vm", "first", "--turn-off"]);
+    daemon.ok(&["start-vm", "second"]);
+    daemon.ok(&["stop-vm", "second", "--turn-off"]);
+}
