@@ -136,7 +136,10 @@ fn first_byte(c: &mut Criterion) {
     };
     for (label, daemon) in [
         ("vmms_worker_process", Daemon::new()),
-        ("vmms_worker_process_unconfined", Daemon::with_options(unconfined)),
+        (
+            "vmms_worker_process_unconfined",
+            Daemon::with_options(unconfined),
+        ),
     ] {
         let vm = daemon.define("bench", MEMORY_MIB);
         group.bench_function(label, |b| {

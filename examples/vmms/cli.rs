@@ -357,7 +357,7 @@ fn iso_times(value: &mut serde_json::Value) {
 
 /// Hyper-V's `Get-VM` columns plus the numeric codes a script would check.
 fn print_table(vms: &[VmView]) {
-    let rows: Vec<[String; 9]> = vms.iter().map(row).collect();
+    let rows: Vec<[String; 10]> = vms.iter().map(row).collect();
     let header = [
         "Name",
         "State",
@@ -367,6 +367,7 @@ fn print_table(vms: &[VmView]) {
         "Memory(M)",
         "PID",
         "Uptime",
+        "Confinement",
         "Status",
     ]
     .map(String::from);
@@ -386,7 +387,7 @@ fn print_table(vms: &[VmView]) {
     }
 }
 
-fn row(vm: &VmView) -> [String; 9] {
+fn row(vm: &VmView) -> [String; 10] {
     let (cpus, memory) = vm
         .config
         .as_ref()
@@ -413,8 +414,24 @@ fn row(vm: &VmView) -> [String; 9] {
         memory,
         vm.process_id.map(|p| p.to_string()).unwrap_or_default(),
         uptime(vm.on_time_ms),
+        confinement(vm),
         status,
     ]
+}
+
+/// What the VM's worker runs under, in a word or two: `seccomp+landlock`, `seccomp` (a kernel
+/// without Landlock), `none` (`serve --no-confinement`); empty without a worker report.
+fn confinement(vm: &VmView) -> String {
+    let Some(worker) = &vm.worker else {
+        return String::new();
+    };
+    let c = &worker.confinement;
+    match (c.enabled, c.seccomp, c.landlock.starts_with("fully")) {
+        (false, _, _) => "none".to_owned(),
+        (true, true, true) => "seccomp+landlock".to_owned(),
+        (true, true, false) => format!("seccomp, landlock {}", c.landlock),
+        (true, false, _) => "partial".to_owned(),
+    }
 }
 
 fn uptime(ms: u64) -> String {

@@ -177,6 +177,11 @@ impl WorkerShared {
         *lock(&self.confinement) = confinement;
     }
 
+    /// What the worker runs under.
+    pub(crate) fn confinement(&self) -> Confinement {
+        lock(&self.confinement).clone()
+    }
+
     /// Changes part of what the worker runs under.
     pub(crate) fn update_confinement(&self, change: impl FnOnce(&mut Confinement)) {
         change(&mut lock(&self.confinement));
@@ -228,7 +233,7 @@ impl WorkerShared {
             restored: self.restored,
             rss_kib: rss_kib(self.pid).unwrap_or(0),
             test_guest,
-            confinement: lock(&self.confinement).clone(),
+            confinement: self.confinement(),
         }
     }
 

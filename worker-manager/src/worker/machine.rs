@@ -192,6 +192,11 @@ impl Machine {
             // Set-up is over: from the first KVM_RUN on, only the allowlist.
             confinement::install_seccomp()?;
             self.shared.update_confinement(|c| c.seccomp = true);
+            let landlock = self.shared.confinement().landlock;
+            eprintln!(
+                "worker {}: confined: seccomp allowlist, no new privileges, landlock {landlock}",
+                self.shared.vm()
+            );
             confinement::start_test_escape(&self.vm_name);
         }
         mark("sockets");
