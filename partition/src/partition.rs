@@ -120,8 +120,7 @@ impl PartitionBuilder {
                 .collect(),
         };
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
-        let partition =
-            Partition::assemble_with(self.config, self.extra, memory, ranges, None)?;
+        let partition = Partition::assemble_with(self.config, self.extra, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
