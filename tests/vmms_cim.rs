@@ -121,6 +121,17 @@ fn loopback_client_in_socket_group_is_served() {
 }
 
 #[test]
+fn initiate_shutdown_halts_running_test_guest_and_job_completes() {
+    require_kvm!();
+    let bin = require_venv!();
+    let (daemon, url) = daemon_with_cim();
+
+    let output = run_script(&bin, &daemon, &url, "shutdown.py", &[]);
+
+    assert!(String::from_utf8_lossy(&output.stdout).contains("shutdown ok"));
+}
+
+#[test]
 fn indication_subscription_receives_state_changes_of_cli_started_vm() {
     require_kvm!();
     let bin = require_venv!();
