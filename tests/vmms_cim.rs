@@ -92,6 +92,46 @@ fn pywbem_runs_the_microsoft_sample_flow() {
 }
 
 #[test]
+fn loopback_client_of_other_user_is_refused_and_root_is_served() {
+    require_kvm!();
+    let bin = require_venv!();
+    let (daemon, url) = daemon_with_cim();
+
+    let output = run_script(&bin, &daemon, &url, "access.py", &[]);
+
+    assert!(String::from_utf8_lossy(&output.stdout).contains("access ok: 65534 refused (403"));
+    assert!(
+        daemon.log().contains("refused: user 65534 is not allowed"),
+        "refusal not logged:\n{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn loopback_client_in_socket_group_is_served() {
+    require_kvm!();
+    let bin = require_venv!();
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let daemon = Daemon::start_with(&["--cim-listen", &listen, "--socket-group", "65534"], &[]);
+    let url = format!("http://{listen}");
+
+    let output = run_script(&bin, &daemon, &url, "access.py", &[("EXPECT", "admitted")]);
+
+    assert!(String::from_utf8_lossy(&output.stdout).contains("access ok: 65534 admitted"));
+}
+
+#[test]
+fn initiate_shutdown_halts_running_test_guest_and_job_completes() {
+    require_kvm!();
+    let bin = require_venv!();
+    let (daemon, url) = daemon_with_cim();
+
+    let output = run_script(&bin, &daemon, &url, "shutdown.py", &[]);
+
+    assert!(String::from_utf8_lossy(&output.stdout).contains("shutdown ok"));
+}
+
+#[test]
 fn indication_subscription_receives_state_changes_of_cli_started_vm() {
     require_kvm!();
     let bin = require_venv!();

@@ -9,7 +9,23 @@ use std::thread;
 
 use vmm_core::VirtualSystemManagementService;
 use wmi_model::Provider;
-use wmi_model::server::{self, Credentials, Endpoint, ServerConfig, TlsFiles};
+use wmi_model::server::{self, Credentials, Endpoint, LocalAccess, ServerConfig, TlsFiles};
+
+use crate::listener::AccessPolicy;
+
+/// The Unix socket's policy, applied to loopback TCP clients by the user owning their socket.
+#[derive(Debug)]
+struct SocketPolicy(AccessPolicy);
+
+impl LocalAccess for SocketPolicy {
+    fn admits_uid(&self, uid: u32) -> bool {
+        self.0.admits_user(uid)
+    }
+
+    fn refused(&self, peer: SocketAddr, reason: &str) {
+        log!("vmms: CIM-XML connection from {peer} refused: {reason}");
+    }
+}
 
 /// `vmms serve`'s CIM-XML flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -34,8 +50,13 @@ pub struct CimArgs {
 }
 
 /// Starts the endpoint (unless `--no-cim`) and the indication delivery; returns once it
-/// listens, or with why it cannot.
-pub fn start(vmms: &VirtualSystemManagementService, args: &CimArgs) -> Result<(), String> {
+/// listens, or with why it cannot. Without `--cim-credentials`, a loopback client must be a
+/// user `policy` admits (the daemon socket's rule), found by the owner of its TCP socket.
+pub fn start(
+    vmms: &VirtualSystemManagementService,
+    args: &CimArgs,
+    policy: AccessPolicy,
+) -> Result<(), String> {
     if args.no_cim {
         return Ok(());
     }
@@ -58,6 +79,7 @@ pub fn start(vmms: &VirtualSystemManagementService, args: &CimArgs) -> Result<()
             .zip(args.cim_key.clone())
             .map(|(cert, key)| TlsFiles { cert, key }),
         credentials,
+        local_access: Some(Arc::new(SocketPolicy(policy))),
         ..ServerConfig::default()
     };
     let explicit = args.cim_listen.is_some();

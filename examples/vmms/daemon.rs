@@ -130,7 +130,7 @@ pub fn serve(
     for (vm, reason) in &report.failed {
         log!("vmms: {vm}: {reason}");
     }
-    crate::cim::start(&daemon.vmms, cim)?;
+    crate::cim::start(&daemon.vmms, cim, AccessPolicy::new(group))?;
 
     let socket = store.join(SOCKET);
     let listener = listener::bind(&socket, group)?;

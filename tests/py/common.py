@@ -73,3 +73,32 @@ def cli(*args, check=True):
 
 def cli_json(*args):
     return json.loads(cli(*args, "--output", "json").stdout)
+
+
+def guest_ready(name, timeout=120):
+    """Waits until the test guest of VM `name` counts (it then answers `halt` on its console)."""
+    deadline = time.time() + timeout
+    while True:
+        worker = cli_json("get-vm", name)[0].get("worker") or {}
+        if ((worker.get("test_guest") or {}).get("counter") or 0) > 0:
+            return
+        assert time.time() < deadline, f"the test guest of {name} never counted"
+        time.sleep(0.2)
+
+
+def shutdown_component(conn, vm):
+    """The Msvm_ShutdownComponent of `vm`, through Msvm_SystemDevice as Hyper-V's samples do."""
+    parts = conn.AssociatorNames(
+        vm, AssocClass="Msvm_SystemDevice", ResultClass="Msvm_ShutdownComponent"
+    )
+    assert len(parts) == 1, f"{len(parts)} shutdown components"
+    return parts[0]
+
+
+def initiate_shutdown(conn, vm, reason="test"):
+    """InitiateShutdown on `vm`'s shutdown component; returns the finished job."""
+    rv, out = conn.InvokeMethod(
+        "InitiateShutdown", shutdown_component(conn, vm), Force=False, Reason=reason
+    )
+    assert rv == 4096, f"InitiateShutdown returned {rv}"
+    return wait_job(conn, out["Job"])

@@ -3,7 +3,8 @@ through CIM, and each method's effect through the CLI."""
 
 import pywbem
 
-from common import change_state, cli, cli_json, connect, define, service
+from common import change_state, cli, cli_json, connect, define, guest_ready, initiate_shutdown
+from common import service
 
 conn = connect()
 
@@ -12,6 +13,7 @@ EQUIVALENTS = {
     "new-vm": "Msvm_VirtualSystemManagementService.DefineSystem",
     "get-vm": "EnumerateInstances/GetInstance Msvm_ComputerSystem",
     "start-vm": "Msvm_ComputerSystem.RequestStateChange(2)",
+    "stop-vm": "Msvm_ShutdownComponent.InitiateShutdown",
     "stop-vm --turn-off": "Msvm_ComputerSystem.RequestStateChange(3)",
     "suspend-vm": "Msvm_ComputerSystem.RequestStateChange(9)",
     "resume-vm": "Msvm_ComputerSystem.RequestStateChange(2)",
@@ -36,6 +38,10 @@ for verb, expected in [("start-vm", 2), ("suspend-vm", 9), ("resume-vm", 2), ("r
     assert state(cli_vm) == expected, (verb, state(cli_vm))
 cli("stop-vm", "verbs-cli", "--turn-off")
 assert state(cli_vm) == 3
+cli("start-vm", "verbs-cli")
+guest_ready("verbs-cli")
+cli("stop-vm", "verbs-cli")
+assert state(cli_vm) == 3
 cli("remove-vm", "verbs-cli")
 assert all(n["Name"] != cli_vm["Name"] for n in conn.EnumerateInstanceNames("Msvm_ComputerSystem"))
 
@@ -45,6 +51,11 @@ assert cli_json("get-vm", "verbs-cim")[0]["enabled_state"] == 3
 for requested, expected in [(2, 2), (9, 9), (2, 2), (11, 2), (6, 6), (2, 2), (3, 3)]:
     change_state(conn, vm, requested)
     assert cli_json("get-vm", "verbs-cim")[0]["enabled_state"] == expected, (requested, expected)
+change_state(conn, vm, 2)
+guest_ready("verbs-cim")
+job = initiate_shutdown(conn, vm)
+assert job["JobState"] == 7, f"InitiateShutdown job ended {job['JobState']}"
+assert cli_json("get-vm", "verbs-cim")[0]["enabled_state"] == 3
 events = cli_json("get-vm-event", "verbs-cim")
 assert any("StateChanged" in e["kind"] for e in events), events
 rv, _ = conn.InvokeMethod("DestroySystem", service(conn), AffectedSystem=vm)

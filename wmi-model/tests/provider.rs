@@ -131,3 +131,43 @@ fn job_completion_reaches_a_filter_on_concrete_jobs_only() {
             .is_empty()
     );
 }
+
+#[test]
+fn stopped_vm_has_no_shutdown_component_and_a_stale_one_gets_invalid_state() {
+    use wmi_model::cimxml::{Arg, ArgValue};
+    use wmi_model::model::ShutdownComponent;
+    let (_store, vmms) = common::service();
+    let id = vmms.define_system(VmConfig::new("off")).unwrap();
+    let provider = Provider::new(vmms, "host");
+    let arg = |value: &str| Arg {
+        paramtype: None,
+        unknown_type: None,
+        embedded: false,
+        value: ArgValue::Value(value.into()),
+    };
+
+    let components = provider
+        .exec_query(
+            Namespace::Virtualization,
+            "select * from Msvm_ShutdownComponent",
+        )
+        .unwrap();
+    let output = provider
+        .invoke(
+            Namespace::Virtualization,
+            &ShutdownComponent::path_of(id),
+            "InitiateShutdown",
+            &[
+                ("Force".into(), arg("true")),
+                ("Reason".into(), arg("test")),
+            ],
+        )
+        .unwrap();
+
+    let IReturn::ObjectsWithPath(list) = components else {
+        panic!("instances expected, got {components:?}");
+    };
+    assert!(list.is_empty(), "a component for an Off VM: {list:?}");
+    assert_eq!(output.return_value, 32775);
+    assert!(output.outputs.is_empty(), "no job for a refused shutdown");
+}

@@ -42,6 +42,61 @@ impl AccessPolicy {
             None => false,
         }
     }
+
+    /// Whether the local user `uid` may talk to the daemon when only its user id is known (a
+    /// loopback TCP client found through `/proc/net/tcp`): its primary and supplementary groups
+    /// come from the user database.
+    pub fn admits_user(&self, uid: u32) -> bool {
+        let account = user_groups(uid);
+        let gid = account.as_ref().map_or(u32::MAX, |(gid, _)| *gid);
+        let peer = Peer { pid: 0, uid, gid };
+        self.admits(&peer, || {
+            account.map(|(_, groups)| groups).unwrap_or_default()
+        })
+    }
+}
+
+/// The primary group and all groups of user `uid` from the user database; `None` for a user
+/// it does not know (who then has only its uid to go by).
+fn user_groups(uid: u32) -> Option<(u32, Vec<u32>)> {
+    let mut buffer: Vec<libc::c_char> = vec![0; 1024];
+    // SAFETY: an all-zero `passwd` is a valid value to be overwritten.
+    let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
+    loop {
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and `buffer.len()` is its real size.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut passwd,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return None,
+            0 => break,
+            libc::ERANGE if buffer.len() < 1 << 20 => buffer.resize(buffer.len() * 2, 0),
+            _ => return None,
+        }
+    }
+    let gid = passwd.pw_gid;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut count = groups.len() as libc::c_int;
+        // SAFETY: `pw_name` points into `buffer`, still alive; `groups` holds `count` entries
+        // and the call writes at most that many (or sets `count` to what it needs).
+        let rc =
+            unsafe { libc::getgrouplist(passwd.pw_name, gid, groups.as_mut_ptr(), &mut count) };
+        let count = usize::try_from(count).unwrap_or(0);
+        if rc >= 0 {
+            groups.truncate(count);
+            return Some((gid, groups));
+        }
+        groups.resize(count.max(groups.len() * 2), 0);
+    }
+    Some((gid, vec![gid]))
 }
 
 /// The credentials of the process at the other end of `stream` (`SO_PEERCRED`).
@@ -192,6 +247,26 @@ mod tests {
         assert_eq!(peer.pid, std::process::id() as i32);
         // SAFETY: geteuid has no preconditions.
         assert_eq!(peer.uid, unsafe { libc::geteuid() });
+    }
+
+    #[test]
+    fn users_known_by_uid_alone_get_the_socket_policy() {
+        let policy = AccessPolicy {
+            owner: 1000,
+            group: None,
+        };
+        let with_nogroup = AccessPolicy {
+            owner: 1000,
+            group: group_id("nogroup").ok(),
+        };
+
+        assert!(policy.admits_user(0));
+        assert!(policy.admits_user(1000));
+        assert!(!policy.admits_user(65534));
+        assert!(!policy.admits_user(4_000_000));
+        if with_nogroup.group.is_some() {
+            assert!(with_nogroup.admits_user(65534));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod computer_system;
 mod job;
 mod service;
 mod settings;
+mod shutdown;
 mod summary;
 
 pub use computer_system::{ComputerSystem, HostComputerSystem};
@@ -15,6 +16,7 @@ pub use settings::{
     MemorySettingData, ProcessorSettingData, ResourceSettings, StorageAllocationSettingData,
     SystemSettings, VirtualSystemSettingData,
 };
+pub use shutdown::{SHUTDOWN_TIMEOUT, ShutdownComponent};
 pub use summary::SummaryInformation;
 
 use crate::instance::Instance;

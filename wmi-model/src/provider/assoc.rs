@@ -1,10 +1,12 @@
 //! Associations: their instances, and the Associators / References traversal.
 
 use super::Provider;
-use super::instances::{View, reference_of};
+use super::instances::{View, has_shutdown_component, reference_of};
 use crate::error::{CimError, CimResult, CimStatus};
 use crate::instance::Instance;
-use crate::model::{ComputerSystem, ConcreteJob, VirtualSystemSettingData, settings_of};
+use crate::model::{
+    ComputerSystem, ConcreteJob, ShutdownComponent, VirtualSystemSettingData, settings_of,
+};
 use crate::path::ObjectPath;
 use crate::schema::{ClassDecl, Namespace, Schema};
 use crate::value::CimType;
@@ -33,6 +35,15 @@ impl Provider {
     /// Instances of one association class.
     pub(crate) fn association_instances(&self, class: &str, view: &View) -> Vec<Instance> {
         let mut out = Vec::new();
+        if class == "Msvm_SystemDevice" {
+            for vm in view.vms.iter().filter(|vm| has_shutdown_component(vm)) {
+                out.push(
+                    Instance::new(class)
+                        .reference("GroupComponent", ComputerSystem::path_of(vm.id))
+                        .reference("PartComponent", ShutdownComponent::path_of(vm.id)),
+                );
+            }
+        }
         for vm in &view.vms {
             let Some(config) = vm.config.as_ref() else {
                 continue;

@@ -7,8 +7,8 @@ use crate::error::{CimError, CimResult, CimStatus};
 use crate::instance::Instance;
 use crate::model::settings_of;
 use crate::model::{
-    CimObject, ComputerSystem, ConcreteJob, HostComputerSystem, ManagementService, SnapshotService,
-    VirtualSystemSettingData,
+    CimObject, ComputerSystem, ConcreteJob, HostComputerSystem, ManagementService,
+    ShutdownComponent, SnapshotService, VirtualSystemSettingData,
 };
 use crate::path::ObjectPath;
 use crate::schema::{ClassDecl, Namespace, Schema};
@@ -107,7 +107,14 @@ impl Provider {
                 .iter()
                 .map(|j| ConcreteJob(j.clone()).to_instance())
                 .collect(),
+            "Msvm_ShutdownComponent" => view
+                .vms
+                .iter()
+                .filter(|vm| has_shutdown_component(vm))
+                .map(|vm| ShutdownComponent(vm.id).to_instance())
+                .collect(),
             "Msvm_SettingsDefineState"
+            | "Msvm_SystemDevice"
             | "Msvm_VirtualSystemSettingDataComponent"
             | "Msvm_AffectedJobElement" => self.association_instances(class, view),
             // Checkpoints do not exist yet, summaries are only returned by
@@ -158,6 +165,9 @@ impl Provider {
                     jobs: vec![job],
                 }
             }
+            "Msvm_ShutdownComponent" => {
+                one_vm(ShutdownComponent::vm_of(path).ok_or_else(not_found)?)?
+            }
             "Msvm_VirtualSystemSettingData"
             | "Msvm_ProcessorSettingData"
             | "Msvm_MemorySettingData"
@@ -184,6 +194,14 @@ impl Provider {
             .map(ClassDecl::keys)
             .unwrap_or_default()
     }
+}
+
+/// Whether `vm` has a shutdown component now: it runs or is paused (a guest to ask).
+pub(crate) fn has_shutdown_component(vm: &Vm) -> bool {
+    matches!(
+        vm.enabled_state,
+        vmm_core::EnabledState::Running | vmm_core::EnabledState::Paused
+    )
 }
 
 /// A reference property of `instance`, if it has one named `role`.

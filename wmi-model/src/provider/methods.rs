@@ -9,8 +9,8 @@ use super::args::{Args, TypedArg};
 use crate::cimxml::{Arg, MethodOutput, OutValue};
 use crate::error::{CimError, CimResult, CimStatus};
 use crate::model::{
-    CimObject, ComputerSystem, ConcreteJob, ResourceSettings, StorageAllocationSettingData,
-    SummaryInformation, SystemSettings, VirtualSystemSettingData,
+    CimObject, ComputerSystem, ConcreteJob, ResourceSettings, ShutdownComponent,
+    StorageAllocationSettingData, SummaryInformation, SystemSettings, VirtualSystemSettingData,
 };
 use crate::path::ObjectPath;
 use crate::schema::Namespace;
@@ -53,7 +53,7 @@ impl Provider {
             )
         })?;
         let args = Args::check(method_decl, params)?;
-        if !target.keys.is_empty() {
+        if !target.keys.is_empty() && decl.name != "Msvm_ShutdownComponent" {
             // The target must exist (a class path is fine for the singleton services).
             self.get(namespace, target)?;
         }
@@ -61,6 +61,7 @@ impl Provider {
             ("Msvm_ComputerSystem", "RequestStateChange") => {
                 self.request_state_change(target, &args)
             }
+            ("Msvm_ShutdownComponent", "InitiateShutdown") => self.initiate_shutdown(target, &args),
             ("Msvm_VirtualSystemManagementService", name) => self.management(name, &args),
             ("Msvm_VirtualSystemSnapshotService", _) => {
                 // Checkpoints do not exist in vmm-core yet.
@@ -71,6 +72,34 @@ impl Provider {
                 format!("{}.{} is not implemented", decl.name, method_decl.name),
             )),
         }
+    }
+
+    /// `InitiateShutdown`: the target need not exist any more (the component goes away when
+    /// the VM stops), so a stopped VM gets 32775 rather than "not found". `Force` and `Reason`
+    /// are accepted as Hyper-V does; the guest is turned off anyway after
+    /// [`SHUTDOWN_TIMEOUT`](crate::model::SHUTDOWN_TIMEOUT).
+    fn initiate_shutdown(&self, target: &ObjectPath, args: &Args) -> CimResult<MethodOutput> {
+        let not_found = || CimError::new(CimStatus::NotFound, format!("no instance {target}"));
+        let _force = matches!(args.get("Force"), TypedArg::Boolean(true));
+        let id = ShutdownComponent::vm_of(target).ok_or_else(not_found)?;
+        if !ShutdownComponent::path_of(id).matches(target) {
+            return Err(not_found());
+        }
+        self.vmms.get_vm(id).map_err(|_| not_found())?;
+        Ok(
+            match self
+                .vmms
+                .initiate_shutdown(id, crate::model::SHUTDOWN_TIMEOUT)
+            {
+                Ok((code, job)) => MethodOutput {
+                    return_value: code.code(),
+                    outputs: job
+                        .map(|j| vec![("Job", OutValue::Reference(ConcreteJob::path_of(j)))])
+                        .unwrap_or_default(),
+                },
+                Err(error) => failed(&error),
+            },
+        )
     }
 
     fn request_state_change(&self, target: &ObjectPath, args: &Args) -> CimResult<MethodOutput> {

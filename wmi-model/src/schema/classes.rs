@@ -443,9 +443,45 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
         c.properties.push(array("ElementEffects", Uint16));
         c
     };
+    let shutdown = ClassDecl {
+        properties: {
+            let mut p = vec![
+                key("CreationClassName"),
+                key("DeviceID"),
+                key("SystemCreationClassName"),
+                key("SystemName"),
+            ];
+            p.extend(element_properties());
+            p.extend([
+                prop("EnabledState", Uint16),
+                array("OperationalStatus", Uint16),
+            ]);
+            p
+        },
+        methods: vec![MethodDecl {
+            name: "InitiateShutdown",
+            params: vec![
+                input("Force", Boolean),
+                input("Reason", Str),
+                job_ref(false),
+            ],
+        }],
+        ..class(
+            "Msvm_ShutdownComponent",
+            &[
+                "CIM_LogicalDevice",
+                "CIM_EnabledLogicalElement",
+                "CIM_LogicalElement",
+                "CIM_ManagedSystemElement",
+                "CIM_ManagedElement",
+            ],
+            "The guest shutdown integration of a running virtual machine.",
+        )
+    };
     vec![
         computer_system,
         vssd,
+        shutdown,
         processor,
         memory,
         storage,
@@ -453,6 +489,15 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
         snapshot_service,
         job,
         summary,
+        association(
+            "Msvm_SystemDevice",
+            &["CIM_SystemDevice", "CIM_SystemComponent", "CIM_Component"],
+            "A virtual machine and its devices (its shutdown component while it runs).",
+            [
+                ("GroupComponent", "CIM_ComputerSystem"),
+                ("PartComponent", "CIM_LogicalDevice"),
+            ],
+        ),
         association(
             "Msvm_SettingsDefineState",
             &["CIM_SettingsDefineState", "CIM_ElementSettingData"],

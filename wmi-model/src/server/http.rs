@@ -22,17 +22,29 @@ use crate::provider::Provider;
 pub(super) struct State {
     pub(super) provider: Arc<Provider>,
     pub(super) credentials: Option<Credentials>,
+    pub(super) local_access: Option<Arc<dyn super::LocalAccess>>,
     pub(super) max_request_bytes: usize,
     pub(super) request_timeout: Duration,
 }
 
-pub(super) async fn serve_connection<S>(stream: S, state: Arc<State>)
+/// What the connection's peer check decided.
+#[derive(Debug, Clone)]
+pub(super) enum Caller {
+    /// Served (or left to HTTP Basic when credentials are configured).
+    Admitted,
+    /// Every request gets 403, saying why.
+    Refused(String),
+}
+
+pub(super) async fn serve_connection<S>(stream: S, state: Arc<State>, caller: Caller)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let caller = Arc::new(caller);
     let service = hyper::service::service_fn(move |request| {
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(request, &state).await) }
+        let caller = Arc::clone(&caller);
+        async move { Ok::<_, Infallible>(handle(request, &state, &caller).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -60,8 +72,21 @@ fn respond(
     response
 }
 
-async fn handle(request: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+async fn handle(
+    request: Request<Incoming>,
+    state: &State,
+    caller: &Caller,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    if let Caller::Refused(reason) = caller {
+        // DSP0200 has no CIMError value for authorization; the request is refused as invalid
+        // for this caller, and the body says why.
+        return respond(
+            StatusCode::FORBIDDEN,
+            Some("request-not-valid"),
+            format!("access denied: {reason}\n"),
+        );
+    }
     if request.method() != Method::POST {
         let mut response = respond(StatusCode::METHOD_NOT_ALLOWED, None, String::new());
         response

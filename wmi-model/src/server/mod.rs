@@ -9,6 +9,7 @@
 mod auth;
 mod deliver;
 mod http;
+mod peer;
 mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,6 +24,7 @@ use crate::provider::Provider;
 
 pub use auth::Credentials;
 pub use deliver::spawn_indication_delivery;
+pub use peer::{LocalAccess, TcpSocket, local_peer_uid, owner_in_table, parse_tcp_line};
 
 /// The default address: loopback, the standard CIM-XML HTTP port.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5988);
@@ -42,6 +44,10 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// The account clients must present (HTTP Basic); required off loopback.
     pub credentials: Option<Credentials>,
+    /// Who among local users may connect without credentials on loopback (the daemon's socket
+    /// policy); `None` serves every local user (tests and embedders that do their own checks).
+    /// Ignored when credentials are configured: HTTP Basic then decides.
+    pub local_access: Option<Arc<dyn LocalAccess>>,
     /// The largest request body accepted.
     pub max_request_bytes: usize,
     /// How long a request (body and operation) may take.
@@ -54,6 +60,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN,
             tls: None,
             credentials: None,
+            local_access: None,
             max_request_bytes: 4 << 20,
             request_timeout: Duration::from_secs(60),
         }
@@ -157,6 +164,7 @@ impl Endpoint {
             state: Arc::new(http::State {
                 provider,
                 credentials: config.credentials,
+                local_access: config.local_access,
                 max_request_bytes: config.max_request_bytes,
                 request_timeout: config.request_timeout,
             }),
@@ -175,7 +183,7 @@ impl Endpoint {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            let (stream, _) = match self.listener.accept().await {
+            let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "cim: accept failed");
@@ -186,19 +194,42 @@ impl Endpoint {
             let _ = stream.set_nodelay(true);
             let state = Arc::clone(&self.state);
             let tls = self.tls.clone();
+            let server = stream.local_addr();
             tokio::spawn(async move {
+                let caller = match server {
+                    Ok(server) => caller_of(&state, peer, server),
+                    Err(error) => http::Caller::Refused(format!("no local address: {error}")),
+                };
                 match tls {
                     Some(acceptor) => {
                         match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => http::serve_connection(stream, state).await,
+                            Ok(Ok(stream)) => http::serve_connection(stream, state, caller).await,
                             Ok(Err(error)) => tracing::debug!(%error, "cim: tls handshake failed"),
                             Err(_) => tracing::debug!("cim: tls handshake timed out"),
                         }
                     }
-                    None => http::serve_connection(stream, state).await,
+                    None => http::serve_connection(stream, state, caller).await,
                 }
                 drop(permit);
             });
         }
     }
+}
+
+/// Who is calling on a new connection: with credentials configured HTTP Basic decides later;
+/// otherwise the local user owning the client socket must pass the local access policy.
+fn caller_of(state: &http::State, peer: SocketAddr, server: SocketAddr) -> http::Caller {
+    if state.credentials.is_some() {
+        return http::Caller::Admitted;
+    }
+    let Some(access) = &state.local_access else {
+        return http::Caller::Admitted;
+    };
+    let refusal = match peer::local_peer_uid(peer, server) {
+        Some(uid) if access.admits_uid(uid) => return http::Caller::Admitted,
+        Some(uid) => format!("user {uid} is not allowed to manage VMs"),
+        None => "the connecting user cannot be determined".to_owned(),
+    };
+    access.refused(peer, &refusal);
+    http::Caller::Refused(refusal)
 }
