@@ -356,6 +356,58 @@ impl FilteredPartition {
     }
 }
 
+/// A thread that issues `KVM_CHECK_EXTENSION` on request, with or without the worker's seccomp
+/// filters: the ioctl path through the filter (the one KVM_RUN takes) without the noise of a
+/// guest exit around it.
+struct IoctlThread {
+    runs: std::sync::mpsc::Sender<u64>,
+    elapsed: std::sync::mpsc::Receiver<Duration>,
+}
+
+impl IoctlThread {
+    fn start(filtered: bool) -> Self {
+        let (runs, requests) = std::sync::mpsc::channel::<u64>();
+        let (done, elapsed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let kvm = Kvm::new().expect("/dev/kvm");
+            if filtered {
+                worker_manager::worker::install_seccomp_on_current_thread().expect("seccomp");
+            }
+            for iters in requests {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(kvm.check_extension(kvm_ioctls::Cap::Irqchip));
+                }
+                if done.send(start.elapsed()).is_err() {
+                    break;
+                }
+            }
+        });
+        IoctlThread { runs, elapsed }
+    }
+
+    fn run(&self, iters: u64) -> Duration {
+        self.runs.send(iters).expect("ioctl thread");
+        self.elapsed.recv().expect("ioctl thread")
+    }
+}
+
+/// What the worker's seccomp filter adds to an ioctl on /dev/kvm.
+fn bench_seccomp(c: &mut Criterion) {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return;
+    }
+    let mut group = c.benchmark_group("seccomp");
+    for (label, filtered) in [
+        ("kvm_ioctl_unfiltered", false),
+        ("kvm_ioctl_filtered", true),
+    ] {
+        let thread = IoctlThread::start(filtered);
+        group.bench_function(label, |b| b.iter_custom(|iters| thread.run(iters)));
+    }
+    group.finish();
+}
+
 fn bench_exits(c: &mut Criterion) {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is not available on this host");
@@ -482,5 +534,11 @@ fn bench_queue_notify(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_bus_dispatch, bench_exits, bench_queue_notify);
+criterion_group!(
+    benches,
+    bench_bus_dispatch,
+    bench_seccomp,
+    bench_exits,
+    bench_queue_notify
+);
 criterion_main!(benches);
