@@ -122,31 +122,7 @@ impl BusDevice for Filler {
     fn write(&self, _offset: u64, _data: &[u8]) {}
 }
 
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut elf = vec![0u8; 0x78];
-    elf[0..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2;
-    elf[5] = 1;
-    elf[6] = 1;
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
-    elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-    elf[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    elf[32..40].copy_from_slice(&0x40u64.to_le_bytes());
-    elf[52..54].copy_from_slice(&0x40u16.to_le_bytes());
-    elf[54..56].copy_from_slice(&0x38u16.to_le_bytes());
-    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 0x40;
-    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
-    elf[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-    elf[ph + 16..ph + 24].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    elf[ph + 24..ph + 32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(code);
-    elf
-}
+use vmms_guest::fixture::tiny_elf;
 
 /// A partition running `mode`'s loop, with the clock (and `fillers` other devices) on its buses.
 fn partition_for(mode: Mode, clock: &Arc<ExitClock>, fillers: u16) -> Partition {

@@ -24,6 +24,7 @@
 
 use std::io::{self, Read};
 
+pub mod fixture;
 #[path = "../firmware/src/protocol.rs"]
 pub mod protocol;
 

@@ -238,32 +238,7 @@ mod tests {
         create_memory(&ram_ranges(32 << 20)).unwrap()
     }
 
-    /// The smallest ELF64 that linux-loader accepts: one PT_LOAD of `code` at 1 MiB.
-    fn tiny_elf(code: &[u8]) -> Vec<u8> {
-        let mut elf = vec![0u8; 0x78];
-        elf[0..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2; // 64-bit
-        elf[5] = 1; // little-endian
-        elf[6] = 1; // version
-        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86_64
-        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-        elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // e_entry
-        elf[32..40].copy_from_slice(&0x40u64.to_le_bytes()); // e_phoff
-        elf[52..54].copy_from_slice(&0x40u16.to_le_bytes()); // e_ehsize
-        elf[54..56].copy_from_slice(&0x38u16.to_le_bytes()); // e_phentsize
-        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-        let ph = 0x40;
-        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-        elf[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes()); // p_offset
-        elf[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes()); // p_vaddr
-        elf[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // p_paddr
-        elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-        elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-        elf.extend_from_slice(code);
-        elf
-    }
+    use vmms_guest::fixture::tiny_elf;
 
     /// A bzImage header claiming a 64-bit-capable protected-mode kernel of `code`.
     fn tiny_bzimage(code: &[u8]) -> Vec<u8> {

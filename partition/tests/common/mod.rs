@@ -59,32 +59,11 @@ impl Capture {
     }
 }
 
-/// The smallest ELF64 linux-loader accepts: one PT_LOAD of `code` at 1 MiB, entry at its start.
-pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut elf = vec![0u8; 0x78];
-    elf[0..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2;
-    elf[5] = 1;
-    elf[6] = 1;
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
-    elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[32..40].copy_from_slice(&0x40u64.to_le_bytes());
-    elf[52..54].copy_from_slice(&0x40u16.to_le_bytes());
-    elf[54..56].copy_from_slice(&0x38u16.to_le_bytes());
-    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 0x40;
-    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
-    elf[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-    elf[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(code);
-    elf
-}
+#[allow(
+    unused_imports,
+    reason = "each test binary uses a different part of this module"
+)]
+pub use vmms_guest::fixture::tiny_elf;
 
 /// 64-bit code: print `text` on COM1, then power off through the PM1a port.
 pub fn print_and_power_off(text: &[u8]) -> Vec<u8> {
