@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the tiny real-Linux guest image used as the slow conformance check of the vmms boot path
 # and virtio-blk device (DESIGN.md section 8, reference/host-kvm.md "Recipes that worked here"):
-# a tinyconfig Linux 6.1 kernel (bzImage + ELF vmlinux with the PVH entry note), an uncompressed
-# busybox initramfs and a small MBR-partitioned raw disk, plus manifest.env describing them.
+# two tinyconfig Linux 6.1 kernels, each as bzImage + ELF vmlinux with the PVH entry note (an SMP +
+# ACPI one for multi-vCPU partitions and a uniprocessor one, which is the one that boots all the way
+# to init on a software KVM: see scripts/guest-image/smp.fragment), an uncompressed busybox
+# initramfs and a small MBR-partitioned raw disk, plus manifest.env describing them.
 #
 # The result lives in a cache folder outside the repository so fresh CI clones on the same machine
 # reuse it; it is rebuilt only when an input changes (this script, scripts/guest-image/*, the
@@ -14,6 +16,7 @@ SCRIPT_DIR=$(dirname "$SCRIPT_PATH")
 readonly SCRIPT_PATH SCRIPT_DIR
 readonly INPUT_DIR="$SCRIPT_DIR/guest-image"
 readonly FRAGMENT="$INPUT_DIR/kernel.fragment"
+readonly SMP_FRAGMENT="$INPUT_DIR/smp.fragment"
 readonly INIT_SCRIPT="$INPUT_DIR/init"
 
 readonly CACHE_ROOT="${VMMS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmms}"
@@ -38,7 +41,8 @@ usage() {
     cat <<EOF
 Usage: scripts/guest-image.sh [--print-dir | --help]
 
-Builds the tiny Linux 6.1 guest image (bzImage, vmlinux, initramfs.cpio, disk.img, manifest.env)
+Builds the tiny Linux 6.1 guest image (bzImage, vmlinux: SMP + ACPI; bzImage-up, vmlinux-up:
+uniprocessor; initramfs.cpio, disk.img, manifest.env)
 into $OUT_DIR
 (set VMMS_CACHE_DIR or XDG_CACHE_HOME to move it). Rebuilds only when its inputs changed.
 Installs missing build tools with apt-get (needs root).
@@ -163,12 +167,29 @@ extract_kernel_source() {
     rm -rf "$tmp" "$WORK_DIR/pkg/usr/src"
 }
 
-kmake() { make -C "$SRC" O="$BUILD" ARCH=x86_64 "$@"; }
+# The kernel being built: its build tree, its fragments and the suffix of its output files
+# ("" for the SMP + ACPI kernel, "-up" for the uniprocessor one). Set by use_kernel.
+BUILD=""
+FRAGMENTS=()
+SUFFIX=""
+use_kernel() {
+    SUFFIX=$1
+    if [[ -z "$SUFFIX" ]]; then
+        BUILD="$WORK_DIR/linux-build-$KERNEL_VER"
+        FRAGMENTS=("$FRAGMENT" "$SMP_FRAGMENT")
+    else
+        BUILD="$WORK_DIR/linux-build$SUFFIX-$KERNEL_VER"
+        FRAGMENTS=("$FRAGMENT")
+    fi
+}
 
-# Reads the fragment: prints "y NAME" for each CONFIG_NAME=y and "n NAME" for each "not set" line.
+# Nice: the kernel build is the longest step and should not starve whatever else runs (CI tests).
+kmake() { nice -n 10 make -C "$SRC" O="$BUILD" ARCH=x86_64 "$@"; }
+
+# Reads the fragments: prints "y NAME" for each CONFIG_NAME=y and "n NAME" for each "not set" line.
 fragment_options() {
     sed -n -e 's/^CONFIG_\([A-Za-z0-9_]*\)=y$/y \1/p' \
-        -e 's/^# CONFIG_\([A-Za-z0-9_]*\) is not set$/n \1/p' "$FRAGMENT"
+        -e 's/^# CONFIG_\([A-Za-z0-9_]*\) is not set$/n \1/p' "${FRAGMENTS[@]}"
 }
 
 configure_kernel() {
@@ -192,7 +213,7 @@ verify_config() {
         fi
     done < <(fragment_options)
     if [[ ${#bad[@]} -ne 0 ]]; then
-        printf 'guest-image: kernel config does not match %s:\n' "$FRAGMENT" >&3
+        printf 'guest-image: kernel config does not match %s:\n' "${FRAGMENTS[*]}" >&3
         printf '  %s\n' "${bad[@]}" >&3
         printf '%s\n' "${bad[@]}"
         return 1
@@ -201,10 +222,10 @@ verify_config() {
 
 build_kernel() {
     kmake -j"$(nproc)" bzImage vmlinux
-    cp "$BUILD/arch/x86/boot/bzImage" "$TMP_OUT/bzImage"
-    cp "$BUILD/vmlinux" "$TMP_OUT/vmlinux"
-    strip -o "$TMP_OUT/vmlinux.stripped" "$BUILD/vmlinux"
-    cp "$BUILD/.config" "$TMP_OUT/config"
+    cp "$BUILD/arch/x86/boot/bzImage" "$TMP_OUT/bzImage$SUFFIX"
+    cp "$BUILD/vmlinux" "$TMP_OUT/vmlinux$SUFFIX"
+    strip -o "$TMP_OUT/vmlinux$SUFFIX.stripped" "$BUILD/vmlinux"
+    cp "$BUILD/.config" "$TMP_OUT/config$SUFFIX"
     kmake -s kernelrelease >"$TMP_OUT/kernelrelease"
 }
 
@@ -251,7 +272,7 @@ EOF
 
 write_manifest() {
     local pvh=0 sectors
-    has_pvh_note "$TMP_OUT/vmlinux" && pvh=1
+    has_pvh_note "$TMP_OUT/vmlinux" && has_pvh_note "$TMP_OUT/vmlinux-up" && pvh=1
     sectors=$(($(stat -c %s "$TMP_OUT/disk.img") / SECTOR))
     cat >"$TMP_OUT/manifest.env" <<EOF
 # vmms guest image, written by scripts/guest-image.sh. KEY="value" lines; values hold no quotes,
@@ -264,12 +285,19 @@ BZIMAGE="$OUT_DIR/bzImage"
 VMLINUX="$OUT_DIR/vmlinux"
 VMLINUX_STRIPPED="$OUT_DIR/vmlinux.stripped"
 KERNEL_CONFIG="$OUT_DIR/config"
+# The same kernel without SMP and ACPI (scripts/guest-image/smp.fragment says why there are two): the
+# one that reaches virtio-blk and init in about a minute on a software KVM. Takes its one CPU and
+# its interrupt routing from the boot protocol alone (no ACPI tables, no MP table).
+BZIMAGE_UP="$OUT_DIR/bzImage-up"
+VMLINUX_UP="$OUT_DIR/vmlinux-up"
+VMLINUX_UP_STRIPPED="$OUT_DIR/vmlinux-up.stripped"
+KERNEL_UP_CONFIG="$OUT_DIR/config-up"
 # Uncompressed: boots fastest on the software KVM (43 s to "Run /init" vs 82 s for gzip).
 INITRAMFS="$OUT_DIR/initramfs.cpio"
 # Raw disk with an MBR: vda1 = sectors 2048..8191, vda2 = sectors 8192..end.
 DISK="$OUT_DIR/disk.img"
 DISK_SECTORS="$sectors"
-# 1 when vmlinux carries the XEN_ELFNOTE_PHYS32_ENTRY note (PVH direct boot).
+# 1 when vmlinux and vmlinux-up carry the XEN_ELFNOTE_PHYS32_ENTRY note (PVH direct boot).
 HAS_PVH_NOTE="$pvh"
 # Kernel command line. Always needed: console=ttyS0 (the tests read COM1), reboot=k (reset through
 # the keyboard controller, port 0x64), panic=1 (reboot rather than hang), rdinit=/init.
@@ -305,7 +333,8 @@ inputs_hash() {
 up_to_date() {
     local f
     [[ -f "$OUT_DIR/stamp" && "$(cat "$OUT_DIR/stamp")" == "$HASH" ]] || return 1
-    for f in bzImage vmlinux vmlinux.stripped config initramfs.cpio disk.img manifest.env; do
+    for f in bzImage vmlinux vmlinux.stripped config bzImage-up vmlinux-up vmlinux-up.stripped \
+        config-up initramfs.cpio disk.img manifest.env; do
         [[ -s "$OUT_DIR/$f" ]] || return 1
     done
 }
@@ -313,7 +342,7 @@ up_to_date() {
 main() {
     local t_start
     t_start=$(now)
-    [[ -f "$FRAGMENT" && -f "$INIT_SCRIPT" ]] || die "missing inputs in $INPUT_DIR"
+    [[ -f "$FRAGMENT" && -f "$SMP_FRAGMENT" && -f "$INIT_SCRIPT" ]] || die "missing inputs in $INPUT_DIR"
     mkdir -p "$WORK_DIR"
     # Two builds at once (parallel CI jobs) would fight over the work tree: take turns.
     exec 9>"$CACHE_ROOT/guest-image.lock"
@@ -336,7 +365,6 @@ main() {
 
     # Directory names carry the package version, so a new version starts from a fresh tree.
     SRC="$WORK_DIR/linux-src-$KERNEL_VER"
-    BUILD="$WORK_DIR/linux-build-$KERNEL_VER"
     TMP_OUT="$CACHE_ROOT/guest-image.tmp.$$"
     rm -rf "$TMP_OUT"
     mkdir -p "$TMP_OUT"
@@ -352,9 +380,16 @@ main() {
     else
         say "sources already unpacked in $WORK_DIR"
     fi
-    step "configure kernel (tinyconfig + fragment)" configure_kernel
-    step "verify kernel config" verify_config
-    step "build kernel (bzImage, vmlinux)" build_kernel
+    # The uniprocessor kernel first: the 1-vCPU conformance boots need it.
+    local kernel name
+    for kernel in -up ""; do
+        use_kernel "$kernel"
+        name=${kernel:+uniprocessor}
+        name=${name:-SMP + ACPI}
+        step "configure $name kernel" configure_kernel
+        step "verify $name kernel config" verify_config
+        step "build $name kernel" build_kernel
+    done
     step "build initramfs.cpio" build_initramfs
     step "build disk.img" build_disk
     step "write manifest.env" write_manifest

@@ -8,10 +8,16 @@
 //! KVM alike (there only because the partition hides KVM's hypercall-based PV features, whose
 //! `vmcall` never returns under kvm_pvm).
 //!
-//! On hardware KVM every boot then goes on to the virtio disk and `Run /init`. On a software KVM
-//! (kvm_pvm) this SMP + ACPI kernel stalls or crawls after its CPUs are up (see
-//! `whole_boot_reachable`), so there the tests end once every CPU is up. Without the image the
-//! tests skip, except under CI where a missing image means the set-up step failed.
+//! The 1-vCPU boots (bzImage, ELF vmlinux and PVH) use the image's uniprocessor kernel and go on,
+//! on every host, to the virtio disk and `Run /init`: they are the check that Linux's own
+//! virtio-blk driver accepts our device. They do not use the SMP + ACPI kernel because on a
+//! software KVM (kvm_pvm) that kernel stalls or crawls after its CPUs are up (see
+//! `whole_boot_reachable` and scripts/guest-image/smp.fragment), with any of the clock and timer
+//! command-line options tried, while the uniprocessor kernel reaches init in about a minute.
+//!
+//! The 2-vCPU boots use the SMP + ACPI kernel; on hardware KVM they too go on to the disk and
+//! `Run /init`, on a software KVM they end once every CPU is up. Without the image the tests skip,
+//! except under CI where a missing image means the set-up step failed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -139,7 +145,8 @@ fn expect_in_order(
     at
 }
 
-/// The disk and init markers every boot reaches.
+/// The disk and init markers every boot of the uniprocessor kernel reaches (and, on hardware KVM,
+/// every boot of the SMP one).
 fn disk_and_init_markers(image: &GuestImage) -> Vec<String> {
     vec![
         format!(
@@ -151,30 +158,23 @@ fn disk_and_init_markers(image: &GuestImage) -> Vec<String> {
     ]
 }
 
-/// Whether the whole boot (disk and init markers) can be waited for here. On a software KVM
-/// (kvm_pvm) this SMP + ACPI kernel stalls after its CPUs are up: with kvm-clock at the switch of
-/// clocksource ("Switched to clocksource kvm-clock" never comes), and without kvm-clock
-/// (`no-kvmclock`) it goes on through the initramfs but too slowly to reach virtio-blk within
-/// the marker timeout; so there the tests end once every CPU is up.
+/// Whether the whole boot (disk and init markers) of the SMP + ACPI kernel can be waited for here.
+/// On a software KVM (kvm_pvm) it stalls after its CPUs are up: with kvm-clock at the switch of
+/// clocksource ("Switched to clocksource kvm-clock" never comes), and with `no-kvmclock` (alone,
+/// with `noapictimer`, or with `clocksource=tsc tsc=reliable`) it gets at best through the
+/// initramfs but far too slowly to reach virtio-blk within the marker timeout; so there the SMP
+/// tests end once every CPU is up (the 1-vCPU boots of the uniprocessor kernel check the disk).
 fn whole_boot_reachable() -> bool {
     !software_kvm::is_software_kvm()
 }
 
-/// Boots `kernel` on one vCPU: the kernel takes its CPU from our MADT, then (where the host lets
-/// the boot finish) finds the disk and runs init.
+/// Boots the uniprocessor `kernel` on one vCPU: on every host it must find the disk with its exact
+/// capacity and partition table and run init.
 fn boot_to_init(image: &GuestImage, kernel: &str, protocol: BootProtocol) {
     let (mut vm, out, _dir, started) = start(image, kernel, protocol, 1);
     let label = format!("{kernel} ({protocol:?}, 1 vCPU)");
-    let mut markers = vec![
-        format!("Linux version {}", image.get("KERNEL_VERSION")),
-        "ACPI: RSDP 0x00000000000E0000".to_owned(),
-        "ACPI: Using ACPI (MADT) for SMP configuration information".to_owned(),
-        "smpboot: Allowing 1 CPUs, 0 hotplug CPUs".to_owned(),
-        "smp: Brought up 1 node, 1 CPU".to_owned(),
-    ];
-    if whole_boot_reachable() {
-        markers.extend(disk_and_init_markers(image));
-    }
+    let mut markers = vec![format!("Linux version {}", image.get("KERNEL_VERSION"))];
+    markers.extend(disk_and_init_markers(image));
     expect_in_order(&out, &markers, 0, &label, started);
     vm.stop();
 }
@@ -255,7 +255,31 @@ fn linux_bzimage_boots_to_init_and_finds_our_virtio_disk() {
         return;
     };
 
-    boot_to_init(&image, "BZIMAGE", BootProtocol::Linux64);
+    boot_to_init(&image, "BZIMAGE_UP", BootProtocol::Linux64);
+}
+
+#[test]
+fn linux_elf_vmlinux_boots_to_init_and_finds_our_virtio_disk() {
+    require_kvm!();
+    let Some(image) = GuestImage::find() else {
+        return;
+    };
+
+    boot_to_init(&image, "VMLINUX_UP", BootProtocol::Linux64);
+}
+
+#[test]
+fn linux_pvh_entry_boots_to_init_and_finds_our_virtio_disk() {
+    require_kvm!();
+    let Some(image) = GuestImage::find() else {
+        return;
+    };
+    if image.get("HAS_PVH_NOTE") != "1" {
+        eprintln!("skipped: this kernel carries no PVH entry note");
+        return;
+    }
+
+    boot_to_init(&image, "VMLINUX_UP", BootProtocol::Pvh);
 }
 
 #[test]
