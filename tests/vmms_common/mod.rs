@@ -61,6 +61,23 @@ pub fn vmms_binary() -> &'static Path {
     })
 }
 
+/// A copy of the `vmms` binary that any user can run: the build's own may sit below a folder
+/// only its owner can enter (a clone or target folder under /root), and a test that runs the CLI
+/// as another user must reach the daemon's checks, not fail at exec.
+pub fn binary_for_other_users() -> &'static Path {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vmms-cli-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("folder for the shared binary");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod folder");
+        let copy = dir.join("vmms");
+        fs::copy(vmms_binary(), &copy).expect("copy the vmms binary");
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        copy
+    })
+}
+
 /// Whether `binary` is missing or older than any source file it is built from.
 fn is_stale(binary: &Path) -> bool {
     let Ok(built) = fs::metadata(binary).and_then(|m| m.modified()) else {
@@ -211,9 +228,21 @@ impl Daemon {
         }
         let child = command.spawn().expect("spawn vmms serve");
         self.child = Some(child);
-        wait_until("the daemon answers", || {
-            self.vmms(&["get-vm"]).status.success()
-        });
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.vmms(&["get-vm"]).status.success() {
+            let exited = self.has_exited();
+            assert!(
+                !exited && Instant::now() < deadline,
+                "the daemon {} instead of answering; its log:\n{}",
+                if exited {
+                    "exited"
+                } else {
+                    "did not answer in time"
+                },
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits up to `timeout` for the daemon process to exit; its status if it did.
@@ -251,7 +280,7 @@ impl Daemon {
     /// Runs the CLI against this store as user and group `id` (no supplementary groups); the
     /// test must run as root.
     pub fn vmms_as(&self, id: u32, args: &[&str]) -> Output {
-        Command::new(vmms_binary())
+        Command::new(binary_for_other_users())
             .args(args)
             .arg("--store")
             .arg(self.path())
