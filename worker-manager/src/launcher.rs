@@ -17,7 +17,7 @@ use vmm_core::{EventSink, LaunchMode, VmConfig, VmId, Worker, WorkerError, Worke
 
 use crate::client::ControlClient;
 use crate::error::{Error, Result};
-use crate::process::{ExitStatus, PidFd, reap_child};
+use crate::process::{ExitStatus, PidFd, poll_readable, reap_child};
 use crate::protocol::WorkerReport;
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::supervisor::{ProcessWorker, Supervised};
@@ -390,22 +390,9 @@ fn read_ready(mut pipe: io::PipeReader, timeout: Duration) -> Result<String> {
         if left.is_zero() {
             return Err(Error::Timeout(timeout));
         }
-        let mut fds = [libc::pollfd {
-            fd: pipe.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let wait_ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `fds` is a valid array of one pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, wait_ms) };
-        if rc < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("ready pipe", error));
-        }
-        if rc == 0 {
+        let readable = poll_readable(&[pipe.as_raw_fd()], Some(left))
+            .map_err(|e| Error::io("ready pipe", e))?;
+        if readable.is_none() {
             continue;
         }
         let n = pipe

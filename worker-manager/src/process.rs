@@ -91,7 +91,7 @@ impl PidFd {
 }
 
 /// Polls `fds` for readability; the index of the first readable one, or `None` on timeout.
-fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Option<usize>> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {

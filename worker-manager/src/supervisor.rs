@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::client::ControlClient;
 use crate::error::Error;
 use crate::launcher::LauncherOptions;
-use crate::process::{ExitStatus, PidFd, reap_child};
+use crate::process::{ExitStatus, PidFd, poll_readable, reap_child};
 use crate::protocol::{GuestState, Notice, Reply, Request, WorkerReport};
 use crate::runtime::RuntimeDir;
 
@@ -303,18 +303,7 @@ impl Supervised {
 
     /// Whether the cancel eventfd became readable within `period`.
     fn cancelled_within(&self, period: Duration) -> std::io::Result<bool> {
-        let mut fds = [libc::pollfd {
-            fd: self.cancel.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let timeout = i32::try_from(period.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `fds` is a valid array of one pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(rc > 0)
+        Ok(poll_readable(&[self.cancel.as_raw_fd()], Some(period))? == Some(0))
     }
 
     /// Waits until the process has exited or `timeout` passes; whether it exited.
