@@ -115,6 +115,6 @@ pub use state::{
 };
 pub use store::Store;
 pub use worker::{
-    EventSink, LaunchMode, StopReason, Worker, WorkerError, WorkerEvent, WorkerLauncher,
-    WorkerStatus,
+    CheckpointReport, CheckpointRequest, DiskOverlay, EventSink, LaunchMode, StopReason, Worker,
+    WorkerError, WorkerEvent, WorkerLauncher, WorkerStatus,
 };

@@ -93,6 +93,7 @@ impl Failure {
         let code = match error {
             WorkerError::Gone => ReturnCode::SystemNotAvailable,
             WorkerError::Timeout(_) => ReturnCode::Timeout,
+            WorkerError::InvalidState { .. } => ReturnCode::InvalidState,
             WorkerError::Refused { .. } | WorkerError::Failed(_) => ReturnCode::Failed,
         };
         let mut failure = Failure::new(code, format!("{context}: {}", error_chain(error)));

@@ -212,6 +212,56 @@ impl fmt::Debug for EventSink {
     }
 }
 
+/// A checkpoint of a running VM, as the service asks a worker for it
+/// ([`Worker::checkpoint`]).
+///
+/// The worker copies guest memory while the guest runs (pre-copy with KVM's dirty log), then in
+/// one short pause writes the pages dirtied meanwhile and the device and vCPU state, switches
+/// every listed disk to its new overlay, and commits `staging` by renaming it to `state_dir`
+/// before the guest runs again. The rename is the commit point: once `state_dir` exists the
+/// guest writes to the overlays; before it, the guest never ran on them, so a crash of either
+/// process leaves the VM on its old images and the service can remove whatever was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    /// An existing, empty folder for the checkpoint's saved state (the same files as
+    /// [`Worker::save`] writes, plus any memory delta files).
+    pub staging: PathBuf,
+    /// Where the committed state goes; must not exist.
+    pub state_dir: PathBuf,
+    /// The committed state folder of the checkpoint "Now" descends from, when its memory image
+    /// may serve as the base of a delta: the worker then writes only the pages dirtied since that
+    /// checkpoint was taken (or since its guest was restored from it), and a full image whenever
+    /// it cannot prove the delta exact.
+    pub parent_state_dir: Option<PathBuf>,
+    /// The new overlay of each writable disk, created by the worker on top of the disk's current
+    /// image inside the pause; the guest continues on it.
+    pub overlays: Vec<DiskOverlay>,
+}
+
+/// One disk's new top layer in a [`CheckpointRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskOverlay {
+    /// Index of the disk in the VM configuration's `disks`.
+    pub disk: usize,
+    /// The overlay file to create; must not exist.
+    pub path: PathBuf,
+}
+
+/// What a running checkpoint cost, as the worker measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// How long the guest's vCPUs were paused.
+    pub pause: Duration,
+    /// From the request to the commit.
+    pub total: Duration,
+    /// Bytes of guest memory written into the checkpoint (data, not holes).
+    pub memory_bytes: u64,
+    /// Whether the memory was written as a delta on `parent_state_dir`'s image.
+    pub delta: bool,
+    /// Pages the guest dirtied while the pre-copy ran (written again in the pause).
+    pub pages_dirtied_during_copy: u64,
+}
+
 /// Why a worker call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -224,6 +274,13 @@ pub enum WorkerError {
     /// The worker answered but refused (e.g. an operation its guest does not support).
     #[error("worker refused: {reason}")]
     Refused {
+        /// What the worker said.
+        reason: String,
+    },
+    /// The operation is not allowed in the guest's current state (Hyper-V's 32775); the worker
+    /// and its guest are unchanged.
+    #[error("invalid state for this operation: {reason}")]
+    InvalidState {
         /// What the worker said.
         reason: String,
     },
@@ -296,6 +353,17 @@ pub trait Worker: Send + Sync + fmt::Debug {
         let _ = timeout;
         Err(WorkerError::Refused {
             reason: "the guest has no shutdown integration".into(),
+        })
+    }
+
+    /// Takes a checkpoint of the running (or paused) guest as `request` describes, leaving it in
+    /// the run state it was in. On any failure before the commit the guest runs on its old disks
+    /// and `request.state_dir` does not exist. The worker finishes a checkpoint it has begun even
+    /// when the caller goes away (a daemon killed meanwhile finds it committed or not begun).
+    fn checkpoint(&self, request: &CheckpointRequest) -> Result<CheckpointReport, WorkerError> {
+        let _ = request;
+        Err(WorkerError::Refused {
+            reason: "this worker cannot take checkpoints of a running guest".into(),
         })
     }
 
