@@ -10,8 +10,8 @@ use std::path::Path;
 
 use crate::disk::{Allocation, Disk};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::progress::Progress;
+use vmm_core::fault::point as fault_point;
 
 /// How much is copied per read/write.
 const CHUNK: u64 = 1 << 20;

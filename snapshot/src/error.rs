@@ -129,6 +129,15 @@ pub enum Error {
     /// A disk of the VM lies outside its folder and cannot be exported chained.
     #[error("disk {0} lies outside the virtual machine's folder; export it flattened")]
     DiskOutsideFolder(PathBuf),
+    /// The worker did not commit a running checkpoint; nothing of it was kept.
+    #[error("the worker did not take the checkpoint; the virtual machine is unchanged")]
+    NotTaken,
+    /// Recovery gave up waiting for a worker still taking a checkpoint.
+    #[error("a worker is still taking the checkpoint in {0}")]
+    WorkerStillCheckpointing(PathBuf),
+    /// A failure in vmm-core's terms that has no closer match here.
+    #[error(transparent)]
+    Service(vmm_core::CheckpointError),
 }
 
 impl Error {
@@ -152,3 +161,37 @@ impl Error {
 
 /// The snapshot crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<vmm_core::CheckpointError> for Error {
+    fn from(error: vmm_core::CheckpointError) -> Self {
+        use vmm_core::CheckpointError as E;
+        match error {
+            E::NotFound(name) => Error::CheckpointNotFound(name),
+            E::AmbiguousName(name) => Error::AmbiguousName(name),
+            E::InvalidName(name) => Error::InvalidName(name),
+            other => Error::Service(other),
+        }
+    }
+}
+
+/// The service's view of a failure: what the caller did wrong or what state forbids it, apart
+/// from everything else (which keeps this error as its source).
+impl From<Error> for vmm_core::CheckpointError {
+    fn from(error: Error) -> Self {
+        use vmm_core::CheckpointError as E;
+        match error {
+            Error::CheckpointNotFound(name) => E::NotFound(name),
+            Error::AmbiguousName(name) => E::AmbiguousName(name),
+            Error::InvalidName(name) => E::InvalidName(name),
+            Error::InvalidState { .. }
+            | Error::ProductionUnavailable
+            | Error::RecoveryNeeded(_)
+            | Error::ImageLocked { .. } => E::InvalidState(error.to_string()),
+            Error::AlreadyExists(_) | Error::DiskOutsideFolder(_) | Error::BadSize { .. } => {
+                E::InvalidParameter(error.to_string())
+            }
+            Error::Service(inner) => inner,
+            other => E::Failed(Box::new(other)),
+        }
+    }
+}

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::durable::write_atomic;
 use crate::error::{Error, Result};
+use crate::tree::TreeFile;
 use crate::tree::{CheckpointId, CheckpointTree};
 
 /// Name of the VM's (and a checkpoint's) configuration file.

@@ -38,6 +38,16 @@ pub enum Operation {
         /// The VM's config after the operation.
         new_config: Value,
     },
+    /// Creating `checkpoint` of a running VM: its worker fills and commits the state folder and
+    /// creates `new_layers`; the live config becomes `new_config` once it has committed.
+    CreateRunning {
+        /// The new node.
+        checkpoint: Checkpoint,
+        /// Overlays the worker creates and continues on.
+        new_layers: Vec<PathBuf>,
+        /// The VM's config after the operation.
+        new_config: Value,
+    },
     /// Applying `checkpoint`.
     Apply {
         /// The checkpoint applied.
@@ -71,6 +81,7 @@ impl Operation {
     pub fn name(&self) -> &'static str {
         match self {
             Operation::Create { .. } => "create",
+            Operation::CreateRunning { .. } => "running create",
             Operation::Apply { .. } => "apply",
             Operation::Delete { .. } => "delete",
             Operation::Export { .. } => "export",

@@ -9,8 +9,9 @@
 //!   ([`VmFolder`], DESIGN.md §5): [`create_checkpoint`], [`apply_checkpoint`],
 //!   [`delete_checkpoint`] (= merge), [`delete_checkpoint_tree`], [`rename_checkpoint`],
 //!   [`export_vm`] / [`import_vm`]; each journaled so that [`recover`] finishes or undoes what a
-//!   crash interrupted. [`VirtualSystemSnapshotService`] is the seam vmm-core drives
-//!   (`Msvm_VirtualSystemSnapshotService`), [`OfflineSnapshotService`] its implementation.
+//!   crash interrupted; a running VM's checkpoint is [`prepare_running_checkpoint`]d here, taken
+//!   by its worker and [`finish_running_checkpoint`]ed here. [`FolderSnapshotService`] implements
+//!   vmm-core's [`VirtualSystemSnapshotService`] (`Msvm_VirtualSystemSnapshotService`) over them.
 //!
 //! ```
 //! # fn main() -> Result<(), snapshot::Error> {
@@ -32,7 +33,6 @@ mod commit;
 mod disk;
 pub mod durable;
 mod error;
-pub mod fault;
 pub mod folder;
 pub mod journal;
 pub mod lock;
@@ -54,7 +54,11 @@ pub use ops::create::{CreateRequest, create_checkpoint};
 pub use ops::delete::{delete_checkpoint, delete_checkpoint_tree};
 pub use ops::export::{ExportMode, ImportMode, export_vm, import_vm};
 pub use ops::recover::{Recovery, recover};
+pub use ops::running::{
+    finish as finish_running_checkpoint, prepare as prepare_running_checkpoint,
+};
 pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use rebase::{rebase_onto_grandparent, set_backing_file};
-pub use service::{OfflineSnapshotService, VirtualSystemSnapshotService, rename_checkpoint};
+pub use service::{FolderSnapshotService, rename_checkpoint};
 pub use tree::{Checkpoint, CheckpointId, CheckpointTree, CheckpointType, Consistency};
+pub use vmm_core::checkpoint::{RunningCheckpoint, VirtualSystemSnapshotService};

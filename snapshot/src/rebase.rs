@@ -16,9 +16,9 @@ use imago::ShallowMapping;
 
 use crate::disk::{Allocation, Disk};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::lock::{LockMode, lock_image};
 use crate::progress::Progress;
+use vmm_core::fault::point as fault_point;
 
 /// The header extension naming the backing file's format.
 const BACKING_FORMAT_EXT: u32 = 0xe279_2aca;

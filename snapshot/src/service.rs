@@ -1,88 +1,57 @@
-//! The seam vmm-core drives: the operations of `Msvm_VirtualSystemSnapshotService`, on one VM
-//! folder, for a VM that is Off or Saved.
+//! vmm-core's [`VirtualSystemSnapshotService`] over the files of one VM folder.
 
 use std::path::Path;
 
+use vmm_core::checkpoint::{
+    CheckpointError, CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCheckpoint,
+    VirtualSystemSnapshotService,
+};
+use vmm_core::{VmId, fault::point as fault_point};
+
+use crate::disk::create_qcow2;
 use crate::error::Result;
 use crate::folder::VmFolder;
 use crate::ops::apply::apply_checkpoint;
-use crate::ops::create::{CreateRequest, create_checkpoint};
+use crate::ops::create::create_checkpoint;
 use crate::ops::delete::{delete_checkpoint, delete_checkpoint_tree};
-use crate::ops::export::{ExportMode, ImportMode, export_vm, import_vm};
-use crate::ops::recover::{Recovery, recover};
-use crate::progress::Progress;
-use crate::tree::{Checkpoint, CheckpointId, CheckpointTree, validate_name};
+use crate::ops::export::{export_vm, import_vm};
+use crate::ops::recover::recover;
+use crate::ops::running;
+use crate::tree::{Checkpoint, CheckpointId, CheckpointTree, TreeFile, validate_name};
 
-/// `Msvm_VirtualSystemSnapshotService` for offline VMs. Every method works on one VM folder
-/// (`vms/<GUID>`); the caller guarantees one operation per VM at a time and that the VM is not
-/// running (a running VM's disks are locked, so a mistake fails with [`crate::Error::ImageLocked`]
-/// rather than corrupting them). Long copies report through `progress`.
-pub trait VirtualSystemSnapshotService: Send + Sync {
-    /// CreateSnapshot: a new checkpoint under "Now"; "Now" moves to it.
-    fn create_snapshot(
-        &self,
-        vm_dir: &Path,
-        request: &CreateRequest,
-        progress: &mut dyn Progress,
-    ) -> Result<Checkpoint>;
-    /// ApplySnapshot: the VM becomes the checkpoint's (Saved if it has saved state, else Off).
-    fn apply_snapshot(
-        &self,
-        vm_dir: &Path,
-        id: CheckpointId,
-        progress: &mut dyn Progress,
-    ) -> Result<()>;
-    /// DestroySnapshot: delete one checkpoint, merging its disk layers.
-    fn destroy_snapshot(
-        &self,
-        vm_dir: &Path,
-        id: CheckpointId,
-        progress: &mut dyn Progress,
-    ) -> Result<()>;
-    /// DestroySnapshotTree: delete a checkpoint and all below it.
-    fn destroy_snapshot_tree(
-        &self,
-        vm_dir: &Path,
-        id: CheckpointId,
-        progress: &mut dyn Progress,
-    ) -> Result<()>;
-    /// Renames a checkpoint (ModifySystemSettings on the snapshot's `ElementName`).
-    fn rename_snapshot(&self, vm_dir: &Path, id: CheckpointId, name: &str) -> Result<()>;
-    /// The checkpoint tree (for `Msvm_SnapshotOfVirtualSystem` and friends).
-    fn snapshots(&self, vm_dir: &Path) -> Result<CheckpointTree>;
-    /// Exports the VM (Hyper-V's `Export-VM`).
-    fn export(
-        &self,
-        vm_dir: &Path,
-        target: &Path,
-        mode: ExportMode,
-        progress: &mut dyn Progress,
-    ) -> Result<()>;
-    /// Imports an export folder into the store's `vms/` folder (Hyper-V's `Import-VM`); returns
-    /// the VM's id.
-    fn import(
-        &self,
-        source: &Path,
-        vms_dir: &Path,
-        mode: ImportMode,
-        progress: &mut dyn Progress,
-    ) -> Result<uuid::Uuid>;
-    /// Finishes or rolls back an operation a crash interrupted.
-    fn recover(&self, vm_dir: &Path) -> Result<Recovery>;
-}
-
-/// The file-based implementation: checkpoints in the VM folder, disks as qcow2 chains.
+/// Checkpoints in the VM folder (`checkpoints/`: tree, journal, one folder per checkpoint),
+/// disks as qcow2 chains. Stateless: every call works on the folder it is given.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct OfflineSnapshotService;
+pub struct FolderSnapshotService;
 
-impl VirtualSystemSnapshotService for OfflineSnapshotService {
+impl VirtualSystemSnapshotService for FolderSnapshotService {
     fn create_snapshot(
         &self,
         vm_dir: &Path,
         request: &CreateRequest,
         progress: &mut dyn Progress,
-    ) -> Result<Checkpoint> {
-        create_checkpoint(&VmFolder::new(vm_dir), request, progress)
+    ) -> Result<Checkpoint, CheckpointError> {
+        Ok(create_checkpoint(
+            &VmFolder::new(vm_dir),
+            request,
+            progress,
+        )?)
+    }
+
+    fn prepare_running_snapshot(
+        &self,
+        vm_dir: &Path,
+        request: &CreateRequest,
+    ) -> Result<RunningCheckpoint, CheckpointError> {
+        Ok(running::prepare(&VmFolder::new(vm_dir), request)?)
+    }
+
+    fn finish_running_snapshot(
+        &self,
+        vm_dir: &Path,
+        running: &RunningCheckpoint,
+    ) -> Result<Checkpoint, CheckpointError> {
+        Ok(running::finish(&VmFolder::new(vm_dir), running)?)
     }
 
     fn apply_snapshot(
@@ -90,8 +59,8 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         vm_dir: &Path,
         id: CheckpointId,
         progress: &mut dyn Progress,
-    ) -> Result<()> {
-        apply_checkpoint(&VmFolder::new(vm_dir), id, progress)
+    ) -> Result<(), CheckpointError> {
+        Ok(apply_checkpoint(&VmFolder::new(vm_dir), id, progress)?)
     }
 
     fn destroy_snapshot(
@@ -99,8 +68,8 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         vm_dir: &Path,
         id: CheckpointId,
         progress: &mut dyn Progress,
-    ) -> Result<()> {
-        delete_checkpoint(&VmFolder::new(vm_dir), id, progress)
+    ) -> Result<(), CheckpointError> {
+        Ok(delete_checkpoint(&VmFolder::new(vm_dir), id, progress)?)
     }
 
     fn destroy_snapshot_tree(
@@ -108,16 +77,25 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         vm_dir: &Path,
         id: CheckpointId,
         progress: &mut dyn Progress,
-    ) -> Result<()> {
-        delete_checkpoint_tree(&VmFolder::new(vm_dir), id, progress)
+    ) -> Result<(), CheckpointError> {
+        Ok(delete_checkpoint_tree(
+            &VmFolder::new(vm_dir),
+            id,
+            progress,
+        )?)
     }
 
-    fn rename_snapshot(&self, vm_dir: &Path, id: CheckpointId, name: &str) -> Result<()> {
-        rename_checkpoint(&VmFolder::new(vm_dir), id, name)
+    fn rename_snapshot(
+        &self,
+        vm_dir: &Path,
+        id: CheckpointId,
+        name: &str,
+    ) -> Result<(), CheckpointError> {
+        Ok(rename_checkpoint(&VmFolder::new(vm_dir), id, name)?)
     }
 
-    fn snapshots(&self, vm_dir: &Path) -> Result<CheckpointTree> {
-        VmFolder::new(vm_dir).tree()
+    fn snapshots(&self, vm_dir: &Path) -> Result<CheckpointTree, CheckpointError> {
+        Ok(VmFolder::new(vm_dir).tree()?)
     }
 
     fn export(
@@ -126,8 +104,8 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         target: &Path,
         mode: ExportMode,
         progress: &mut dyn Progress,
-    ) -> Result<()> {
-        export_vm(&VmFolder::new(vm_dir), target, mode, progress)
+    ) -> Result<(), CheckpointError> {
+        Ok(export_vm(&VmFolder::new(vm_dir), target, mode, progress)?)
     }
 
     fn import(
@@ -136,12 +114,16 @@ impl VirtualSystemSnapshotService for OfflineSnapshotService {
         vms_dir: &Path,
         mode: ImportMode,
         progress: &mut dyn Progress,
-    ) -> Result<uuid::Uuid> {
-        import_vm(source, vms_dir, mode, progress)
+    ) -> Result<VmId, CheckpointError> {
+        Ok(VmId::from_uuid(import_vm(source, vms_dir, mode, progress)?))
     }
 
-    fn recover(&self, vm_dir: &Path) -> Result<Recovery> {
-        recover(vm_dir)
+    fn create_disk(&self, path: &Path, size: u64) -> Result<(), CheckpointError> {
+        Ok(create_qcow2(path, size)?)
+    }
+
+    fn recover(&self, vm_dir: &Path) -> Result<Recovery, CheckpointError> {
+        Ok(recover(vm_dir)?)
     }
 }
 
@@ -156,5 +138,6 @@ pub fn rename_checkpoint(folder: &VmFolder, id: CheckpointId, name: &str) -> Res
         .find(|c| c.id == id)
         .ok_or_else(|| crate::Error::CheckpointNotFound(id.to_string()))?;
     checkpoint.name = name.to_string();
+    fault_point("snapshot.rename");
     tree.save(&folder.tree_path())
 }

@@ -1,125 +1,28 @@
 //! The checkpoint tree of one VM (`checkpoints/tree.json`): Hyper-V's snapshot VSSDs with their
 //! `Parent` links, and the VM's "Now" position (`Msvm_MostCurrentSnapshotInBranch`).
+//!
+//! The tree's data is vmm-core's (it crosses the service seam); this crate owns its file.
 
-use std::collections::HashSet;
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
-use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+pub use vmm_core::checkpoint::{
+    Checkpoint, CheckpointId, CheckpointTree, CheckpointType, Consistency, MAX_NAME_LEN,
+    TREE_VERSION,
+};
 
 use crate::durable::write_atomic;
 use crate::error::{Error, Result};
 
-/// Schema version of `tree.json` written by this crate.
-pub const TREE_VERSION: u32 = 1;
-
-/// Longest checkpoint name, as Hyper-V's `ElementName` of a snapshot.
-pub const MAX_NAME_LEN: usize = 100;
-
-/// A checkpoint's identity (Hyper-V's snapshot `InstanceID` GUID).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CheckpointId(Uuid);
-
-impl CheckpointId {
-    /// A fresh random id.
-    pub fn new_random() -> Self {
-        CheckpointId(Uuid::new_v4())
-    }
-}
-
-impl fmt::Display for CheckpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
-
-impl FromStr for CheckpointId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(CheckpointId)
-    }
-}
-
-/// The checkpoint type asked for (`Msvm_VirtualSystemSettingData.UserSnapshotType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CheckpointType {
-    /// 5: config + saved state + memory + disks; no guest cooperation.
-    Standard,
-    /// 3: production, falling back to standard when the guest cannot be quiesced.
-    Production,
-    /// 4: production only: fails when the guest cannot be quiesced.
-    ProductionOnly,
-}
-
-impl CheckpointType {
-    /// Hyper-V's `UserSnapshotType` value.
-    pub fn user_snapshot_type(self) -> u16 {
-        match self {
-            CheckpointType::Standard => 5,
-            CheckpointType::Production => 3,
-            CheckpointType::ProductionOnly => 4,
-        }
-    }
-}
-
-/// What a checkpoint actually holds (recorded next to what was asked for).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Consistency {
-    /// Disks of a VM that was off: consistent without guest help; applies to an Off VM.
-    Off,
-    /// Standard: the VM's saved state is part of the checkpoint; applies to a Saved VM.
-    SavedState,
-    /// Production asked for, standard taken (the guest could not be quiesced).
-    StandardFallback,
-}
-
-/// One node of the tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Identity; also the name of its folder `checkpoints/<id>/`.
-    pub id: CheckpointId,
-    /// Display name (`ElementName`), 1..=100 characters.
-    pub name: String,
-    /// The checkpoint this one was taken on top of (`Parent`); `None` for a root.
-    pub parent: Option<CheckpointId>,
-    /// When it was taken (`CreationTime`).
-    pub created: SystemTime,
-    /// The type asked for.
-    pub requested_type: CheckpointType,
-    /// What was taken.
-    pub consistency: Consistency,
-    /// Whether `checkpoints/<id>/state/` holds a saved state (applying leaves the VM Saved).
-    pub has_saved_state: bool,
-}
-
-/// A VM's checkpoints and its "Now" position.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckpointTree {
-    /// Schema version ([`TREE_VERSION`]).
-    pub version: u32,
-    /// Every checkpoint, oldest first.
-    pub checkpoints: Vec<Checkpoint>,
-    /// The checkpoint the VM's current state descends from; `None` when it descends from none.
-    pub now: Option<CheckpointId>,
-}
-
-impl Default for CheckpointTree {
-    fn default() -> Self {
-        CheckpointTree {
-            version: TREE_VERSION,
-            checkpoints: Vec::new(),
-            now: None,
-        }
-    }
-}
-
-impl CheckpointTree {
+/// `tree.json` on disk: load with validation, save atomically.
+pub trait TreeFile: Sized {
     /// Loads and validates `path`; a missing file is an empty tree.
-    pub fn load(path: &Path) -> Result<Self> {
+    fn load(path: &Path) -> Result<Self>;
+    /// Writes the tree atomically.
+    fn save(&self, path: &Path) -> Result<()>;
+}
+
+impl TreeFile for CheckpointTree {
+    fn load(path: &Path) -> Result<Self> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
@@ -137,123 +40,25 @@ impl CheckpointTree {
         Ok(tree)
     }
 
-    /// Writes the tree atomically.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(|source| Error::Corrupt {
             path: path.to_path_buf(),
             source,
         })?;
         write_atomic(path, &json)
     }
-
-    /// Checks the rules: known version, unique ids, parents and "Now" exist, no cycles, names valid.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.version != TREE_VERSION {
-            return Err(format!("unknown version {}", self.version));
-        }
-        let mut ids = HashSet::new();
-        for cp in &self.checkpoints {
-            if !ids.insert(cp.id) {
-                return Err(format!("checkpoint {} appears twice", cp.id));
-            }
-            validate_name(&cp.name).map_err(|e| e.to_string())?;
-        }
-        for cp in &self.checkpoints {
-            if let Some(parent) = cp.parent
-                && !ids.contains(&parent)
-            {
-                return Err(format!("checkpoint {} has unknown parent {parent}", cp.id));
-            }
-            // Walking up must end within as many steps as there are nodes.
-            let mut current = cp.parent;
-            let mut steps = 0;
-            while let Some(p) = current {
-                steps += 1;
-                if steps > self.checkpoints.len() {
-                    return Err(format!("checkpoint {} is in a parent loop", cp.id));
-                }
-                current = self.get(p).and_then(|c| c.parent);
-            }
-        }
-        if let Some(now) = self.now
-            && !ids.contains(&now)
-        {
-            return Err(format!("now points at unknown checkpoint {now}"));
-        }
-        Ok(())
-    }
-
-    /// The checkpoint with this id.
-    pub fn get(&self, id: CheckpointId) -> Option<&Checkpoint> {
-        self.checkpoints.iter().find(|c| c.id == id)
-    }
-
-    /// Finds a checkpoint by id or by (unique) name.
-    pub fn find(&self, id_or_name: &str) -> Result<&Checkpoint> {
-        if let Ok(id) = id_or_name.parse::<CheckpointId>()
-            && let Some(cp) = self.get(id)
-        {
-            return Ok(cp);
-        }
-        let mut named = self.checkpoints.iter().filter(|c| c.name == id_or_name);
-        match (named.next(), named.next()) {
-            (Some(cp), None) => Ok(cp),
-            (Some(_), Some(_)) => Err(Error::AmbiguousName(id_or_name.to_string())),
-            (None, _) => Err(Error::CheckpointNotFound(id_or_name.to_string())),
-        }
-    }
-
-    /// The direct children of `id`.
-    pub fn children(&self, id: CheckpointId) -> Vec<CheckpointId> {
-        self.checkpoints
-            .iter()
-            .filter(|c| c.parent == Some(id))
-            .map(|c| c.id)
-            .collect()
-    }
-
-    /// `id` and everything below it, children before parents (the order to delete them in).
-    pub fn subtree_post_order(&self, id: CheckpointId) -> Vec<CheckpointId> {
-        let mut out = Vec::new();
-        for child in self.children(id) {
-            out.extend(self.subtree_post_order(child));
-        }
-        out.push(id);
-        out
-    }
-
-    /// Removes `id`: its children take its parent, and "Now" moves to its parent if it was `id`.
-    pub fn remove(&mut self, id: CheckpointId) {
-        let Some(parent) = self.get(id).map(|c| c.parent) else {
-            return;
-        };
-        for cp in &mut self.checkpoints {
-            if cp.parent == Some(id) {
-                cp.parent = parent;
-            }
-        }
-        if self.now == Some(id) {
-            self.now = parent;
-        }
-        self.checkpoints.retain(|c| c.id != id);
-    }
 }
 
 /// Checks a checkpoint name: 1..=100 characters, no control characters.
 pub fn validate_name(name: &str) -> Result<()> {
-    let len = name.chars().count();
-    if len == 0 || len > MAX_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(Error::InvalidName(
-            name.chars().take(MAX_NAME_LEN).collect(),
-        ));
-    }
-    Ok(())
+    vmm_core::checkpoint::validate_name(name).map_err(Error::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::SystemTime;
 
     fn cp(parent: Option<CheckpointId>, name: &str) -> Checkpoint {
         Checkpoint {

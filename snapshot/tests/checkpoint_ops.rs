@@ -145,7 +145,7 @@ fn rename_changes_only_the_name() {
     assert_eq!(tree.find("new name").expect("found").id, cp.id);
     assert!(matches!(
         tree.find("old"),
-        Err(Error::CheckpointNotFound(_))
+        Err(vmm_core::CheckpointError::NotFound(_))
     ));
 }
 

@@ -8,14 +8,15 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::disk::{Disk, create_overlay};
-use crate::durable::{copy_dir, remove_dir_all, remove_file, rename, size_of};
+use crate::durable::{link_dir, remove_dir_all, remove_file, rename, size_of};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::folder::{MEMORY_FILE, STATE_DIR, STATE_FILE, VmFolder, write_config};
 use crate::journal::{JOURNAL_VERSION, JournalEntry, Operation, Stage};
 use crate::ops::{begin, checkpoint_disks, layered, new_layer_path, owned_layers};
 use crate::progress::Progress;
 use crate::tree::CheckpointId;
+use crate::tree::TreeFile;
+use vmm_core::fault::point as fault_point;
 
 /// Applies checkpoint `id` to the VM in `folder` (which must not be running).
 pub fn apply_checkpoint(
@@ -83,7 +84,7 @@ pub fn apply_checkpoint(
             let staging = folder.state_staging_dir();
             remove_dir_all(&staging)?;
             progress.add_total(size_of(&cp_state));
-            copy_dir(&cp_state, &staging, progress)?;
+            link_dir(&cp_state, &staging, progress)?;
             fault_point("snapshot.apply-state-copied");
         }
         Ok(())

@@ -8,23 +8,17 @@ use std::time::SystemTime;
 use serde_json::Value;
 
 use crate::disk::create_overlay;
-use crate::durable::{copy_dir, remove_dir_all, remove_file, rename, size_of};
+use crate::durable::{link_dir, remove_dir_all, remove_file, rename, size_of};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::folder::{CONFIG_FILE, STATE_DIR, VmFolder, write_config};
 use crate::journal::{JOURNAL_VERSION, JournalEntry, Operation, Stage};
 use crate::ops::{begin, layered, new_layer_path};
 use crate::progress::Progress;
+use crate::tree::TreeFile;
 use crate::tree::{Checkpoint, CheckpointId, CheckpointType, Consistency, validate_name};
+use vmm_core::fault::point as fault_point;
 
-/// What to create.
-#[derive(Debug, Clone)]
-pub struct CreateRequest {
-    /// The name; `None` gives Hyper-V's default `"<VM name> (MM/DD/YYYY - hh:mm:ss AM/PM)"`.
-    pub name: Option<String>,
-    /// The type asked for.
-    pub checkpoint_type: CheckpointType,
-}
+pub use vmm_core::checkpoint::CreateRequest;
 
 /// Creates a checkpoint of the (Off or Saved) VM in `folder`; returns it.
 pub fn create_checkpoint(
@@ -122,7 +116,7 @@ fn write_checkpoint_folder(
     write_config(&staging.join(CONFIG_FILE), config)?;
     if saved {
         progress.add_total(size_of(&folder.state_dir()));
-        copy_dir(&folder.state_dir(), &staging.join(STATE_DIR), progress)?;
+        link_dir(&folder.state_dir(), &staging.join(STATE_DIR), progress)?;
         fault_point("snapshot.create-state-copied");
     }
     rename(&staging, &folder.checkpoint_dir(id))
@@ -158,7 +152,7 @@ pub(crate) fn roll_back(
 
 /// Hyper-V's default checkpoint name: `"<VM name> (MM/DD/YYYY - hh:mm:ss AM/PM)"` (UTC here),
 /// cut to 100 characters.
-fn default_name(config: &Value, at: SystemTime) -> String {
+pub(crate) fn default_name(config: &Value, at: SystemTime) -> String {
     let vm = config.get("name").and_then(Value::as_str).unwrap_or("VM");
     let secs = at
         .duration_since(SystemTime::UNIX_EPOCH)

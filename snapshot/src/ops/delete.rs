@@ -16,12 +16,13 @@ use crate::commit::commit_into_backing;
 use crate::disk::{Disk, DiskFormat};
 use crate::durable::{remove_dir_all, remove_file, rename};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::folder::VmFolder;
 use crate::journal::{JOURNAL_VERSION, JournalEntry, Operation, Stage};
 use crate::ops::{begin, checkpoint_disks, layered, owned_layers};
 use crate::progress::Progress;
 use crate::tree::CheckpointId;
+use crate::tree::TreeFile;
+use vmm_core::fault::point as fault_point;
 
 /// Deletes checkpoint `id` (merging its layers).
 pub fn delete_checkpoint(

@@ -13,29 +13,13 @@ use uuid::Uuid;
 use crate::disk::{Disk, backing_chain, create_qcow2, open_disk};
 use crate::durable::{copy_file, create_dir_all, remove_dir_all, rename, size_of, sync_dir};
 use crate::error::{Error, Result};
-use crate::fault::fault_point;
 use crate::folder::{CONFIG_FILE, VmFolder, read_config, write_config};
 use crate::journal::{JOURNAL_VERSION, JournalEntry, Operation, Stage};
 use crate::ops::{begin, checkpoint_disks, layered};
 use crate::progress::Progress;
+use vmm_core::fault::point as fault_point;
 
-/// How disks are exported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportMode {
-    /// One standalone qcow2 per disk holding the current contents; no checkpoints.
-    Flattened,
-    /// Every layer as it is, with the checkpoint tree and every checkpoint.
-    Chained,
-}
-
-/// How an import names the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImportMode {
-    /// A fresh VM id (Hyper-V's `Import-VM -Copy -GenerateNewId`).
-    NewId,
-    /// The id in the export (fails if the store has it already).
-    SameId,
-}
+pub use vmm_core::checkpoint::{ExportMode, ImportMode};
 
 const CHUNK: usize = 1 << 20;
 

@@ -5,6 +5,7 @@ pub mod create;
 pub mod delete;
 pub mod export;
 pub mod recover;
+pub mod running;
 
 use std::path::{Path, PathBuf};
 

@@ -7,16 +7,7 @@ use crate::folder::VmFolder;
 use crate::journal::{JournalEntry, Operation, Stage};
 use crate::progress::NoProgress;
 
-/// What [`recover`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// No operation was in flight.
-    Clean,
-    /// The named operation had not reached its commit point and was undone.
-    RolledBack(&'static str),
-    /// The named operation had passed its commit point and was finished.
-    RolledForward(&'static str),
-}
+pub use vmm_core::checkpoint::Recovery;
 
 /// Finishes or rolls back what a crash left in the VM folder `vm_dir`. Call it before any other
 /// operation on the folder after a daemon start; it is idempotent (a crash during recovery is
@@ -70,6 +61,18 @@ pub fn recover(vm_dir: &Path) -> Result<Recovery> {
                 with_state,
             )?;
             return Ok(Recovery::RolledForward(name));
+        }
+        (
+            _,
+            Operation::CreateRunning {
+                checkpoint,
+                new_layers,
+                new_config,
+            },
+        ) => {
+            if super::running::recover(&folder, &checkpoint, &new_layers, &new_config)? {
+                return Ok(Recovery::RolledForward(name));
+            }
         }
         (_, Operation::Delete { checkpoints }) => {
             super::delete::finish(&folder, &checkpoints, &mut NoProgress)?;
