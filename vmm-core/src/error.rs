@@ -97,6 +97,12 @@ pub enum Error {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// The snapshot service refused or failed a checkpoint operation.
+    #[error("checkpoint operation failed")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// Checkpoints were asked for but no snapshot service is installed.
+    #[error("this service has no checkpoint support (no snapshot service installed)")]
+    NoSnapshotService,
     /// The operating system refused to start a thread for an operation.
     #[error("cannot start an operation thread")]
     Thread(#[source] std::io::Error),

@@ -148,6 +148,19 @@ pub enum JobKind {
     /// off if it cannot be asked or does not comply in time (then the job completes with
     /// warnings that say so).
     Shutdown,
+    /// `Msvm_VirtualSystemSnapshotService.CreateSnapshot`.
+    CreateSnapshot,
+    /// `ApplySnapshot`.
+    ApplySnapshot,
+    /// `DestroySnapshot`: delete one checkpoint, merging its disk layers.
+    DestroySnapshot,
+    /// `DestroySnapshotTree`.
+    DestroySnapshotTree,
+    /// `Msvm_VirtualSystemManagementService.ExportSystemDefinition`.
+    ExportSystem,
+    /// The `AutomaticRecoveryAction` revert-to-checkpoint after the worker was lost: the newest
+    /// checkpoint is applied and the VM started.
+    RecoveryRevert,
 }
 
 /// How a job ended, as its owner reports it.
@@ -169,6 +182,12 @@ impl JobKind {
             JobKind::AutomaticStart => "Automatic start".to_owned(),
             JobKind::RecoveryRestart => "Automatic recovery: restart".to_owned(),
             JobKind::Shutdown => "Shutting down the guest".to_owned(),
+            JobKind::CreateSnapshot => "Creating checkpoint".to_owned(),
+            JobKind::ApplySnapshot => "Applying checkpoint".to_owned(),
+            JobKind::DestroySnapshot => "Deleting checkpoint".to_owned(),
+            JobKind::DestroySnapshotTree => "Deleting checkpoint subtree".to_owned(),
+            JobKind::ExportSystem => "Exporting virtual machine".to_owned(),
+            JobKind::RecoveryRevert => "Automatic recovery: revert to checkpoint".to_owned(),
         }
     }
 }
@@ -302,6 +321,16 @@ impl JobTable {
         drop(jobs);
         self.changed.notify_all();
         Some(snapshot)
+    }
+
+    /// Sets a running job's `PercentComplete` (below 100: only finishing completes a job).
+    pub(crate) fn set_progress(&self, id: JobId, percent: u8) {
+        let mut jobs = self.lock();
+        if let Some(record) = jobs.get_mut(&id)
+            && record.ended.is_none()
+        {
+            record.job.percent_complete = percent.min(99);
+        }
     }
 
     /// One job.

@@ -81,6 +81,7 @@
 pub mod atomic_file;
 mod catalog;
 pub mod checkpoint;
+mod checkpoint_ops;
 mod config;
 mod error;
 mod event;

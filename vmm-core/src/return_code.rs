@@ -44,12 +44,26 @@ pub fn return_code(error: &Error) -> ReturnCode {
         Error::JobNotFound(_) => ReturnCode::InvalidParameter,
         Error::JobTimeout { .. } => ReturnCode::Timeout,
         Error::Thread(_) => ReturnCode::Failed,
+        Error::Checkpoint(error) => checkpoint_code(error),
+        Error::NoSnapshotService => ReturnCode::NotSupported,
     }
 }
 
 impl From<&Error> for ReturnCode {
     fn from(error: &Error) -> Self {
         return_code(error)
+    }
+}
+
+/// The return code of a checkpoint operation's failure.
+pub(crate) fn checkpoint_code(error: &crate::checkpoint::CheckpointError) -> ReturnCode {
+    use crate::checkpoint::CheckpointError as E;
+    match error {
+        E::NotFound(_) | E::AmbiguousName(_) | E::InvalidName(_) | E::InvalidParameter(_) => {
+            ReturnCode::InvalidParameter
+        }
+        E::InvalidState(_) => ReturnCode::InvalidState,
+        _ => ReturnCode::Failed,
     }
 }
 

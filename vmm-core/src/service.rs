@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use crate::catalog::{Catalog, ComputerSystem, VmRecord};
+use crate::checkpoint::VirtualSystemSnapshotService;
 use crate::config::{CONFIG_VERSION, VmConfig, VmId};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBus, EventKind};
@@ -33,7 +34,7 @@ pub use crate::supervision::{MAX_RECOVERY_RESTARTS, RECOVERY_WINDOW, StartupRepo
 /// running and a new service finds them with [`recover_on_start`](Self::recover_on_start).
 #[derive(Debug, Clone)]
 pub struct VirtualSystemManagementService {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// State shared by the service handle, operation threads and the worker-event thread.
@@ -49,6 +50,8 @@ pub(crate) struct Inner {
     pub(crate) jobs: JobTable,
     pub(crate) events: EventBus,
     pub(crate) worker_events: Sender<WorkerMessage>,
+    /// Checkpoint operations' files; set once by the integrator.
+    pub(crate) snapshots: OnceLock<Arc<dyn VirtualSystemSnapshotService>>,
     /// Set by the first `recover_on_start`; later calls do nothing.
     recovered: AtomicBool,
 }
@@ -84,6 +87,7 @@ impl VirtualSystemManagementService {
             jobs: JobTable::default(),
             events: EventBus::default(),
             worker_events,
+            snapshots: OnceLock::new(),
             recovered: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);

@@ -310,24 +310,20 @@ fn recover(inner: &Arc<Inner>, record: &mut VmRecord) {
     match action {
         AutomaticRecoveryAction::None => {}
         AutomaticRecoveryAction::RevertToSnapshot => {
-            events.publish(
-                record.id,
-                skipped("revert to checkpoint is not supported yet".into()),
-            );
-        }
-        AutomaticRecoveryAction::Restart => {
-            record
-                .recoveries
-                .retain(|at| at.elapsed() < RECOVERY_WINDOW);
-            if record.recoveries.len() >= MAX_RECOVERY_RESTARTS {
-                let reason = format!(
-                    "{MAX_RECOVERY_RESTARTS} restarts within {} minutes",
-                    RECOVERY_WINDOW.as_secs() / 60
-                );
+            if let Some(reason) = restart_limit_reached(record) {
                 events.publish(record.id, skipped(reason));
                 return;
             }
-            record.recoveries.push(Instant::now());
+            events.publish(record.id, EventKind::RecoveryStarted { action });
+            if let Err(reason) = crate::checkpoint_ops::begin_revert(inner, record) {
+                events.publish(record.id, skipped(reason));
+            }
+        }
+        AutomaticRecoveryAction::Restart => {
+            if let Some(reason) = restart_limit_reached(record) {
+                events.publish(record.id, skipped(reason));
+                return;
+            }
             events.publish(record.id, EventKind::RecoveryStarted { action });
             let (code, _job) = operation::begin(
                 inner,
@@ -340,6 +336,22 @@ fn recover(inner: &Arc<Inner>, record: &mut VmRecord) {
             }
         }
     }
+}
+
+/// Restart-loop protection shared by the recovery actions that start the VM again: counts this
+/// attempt, or says why there is none.
+fn restart_limit_reached(record: &mut VmRecord) -> Option<String> {
+    record
+        .recoveries
+        .retain(|at| at.elapsed() < RECOVERY_WINDOW);
+    if record.recoveries.len() >= MAX_RECOVERY_RESTARTS {
+        return Some(format!(
+            "{MAX_RECOVERY_RESTARTS} restarts within {} minutes",
+            RECOVERY_WINDOW.as_secs() / 60
+        ));
+    }
+    record.recoveries.push(Instant::now());
+    None
 }
 
 /// Re-attaches live workers and applies automatic start actions, VM by VM.
@@ -370,6 +382,13 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
         _ => None,
     };
     let untidy = reconcile_saved_state(inner, id, found.as_ref().ok(), status).err();
+    // A checkpoint operation the previous service left half done: finished or undone now,
+    // after the re-attach so that a worker still taking a running checkpoint is waited for.
+    let interrupted = crate::checkpoint_ops::recover_interrupted(inner, id);
+    let reloaded = match &interrupted {
+        Ok(true) => inner.store.read_config(id).ok(),
+        _ => None,
+    };
     let saved = inner.store.has_saved_state(id);
     let was_running = inner.store.running_marker(id);
 
@@ -382,6 +401,17 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
         let text = format!("cannot tidy saved state: {}", error_chain(&error));
         record.status_description = Some(text.clone());
         report.failed.push((id, text));
+    }
+    if let Err(error) = &interrupted {
+        let text = format!(
+            "cannot recover a checkpoint operation: {}",
+            error_chain(error)
+        );
+        record.status_description = Some(text.clone());
+        report.failed.push((id, text));
+    }
+    if let Some(config) = reloaded {
+        record.config = Some(config);
     }
     match found {
         Ok(Some(worker)) => {
