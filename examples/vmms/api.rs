@@ -36,6 +36,8 @@ pub enum Request {
     GetEvents { target: Option<String> },
     /// The daemon exits; running VMs keep running.
     StopDaemon,
+    /// A checkpoint, export or import verb.
+    Checkpoint { call: crate::checkpoint::CheckpointCall },
 }
 
 /// What `new-vm` defines.
@@ -48,7 +50,11 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
     pub disks: Vec<PathBuf>,
-    /// `none` or `restart`.
+    /// Size in bytes of a new empty qcow2 disk `disks/disk0.qcow2` (`New-VM -NewVHDSizeBytes`),
+    /// attached before `disks`.
+    #[serde(default)]
+    pub new_disk: Option<u64>,
+    /// `none`, `restart` or `revert` (to the newest checkpoint).
     pub recovery: String,
 }
 

@@ -318,7 +318,7 @@ fn store_unlocked(store: &Path) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
 }
 
-fn print_json<T: serde::Serialize>(value: &T) {
+pub fn print_json<T: serde::Serialize>(value: &T) {
     let mut value = match serde_json::to_value(value) {
         Ok(value) => value,
         Err(e) => return eprintln!("cannot encode output: {e}"),

@@ -35,6 +35,9 @@ pub struct ServeOptions {
     pub timeouts: Timeouts,
 }
 
+/// The file name of `new-vm --new-disk`'s disk in the VM's `disks/` folder.
+const NEW_DISK: &str = "disk0.qcow2";
+
 /// The daemon's state shared by its client threads.
 struct Daemon {
     store: PathBuf,
@@ -96,6 +99,7 @@ pub fn serve(
     // Opening the store also makes its root and top folders 0700.
     let vmms = VirtualSystemManagementService::open(&store, as_launcher)
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
+    vmms.set_snapshot_service(Arc::new(snapshot::FolderSnapshotService));
     let daemon = Arc::new(Daemon {
         store: store.clone(),
         events: Mutex::new(open_event_history(&store)),
@@ -300,6 +304,9 @@ impl Daemon {
                 json(&list)
             }
             Request::StopDaemon => serde_json::Value::Null,
+            Request::Checkpoint { call } => {
+                crate::checkpoint::serve(&self.vmms, |t| self.resolve(t), call)?
+            }
         };
         Ok(value)
     }
@@ -360,15 +367,47 @@ impl Daemon {
         config.automatic_recovery_action = match spec.recovery.as_str() {
             "none" => AutomaticRecoveryAction::None,
             "restart" => AutomaticRecoveryAction::Restart,
+            "revert" => AutomaticRecoveryAction::RevertToSnapshot,
             other => {
                 return Err(ApiError::with_code(
                     ReturnCode::InvalidParameter.code(),
-                    format!("unknown recovery action '{other}' (none, restart)"),
+                    format!("unknown recovery action '{other}' (none, restart, revert)"),
                 ));
             }
         };
-        let id = self.vmms.define_system(config).map_err(api)?;
+        let id = match spec.new_disk {
+            None => self.vmms.define_system(config).map_err(api)?,
+            Some(size) => self.define_with_new_disk(config, size)?,
+        };
         Ok(self.view(self.vmms.get_vm(id).map_err(api)?))
+    }
+
+    /// `New-VM -NewVHDSizeBytes`: the VM is defined, its new disk made in its own folder and
+    /// attached first; if the disk cannot be made the VM is removed again.
+    fn define_with_new_disk(&self, config: VmConfig, size: u64) -> Result<VmId, ApiError> {
+        let mut bare = config.clone();
+        bare.disks.clear();
+        let id = self.vmms.define_system(bare).map_err(api)?;
+        let attached = self
+            .vmms
+            .create_disk(id, NEW_DISK, size)
+            .and_then(|_| {
+                let mut full = config;
+                full.id = id;
+                full.disks.insert(
+                    0,
+                    DiskConfig {
+                        path: PathBuf::from(NEW_DISK),
+                        read_only: false,
+                    },
+                );
+                self.vmms.modify_system_settings(full)
+            });
+        if let Err(error) = attached {
+            let _ = self.vmms.destroy_system(id);
+            return Err(api(error));
+        }
+        Ok(id)
     }
 
     fn change_state(&self, target: &str, state: u16) -> Result<StateChange, ApiError> {

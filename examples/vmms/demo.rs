@@ -105,6 +105,7 @@ fn spec() -> VmSpec {
         initrd: None,
         cmdline: None,
         disks: Vec::new(),
+        new_disk: None,
         recovery: "restart".into(),
     }
 }

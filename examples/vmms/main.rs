@@ -35,6 +35,7 @@ macro_rules! log {
 }
 
 mod api;
+mod checkpoint;
 mod cim;
 mod cli;
 mod console;
@@ -129,11 +130,15 @@ enum Verb {
         /// Kernel command line (default `console=ttyS0`).
         #[arg(long, requires = "kernel")]
         cmdline: Option<String>,
-        /// A raw disk image (repeatable); a relative path is taken from the current folder.
+        /// A raw or qcow2 disk image (repeatable); a relative path is taken from the current
+        /// folder.
         #[arg(long)]
         disk: Vec<PathBuf>,
-        /// What to do when the VM's worker fails.
-        #[arg(long, default_value = "restart", value_parser = ["none", "restart"])]
+        /// Create a new empty qcow2 disk of this size (e.g. `64M`, `1G`) as the first disk.
+        #[arg(long, value_parser = parse_size)]
+        new_disk: Option<u64>,
+        /// What to do when the VM's worker fails (revert: to its newest checkpoint, then start).
+        #[arg(long, default_value = "restart", value_parser = ["none", "restart", "revert"])]
         recovery: String,
     },
     /// Show VMs: state, its EnabledState code, health, CPUs, memory, worker PID, uptime.
@@ -171,6 +176,8 @@ enum Verb {
     GetVmEvent { target: Option<String> },
     /// Stop the daemon; running VMs keep running.
     StopDaemon,
+    #[command(flatten)]
+    Checkpoint(checkpoint::CheckpointVerb),
 }
 
 fn main() -> ExitCode {
@@ -229,6 +236,7 @@ fn main() -> ExitCode {
             initrd,
             cmdline,
             disk,
+            new_disk,
             recovery,
         } => {
             // The daemon and its workers run elsewhere: paths must not depend on this folder.
@@ -241,6 +249,7 @@ fn main() -> ExitCode {
                 initrd: initrd.map(absolute),
                 cmdline,
                 disks: disk.into_iter().map(absolute).collect(),
+                new_disk,
                 recovery,
             })
         }
@@ -268,6 +277,7 @@ fn main() -> ExitCode {
         Verb::Console { target } => console_verb(&cli("console", Some(target))),
         Verb::GetVmEvent { target } => cli("get-vm-event", target).get_events(),
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
+        Verb::Checkpoint(verb) => checkpoint::run(&store, output, verb),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -278,6 +288,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A size with an optional binary suffix: `65536`, `64K`, `64M`, `2G` (Hyper-V's
+/// `-NewVHDSizeBytes 64MB`).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 64M)"))?;
+    let shift = match suffix.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown size suffix {suffix:?} (K, M, G, T)")),
+    };
+    number
+        .checked_shl(shift)
+        .filter(|n| n >> shift == number)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn plain(verb: &'static str, message: String) -> CliError {
