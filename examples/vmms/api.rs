@@ -37,7 +37,9 @@ pub enum Request {
     /// The daemon exits; running VMs keep running.
     StopDaemon,
     /// A checkpoint, export or import verb.
-    Checkpoint { call: crate::checkpoint::CheckpointCall },
+    Checkpoint {
+        call: crate::checkpoint::CheckpointCall,
+    },
 }
 
 /// What `new-vm` defines.

@@ -388,21 +388,18 @@ impl Daemon {
         let mut bare = config.clone();
         bare.disks.clear();
         let id = self.vmms.define_system(bare).map_err(api)?;
-        let attached = self
-            .vmms
-            .create_disk(id, NEW_DISK, size)
-            .and_then(|_| {
-                let mut full = config;
-                full.id = id;
-                full.disks.insert(
-                    0,
-                    DiskConfig {
-                        path: PathBuf::from(NEW_DISK),
-                        read_only: false,
-                    },
-                );
-                self.vmms.modify_system_settings(full)
-            });
+        let attached = self.vmms.create_disk(id, NEW_DISK, size).and_then(|_| {
+            let mut full = config;
+            full.id = id;
+            full.disks.insert(
+                0,
+                DiskConfig {
+                    path: PathBuf::from(NEW_DISK),
+                    read_only: false,
+                },
+            );
+            self.vmms.modify_system_settings(full)
+        });
         if let Err(error) = attached {
             let _ = self.vmms.destroy_system(id);
             return Err(api(error));

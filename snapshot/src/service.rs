@@ -115,7 +115,7 @@ impl VirtualSystemSnapshotService for FolderSnapshotService {
         mode: ImportMode,
         progress: &mut dyn Progress,
     ) -> Result<VmId, CheckpointError> {
-        Ok(VmId::from_uuid(import_vm(source, vms_dir, mode, progress)?))
+        Ok(import_vm(source, vms_dir, mode, progress)?)
     }
 
     fn create_disk(&self, path: &Path, size: u64) -> Result<(), CheckpointError> {

@@ -563,3 +563,65 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+impl Daemon {
+    /// Types `command` on running VM `target`'s console and waits for a line containing
+    /// `answer`; returns everything seen.
+    pub fn console_command(&self, target: &str, command: &str, answer: &str) -> String {
+        use std::io::{Read, Write};
+        let id = self.vm(target)["id"].as_str().expect("id").to_owned();
+        let socket = self.path().join(format!("run/{id}/console.sock"));
+        let mut console = std::os::unix::net::UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("console {}: {e}", socket.display()));
+        console
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        console
+            .write_all(format!("\r{command}\r").as_bytes())
+            .expect("type");
+        let deadline = Instant::now() + TIMEOUT * 4;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(answer) {
+            assert!(
+                Instant::now() < deadline,
+                "no '{answer}' after '{command}' on {target}'s console: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            if let Ok(n) = console.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+}
+
+/// Runs `qemu-img check` on every qcow2 image under `dir` and insists it finds nothing.
+pub fn qemu_img_check_all(dir: &Path) {
+    let mut images = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "qcow2") {
+                images.push(path);
+            }
+        }
+    }
+    for image in images {
+        let out = Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(&image)
+            .output()
+            .expect("qemu-img runs (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "qemu-img check {}: {}{}",
+            image.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

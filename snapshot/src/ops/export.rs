@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use uuid::Uuid;
+use vmm_core::VmId;
 
 use crate::disk::{Disk, backing_chain, create_qcow2, open_disk};
 use crate::durable::{copy_file, create_dir_all, remove_dir_all, rename, size_of, sync_dir};
@@ -181,14 +181,14 @@ pub fn import_vm(
     vms_dir: &Path,
     mode: ImportMode,
     progress: &mut dyn Progress,
-) -> Result<Uuid> {
+) -> Result<VmId> {
     let config = read_config(&source.join(CONFIG_FILE))?;
     let id = match mode {
-        ImportMode::NewId => Uuid::new_v4(),
+        ImportMode::NewId => VmId::new_random(),
         ImportMode::SameId => config
             .get("id")
             .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok())
+            .and_then(|s| s.parse::<VmId>().ok())
             .ok_or_else(|| Error::Invalid {
                 path: source.join(CONFIG_FILE),
                 reason: "no VM id".into(),
@@ -222,9 +222,10 @@ pub fn import_vm(
     result.map(|()| id)
 }
 
-fn set_id(config_path: &Path, id: Uuid) -> Result<()> {
+/// Writes `id` into a config the way vmm-core names VMs (its folder name is the same text).
+fn set_id(config_path: &Path, id: VmId) -> Result<()> {
     let mut config = read_config(config_path)?;
-    config["id"] = Value::String(id.hyphenated().to_string());
+    config["id"] = Value::String(id.to_string());
     write_config(config_path, &config)
 }
 

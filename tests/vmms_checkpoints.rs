@@ -1,0 +1,317 @@
+//! Checkpoints through the daemon and the CLI: the checkpoint tree of offline, saved and running
+//! VMs, apply, delete (merge), export/import into another daemon, bad input, crashes in the
+//! middle of an operation and the revert-to-checkpoint recovery action. Real daemon, real
+//! workers, the test guest, the real `qemu-img`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod vmms_common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use vmms_common::{Daemon, qemu_img_check_all, wait_until};
+
+/// `get-vm-checkpoint TARGET -o json`.
+fn tree(daemon: &Daemon, target: &str) -> Value {
+    let text = daemon.ok(&["get-vm-checkpoint", target, "--output", "json"]);
+    serde_json::from_str(&text).expect("get-vm-checkpoint json")
+}
+
+/// The checkpoint named `name` in `tree`.
+fn node<'a>(tree: &'a Value, name: &str) -> &'a Value {
+    tree["checkpoints"]
+        .as_array()
+        .expect("checkpoints")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no checkpoint {name} in {tree}"))
+}
+
+fn names(tree: &Value) -> Vec<String> {
+    let mut names: Vec<String> = tree["checkpoints"]
+        .as_array()
+        .expect("checkpoints")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name").to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn vm_dir(daemon: &Daemon, target: &str) -> PathBuf {
+    let id = daemon.vm(target)["id"].as_str().expect("id").to_owned();
+    daemon.path().join("vms").join(id)
+}
+
+fn qcow2_layers(dir: &Path) -> usize {
+    fs::read_dir(dir.join("disks"))
+        .expect("disks")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+        .count()
+}
+
+#[test]
+fn new_disk_is_a_qcow2_image_in_the_vm_folder() {
+    let daemon = Daemon::start();
+
+    daemon.new_vm("d", &["--new-disk", "8M"]);
+
+    let dir = vm_dir(&daemon, "d");
+    let image = dir.join("disks/disk0.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output", "json"])
+        .arg(&image)
+        .output()
+        .expect("qemu-img");
+    let info: Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 8 << 20);
+    let config = &daemon.vm("d")["config"]["disks"][0]["path"];
+    assert_eq!(config, "disk0.qcow2");
+    qemu_img_check_all(&dir);
+}
+
+#[test]
+fn bad_new_disk_size_is_refused_and_defines_nothing() {
+    let daemon = Daemon::start();
+
+    let refusal = daemon.fails(&["new-vm", "d", "--new-disk", "12Q"]);
+
+    assert!(refusal.contains("size suffix"), "{refusal}");
+    assert!(daemon.vms().is_empty());
+}
+
+#[test]
+fn offline_tree_branches_merges_and_deletes_subtrees() {
+    let daemon = Daemon::start();
+    daemon.new_vm("t", &["--new-disk", "8M"]);
+    let dir = vm_dir(&daemon, "t");
+
+    daemon.ok(&["checkpoint-vm", "t", "--name", "a"]);
+    daemon.ok(&["checkpoint-vm", "t", "--name", "b"]);
+    daemon.ok(&["restore-vm-checkpoint", "t", "a"]);
+    daemon.ok(&["checkpoint-vm", "t", "--name", "c"]);
+    qemu_img_check_all(&dir);
+    let three = tree(&daemon, "t");
+    let (a, b, c) = (node(&three, "a"), node(&three, "b"), node(&three, "c"));
+    assert_eq!(b["parent"], a["id"]);
+    assert_eq!(c["parent"], a["id"]);
+    assert_eq!(three["now"], c["id"]);
+    assert_eq!(
+        (a["now_descends"].as_bool(), b["now_descends"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let layers_before = qcow2_layers(&dir);
+
+    daemon.ok(&["rename-vm-checkpoint", "t", "b", "b2"]);
+    daemon.ok(&["remove-vm-checkpoint", "t", "a"]);
+    qemu_img_check_all(&dir);
+    let merged = tree(&daemon, "t");
+    assert_eq!(names(&merged), ["b2", "c"]);
+    assert!(node(&merged, "b2")["parent"].is_null());
+    assert!(node(&merged, "c")["parent"].is_null());
+    assert!(qcow2_layers(&dir) < layers_before, "the chain shrank");
+
+    daemon.ok(&["remove-vm-checkpoint", "t", "c", "--include-children"]);
+    qemu_img_check_all(&dir);
+    assert_eq!(names(&tree(&daemon, "t")), ["b2"]);
+    assert!(tree(&daemon, "t")["now"].is_null());
+}
+
+#[test]
+fn checkpoint_of_a_saved_vm_applies_back_to_its_saved_state() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("s", &["--recovery", "none"]);
+    daemon.ok(&["start-vm", "s"]);
+    daemon.counter_above("s", 0);
+    daemon.ok(&["save-vm", "s"]);
+    let id = daemon.vm("s")["id"].as_str().expect("id").to_owned();
+    let at_checkpoint = daemon.saved_counter(&id);
+    daemon.ok(&["checkpoint-vm", "s", "--name", "saved"]);
+    daemon.ok(&["start-vm", "s"]);
+    daemon.counter_above("s", at_checkpoint + 1000);
+    daemon.ok(&["stop-vm", "s", "--turn-off"]);
+
+    daemon.ok(&["restore-vm-checkpoint", "s", "saved"]);
+
+    assert_eq!(daemon.vm("s")["enabled_state"], 6, "Saved");
+    assert_eq!(daemon.saved_counter(&id), at_checkpoint);
+    daemon.ok(&["start-vm", "s"]);
+    let resumed = daemon.counter("s");
+    assert!(resumed >= at_checkpoint, "{resumed} < {at_checkpoint}");
+    daemon.ok(&["stop-vm", "s", "--turn-off"]);
+}
+
+#[test]
+fn apply_and_production_only_on_a_running_vm_are_refused() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("r", &["--recovery", "none"]);
+    daemon.ok(&["checkpoint-vm", "r", "--name", "off"]);
+    daemon.ok(&["start-vm", "r"]);
+
+    let refusal = daemon.fails(&["restore-vm-checkpoint", "r", "off"]);
+    let production_only = daemon.fails(&["checkpoint-vm", "r", "--type", "production-only"]);
+
+    assert!(refusal.contains("32775"), "{refusal}");
+    assert!(
+        production_only.contains("quiescing") && production_only.contains("32775"),
+        "{production_only}"
+    );
+    assert_eq!(names(&tree(&daemon, "r")), ["off"]);
+    assert_eq!(daemon.vm("r")["enabled_state"], 2);
+    daemon.ok(&["stop-vm", "r", "--turn-off"]);
+}
+
+#[test]
+fn unknown_checkpoint_and_bad_names_are_clear_errors() {
+    let daemon = Daemon::start();
+    daemon.new_vm("n", &[]);
+    daemon.ok(&["checkpoint-vm", "n", "--name", "x"]);
+    daemon.ok(&["checkpoint-vm", "n", "--name", "x"]);
+
+    let unknown = daemon.fails(&["restore-vm-checkpoint", "n", "nope"]);
+    let ambiguous = daemon.fails(&["remove-vm-checkpoint", "n", "x"]);
+    let empty = daemon.fails(&["checkpoint-vm", "n", "--name", ""]);
+    let bad_type = daemon.fails(&["checkpoint-vm", "n", "--type", "fast"]);
+
+    assert!(unknown.contains("no checkpoint nope"), "{unknown}");
+    assert!(ambiguous.contains("ambiguous"), "{ambiguous}");
+    assert!(empty.contains("invalid checkpoint name"), "{empty}");
+    assert!(bad_type.contains("checkpoint type"), "{bad_type}");
+    assert_eq!(names(&tree(&daemon, "n")), ["x", "x"]);
+}
+
+#[test]
+fn production_checkpoints_of_an_off_vm_need_no_quiescing() {
+    let daemon = Daemon::start();
+    daemon.new_vm("p", &[]);
+
+    daemon.ok(&[
+        "checkpoint-vm",
+        "p",
+        "--name",
+        "prod",
+        "--type",
+        "production",
+    ]);
+    daemon.ok(&[
+        "checkpoint-vm",
+        "p",
+        "--name",
+        "only",
+        "--type",
+        "production-only",
+    ]);
+
+    let listed = tree(&daemon, "p");
+    let (prod, only) = (node(&listed, "prod"), node(&listed, "only"));
+    assert_eq!(
+        (&prod["type"], &prod["consistency"]),
+        (&"production".into(), &"off".into())
+    );
+    assert_eq!(only["type"], "production-only");
+}
+
+#[test]
+fn corrupt_tree_is_reported_and_leaves_other_vms_and_the_daemon_serving() {
+    let daemon = Daemon::start();
+    daemon.new_vm("bad", &[]);
+    daemon.new_vm("good", &[]);
+    daemon.ok(&["checkpoint-vm", "bad", "--name", "one"]);
+    let tree_file = vm_dir(&daemon, "bad").join("checkpoints/tree.json");
+    fs::write(&tree_file, b"{\"version\": 1, \"checkpoints\": [tru").expect("corrupt");
+
+    let listed = daemon.fails(&["get-vm-checkpoint", "bad"]);
+    let created = daemon.fails(&["checkpoint-vm", "bad", "--name", "two"]);
+
+    assert!(listed.contains("corrupt"), "{listed}");
+    assert!(created.contains("corrupt"), "{created}");
+    assert_eq!(
+        fs::read(&tree_file).expect("tree"),
+        b"{\"version\": 1, \"checkpoints\": [tru"
+    );
+    daemon.ok(&["checkpoint-vm", "good", "--name", "fine"]);
+    assert_eq!(names(&tree(&daemon, "good")), ["fine"]);
+}
+
+#[test]
+fn checkpoint_with_missing_memory_file_refuses_to_apply() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("m", &["--recovery", "none"]);
+    daemon.ok(&["start-vm", "m"]);
+    daemon.ok(&["save-vm", "m"]);
+    daemon.ok(&["checkpoint-vm", "m", "--name", "saved"]);
+    daemon.ok(&["start-vm", "m"]);
+    daemon.ok(&["stop-vm", "m", "--turn-off"]);
+    let cp = node(&tree(&daemon, "m"), "saved")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let state = vm_dir(&daemon, "m").join(format!("checkpoints/{cp}/state"));
+    fs::remove_file(state.join("memory.bin")).expect("remove memory");
+
+    let refusal = daemon.fails(&["restore-vm-checkpoint", "m", "saved"]);
+
+    assert!(refusal.contains("incomplete"), "{refusal}");
+    assert_eq!(daemon.vm("m")["enabled_state"], 3, "still Off");
+}
+
+#[test]
+fn export_and_import_into_another_daemon_keeps_the_guest_state() {
+    require_kvm!();
+    let source = Daemon::start();
+    source.new_vm("e", &["--recovery", "none"]);
+    source.ok(&["start-vm", "e"]);
+    source.counter_above("e", 0);
+    source.ok(&["save-vm", "e"]);
+    let id = source.vm("e")["id"].as_str().expect("id").to_owned();
+    let saved = source.saved_counter(&id);
+    source.ok(&["checkpoint-vm", "e", "--name", "kept"]);
+    let export = tempfile::tempdir().expect("tempdir");
+    let target = export.path().join("e-export");
+
+    source.ok(&["export-vm", "e", "--to", target.to_str().expect("utf-8")]);
+    let other = Daemon::start();
+    let imported = other.ok(&["import-vm", target.to_str().expect("utf-8")]);
+
+    assert_eq!(imported.trim(), id, "same id without --copy");
+    assert_eq!(other.vm("e")["enabled_state"], 6, "Saved");
+    assert_eq!(names(&tree(&other, "e")), ["kept"]);
+    other.ok(&["start-vm", "e"]);
+    let resumed = other.counter("e");
+    assert!(resumed >= saved, "{resumed} < {saved}");
+    other.ok(&["stop-vm", "e", "--turn-off"]);
+    let copy = other.ok(&["import-vm", target.to_str().expect("utf-8"), "--copy"]);
+    assert_ne!(copy.trim(), id, "--copy gives a new id");
+}
+
+#[test]
+fn revert_recovery_puts_a_failed_vm_back_on_its_newest_checkpoint_and_starts_it() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("v", &["--recovery", "revert"]);
+    daemon.ok(&["checkpoint-vm", "v", "--name", "older"]);
+    daemon.ok(&["start-vm", "v"]);
+    daemon.ok(&["save-vm", "v"]);
+    daemon.ok(&["checkpoint-vm", "v", "--name", "newest"]);
+    daemon.ok(&["start-vm", "v"]);
+    let first = daemon.vm("v")["process_id"].as_u64().expect("worker pid");
+
+    vmms_common::kill9(first);
+
+    wait_until("a new worker runs the reverted VM", || {
+        let vm = daemon.vm("v");
+        vm["enabled_state"] == 2 && vm["process_id"].as_u64().is_some_and(|p| p != first)
+    });
+    assert_eq!(
+        tree(&daemon, "v")["now"],
+        node(&tree(&daemon, "v"), "newest")["id"]
+    );
+    daemon.ok(&["stop-vm", "v", "--turn-off"]);
+}
