@@ -1,5 +1,6 @@
 """Microsoft's sample flow through pywbem: DefineSystem with an embedded VSSD, start, poll the job,
-enumerate, query, associators, stop, destroy."""
+enumerate, query, associators, stop, checkpoints (create, associations, apply, destroy the tree),
+destroy."""
 
 import pywbem
 
@@ -42,14 +43,43 @@ assert [r["VirtualQuantity"] for r in resources] == [16], resources
 jobs = conn.References(vm, ResultClass="Msvm_AffectedJobElement")
 assert any(j["AffectingElement"]["InstanceID"] == job["InstanceID"] for j in jobs), jobs
 
-rv, out = conn.InvokeMethod(
-    "CreateSnapshot", conn.EnumerateInstanceNames("Msvm_VirtualSystemSnapshotService")[0], AffectedSystem=vm
-)
-assert rv == 32770, f"checkpoints are not supported yet: {rv}"
-
 change_state(conn, vm, 3)
 assert conn.GetInstance(vm)["EnabledState"] == 3
 assert conn.GetInstance(vm).get("ProcessID") is None
+
+snapshots = conn.EnumerateInstanceNames("Msvm_VirtualSystemSnapshotService")[0]
+
+
+def create_snapshot():
+    rv, out = conn.InvokeMethod("CreateSnapshot", snapshots, AffectedSystem=vm, SnapshotType=pywbem.Uint16(2))
+    assert rv == 4096, f"CreateSnapshot returned {rv}"
+    job = wait_job(conn, out["Job"])
+    assert job["JobState"] == 7, job
+    current = conn.Associators(vm, AssocClass="Msvm_MostCurrentSnapshotInBranch")
+    assert len(current) == 1, current
+    assert current[0]["VirtualSystemType"] == "Microsoft:Hyper-V:Snapshot:Realized", current[0]
+    assert current[0]["ElementName"].startswith("flow-vm ("), current[0]["ElementName"]
+    return current[0]
+
+
+first = create_snapshot()
+second = create_snapshot()
+assert second["Parent"] is not None and first["InstanceID"] in second["Parent"], second["Parent"]
+listed = conn.Associators(vm, AssocClass="Msvm_SnapshotOfVirtualSystem")
+assert sorted(s["InstanceID"] for s in listed) == sorted([first["InstanceID"], second["InstanceID"]]), listed
+parents = conn.Associators(second.path, AssocClass="Msvm_ParentChildSettingData", ResultRole="Antecedent")
+assert [p["InstanceID"] for p in parents] == [first["InstanceID"]], parents
+
+rv, out = conn.InvokeMethod("ApplySnapshot", snapshots, Snapshot=first.path)
+assert rv == 4096, f"ApplySnapshot returned {rv}"
+assert wait_job(conn, out["Job"])["JobState"] == 7
+current = conn.Associators(vm, AssocClass="Msvm_MostCurrentSnapshotInBranch")
+assert [c["InstanceID"] for c in current] == [first["InstanceID"]], current
+
+rv, out = conn.InvokeMethod("DestroySnapshotTree", snapshots, SnapshotSettingData=first.path)
+assert rv == 4096, f"DestroySnapshotTree returned {rv}"
+assert wait_job(conn, out["Job"])["JobState"] == 7
+assert conn.Associators(vm, AssocClass="Msvm_SnapshotOfVirtualSystem") == []
 
 rv, _ = conn.InvokeMethod("DestroySystem", service(conn), AffectedSystem=vm)
 assert rv == 0, f"DestroySystem returned {rv}"

@@ -6,6 +6,7 @@ mod job;
 mod service;
 mod settings;
 mod shutdown;
+mod snapshot;
 mod summary;
 
 pub use computer_system::{ComputerSystem, HostComputerSystem};
@@ -17,6 +18,7 @@ pub use settings::{
     SystemSettings, VirtualSystemSettingData,
 };
 pub use shutdown::{SHUTDOWN_TIMEOUT, ShutdownComponent};
+pub use snapshot::SnapshotSettingData;
 pub use summary::SummaryInformation;
 
 use crate::instance::Instance;

@@ -5,7 +5,8 @@ use super::instances::{View, has_shutdown_component, reference_of};
 use crate::error::{CimError, CimResult, CimStatus};
 use crate::instance::Instance;
 use crate::model::{
-    ComputerSystem, ConcreteJob, ShutdownComponent, VirtualSystemSettingData, settings_of,
+    CimObject, ComputerSystem, ConcreteJob, ShutdownComponent, SnapshotSettingData,
+    VirtualSystemSettingData, settings_of,
 };
 use crate::path::ObjectPath;
 use crate::schema::{ClassDecl, Namespace, Schema};
@@ -67,6 +68,38 @@ impl Provider {
                 }
                 _ => {}
             }
+        }
+        match class {
+            "Msvm_SnapshotOfVirtualSystem" => {
+                for snapshot in view.checkpoints(self) {
+                    out.push(
+                        Instance::new(class)
+                            .reference("Antecedent", ComputerSystem::path_of(snapshot.vm))
+                            .reference("Dependent", snapshot.path()),
+                    );
+                }
+            }
+            "Msvm_ParentChildSettingData" => {
+                for snapshot in view.checkpoints(self) {
+                    if let Some(parent) = snapshot.checkpoint.parent {
+                        out.push(
+                            Instance::new(class)
+                                .reference("Antecedent", SnapshotSettingData::path_of(parent))
+                                .reference("Dependent", snapshot.path()),
+                        );
+                    }
+                }
+            }
+            "Msvm_MostCurrentSnapshotInBranch" => {
+                for (vm, now) in view.now(self) {
+                    out.push(
+                        Instance::new(class)
+                            .reference("Antecedent", ComputerSystem::path_of(*vm))
+                            .reference("Dependent", SnapshotSettingData::path_of(*now)),
+                    );
+                }
+            }
+            _ => {}
         }
         if class == "Msvm_AffectedJobElement" {
             for job in &view.jobs {

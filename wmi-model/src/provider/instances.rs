@@ -1,5 +1,7 @@
 //! Enumerating and fetching instances of the virtualization namespace.
 
+use std::cell::OnceCell;
+
 use vmm_core::{ComputerSystem as Vm, VmId};
 
 use super::Provider;
@@ -8,7 +10,7 @@ use crate::instance::Instance;
 use crate::model::settings_of;
 use crate::model::{
     CimObject, ComputerSystem, ConcreteJob, HostComputerSystem, ManagementService,
-    ShutdownComponent, SnapshotService, VirtualSystemSettingData,
+    ShutdownComponent, SnapshotService, SnapshotSettingData, VirtualSystemSettingData,
 };
 use crate::path::ObjectPath;
 use crate::schema::{ClassDecl, Namespace, Schema};
@@ -18,14 +20,71 @@ use crate::value::CimType;
 pub(crate) struct View {
     pub(crate) vms: Vec<Vm>,
     pub(crate) jobs: Vec<vmm_core::Job>,
+    /// The checkpoints of `vms`, read from their trees only when a class needs them (most
+    /// requests do not, and reading a thousand trees would dominate them).
+    checkpoints: OnceCell<Vec<SnapshotSettingData>>,
+    /// "Now"'s parent per VM, filled with `checkpoints`.
+    now: OnceCell<Vec<(VmId, vmm_core::checkpoint::CheckpointId)>>,
+}
+
+impl View {
+    pub(crate) fn new(vms: Vec<Vm>, jobs: Vec<vmm_core::Job>) -> Self {
+        View {
+            vms,
+            jobs,
+            checkpoints: OnceCell::new(),
+            now: OnceCell::new(),
+        }
+    }
+
+    /// Every checkpoint of the view's VMs (none when the service has no snapshot support or a
+    /// tree cannot be read: that VM's `get-vm-checkpoint` says why).
+    pub(crate) fn checkpoints(&self, provider: &Provider) -> &[SnapshotSettingData] {
+        self.load(provider);
+        self.checkpoints
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Each VM's "Now" parent checkpoint.
+    pub(crate) fn now(&self, provider: &Provider) -> &[(VmId, vmm_core::checkpoint::CheckpointId)] {
+        self.load(provider);
+        self.now.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    fn load(&self, provider: &Provider) {
+        if self.checkpoints.get().is_some() {
+            return;
+        }
+        let mut all = Vec::new();
+        let mut now = Vec::new();
+        for vm in &self.vms {
+            let Ok(tree) = provider.vmms.snapshots(vm.id) else {
+                continue;
+            };
+            let folder = provider.vmms.store().checkpoints_dir(vm.id);
+            if let Some(id) = tree.now {
+                now.push((vm.id, id));
+            }
+            all.extend(
+                tree.checkpoints
+                    .into_iter()
+                    .map(|checkpoint| SnapshotSettingData {
+                        vm: vm.id,
+                        configuration_data_root: folder.join(checkpoint.id.to_string()),
+                        checkpoint,
+                    }),
+            );
+        }
+        let _ = self.checkpoints.set(all);
+        let _ = self.now.set(now);
+    }
 }
 
 impl Provider {
     pub(crate) fn view(&self) -> View {
-        View {
-            vms: self.vmms.list_vms(),
-            jobs: self.vmms.jobs(),
-        }
+        View::new(self.vmms.list_vms(), self.vmms.jobs())
     }
 
     pub(crate) fn host_system(&self) -> HostComputerSystem {
@@ -89,6 +148,7 @@ impl Provider {
                 .collect(),
             "Msvm_VirtualSystemSettingData" => configured()
                 .map(|(vm, c)| self.vssd(vm, c).to_instance())
+                .chain(view.checkpoints(self).iter().map(|s| s.to_instance()))
                 .collect(),
             "Msvm_ProcessorSettingData"
             | "Msvm_MemorySettingData"
@@ -116,8 +176,11 @@ impl Provider {
             "Msvm_SettingsDefineState"
             | "Msvm_SystemDevice"
             | "Msvm_VirtualSystemSettingDataComponent"
-            | "Msvm_AffectedJobElement" => self.association_instances(class, view),
-            // Checkpoints do not exist yet, summaries are only returned by
+            | "Msvm_AffectedJobElement"
+            | "Msvm_SnapshotOfVirtualSystem"
+            | "Msvm_MostCurrentSnapshotInBranch"
+            | "Msvm_ParentChildSettingData" => self.association_instances(class, view),
+            // Summaries are only returned by
             // GetSummaryInformation, indications are only delivered.
             _ => Vec::new(),
         }
@@ -141,18 +204,12 @@ impl Provider {
         // Fast paths for what clients poll: a VM, a job, a VM's settings.
         let one_vm = |id: VmId| -> CimResult<View> {
             let vm = self.vmms.get_vm(id).map_err(|_| not_found())?;
-            Ok(View {
-                vms: vec![vm],
-                jobs: Vec::new(),
-            })
+            Ok(View::new(vec![vm], Vec::new()))
         };
         let view = match decl.name {
             "Msvm_ComputerSystem" => match path.key("Name").and_then(|n| n.parse::<VmId>().ok()) {
                 Some(id) => one_vm(id)?,
-                None => View {
-                    vms: Vec::new(),
-                    jobs: Vec::new(),
-                },
+                None => View::new(Vec::new(), Vec::new()),
             },
             "Msvm_ConcreteJob" => {
                 let id = path
@@ -160,10 +217,7 @@ impl Provider {
                     .and_then(|i| i.parse().ok())
                     .ok_or_else(not_found)?;
                 let job = self.vmms.job(id).map_err(|_| not_found())?;
-                View {
-                    vms: Vec::new(),
-                    jobs: vec![job],
-                }
+                View::new(Vec::new(), vec![job])
             }
             "Msvm_ShutdownComponent" => {
                 one_vm(ShutdownComponent::vm_of(path).ok_or_else(not_found)?)?
@@ -176,7 +230,8 @@ impl Provider {
                     .key("InstanceID")
                     .and_then(VirtualSystemSettingData::vm_of)
                     .ok_or_else(not_found)?;
-                one_vm(id)?
+                // A checkpoint's settings have the same form of InstanceID: look further.
+                one_vm(id).unwrap_or_else(|_| self.view())
             }
             _ => self.view(),
         };

@@ -1,5 +1,5 @@
-//! Extrinsic methods: `RequestStateChange`, the management service's methods, the snapshot
-//! service's. Each answers as Hyper-V does: `ReturnValue` 0 when done, 4096 with a job
+//! Extrinsic methods: `RequestStateChange`, the management service's methods (the snapshot
+//! service's are in `snapshot_methods`). Each answers as Hyper-V does: `ReturnValue` 0 when done, 4096 with a job
 //! reference when a job runs, or a return code from vmm-core's [`return_code`].
 
 use vmm_core::{RequestedState, ReturnCode, VmConfig, VmId, return_code};
@@ -63,10 +63,7 @@ impl Provider {
             }
             ("Msvm_ShutdownComponent", "InitiateShutdown") => self.initiate_shutdown(target, &args),
             ("Msvm_VirtualSystemManagementService", name) => self.management(name, &args),
-            ("Msvm_VirtualSystemSnapshotService", _) => {
-                // Checkpoints do not exist in vmm-core yet.
-                Ok(done(ReturnCode::NotSupported))
-            }
+            ("Msvm_VirtualSystemSnapshotService", name) => self.snapshot_service(name, &args),
             _ => Err(CimError::new(
                 CimStatus::MethodNotAvailable,
                 format!("{}.{} is not implemented", decl.name, method_decl.name),

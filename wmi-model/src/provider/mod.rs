@@ -9,6 +9,7 @@ mod assoc;
 mod dispatch;
 mod instances;
 mod methods;
+mod snapshot_methods;
 
 use std::sync::Arc;
 

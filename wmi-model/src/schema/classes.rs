@@ -193,6 +193,7 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
             prop("SnapshotDataRoot", Str),
             prop("Parent", Str),
             prop("IsSaved", Boolean),
+            prop("UserSnapshotType", Uint16),
             prop("AutomaticStartupAction", Uint16),
             prop("AutomaticRecoveryAction", Uint16),
             prop("KernelFile", Str),
@@ -370,8 +371,10 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
         ..service(
             "Msvm_VirtualSystemSnapshotService",
             SNAPSHOT_SERVICE,
-            "Creates, applies and destroys checkpoints (not supported by this build yet: every \
-             method returns 32770).",
+            "Creates, applies and destroys checkpoints. CreateSnapshot takes a standard \
+             checkpoint, or a production one when SnapshotSettings has ConsistencyLevel 1; the \
+             job's affected element is the VM, and the new checkpoint is its \
+             Msvm_MostCurrentSnapshotInBranch.",
         )
     };
     let job = ClassDecl {
@@ -519,7 +522,7 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
         association(
             "Msvm_SnapshotOfVirtualSystem",
             &["CIM_SnapshotOfVirtualSystem", "CIM_Dependency"],
-            "A virtual machine and its checkpoints (none until checkpoints exist).",
+            "A virtual machine and its checkpoints.",
             [
                 ("Antecedent", "CIM_ComputerSystem"),
                 ("Dependent", "CIM_VirtualSystemSettingData"),
@@ -532,6 +535,15 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
             [
                 ("Antecedent", "CIM_ComputerSystem"),
                 ("Dependent", "CIM_VirtualSystemSettingData"),
+            ],
+        ),
+        association(
+            "Msvm_ParentChildSettingData",
+            &["CIM_Dependency"],
+            "A checkpoint and the checkpoint it was taken on top of.",
+            [
+                ("Antecedent", "CIM_SettingData"),
+                ("Dependent", "CIM_SettingData"),
             ],
         ),
         affected_job,
