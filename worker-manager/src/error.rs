@@ -91,6 +91,15 @@ pub enum Error {
     /// what, so it is shown as is.
     #[error(transparent)]
     Partition(#[from] partition::Error),
+    /// A disk image (or one of its backing files) could not be opened or changed.
+    #[error("disk {}", path.display())]
+    Disk {
+        /// The disk's top image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: snapshot::Error,
+    },
     /// The worker could not be confined.
     #[error("cannot confine the worker")]
     Confinement(#[from] crate::worker::ConfinementError),

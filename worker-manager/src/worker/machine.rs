@@ -25,6 +25,7 @@ use super::WorkerOptions;
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
+use super::disks;
 use super::start_trace::mark;
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
@@ -118,7 +119,11 @@ impl Machine {
             .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
         mark("config");
-        let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let mut config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        // Disks are opened (and locked) before the sandbox closes; Landlock then only needs
+        // what later opens: backing files and the VM's folder.
+        disks::open_disks(&mut config)?;
+        mark("disks");
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
@@ -494,6 +499,9 @@ fn filesystem_view(
         view.readable.push(kernel.clone());
     }
     view.readable.extend(config.boot.initrd.clone());
+    // A checkpoint's new overlay is created on the disk's current image and opened with the whole
+    // chain below it.
+    view.readable.extend(disks::backing_files(config));
     // A path that does not exist cannot carry a rule; building the partition then fails with
     // its own error about it, which is what the user needs to read.
     view.writable_files.retain(|p| p.exists());

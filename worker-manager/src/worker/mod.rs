@@ -10,6 +10,7 @@
 mod confinement;
 mod console;
 mod control;
+mod disks;
 mod machine;
 pub mod start_trace;
 mod syscalls;
