@@ -72,9 +72,9 @@ pub enum Error {
     /// The worker did not answer in time.
     #[error("worker did not answer within {0:?}")]
     Timeout(Duration),
-    /// The worker answered the request with a refusal.
+    /// The worker answered the request with a typed failure.
     #[error("{0}")]
-    Rejected(String),
+    Rejected(crate::protocol::Failure),
     /// The worker's command line was not understood.
     #[error("usage: {0}")]
     Usage(String),
@@ -125,8 +125,23 @@ impl From<Error> for WorkerError {
     fn from(error: Error) -> Self {
         match error {
             Error::Timeout(waited) => WorkerError::Timeout(waited),
-            Error::Rejected(reason) => WorkerError::Refused { reason },
+            Error::Rejected(failure) => failure.into(),
             other => WorkerError::failed(other),
+        }
+    }
+}
+
+impl From<crate::protocol::Failure> for WorkerError {
+    fn from(failure: crate::protocol::Failure) -> Self {
+        use crate::protocol::FailureKind;
+        match failure.kind {
+            FailureKind::InvalidState => WorkerError::InvalidState {
+                reason: failure.message,
+            },
+            FailureKind::Refused => WorkerError::Refused {
+                reason: failure.message,
+            },
+            FailureKind::Failed => WorkerError::failed(failure),
         }
     }
 }

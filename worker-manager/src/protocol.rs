@@ -20,7 +20,7 @@ use vmm_core::{StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -95,11 +95,60 @@ pub enum FromWorker {
     Reply {
         /// The request's id.
         id: u64,
-        /// The outcome; an error is a sentence for people.
-        result: Result<Reply, String>,
+        /// The outcome: a reply, or a typed failure whose message is a sentence for people.
+        result: Result<Reply, Failure>,
     },
     /// Something that happened without being asked.
     Event(Notice),
+}
+
+/// Why a request failed, typed so that the service answers with the right code (Hyper-V's
+/// 32775 for [`FailureKind::InvalidState`]) instead of a generic failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// The kinds of [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The guest's current state does not allow the request (stopped, not running, not paused);
+    /// nothing changed.
+    InvalidState,
+    /// The worker or its guest cannot do this at all (a guest without shutdown integration).
+    Refused,
+    /// The request was tried and failed (I/O, the partition's own errors).
+    Failed,
+}
+
+impl Failure {
+    /// A [`FailureKind::InvalidState`] failure.
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::InvalidState,
+            message: message.into(),
+        }
+    }
+
+    /// A [`FailureKind::Refused`] failure.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Refused,
+            message: message.into(),
+        }
+    }
+
+    /// A [`FailureKind::Failed`] failure.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Failed,
+            message: message.into(),
+        }
+    }
 }
 
 /// A successful answer.
@@ -447,7 +496,29 @@ mod tests {
         ]
     }
 
+    fn any_failure() -> impl Strategy<Value = Failure> {
+        (
+            prop_oneof![
+                Just(FailureKind::InvalidState),
+                Just(FailureKind::Refused),
+                Just(FailureKind::Failed),
+            ],
+            "[^\0]{0,40}",
+        )
+            .prop_map(|(kind, message)| Failure { kind, message })
+    }
+
     proptest! {
+        #[test]
+        fn any_failure_reply_round_trips(id in any::<u64>(), failure in any_failure()) {
+            let message = FromWorker::Reply { id, result: Err(failure) };
+            let frame = encode_frame(&message).unwrap();
+
+            let decoded = decode_frame::<FromWorker>(&frame).unwrap();
+
+            prop_assert_eq!(decoded, Some((message, frame.len())));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_frame::<ToWorker>(&bytes);

@@ -324,7 +324,7 @@ impl Supervised {
         let result = self.client().and_then(|c| c.request(request, timeout));
         result.map_err(|error| match error {
             Error::Timeout(waited) => WorkerError::Timeout(waited),
-            Error::Rejected(reason) => WorkerError::Refused { reason },
+            Error::Rejected(failure) => failure.into(),
             // A dropped connection or a refused connect: gone if the process is gone.
             other => {
                 if self.wait_exit(Duration::from_millis(200)) {

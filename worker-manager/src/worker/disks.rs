@@ -19,12 +19,11 @@ use crate::error::{Error, Result};
 /// backing file is an error naming it.
 pub(crate) fn open_disks(config: &mut PartitionConfig) -> Result<()> {
     for disk in &mut config.disks {
-        let opened = snapshot::open_disk(&disk.path, disk.read_only).map_err(|source| {
-            Error::Disk {
+        let opened =
+            snapshot::open_disk(&disk.path, disk.read_only).map_err(|source| Error::Disk {
                 path: disk.path.clone(),
                 source,
-            }
-        })?;
+            })?;
         disk.backend = Some(Arc::new(opened));
     }
     Ok(())

@@ -28,7 +28,7 @@ use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
 use super::start_trace::mark;
 use crate::error::{Error, Result};
-use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
+use crate::protocol::{Confinement, Failure, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::worker_lock::WorkerLock;
 
@@ -315,40 +315,45 @@ impl Machine {
     }
 
     /// The partition, or why there is none.
-    fn live(&mut self) -> std::result::Result<&mut Partition, String> {
+    fn live(&mut self) -> std::result::Result<&mut Partition, Failure> {
         match (&mut self.partition, self.shared.state()) {
             (Some(partition), _) => Ok(partition),
-            (None, GuestState::Stopped { reason }) => Err(format!("guest has stopped: {reason}")),
-            (None, _) => Err("guest is not running".into()),
+            (None, GuestState::Stopped { reason }) => Err(Failure::invalid_state(format!(
+                "guest has stopped: {reason}"
+            ))),
+            (None, _) => Err(Failure::invalid_state("guest is not running")),
         }
     }
 
-    fn pause(&mut self) -> std::result::Result<Reply, String> {
+    fn pause(&mut self) -> std::result::Result<Reply, Failure> {
         if self.shared.state() == GuestState::Paused {
             return Ok(Reply::Done);
         }
         let partition = self.live()?;
-        partition.pause().map_err(|e| error_chain(&e))?;
+        partition.pause().map_err(|e| partition_failure(&e))?;
         if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
             // The guest stopped on its own just as it was paused.
             self.guest_stopped(&exit);
-            return Err(format!("guest has stopped: {}", stop_reason(&exit)));
+            return Err(Failure::invalid_state(format!(
+                "guest has stopped: {}",
+                stop_reason(&exit)
+            )));
         }
         self.set_and_announce(GuestState::Paused);
         Ok(Reply::Done)
     }
 
-    fn resume(&mut self) -> std::result::Result<Reply, String> {
+    fn resume(&mut self) -> std::result::Result<Reply, Failure> {
         if self.shared.state() == GuestState::Running {
             return Ok(Reply::Done);
         }
-        self.live()?.resume().map_err(|e| error_chain(&e))?;
+        self.live()?.resume().map_err(|e| partition_failure(&e))?;
         self.set_and_announce(GuestState::Running);
         Ok(Reply::Done)
     }
 
     /// A hard reset: the old partition is torn down and a fresh one boots from the boot source.
-    fn reset(&mut self) -> std::result::Result<Reply, String> {
+    fn reset(&mut self) -> std::result::Result<Reply, Failure> {
         if let Some(mut old) = self.partition.take() {
             old.stop();
         }
@@ -370,7 +375,7 @@ impl Machine {
                 self.release_guest(StopReason::GuestCrash {
                     detail: detail.clone(),
                 });
-                Err(detail)
+                Err(Failure::failed(detail))
             }
         }
     }
@@ -378,23 +383,26 @@ impl Machine {
     /// Asks the guest to shut down: the test guest powers off on `halt` typed at its shell (a
     /// leading CR ends whatever half-typed line it holds). The power-off itself is announced
     /// when the vCPUs see it.
-    fn shutdown(&mut self) -> std::result::Result<Reply, String> {
+    fn shutdown(&mut self) -> std::result::Result<Reply, Failure> {
         if !self.test_guest {
-            return Err("the guest has no shutdown integration".into());
+            return Err(Failure::refused("the guest has no shutdown integration"));
         }
         if self.shared.state() != GuestState::Running {
-            return Err("only a running guest can shut down".into());
+            return Err(Failure::invalid_state("only a running guest can shut down"));
         }
-        let com1 = self.shared.com1().ok_or("guest is not running")?;
+        let com1 = self
+            .shared
+            .com1()
+            .ok_or_else(|| Failure::invalid_state("guest is not running"))?;
         com1.send_all(b"\rhalt\r", SHUTDOWN_INPUT_TIMEOUT)
-            .map_err(|e| format!("the guest does not read its console: {e}"))?;
+            .map_err(|e| Failure::failed(format!("the guest does not read its console: {e}")))?;
         Ok(Reply::Done)
     }
 
     /// Pauses, writes the state and memory durably into `staging`, commits it as `state_dir`,
     /// and releases the guest. On any failure before the commit the guest runs on as before
     /// (or stays paused, if it was) and `state_dir` is untouched.
-    fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), String> {
+    fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), Failure> {
         let before = self.shared.state();
         if before == GuestState::Running {
             self.pause()?;
@@ -402,13 +410,13 @@ impl Machine {
         self.set_and_announce(GuestState::Saving);
         let started = Instant::now();
         let written = self.live().and_then(|partition| {
-            write_saved_state(partition, staging).map_err(|e| error_chain(&e))
+            write_saved_state(partition, staging).map_err(|e| Failure::failed(error_chain(&e)))
         });
         let committed = written.and_then(|bytes| {
             fault::point("worker.save.before-commit");
             vmm_core::atomic_file::commit_dir(staging, state_dir)
                 .map(|()| bytes)
-                .map_err(|e| format!("cannot commit {}: {e}", state_dir.display()))
+                .map_err(|e| Failure::failed(format!("cannot commit {}: {e}", state_dir.display())))
         });
         match committed {
             Ok(bytes) => {
@@ -423,8 +431,11 @@ impl Machine {
                 self.release_guest(StopReason::Saved);
                 Ok(())
             }
-            Err(reason) => {
-                let reason = format!("save failed: {reason}");
+            Err(failure) => {
+                let reason = Failure {
+                    message: format!("save failed: {}", failure.message),
+                    ..failure
+                };
                 // Best effort: the reply says the save failed either way.
                 if before == GuestState::Running {
                     self.shared.set_state(GuestState::Paused);
@@ -441,6 +452,16 @@ impl Machine {
         self.shared.set_state(state.clone());
         self.shared
             .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
+    }
+}
+
+/// A partition error as a reply: a run state that forbids the operation is
+/// [`FailureKind::InvalidState`](crate::protocol::FailureKind::InvalidState), anything else a
+/// failure with the whole chain of causes.
+pub(crate) fn partition_failure(error: &partition::Error) -> Failure {
+    match error {
+        partition::Error::InvalidRunState { .. } => Failure::invalid_state(error_chain(error)),
+        other => Failure::failed(error_chain(other)),
     }
 }
 
