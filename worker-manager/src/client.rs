@@ -167,9 +167,9 @@ impl ControlClient {
     pub fn status(&self, timeout: Duration) -> Result<WorkerReport> {
         match self.request(Request::Status, timeout)? {
             Reply::Status(report) => Ok(report),
-            Reply::Done => Err(Error::Protocol(ProtocolError::Unexpected(
-                "Done in answer to Status".into(),
-            ))),
+            other => Err(Error::Protocol(ProtocolError::Unexpected(format!(
+                "{other:?} in answer to Status"
+            )))),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use vmm_core::{StopReason, VmId};
+use vmm_core::{CheckpointReport, CheckpointRequest, StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
@@ -72,6 +72,12 @@ pub enum Request {
     TurnOff,
     /// Hard reset: the guest boots again from its boot source in the same worker.
     Reset,
+    /// Take a checkpoint of the running (or paused) guest: pre-copy memory while it runs, switch
+    /// its disks to new overlays and commit the state in one short pause, and leave it in the
+    /// run state it was in ([`vmm_core::Worker::checkpoint`]). Answered by
+    /// [`Reply::Checkpoint`]; refused with [`FailureKind::InvalidState`] unless the guest is
+    /// running or paused.
+    Checkpoint(CheckpointRequest),
 }
 
 /// A message from the worker to the parent.
@@ -158,6 +164,8 @@ pub enum Reply {
     Status(WorkerReport),
     /// The operation is done.
     Done,
+    /// The answer to [`Request::Checkpoint`]: it is committed, and what it cost.
+    Checkpoint(CheckpointReport),
 }
 
 /// Where the worker's guest is.
@@ -493,6 +501,26 @@ mod tests {
                 staging: a.into(),
                 state_dir: b.into(),
             }),
+            (
+                "[^\0]{0,40}",
+                "[^\0]{0,40}",
+                proptest::option::of("[^\0]{0,40}"),
+                proptest::collection::vec((0usize..8, "[^\0]{0,40}"), 0..3),
+            )
+                .prop_map(|(a, b, parent, overlays)| {
+                    Request::Checkpoint(CheckpointRequest {
+                        staging: a.into(),
+                        state_dir: b.into(),
+                        parent_state_dir: parent.map(Into::into),
+                        overlays: overlays
+                            .into_iter()
+                            .map(|(disk, path)| vmm_core::DiskOverlay {
+                                disk,
+                                path: path.into(),
+                            })
+                            .collect(),
+                    })
+                }),
         ]
     }
 

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
-use vmm_core::{EventSink, StopReason, VmId, Worker, WorkerError, WorkerEvent, WorkerStatus};
+use vmm_core::{
+    CheckpointReport, CheckpointRequest, EventSink, StopReason, VmId, Worker, WorkerError,
+    WorkerEvent, WorkerStatus,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::client::ControlClient;
@@ -488,6 +491,21 @@ impl Worker for ProcessWorker {
                 }
                 Err(error)
             }
+        }
+    }
+
+    fn checkpoint(&self, request: &CheckpointRequest) -> Result<CheckpointReport, WorkerError> {
+        let inner = &self.inner;
+        match inner.call(
+            Request::Checkpoint(request.clone()),
+            inner.options.save_timeout,
+        )? {
+            Reply::Checkpoint(report) => Ok(report),
+            other => Err(WorkerError::failed(Error::Protocol(
+                crate::protocol::ProtocolError::Unexpected(format!(
+                    "{other:?} in answer to Checkpoint"
+                )),
+            ))),
         }
     }
 

@@ -2,68 +2,16 @@
 //! (plain and on a backing file) hold the test guest's records across a restart, and `qemu-img`
 //! reads them back and finds the images clean.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
+use common::images::{assert_clean, assert_records, count_records, qemu_img};
 use common::{Console, Fixture};
 use vmm_core::{DiskConfig, VmConfig};
 use vmms_guest::protocol::BANNER;
-
-/// Runs `qemu-img` with `args`; panics with its output when it fails.
-fn qemu_img(args: &[&str]) -> String {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (package qemu-utils) is installed");
-    assert!(
-        output.status.success(),
-        "qemu-img {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `qemu-img check` passes on `image` (no errors, no leaks).
-fn assert_clean(image: &Path) {
-    qemu_img(&["check", "-q", image.to_str().unwrap()]);
-}
-
-/// The guest's disk converted to raw by `qemu-img convert`, checked to hold records `0..count`.
-fn assert_records(image: &Path, count: u64) {
-    let raw = image.with_extension("converted.raw");
-    let _ = std::fs::remove_file(&raw);
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    let file = std::fs::File::open(&raw).unwrap();
-    vmms_guest::verify_records(std::io::BufReader::new(file), count)
-        .unwrap_or_else(|e| panic!("{} does not hold {count} records: {e}", image.display()));
-    let _ = std::fs::remove_file(&raw);
-}
-
-/// How many valid records `image` holds, read through `qemu-img convert`.
-pub fn count_records(image: &Path) -> u64 {
-    let raw = image.with_extension("counted.raw");
-    let _ = std::fs::remove_file(&raw);
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    let file = std::fs::File::open(&raw).unwrap();
-    let count = vmms_guest::count_records(std::io::BufReader::new(file)).unwrap();
-    let _ = std::fs::remove_file(&raw);
-    count
-}
 
 /// A VM with one disk at `disks/<name>`, defined; returns it and the disk's path.
 fn vm_with_disk(fixture: &Fixture, vm_name: &str, disk: &str) -> (VmConfig, PathBuf) {

@@ -22,11 +22,13 @@ use partition::{
 use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::checkpoint::{self, DirtyTracking};
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
 use super::start_trace::mark;
+use super::state_folder;
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, Failure, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -102,6 +104,9 @@ pub(crate) struct Machine {
     /// Whether the process is confined (seccomp goes on before the first `KVM_RUN`).
     confine: bool,
     vm_name: String,
+    /// The pages dirtied since the state the guest's memory last equalled (for delta
+    /// checkpoints).
+    tracking: DirtyTracking,
     /// Held for the whole life of the process: it is what tells a service that this VM has a
     /// worker (see [`WorkerLock`]).
     _lock: WorkerLock,
@@ -123,6 +128,9 @@ impl Machine {
         // Disks are opened (and locked) before the sandbox closes; Landlock then only needs
         // what later opens: backing files and the VM's folder.
         disks::open_disks(&mut config)?;
+        // Running checkpoints pre-copy memory with the dirty log, and a delta needs it
+        // continuous from the start.
+        config.dirty_log = true;
         mark("disks");
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
@@ -135,9 +143,9 @@ impl Machine {
                 ..Confinement::default()
             }
         };
-        let partition = match &options.restore {
+        let (partition, restored_state) = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
-            None => Partition::new(config.clone())?,
+            None => (Partition::new(config.clone())?, None),
         };
         mark("partition");
         let console = Arc::new(ConsoleLog::default());
@@ -160,6 +168,7 @@ impl Machine {
             test_guest,
             confine: options.confine,
             vm_name: vm.name.clone(),
+            tracking: DirtyTracking::starting_at(restored_state),
             _lock: lock,
         };
         let result = machine.open_and_run(partition, options.restore.as_deref());
@@ -298,6 +307,7 @@ impl Machine {
                 Err(reason) => (Err(reason), Flow::Continue),
             },
             Request::Shutdown => (self.shutdown(), Flow::Continue),
+            Request::Checkpoint(request) => (self.checkpoint(&request), Flow::Continue),
             Request::TurnOff => {
                 if let Some(partition) = &mut self.partition {
                     partition.stop();
@@ -357,6 +367,7 @@ impl Machine {
         if let Some(mut old) = self.partition.take() {
             old.stop();
         }
+        self.tracking = DirtyTracking::default();
         self.shared.set_guest(None, None);
         let booted = Partition::new(self.config.clone()).and_then(|partition| {
             self.install(partition);
@@ -446,6 +457,42 @@ impl Machine {
                 Err(reason)
             }
         }
+    }
+
+    /// Takes a checkpoint of the running or paused guest (see [`checkpoint`]); it is left in the
+    /// state it was in. Status requests see it as it was meanwhile: the pause is short.
+    fn checkpoint(
+        &mut self,
+        request: &vmm_core::CheckpointRequest,
+    ) -> std::result::Result<Reply, Failure> {
+        match self.shared.state() {
+            GuestState::Running | GuestState::Paused => {}
+            other => {
+                return Err(Failure::invalid_state(format!(
+                    "a checkpoint needs a running or paused guest, not {other:?}"
+                )));
+            }
+        }
+        let Some(partition) = &mut self.partition else {
+            return Err(Failure::invalid_state("guest is not running"));
+        };
+        let result =
+            checkpoint::checkpoint(partition, &mut self.config, &mut self.tracking, request);
+        if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
+            self.guest_stopped(&exit);
+        }
+        match &result {
+            Ok(report) => eprintln!(
+                "worker {}: checkpoint committed: {} bytes of memory{}, paused {:?}, total {:?}",
+                self.shared.vm(),
+                report.memory_bytes,
+                if report.delta { " (delta)" } else { "" },
+                report.pause,
+                report.total
+            ),
+            Err(failure) => eprintln!("worker {}: checkpoint failed: {failure}", self.shared.vm()),
+        }
+        result.map(Reply::Checkpoint)
     }
 
     fn set_and_announce(&self, state: GuestState) {
@@ -548,18 +595,20 @@ fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmCo
     Ok(config)
 }
 
-/// Rebuilds a partition from a saved-state folder. The memory file is mapped copy-on-write, so
-/// the folder may be deleted as soon as this returns.
-fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
+/// Rebuilds a partition from a saved-state folder, and gives the folder's identity when it has
+/// a memory manifest. The memory files are mapped copy-on-write, so the folder may be deleted as
+/// soon as this returns.
+fn restore(config: PartitionConfig, dir: &Path) -> Result<(Partition, Option<String>)> {
     let state_path = dir.join(STATE_FILE);
     let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state = PartitionState::from_json(&bytes).map_err(|e| Error::Config {
         path: state_path.clone(),
         source: Box::new(e),
     })?;
-    let memory_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&memory_path).map_err(|e| Error::io(&memory_path, e))?;
-    Ok(Partition::builder(config).restore(&state, &memory)?)
+    let layers = state_folder::open_memory(dir)?;
+    let partition =
+        Partition::builder(config).restore_layered(&state, &layers.base, &layers.deltas)?;
+    Ok((partition, layers.state_id))
 }
 
 /// Removes a saved-state folder the guest now runs from: renamed away first (so a crash never
@@ -575,7 +624,7 @@ fn consume_saved_state(dir: &Path) -> Result<()> {
 
 /// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
 /// must not be readable by other users), failing if it exists.
-fn create_private(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
         .write(true)
