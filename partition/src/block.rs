@@ -63,6 +63,81 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> io::Result<()>;
 }
 
+/// The backend a virtio-blk device uses, replaceable while the partition is paused
+/// ([`Partition::replace_disk_backend`](crate::Partition::replace_disk_backend)): a running
+/// checkpoint switches each disk to a new overlay in its one short pause.
+///
+/// Each request takes a shared read lock (uncontended: one atomic operation) to borrow the
+/// current backend; replacing takes the write lock, which nothing contends for either, since
+/// a paused partition serves no requests.
+#[derive(Debug)]
+pub struct BackendSlot {
+    current: std::sync::RwLock<std::sync::Arc<dyn BlockBackend>>,
+    size: u64,
+    read_only: bool,
+}
+
+impl BackendSlot {
+    /// A slot holding `backend`, whose size and read-only flag every replacement must keep.
+    pub fn new(backend: std::sync::Arc<dyn BlockBackend>) -> Self {
+        BackendSlot {
+            size: backend.size(),
+            read_only: backend.read_only(),
+            current: std::sync::RwLock::new(backend),
+        }
+    }
+
+    /// The backend requests go to now.
+    pub fn current(&self) -> std::sync::Arc<dyn BlockBackend> {
+        self.read().clone()
+    }
+
+    /// Puts `backend` in place and returns the one it replaces. Refused (and `backend` given
+    /// back) when its size or read-only flag differ from the slot's: the guest was told those.
+    pub fn replace(
+        &self,
+        backend: std::sync::Arc<dyn BlockBackend>,
+    ) -> Result<std::sync::Arc<dyn BlockBackend>, std::sync::Arc<dyn BlockBackend>> {
+        if backend.size() != self.size || backend.read_only() != self.read_only {
+            return Err(backend);
+        }
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(std::mem::replace(&mut *current, backend))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::sync::Arc<dyn BlockBackend>> {
+        // The lock guards a plain Arc that is replaced whole: a panic elsewhere leaves it valid.
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl BlockBackend for BackendSlot {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, buf: &GuestBuffer<'_>) -> io::Result<()> {
+        self.read().read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &GuestBuffer<'_>) -> io::Result<()> {
+        self.read().write_at(offset, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.read().flush()
+    }
+}
+
 /// Why a disk image could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -357,6 +432,35 @@ mod tests {
 
         assert!(image.read_only());
         assert!(image.write_at(0, &buf).is_err());
+    }
+
+    #[test]
+    fn backend_slot_sends_requests_to_its_replacement() {
+        let memory = memory();
+        memory.write_slice(&[3; 512], GuestAddress(0)).unwrap();
+        let first = std::sync::Arc::new(image(&[0; 1024]));
+        let second = std::sync::Arc::new(image(&[0; 1024]));
+        let slot = BackendSlot::new(first.clone());
+        let buf = memory.get_slice(GuestAddress(0), 512).unwrap();
+
+        let old = slot.replace(second.clone()).unwrap();
+        slot.write_at(0, &buf).unwrap();
+
+        let (mut a, mut b) = ([0; 512], [0; 512]);
+        first.file().read_exact_at(&mut a, 0).unwrap();
+        second.file().read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(old.size(), 1024);
+        assert_eq!((a, b), ([0; 512], [3; 512]));
+    }
+
+    #[test]
+    fn backend_slot_refuses_a_replacement_of_another_size() {
+        let slot = BackendSlot::new(std::sync::Arc::new(image(&[0; 1024])));
+
+        let refused = slot.replace(std::sync::Arc::new(image(&[0; 2048])));
+
+        assert!(refused.is_err());
+        assert_eq!(slot.current().size(), 1024);
     }
 
     #[test]

@@ -172,6 +172,13 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("cannot create eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A disk's backend could not be replaced: no such disk, or the new backend's size or
+    /// read-only flag differ from what the guest was told.
+    #[error("cannot replace the backend of disk {index}")]
+    DiskReplacement {
+        /// The disk (configuration order).
+        index: usize,
+    },
     /// The operation is not possible in the partition's current run state.
     #[error("cannot {operation} a partition that is {state}")]
     InvalidRunState {

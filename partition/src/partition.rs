@@ -9,7 +9,7 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::block::{BlockBackend, RawImage};
+use crate::block::{BackendSlot, BlockBackend, RawImage};
 use crate::boot::{self, configure_boot_vcpu, configure_lapic, configure_msrs, vcpu_cpuid};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{DiskIo, PartitionConfig};
@@ -30,7 +30,7 @@ use crate::layout::{
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{
-    self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_file, ram_ranges,
+    self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_layers, ram_ranges,
     register_memory,
 };
 use crate::software_kvm;
@@ -133,6 +133,20 @@ impl PartitionBuilder {
     /// [`Partition::save_memory`]). The configuration must describe the same machine (vCPUs,
     /// memory size); its boot source is ignored.
     pub fn restore(self, state: &PartitionState, memory_file: &File) -> Result<Partition> {
+        self.restore_layered(state, memory_file, &[])
+    }
+
+    /// Like [`restore`](Self::restore), with memory from a chain of images: `base` (a full
+    /// image) and `deltas` in order (images holding only the pages dirtied since the one before,
+    /// written by [`Partition::write_memory_pages`]). Each delta's data runs are mapped
+    /// copy-on-write over the base, so the cost stays flat in memory size; later saves write
+    /// every page any layer has data in.
+    pub fn restore_layered(
+        self,
+        state: &PartitionState,
+        base: &File,
+        deltas: &[File],
+    ) -> Result<Partition> {
         if state.version != STATE_VERSION {
             return Err(Error::StateVersion {
                 found: state.version,
@@ -148,9 +162,13 @@ impl PartitionBuilder {
         {
             return Err(Error::StateMismatch);
         }
-        let memory = map_memory_file(memory_file, &ranges)?;
-        let partition =
+        let memory = map_memory_layers(base, deltas, &ranges)?;
+        let mut partition =
             Partition::assemble_with(self.config, self.extra, memory, ranges, Some(state))?;
+        partition.image_layers = std::iter::once(base)
+            .chain(deltas)
+            .map(|file| file.try_clone().map_err(Error::MemoryFile))
+            .collect::<Result<_>>()?;
         for (vcpu, saved) in partition.parked.iter().zip(&state.vcpus) {
             restore_vcpu(&vcpu.fd, saved)?;
         }
@@ -179,6 +197,9 @@ pub struct Partition {
     ranges: Vec<RamRange>,
     config: PartitionConfig,
     memory: PartitionMemory,
+    /// The memory images a restored partition's memory is mapped from (base first): pages with
+    /// data in any of them hold something, though no private page shows it.
+    image_layers: Vec<File>,
     // Field order is drop order: every vCPU descriptor (in `threads`/`parked`) is closed before the
     // VM's, so the handle's teardown thread, not the owner, destroys the VM.
     vm: VmHandle,
@@ -199,6 +220,9 @@ impl std::fmt::Debug for Partition {
 struct AttachedDisk {
     transport: Arc<MmioTransport<Block>>,
     changed: Arc<ChangedBlockMap>,
+    /// What the device's requests go to; replaced while paused by
+    /// [`Partition::replace_disk_backend`].
+    slot: Arc<BackendSlot>,
 }
 
 /// MMIO base and GSI of disk `index`.
@@ -230,7 +254,8 @@ fn attach_disk(
         read_only: disk.read_only,
         serial: format!("vmms-disk{index}"),
     };
-    let block = Block::new(backend, config, changed.clone())?;
+    let slot = Arc::new(BackendSlot::new(backend));
+    let block = Block::new(slot.clone(), config, changed.clone())?;
     let (base, gsi) = disk_window(index);
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     let mut transport = match saved {
@@ -265,6 +290,7 @@ fn attach_disk(
     Ok(AttachedDisk {
         transport: Arc::new(transport),
         changed,
+        slot,
     })
 }
 
@@ -419,6 +445,7 @@ impl Partition {
             ranges,
             config,
             memory,
+            image_layers: Vec::new(),
             vm,
         })
     }
@@ -539,6 +566,38 @@ impl Partition {
         self.disks.get(index).map(|d| &d.changed)
     }
 
+    /// The backend disk `index` (configuration order) reads and writes now.
+    pub fn disk_backend(&self, index: usize) -> Option<Arc<dyn BlockBackend>> {
+        self.disks.get(index).map(|d| d.slot.current())
+    }
+
+    /// Points disk `index` at `backend` (named `path`) and returns the backend it replaces, which
+    /// the caller flushes and closes. Only while paused (or not yet run): no request is in
+    /// flight then, so the guest sees one disk whose later writes go to the new backend. The new
+    /// backend must have the same size and read-only flag. The disk's changed-block map goes on
+    /// recording across the switch; its saved device state is unaffected.
+    pub fn replace_disk_backend(
+        &mut self,
+        index: usize,
+        path: std::path::PathBuf,
+        backend: Arc<dyn BlockBackend>,
+    ) -> Result<Arc<dyn BlockBackend>> {
+        self.require_parked("replace a disk of")?;
+        let disk = self
+            .disks
+            .get(index)
+            .ok_or(Error::DiskReplacement { index })?;
+        let old = disk
+            .slot
+            .replace(backend.clone())
+            .map_err(|_| Error::DiskReplacement { index })?;
+        if let Some(config) = self.config.disks.get_mut(index) {
+            config.path = path;
+            config.backend = Some(backend);
+        }
+        Ok(old)
+    }
+
     fn require_parked(&self, operation: &'static str) -> Result<()> {
         match self.run_state {
             RunState::Created | RunState::Paused => Ok(()),
@@ -589,7 +648,45 @@ impl Partition {
     /// partition must be paused (or not yet run). Returns the bytes of data written.
     pub fn save_memory(&self, out: &mut File) -> Result<u64> {
         self.require_parked("save memory")?;
-        memory::save_memory(&self.memory, out)
+        memory::save_memory(&self.memory, &self.image_layers, out)
+    }
+
+    /// Length of a memory image of this partition (the RAM ranges one after another).
+    pub fn memory_image_len(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
+    /// The pages that hold something now (see [`save_memory`](Self::save_memory)), in the
+    /// dirty log's form. Callable while the guest runs (for a pre-copy).
+    pub fn memory_data_pages(&self) -> Result<Vec<DirtyRange>> {
+        let runs = memory::pages_with_data(&self.memory, &self.image_layers)?;
+        Ok(self
+            .ranges
+            .iter()
+            .zip(&runs)
+            .map(|(range, runs)| DirtyRange::from_runs(*range, runs))
+            .collect())
+    }
+
+    /// Copies `pages` of guest memory into the memory image `out` (at least
+    /// [`memory_image_len`](Self::memory_image_len) long) at their image offsets; returns the
+    /// bytes written. Callable while the guest runs: a page the guest writes meanwhile may be
+    /// copied torn, and the caller copies the pages the dirty log names again once paused (a
+    /// pre-copy). Writes nothing else, so an image written with only dirtied pages is a delta
+    /// for [`PartitionBuilder::restore_layered`].
+    pub fn write_memory_pages(&self, pages: &[DirtyRange], out: &File) -> Result<u64> {
+        let runs: Vec<_> = self
+            .ranges
+            .iter()
+            .map(|range| {
+                pages
+                    .iter()
+                    .find(|p| p.range == *range)
+                    .map(DirtyRange::runs)
+                    .unwrap_or_default()
+            })
+            .collect();
+        memory::write_runs(&self.memory, &runs, out, 0)
     }
 
     /// Reads and clears the dirty-page log: pages written since the previous call (or since the

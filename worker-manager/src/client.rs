@@ -21,15 +21,15 @@ use vmm_core::VmId;
 use crate::error::{Error, Result};
 use crate::process::{is_trusted_uid, peer_credentials};
 use crate::protocol::{
-    FromWorker, Notice, PROTOCOL_VERSION, ProtocolError, Reply, Request, ToWorker, WorkerReport,
-    read_frame, write_frame,
+    Failure, FromWorker, Notice, PROTOCOL_VERSION, ProtocolError, Reply, Request, ToWorker,
+    WorkerReport, read_frame, write_frame,
 };
 
 /// Bound on a single frame write: a worker that stopped reading (hung, SIGSTOPped) must not block
 /// a caller forever once the socket buffer is full.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-type ReplySender = Sender<std::result::Result<Reply, String>>;
+type ReplySender = Sender<std::result::Result<Reply, Failure>>;
 
 /// Requests waiting for their reply.
 #[derive(Debug, Default)]
@@ -154,7 +154,7 @@ impl ControlClient {
         }
         match rx.recv_timeout(timeout) {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(reason)) => Err(Error::Rejected(reason)),
+            Ok(Err(failure)) => Err(Error::Rejected(failure)),
             Err(RecvTimeoutError::Timeout) => {
                 self.shared.lock().waiting.remove(&id);
                 Err(Error::Timeout(timeout))
@@ -167,9 +167,9 @@ impl ControlClient {
     pub fn status(&self, timeout: Duration) -> Result<WorkerReport> {
         match self.request(Request::Status, timeout)? {
             Reply::Status(report) => Ok(report),
-            Reply::Done => Err(Error::Protocol(ProtocolError::Unexpected(
-                "Done in answer to Status".into(),
-            ))),
+            other => Err(Error::Protocol(ProtocolError::Unexpected(format!(
+                "{other:?} in answer to Status"
+            )))),
         }
     }
 }

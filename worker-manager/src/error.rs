@@ -72,9 +72,9 @@ pub enum Error {
     /// The worker did not answer in time.
     #[error("worker did not answer within {0:?}")]
     Timeout(Duration),
-    /// The worker answered the request with a refusal.
+    /// The worker answered the request with a typed failure.
     #[error("{0}")]
-    Rejected(String),
+    Rejected(crate::protocol::Failure),
     /// The worker's command line was not understood.
     #[error("usage: {0}")]
     Usage(String),
@@ -91,6 +91,15 @@ pub enum Error {
     /// what, so it is shown as is.
     #[error(transparent)]
     Partition(#[from] partition::Error),
+    /// A disk image (or one of its backing files) could not be opened or changed.
+    #[error("disk {}", path.display())]
+    Disk {
+        /// The disk's top image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: snapshot::Error,
+    },
     /// The worker could not be confined.
     #[error("cannot confine the worker")]
     Confinement(#[from] crate::worker::ConfinementError),
@@ -116,8 +125,23 @@ impl From<Error> for WorkerError {
     fn from(error: Error) -> Self {
         match error {
             Error::Timeout(waited) => WorkerError::Timeout(waited),
-            Error::Rejected(reason) => WorkerError::Refused { reason },
+            Error::Rejected(failure) => failure.into(),
             other => WorkerError::failed(other),
+        }
+    }
+}
+
+impl From<crate::protocol::Failure> for WorkerError {
+    fn from(failure: crate::protocol::Failure) -> Self {
+        use crate::protocol::FailureKind;
+        match failure.kind {
+            FailureKind::InvalidState => WorkerError::InvalidState {
+                reason: failure.message,
+            },
+            FailureKind::Refused => WorkerError::Refused {
+                reason: failure.message,
+            },
+            FailureKind::Failed => WorkerError::failed(failure),
         }
     }
 }

@@ -58,5 +58,5 @@ pub use launcher::{LauncherOptions, ProcessLauncher};
 pub use runtime::{RuntimeDir, StoreLayout};
 pub use supervisor::ProcessWorker;
 pub use vmm_core::{Worker, WorkerLauncher};
-pub use worker::{MEMORY_FILE, STATE_FILE};
+pub use worker::{MAX_MEMORY_LAYERS, MEMORY_FILE, MEMORY_MANIFEST, MemoryManifest, STATE_FILE};
 pub use worker_lock::{LOCK_FD_ENV, WorkerLock};

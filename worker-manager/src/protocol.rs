@@ -16,11 +16,11 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use vmm_core::{StopReason, VmId};
+use vmm_core::{CheckpointReport, CheckpointRequest, StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -72,6 +72,12 @@ pub enum Request {
     TurnOff,
     /// Hard reset: the guest boots again from its boot source in the same worker.
     Reset,
+    /// Take a checkpoint of the running (or paused) guest: pre-copy memory while it runs, switch
+    /// its disks to new overlays and commit the state in one short pause, and leave it in the
+    /// run state it was in ([`vmm_core::Worker::checkpoint`]). Answered by
+    /// [`Reply::Checkpoint`]; refused with [`FailureKind::InvalidState`] unless the guest is
+    /// running or paused.
+    Checkpoint(CheckpointRequest),
 }
 
 /// A message from the worker to the parent.
@@ -95,11 +101,60 @@ pub enum FromWorker {
     Reply {
         /// The request's id.
         id: u64,
-        /// The outcome; an error is a sentence for people.
-        result: Result<Reply, String>,
+        /// The outcome: a reply, or a typed failure whose message is a sentence for people.
+        result: Result<Reply, Failure>,
     },
     /// Something that happened without being asked.
     Event(Notice),
+}
+
+/// Why a request failed, typed so that the service answers with the right code (Hyper-V's
+/// 32775 for [`FailureKind::InvalidState`]) instead of a generic failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// The kinds of [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The guest's current state does not allow the request (stopped, not running, not paused);
+    /// nothing changed.
+    InvalidState,
+    /// The worker or its guest cannot do this at all (a guest without shutdown integration).
+    Refused,
+    /// The request was tried and failed (I/O, the partition's own errors).
+    Failed,
+}
+
+impl Failure {
+    /// A [`FailureKind::InvalidState`] failure.
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::InvalidState,
+            message: message.into(),
+        }
+    }
+
+    /// A [`FailureKind::Refused`] failure.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Refused,
+            message: message.into(),
+        }
+    }
+
+    /// A [`FailureKind::Failed`] failure.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Failed,
+            message: message.into(),
+        }
+    }
 }
 
 /// A successful answer.
@@ -109,6 +164,8 @@ pub enum Reply {
     Status(WorkerReport),
     /// The operation is done.
     Done,
+    /// The answer to [`Request::Checkpoint`]: it is committed, and what it cost.
+    Checkpoint(CheckpointReport),
 }
 
 /// Where the worker's guest is.
@@ -444,10 +501,52 @@ mod tests {
                 staging: a.into(),
                 state_dir: b.into(),
             }),
+            (
+                "[^\0]{0,40}",
+                "[^\0]{0,40}",
+                proptest::option::of("[^\0]{0,40}"),
+                proptest::collection::vec((0usize..8, "[^\0]{0,40}"), 0..3),
+            )
+                .prop_map(|(a, b, parent, overlays)| {
+                    Request::Checkpoint(CheckpointRequest {
+                        staging: a.into(),
+                        state_dir: b.into(),
+                        parent_state_dir: parent.map(Into::into),
+                        overlays: overlays
+                            .into_iter()
+                            .map(|(disk, path)| vmm_core::DiskOverlay {
+                                disk,
+                                path: path.into(),
+                            })
+                            .collect(),
+                    })
+                }),
         ]
     }
 
+    fn any_failure() -> impl Strategy<Value = Failure> {
+        (
+            prop_oneof![
+                Just(FailureKind::InvalidState),
+                Just(FailureKind::Refused),
+                Just(FailureKind::Failed),
+            ],
+            "[^\0]{0,40}",
+        )
+            .prop_map(|(kind, message)| Failure { kind, message })
+    }
+
     proptest! {
+        #[test]
+        fn any_failure_reply_round_trips(id in any::<u64>(), failure in any_failure()) {
+            let message = FromWorker::Reply { id, result: Err(failure) };
+            let frame = encode_frame(&message).unwrap();
+
+            let decoded = decode_frame::<FromWorker>(&frame).unwrap();
+
+            prop_assert_eq!(decoded, Some((message, frame.len())));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_frame::<ToWorker>(&bytes);

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
-use vmm_core::{EventSink, StopReason, VmId, Worker, WorkerError, WorkerEvent, WorkerStatus};
+use vmm_core::{
+    CheckpointReport, CheckpointRequest, EventSink, StopReason, VmId, Worker, WorkerError,
+    WorkerEvent, WorkerStatus,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::client::ControlClient;
@@ -324,7 +327,7 @@ impl Supervised {
         let result = self.client().and_then(|c| c.request(request, timeout));
         result.map_err(|error| match error {
             Error::Timeout(waited) => WorkerError::Timeout(waited),
-            Error::Rejected(reason) => WorkerError::Refused { reason },
+            Error::Rejected(failure) => failure.into(),
             // A dropped connection or a refused connect: gone if the process is gone.
             other => {
                 if self.wait_exit(Duration::from_millis(200)) {
@@ -488,6 +491,21 @@ impl Worker for ProcessWorker {
                 }
                 Err(error)
             }
+        }
+    }
+
+    fn checkpoint(&self, request: &CheckpointRequest) -> Result<CheckpointReport, WorkerError> {
+        let inner = &self.inner;
+        match inner.call(
+            Request::Checkpoint(request.clone()),
+            inner.options.save_timeout,
+        )? {
+            Reply::Checkpoint(report) => Ok(report),
+            other => Err(WorkerError::failed(Error::Protocol(
+                crate::protocol::ProtocolError::Unexpected(format!(
+                    "{other:?} in answer to Checkpoint"
+                )),
+            ))),
         }
     }
 

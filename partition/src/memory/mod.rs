@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-pub(crate) use image::{map_memory_file, save_memory};
+pub(crate) use image::{map_memory_layers, pages_with_data, save_memory, write_runs};
 
 use crate::error::{Error, Result};
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -105,6 +105,60 @@ impl DirtyRange {
     pub fn count(&self) -> u64 {
         self.bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
     }
+
+    /// No page of `range`.
+    pub fn empty(range: RamRange) -> Self {
+        let pages = range.len / PAGE_SIZE;
+        DirtyRange {
+            range,
+            bitmap: vec![0; pages.div_ceil(64) as usize],
+        }
+    }
+
+    /// Adds every page of `other` (which must cover the same range; another range is ignored).
+    pub fn merge(&mut self, other: &DirtyRange) {
+        if other.range != self.range {
+            return;
+        }
+        for (word, more) in self.bitmap.iter_mut().zip(&other.bitmap) {
+            *word |= more;
+        }
+    }
+
+    /// The dirty pages as runs of page indices from the range's start, in order.
+    pub(crate) fn runs(&self) -> touched::PageRuns {
+        let pages = self.range.len / PAGE_SIZE;
+        let mut runs = touched::PageRuns::new();
+        for (w, &word) in self.bitmap.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let page = w as u64 * 64 + bit;
+                if page >= pages {
+                    break;
+                }
+                match runs.last_mut() {
+                    Some(last) if last.end == page => last.end += 1,
+                    _ => runs.push(page..page + 1),
+                }
+            }
+        }
+        runs
+    }
+
+    /// The pages of `runs` (page indices from `range`'s start).
+    pub(crate) fn from_runs(range: RamRange, runs: &[std::ops::Range<u64>]) -> Self {
+        let mut out = DirtyRange::empty(range);
+        for run in runs {
+            for page in run.clone() {
+                if let Some(word) = out.bitmap.get_mut((page / 64) as usize) {
+                    *word |= 1 << (page % 64);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Reads and clears the dirty-page log of every region: pages the guest wrote (KVM's log) or the VMM
@@ -164,6 +218,21 @@ mod tests {
                 len: (4 << 30) - MMIO_GAP_START
             }
         );
+    }
+
+    #[test]
+    fn dirty_range_runs_round_trip_and_merge() {
+        let range = RamRange {
+            start: 0,
+            len: 200 * PAGE_SIZE,
+        };
+        let runs = vec![0..3, 63..66, 199..200];
+        let mut dirty = DirtyRange::from_runs(range, &runs);
+
+        assert_eq!(dirty.runs(), runs);
+        dirty.merge(&DirtyRange::from_runs(range, &[3..4, 100..101]));
+        assert_eq!(dirty.runs(), vec![0..4, 63..66, 100..101, 199..200]);
+        assert_eq!(dirty.count(), 9);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::console::ConsoleLog;
 use super::machine::lock;
 use crate::process::rss_kib;
 use crate::protocol::{
-    Confinement, FromWorker, GuestState, PROTOCOL_VERSION, ProtocolError, Reply, Request,
+    Confinement, Failure, FromWorker, GuestState, PROTOCOL_VERSION, ProtocolError, Reply, Request,
     TestGuestCounters, ToWorker, WorkerReport, read_frame, write_frame,
 };
 
@@ -347,7 +347,7 @@ fn requests(
                 if let Err(command) = shared.commands.send(command) {
                     command.peer.send(&FromWorker::Reply {
                         id: command.id,
-                        result: Err("worker is shutting down".into()),
+                        result: Err(Failure::invalid_state("worker is shutting down")),
                     });
                 }
             }

@@ -22,12 +22,15 @@ use partition::{
 use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::checkpoint::{self, DirtyTracking};
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
+use super::disks;
 use super::start_trace::mark;
+use super::state_folder;
 use crate::error::{Error, Result};
-use crate::protocol::{Confinement, FromWorker, GuestState, Notice, Reply, Request};
+use crate::protocol::{Confinement, Failure, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::worker_lock::WorkerLock;
 
@@ -101,6 +104,9 @@ pub(crate) struct Machine {
     /// Whether the process is confined (seccomp goes on before the first `KVM_RUN`).
     confine: bool,
     vm_name: String,
+    /// The pages dirtied since the state the guest's memory last equalled (for delta
+    /// checkpoints).
+    tracking: DirtyTracking,
     /// Held for the whole life of the process: it is what tells a service that this VM has a
     /// worker (see [`WorkerLock`]).
     _lock: WorkerLock,
@@ -118,7 +124,14 @@ impl Machine {
             .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
         mark("config");
-        let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let mut config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        // Disks are opened (and locked) before the sandbox closes; Landlock then only needs
+        // what later opens: backing files and the VM's folder.
+        disks::open_disks(&mut config)?;
+        // Running checkpoints pre-copy memory with the dirty log, and a delta needs it
+        // continuous from the start.
+        config.dirty_log = true;
+        mark("disks");
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
@@ -130,9 +143,9 @@ impl Machine {
                 ..Confinement::default()
             }
         };
-        let partition = match &options.restore {
+        let (partition, restored_state) = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
-            None => Partition::new(config.clone())?,
+            None => (Partition::new(config.clone())?, None),
         };
         mark("partition");
         let console = Arc::new(ConsoleLog::default());
@@ -155,6 +168,7 @@ impl Machine {
             test_guest,
             confine: options.confine,
             vm_name: vm.name.clone(),
+            tracking: DirtyTracking::starting_at(restored_state),
             _lock: lock,
         };
         let result = machine.open_and_run(partition, options.restore.as_deref());
@@ -293,6 +307,7 @@ impl Machine {
                 Err(reason) => (Err(reason), Flow::Continue),
             },
             Request::Shutdown => (self.shutdown(), Flow::Continue),
+            Request::Checkpoint(request) => (self.checkpoint(&request), Flow::Continue),
             Request::TurnOff => {
                 if let Some(partition) = &mut self.partition {
                     partition.stop();
@@ -310,43 +325,49 @@ impl Machine {
     }
 
     /// The partition, or why there is none.
-    fn live(&mut self) -> std::result::Result<&mut Partition, String> {
+    fn live(&mut self) -> std::result::Result<&mut Partition, Failure> {
         match (&mut self.partition, self.shared.state()) {
             (Some(partition), _) => Ok(partition),
-            (None, GuestState::Stopped { reason }) => Err(format!("guest has stopped: {reason}")),
-            (None, _) => Err("guest is not running".into()),
+            (None, GuestState::Stopped { reason }) => Err(Failure::invalid_state(format!(
+                "guest has stopped: {reason}"
+            ))),
+            (None, _) => Err(Failure::invalid_state("guest is not running")),
         }
     }
 
-    fn pause(&mut self) -> std::result::Result<Reply, String> {
+    fn pause(&mut self) -> std::result::Result<Reply, Failure> {
         if self.shared.state() == GuestState::Paused {
             return Ok(Reply::Done);
         }
         let partition = self.live()?;
-        partition.pause().map_err(|e| error_chain(&e))?;
+        partition.pause().map_err(|e| partition_failure(&e))?;
         if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
             // The guest stopped on its own just as it was paused.
             self.guest_stopped(&exit);
-            return Err(format!("guest has stopped: {}", stop_reason(&exit)));
+            return Err(Failure::invalid_state(format!(
+                "guest has stopped: {}",
+                stop_reason(&exit)
+            )));
         }
         self.set_and_announce(GuestState::Paused);
         Ok(Reply::Done)
     }
 
-    fn resume(&mut self) -> std::result::Result<Reply, String> {
+    fn resume(&mut self) -> std::result::Result<Reply, Failure> {
         if self.shared.state() == GuestState::Running {
             return Ok(Reply::Done);
         }
-        self.live()?.resume().map_err(|e| error_chain(&e))?;
+        self.live()?.resume().map_err(|e| partition_failure(&e))?;
         self.set_and_announce(GuestState::Running);
         Ok(Reply::Done)
     }
 
     /// A hard reset: the old partition is torn down and a fresh one boots from the boot source.
-    fn reset(&mut self) -> std::result::Result<Reply, String> {
+    fn reset(&mut self) -> std::result::Result<Reply, Failure> {
         if let Some(mut old) = self.partition.take() {
             old.stop();
         }
+        self.tracking = DirtyTracking::default();
         self.shared.set_guest(None, None);
         let booted = Partition::new(self.config.clone()).and_then(|partition| {
             self.install(partition);
@@ -365,7 +386,7 @@ impl Machine {
                 self.release_guest(StopReason::GuestCrash {
                     detail: detail.clone(),
                 });
-                Err(detail)
+                Err(Failure::failed(detail))
             }
         }
     }
@@ -373,23 +394,26 @@ impl Machine {
     /// Asks the guest to shut down: the test guest powers off on `halt` typed at its shell (a
     /// leading CR ends whatever half-typed line it holds). The power-off itself is announced
     /// when the vCPUs see it.
-    fn shutdown(&mut self) -> std::result::Result<Reply, String> {
+    fn shutdown(&mut self) -> std::result::Result<Reply, Failure> {
         if !self.test_guest {
-            return Err("the guest has no shutdown integration".into());
+            return Err(Failure::refused("the guest has no shutdown integration"));
         }
         if self.shared.state() != GuestState::Running {
-            return Err("only a running guest can shut down".into());
+            return Err(Failure::invalid_state("only a running guest can shut down"));
         }
-        let com1 = self.shared.com1().ok_or("guest is not running")?;
+        let com1 = self
+            .shared
+            .com1()
+            .ok_or_else(|| Failure::invalid_state("guest is not running"))?;
         com1.send_all(b"\rhalt\r", SHUTDOWN_INPUT_TIMEOUT)
-            .map_err(|e| format!("the guest does not read its console: {e}"))?;
+            .map_err(|e| Failure::failed(format!("the guest does not read its console: {e}")))?;
         Ok(Reply::Done)
     }
 
     /// Pauses, writes the state and memory durably into `staging`, commits it as `state_dir`,
     /// and releases the guest. On any failure before the commit the guest runs on as before
     /// (or stays paused, if it was) and `state_dir` is untouched.
-    fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), String> {
+    fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), Failure> {
         let before = self.shared.state();
         if before == GuestState::Running {
             self.pause()?;
@@ -397,13 +421,13 @@ impl Machine {
         self.set_and_announce(GuestState::Saving);
         let started = Instant::now();
         let written = self.live().and_then(|partition| {
-            write_saved_state(partition, staging).map_err(|e| error_chain(&e))
+            write_saved_state(partition, staging).map_err(|e| Failure::failed(error_chain(&e)))
         });
         let committed = written.and_then(|bytes| {
             fault::point("worker.save.before-commit");
             vmm_core::atomic_file::commit_dir(staging, state_dir)
                 .map(|()| bytes)
-                .map_err(|e| format!("cannot commit {}: {e}", state_dir.display()))
+                .map_err(|e| Failure::failed(format!("cannot commit {}: {e}", state_dir.display())))
         });
         match committed {
             Ok(bytes) => {
@@ -418,8 +442,11 @@ impl Machine {
                 self.release_guest(StopReason::Saved);
                 Ok(())
             }
-            Err(reason) => {
-                let reason = format!("save failed: {reason}");
+            Err(failure) => {
+                let reason = Failure {
+                    message: format!("save failed: {}", failure.message),
+                    ..failure
+                };
                 // Best effort: the reply says the save failed either way.
                 if before == GuestState::Running {
                     self.shared.set_state(GuestState::Paused);
@@ -432,10 +459,56 @@ impl Machine {
         }
     }
 
+    /// Takes a checkpoint of the running or paused guest (see [`checkpoint`]); it is left in the
+    /// state it was in. Status requests see it as it was meanwhile: the pause is short.
+    fn checkpoint(
+        &mut self,
+        request: &vmm_core::CheckpointRequest,
+    ) -> std::result::Result<Reply, Failure> {
+        match self.shared.state() {
+            GuestState::Running | GuestState::Paused => {}
+            other => {
+                return Err(Failure::invalid_state(format!(
+                    "a checkpoint needs a running or paused guest, not {other:?}"
+                )));
+            }
+        }
+        let Some(partition) = &mut self.partition else {
+            return Err(Failure::invalid_state("guest is not running"));
+        };
+        let result =
+            checkpoint::checkpoint(partition, &mut self.config, &mut self.tracking, request);
+        if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
+            self.guest_stopped(&exit);
+        }
+        match &result {
+            Ok(report) => eprintln!(
+                "worker {}: checkpoint committed: {} bytes of memory{}, paused {:?}, total {:?}",
+                self.shared.vm(),
+                report.memory_bytes,
+                if report.delta { " (delta)" } else { "" },
+                report.pause,
+                report.total
+            ),
+            Err(failure) => eprintln!("worker {}: checkpoint failed: {failure}", self.shared.vm()),
+        }
+        result.map(Reply::Checkpoint)
+    }
+
     fn set_and_announce(&self, state: GuestState) {
         self.shared.set_state(state.clone());
         self.shared
             .broadcast(&FromWorker::Event(Notice::StateChanged { state }));
+    }
+}
+
+/// A partition error as a reply: a run state that forbids the operation is
+/// [`FailureKind::InvalidState`](crate::protocol::FailureKind::InvalidState), anything else a
+/// failure with the whole chain of causes.
+pub(crate) fn partition_failure(error: &partition::Error) -> Failure {
+    match error {
+        partition::Error::InvalidRunState { .. } => Failure::invalid_state(error_chain(error)),
+        other => Failure::failed(error_chain(other)),
     }
 }
 
@@ -494,6 +567,9 @@ fn filesystem_view(
         view.readable.push(kernel.clone());
     }
     view.readable.extend(config.boot.initrd.clone());
+    // A checkpoint's new overlay is created on the disk's current image and opened with the whole
+    // chain below it.
+    view.readable.extend(disks::backing_files(config));
     // A path that does not exist cannot carry a rule; building the partition then fails with
     // its own error about it, which is what the user needs to read.
     view.writable_files.retain(|p| p.exists());
@@ -519,18 +595,20 @@ fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmCo
     Ok(config)
 }
 
-/// Rebuilds a partition from a saved-state folder. The memory file is mapped copy-on-write, so
-/// the folder may be deleted as soon as this returns.
-fn restore(config: PartitionConfig, dir: &Path) -> Result<Partition> {
+/// Rebuilds a partition from a saved-state folder, and gives the folder's identity when it has
+/// a memory manifest. The memory files are mapped copy-on-write, so the folder may be deleted as
+/// soon as this returns.
+fn restore(config: PartitionConfig, dir: &Path) -> Result<(Partition, Option<String>)> {
     let state_path = dir.join(STATE_FILE);
     let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state = PartitionState::from_json(&bytes).map_err(|e| Error::Config {
         path: state_path.clone(),
         source: Box::new(e),
     })?;
-    let memory_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&memory_path).map_err(|e| Error::io(&memory_path, e))?;
-    Ok(Partition::builder(config).restore(&state, &memory)?)
+    let layers = state_folder::open_memory(dir)?;
+    let partition =
+        Partition::builder(config).restore_layered(&state, &layers.base, &layers.deltas)?;
+    Ok((partition, layers.state_id))
 }
 
 /// Removes a saved-state folder the guest now runs from: renamed away first (so a crash never
@@ -546,7 +624,7 @@ fn consume_saved_state(dir: &Path) -> Result<()> {
 
 /// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
 /// must not be readable by other users), failing if it exists.
-fn create_private(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
         .write(true)

@@ -7,11 +7,14 @@
 //! runtime folder, writes the pid file, tells the parent it is ready, and runs the guest until it
 //! is told to save or turn off.
 
+mod checkpoint;
 mod confinement;
 mod console;
 mod control;
+mod disks;
 mod machine;
 pub mod start_trace;
+mod state_folder;
 mod syscalls;
 
 use std::ffi::OsString;
@@ -27,6 +30,7 @@ use crate::worker_lock::LOCK_FD_ENV;
 
 pub use confinement::{ConfinementError, TEST_ESCAPE_ENV, install_seccomp_on_current_thread};
 pub use machine::{MEMORY_FILE, STATE_FILE, partition_config, stop_reason};
+pub use state_folder::{MAX_MEMORY_LAYERS, MEMORY_MANIFEST, MemoryManifest};
 pub use syscalls::{ALLOWANCE_MARGIN, allowlist_names};
 
 /// Environment variable naming the descriptor on which a worker reports readiness to its parent:

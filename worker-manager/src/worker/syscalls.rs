@@ -122,11 +122,21 @@ pub(crate) const ALLOWED: &[(i64, &str, &str)] = &[
     (libc::SYS_statx, "statx", "metadata"),
     (libc::SYS_fstat, "fstat", "metadata"),
     (
+        libc::SYS_fstatfs,
+        "fstatfs",
+        "imago opening a checkpoint's new overlay",
+    ),
+    (
         libc::SYS_getdents64,
         "getdents64",
         "syncing and removing folders",
     ),
     (libc::SYS_rename, "rename", "committing the saved state"),
+    (
+        libc::SYS_linkat,
+        "linkat",
+        "a delta checkpoint links its parent's memory layers",
+    ),
     (libc::SYS_renameat, "renameat", "committing the saved state"),
     (
         libc::SYS_unlink,

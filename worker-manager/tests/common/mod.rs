@@ -2,6 +2,8 @@
 //! running the crate's real `vmms-worker` binary, and a console client.
 #![allow(dead_code, missing_docs)]
 
+pub mod images;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

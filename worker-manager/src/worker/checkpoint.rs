@@ -1,0 +1,468 @@
+//! Checkpoints of the running guest (Hyper-V's running-VM checkpoints, done by the worker).
+//!
+//! Memory is copied while the guest runs: the dirty log is cleared, every page that holds data
+//! (or, for a delta, every page dirtied since the parent state) is copied into the staging
+//! folder's memory image, then a few passes copy what the guest dirtied meanwhile, until that set
+//! is small or stops shrinking. Then one short pause: the pages dirtied during the last pass are
+//! copied, device and vCPU state captured (`state.json`, as a save writes it), every listed disk
+//! is flushed and switched to a new qcow2 overlay on its current image, and the staging folder is
+//! committed by renaming it to the state folder. Only then does the guest run again, on the
+//! overlays. A failure before the commit switches the disks back and the guest runs on; a crash
+//! before it leaves the old images as they were (the guest never wrote an overlay) and no state
+//! folder.
+//!
+//! Delta memory: the worker keeps the union of every dirty log it read since its "base", the
+//! state its memory is known to equal at that point: the checkpoint it committed last, or the
+//! state its guest was restored from. When asked for a checkpoint whose parent is that very
+//! state (by the manifest's identity) it writes only those pages, as a delta layer over hard
+//! links of the parent's layers (see [`super::state_folder`]). Anything else (a reset, a restore
+//! from a save without a manifest, another parent) gives a full image.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use partition::memory::{DirtyRange, PAGE_SIZE};
+use partition::{Partition, PartitionConfig, RunState};
+use vmm_core::{CheckpointReport, CheckpointRequest, error_chain, fault};
+
+use super::disks::{self, Detached};
+use super::machine::{STATE_FILE, create_private, partition_failure};
+use super::state_folder::{MAX_MEMORY_LAYERS, MEMORY_MANIFEST, MemoryManifest};
+use crate::protocol::Failure;
+
+/// Pre-copy passes after the first full copy, at most.
+const PRECOPY_PASSES: usize = 4;
+/// A dirty set this small is left for the pause.
+const SMALL_DIRTY_SET: u64 = 64;
+
+/// What the worker knows about the pages its guest dirtied.
+#[derive(Debug, Default)]
+pub(crate) struct DirtyTracking {
+    /// The identity of the state the guest's memory equalled when `since` started.
+    base: Option<String>,
+    /// Every page dirtied since then (the union of all dirty logs read since).
+    since: Vec<DirtyRange>,
+}
+
+impl DirtyTracking {
+    /// Tracking from a guest restored from the state with identity `base` (or booted: `None`).
+    pub(crate) fn starting_at(base: Option<String>) -> Self {
+        DirtyTracking {
+            base,
+            since: Vec::new(),
+        }
+    }
+
+    /// Reads (and clears) the partition's dirty log, remembering it in `since`.
+    fn read(&mut self, partition: &Partition) -> Result<Vec<DirtyRange>, Failure> {
+        let dirty = partition
+            .read_dirty_log()
+            .map_err(|e| partition_failure(&e))?;
+        if self.since.is_empty() {
+            self.since = dirty.iter().map(|d| DirtyRange::empty(d.range)).collect();
+        }
+        for (all, new) in self.since.iter_mut().zip(&dirty) {
+            all.merge(new);
+        }
+        Ok(dirty)
+    }
+
+    /// The memory now equals the committed state `state_id`.
+    fn committed(&mut self, state_id: String) {
+        self.base = Some(state_id);
+        self.since.clear();
+    }
+}
+
+/// How the checkpoint's memory is written.
+struct MemoryPlan {
+    /// The layer this checkpoint writes.
+    file: File,
+    /// The folder's manifest (committed with it).
+    manifest: MemoryManifest,
+    delta: bool,
+}
+
+/// One disk switched to its overlay, and how to switch it back.
+struct Switched {
+    index: usize,
+    old_path: PathBuf,
+    overlay: PathBuf,
+}
+
+/// Takes the checkpoint `request` describes (see the module notes); the partition is left
+/// running if it was, paused otherwise.
+pub(crate) fn checkpoint(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    tracking: &mut DirtyTracking,
+    request: &CheckpointRequest,
+) -> Result<CheckpointReport, Failure> {
+    let started = Instant::now();
+    let was_running = match partition.run_state() {
+        RunState::Running => true,
+        RunState::Paused | RunState::Created => false,
+        RunState::Stopped(reason) => {
+            return Err(Failure::invalid_state(format!(
+                "guest has stopped: {reason}"
+            )));
+        }
+    };
+    check_request(config, request)?;
+    let plan = plan_memory(tracking, request)?;
+    let image_len = partition.memory_image_len();
+    plan.file
+        .set_len(image_len)
+        .map_err(|e| io_failure("size the memory image", e))?;
+
+    // Pre-copy, while the guest runs.
+    let first = tracking.read(partition)?;
+    drop(first);
+    let mut written = if plan.delta {
+        tracking.since.clone()
+    } else {
+        partition
+            .memory_data_pages()
+            .map_err(|e| partition_failure(&e))?
+    };
+    copy(partition, &written, &plan.file)?;
+    let mut dirtied = 0u64;
+    let mut previous = u64::MAX;
+    for _ in 0..PRECOPY_PASSES {
+        let dirty = tracking.read(partition)?;
+        let count = count(&dirty);
+        dirtied += count;
+        copy(partition, &dirty, &plan.file)?;
+        merge(&mut written, &dirty);
+        if count <= SMALL_DIRTY_SET || count >= previous {
+            break;
+        }
+        previous = count;
+    }
+    // The bulk is made durable before the pause; only the last pages are synced inside it.
+    plan.file
+        .sync_data()
+        .map_err(|e| io_failure("sync the memory image", e))?;
+    fault::point("worker.checkpoint.after-precopy");
+
+    let pause_started = Instant::now();
+    if was_running {
+        partition.pause().map_err(|e| partition_failure(&e))?;
+        if let RunState::Stopped(reason) = partition.run_state() {
+            return Err(Failure::invalid_state(format!(
+                "guest stopped during the checkpoint: {reason}"
+            )));
+        }
+    }
+    fault::point("worker.checkpoint.after-pause");
+    let paused = paused_part(partition, config, tracking, request, &plan, &mut written);
+    let (dirty_in_pause, state_id) = match paused {
+        Ok(done) => done,
+        Err(failure) => {
+            if was_running {
+                // Best effort: the reply says the checkpoint failed either way.
+                let _ = partition.resume();
+            }
+            return Err(failure);
+        }
+    };
+    fault::point("worker.checkpoint.after-commit");
+    tracking.committed(state_id);
+    if was_running {
+        partition.resume().map_err(|e| partition_failure(&e))?;
+    }
+    let pause = pause_started.elapsed();
+    Ok(CheckpointReport {
+        pause,
+        total: started.elapsed(),
+        memory_bytes: count(&written) * PAGE_SIZE,
+        delta: plan.delta,
+        pages_dirtied_during_copy: dirtied + dirty_in_pause,
+    })
+}
+
+/// Everything done while the guest is paused, up to and including the commit. On error the
+/// disks are back on their old images and `state_dir` does not exist.
+fn paused_part(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    tracking: &mut DirtyTracking,
+    request: &CheckpointRequest,
+    plan: &MemoryPlan,
+    written: &mut Vec<DirtyRange>,
+) -> Result<(u64, String), Failure> {
+    let dirty = tracking.read(partition)?;
+    copy(partition, &dirty, &plan.file)?;
+    merge(written, &dirty);
+    plan.file
+        .sync_data()
+        .map_err(|e| io_failure("sync the memory image", e))?;
+    write_state(partition, &request.staging)?;
+    let mut switched = Vec::new();
+    let result = switch_disks(partition, config, request, &mut switched).and_then(|()| {
+        fault::point("worker.checkpoint.after-overlays");
+        write_manifest(&request.staging, &plan.manifest)?;
+        fault::point("worker.checkpoint.before-commit");
+        vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
+            Failure::failed(format!(
+                "cannot commit {}: {e}",
+                request.state_dir.display()
+            ))
+        })
+    });
+    if let Err(failure) = result {
+        switch_back(partition, config, switched);
+        return Err(failure);
+    }
+    Ok((count(&dirty), plan.manifest.state_id.clone()))
+}
+
+/// Refuses a request that names a disk that is not there, read-only or listed twice, an overlay
+/// or state folder that already exists, or a staging folder that does not.
+fn check_request(config: &PartitionConfig, request: &CheckpointRequest) -> Result<(), Failure> {
+    if !request.staging.is_dir() {
+        return Err(Failure::failed(format!(
+            "staging folder {} does not exist",
+            request.staging.display()
+        )));
+    }
+    if request.state_dir.exists() {
+        return Err(Failure::failed(format!(
+            "{} already exists",
+            request.state_dir.display()
+        )));
+    }
+    let mut seen = Vec::new();
+    for overlay in &request.overlays {
+        let Some(disk) = config.disks.get(overlay.disk) else {
+            return Err(Failure::failed(format!(
+                "there is no disk {}",
+                overlay.disk
+            )));
+        };
+        if disk.read_only || seen.contains(&overlay.disk) {
+            return Err(Failure::failed(format!(
+                "disk {} is read-only or listed twice",
+                overlay.disk
+            )));
+        }
+        if overlay.path.exists() {
+            return Err(Failure::failed(format!(
+                "overlay {} already exists",
+                overlay.path.display()
+            )));
+        }
+        seen.push(overlay.disk);
+    }
+    Ok(())
+}
+
+/// A delta on the parent's layers when the worker's tracking proves it exact and the parent's
+/// layers link into `staging`; a full image otherwise.
+fn plan_memory(
+    tracking: &DirtyTracking,
+    request: &CheckpointRequest,
+) -> Result<MemoryPlan, Failure> {
+    let staging = &request.staging;
+    let parent = request
+        .parent_state_dir
+        .as_deref()
+        .and_then(|dir| MemoryManifest::read(dir).ok().flatten().map(|m| (dir, m)))
+        .filter(|(_, m)| {
+            tracking.base.as_deref() == Some(m.state_id.as_str())
+                && m.layers.len() < MAX_MEMORY_LAYERS
+        });
+    if let Some((dir, manifest)) = parent
+        && link_layers(dir, staging, &manifest.layers).is_ok()
+    {
+        let name = manifest.next_layer_name();
+        let file = create_private(&staging.join(&name))
+            .map_err(|e| io_failure("create the memory image", e))?;
+        let mut layers = manifest.layers;
+        layers.push(name);
+        return Ok(MemoryPlan {
+            file,
+            manifest: MemoryManifest::new(layers),
+            delta: true,
+        });
+    }
+    let name = super::machine::MEMORY_FILE.to_owned();
+    let file = create_private(&staging.join(&name))
+        .map_err(|e| io_failure("create the memory image", e))?;
+    Ok(MemoryPlan {
+        file,
+        manifest: MemoryManifest::new(vec![name]),
+        delta: false,
+    })
+}
+
+/// Hard-links `layers` of `from` into `to`; on failure removes the links it made.
+fn link_layers(from: &Path, to: &Path, layers: &[String]) -> std::io::Result<()> {
+    for (done, name) in layers.iter().enumerate() {
+        if let Err(error) = std::fs::hard_link(from.join(name), to.join(name)) {
+            for made in &layers[..done] {
+                let _ = std::fs::remove_file(to.join(made));
+            }
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Flushes each listed disk, creates its overlay on the current image and switches the device to
+/// it; every disk switched is pushed on `switched` (for [`switch_back`]).
+fn switch_disks(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    request: &CheckpointRequest,
+    switched: &mut Vec<Switched>,
+) -> Result<(), Failure> {
+    for overlay in &request.overlays {
+        let index = overlay.disk;
+        let old_path = config.disks[index].path.clone();
+        let current = partition
+            .disk_backend(index)
+            .ok_or_else(|| Failure::failed(format!("there is no disk {index}")))?;
+        current
+            .flush()
+            .map_err(|e| io_failure("flush the disk", e))?;
+        let size = current.size();
+        drop(current);
+        // The chain above the image reads it as a backing file, which our own write lock on it
+        // refuses: close the image (nothing can use it while paused), then open the chain.
+        detach(partition, config, index, &old_path, size)?;
+        let attached = snapshot::create_overlay(&overlay.path, &old_path)
+            .map_err(|e| Failure::failed(error_chain(&e)))
+            .and_then(|()| {
+                disks::open_writable(&overlay.path).map_err(|e| Failure::failed(error_chain(&e)))
+            })
+            .and_then(|backend| attach(partition, config, index, &overlay.path, backend));
+        if let Err(failure) = attached {
+            let _ = std::fs::remove_file(&overlay.path);
+            reopen(partition, config, index, &old_path);
+            return Err(failure);
+        }
+        switched.push(Switched {
+            index,
+            old_path,
+            overlay: overlay.path.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Puts every switched disk back on its old image and removes the overlays (best effort: this
+/// runs on a failure already being reported).
+fn switch_back(partition: &mut Partition, config: &mut PartitionConfig, switched: Vec<Switched>) {
+    for disk in switched.into_iter().rev() {
+        let size = partition.disk_backend(disk.index).map(|b| b.size());
+        if let Some(size) = size {
+            let _ = detach(partition, config, disk.index, &disk.old_path, size);
+        }
+        let _ = std::fs::remove_file(&disk.overlay);
+        reopen(partition, config, disk.index, &disk.old_path);
+    }
+}
+
+/// Reopens `path` as disk `index` after a failed switch.
+fn reopen(partition: &mut Partition, config: &mut PartitionConfig, index: usize, path: &Path) {
+    match disks::open_writable(path) {
+        Ok(backend) => {
+            let _ = attach(partition, config, index, path, backend);
+        }
+        Err(error) => eprintln!(
+            "worker: cannot reopen disk {} after a failed checkpoint: {}",
+            path.display(),
+            error_chain(&error)
+        ),
+    }
+}
+
+/// Replaces disk `index`'s backend by a stand-in and drops every reference to the old one, so
+/// its image is closed and unlocked.
+fn detach(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    index: usize,
+    path: &Path,
+    size: u64,
+) -> Result<(), Failure> {
+    let stand_in = Arc::new(Detached {
+        size,
+        read_only: false,
+    });
+    let old = partition
+        .replace_disk_backend(index, path.to_path_buf(), stand_in)
+        .map_err(|e| partition_failure(&e))?;
+    config.disks[index].backend = None;
+    drop(old);
+    Ok(())
+}
+
+/// Makes `backend` (the image at `path`) disk `index`'s backend, in the partition and in the
+/// worker's configuration (which a reset boots from).
+fn attach(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    index: usize,
+    path: &Path,
+    backend: Arc<dyn partition::block::BlockBackend>,
+) -> Result<(), Failure> {
+    partition
+        .replace_disk_backend(index, path.to_path_buf(), backend.clone())
+        .map_err(|e| partition_failure(&e))?;
+    config.disks[index].path = path.to_path_buf();
+    config.disks[index].backend = Some(backend);
+    Ok(())
+}
+
+fn copy(partition: &Partition, pages: &[DirtyRange], out: &File) -> Result<u64, Failure> {
+    partition
+        .write_memory_pages(pages, out)
+        .map_err(|e| partition_failure(&e))
+}
+
+fn count(pages: &[DirtyRange]) -> u64 {
+    pages.iter().map(DirtyRange::count).sum()
+}
+
+fn merge(into: &mut Vec<DirtyRange>, more: &[DirtyRange]) {
+    if into.is_empty() {
+        *into = more.iter().map(|d| DirtyRange::empty(d.range)).collect();
+    }
+    for (all, new) in into.iter_mut().zip(more) {
+        all.merge(new);
+    }
+}
+
+/// Writes `state.json` (fsynced) into `dir`.
+fn write_state(partition: &Partition, dir: &Path) -> Result<(), Failure> {
+    let state = partition
+        .capture_state()
+        .map_err(|e| partition_failure(&e))?;
+    let json = state
+        .to_json()
+        .map_err(|e| Failure::failed(format!("cannot encode the state: {e}")))?;
+    let mut file =
+        create_private(&dir.join(STATE_FILE)).map_err(|e| io_failure("create state.json", e))?;
+    file.write_all(&json)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_failure("write state.json", e))
+}
+
+fn write_manifest(dir: &Path, manifest: &MemoryManifest) -> Result<(), Failure> {
+    let json = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| Failure::failed(format!("cannot encode the manifest: {e}")))?;
+    let mut file = create_private(&dir.join(MEMORY_MANIFEST))
+        .map_err(|e| io_failure("create memory.json", e))?;
+    file.write_all(&json)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_failure("write memory.json", e))
+}
+
+fn io_failure(what: &str, error: std::io::Error) -> Failure {
+    Failure::failed(format!("cannot {what}: {error}"))
+}
