@@ -4,6 +4,8 @@
 //! - `restore_to_first_byte/<MiB>`: ApplySnapshot of a standard checkpoint, then start (the
 //!   worker restores the checkpoint's memory), until the guest answers on its console; at 64,
 //!   256 and 1024 MiB of guest memory. The target is a restore that stays flat as memory grows.
+//! - `create_running/<MiB>`: CreateSnapshot of a running VM (pre-copy, pause, overlay switch,
+//!   commit) as the job reports it, at the same sizes.
 //!
 //! Like the reference binary, this bench re-executes itself as the worker.
 #![allow(missing_docs)]
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     }
     let mut criterion = Criterion::default().configure_from_args();
     restore_to_first_byte(&mut criterion);
+    create_running(&mut criterion);
     criterion.final_summary();
     ExitCode::SUCCESS
 }
@@ -124,6 +127,33 @@ fn restore_to_first_byte(c: &mut Criterion) {
                 total
             });
         });
+    }
+    group.finish();
+}
+
+fn create_running(c: &mut Criterion) {
+    let mut group = c.benchmark_group("checkpoint_create_running");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for mib in SIZES_MIB {
+        let service = Service::new();
+        let vm = service.define("bench", mib);
+        service.change(vm, RequestedState::Start);
+        service.first_byte(vm);
+        let mut n = 0u64;
+        group.bench_function(format!("{mib}MiB"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let start = Instant::now();
+                    service.checkpoint(vm, &format!("cp{n}"));
+                    total += start.elapsed();
+                }
+                total
+            });
+        });
+        service.change(vm, RequestedState::TurnOff);
     }
     group.finish();
 }

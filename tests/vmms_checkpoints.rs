@@ -315,3 +315,69 @@ fn revert_recovery_puts_a_failed_vm_back_on_its_newest_checkpoint_and_starts_it(
     );
     daemon.ok(&["stop-vm", "v", "--turn-off"]);
 }
+
+/// The records on VM `target`'s live disk (it must be off: the image is read directly).
+fn records_on_live_disk(daemon: &Daemon, target: &str) -> u64 {
+    let path = daemon.vm(target)["config"]["disks"][0]["path"]
+        .as_str()
+        .expect("disk path")
+        .to_owned();
+    let disk = vmms::snapshot::open_disk(&vm_dir(daemon, target).join("disks").join(path), true)
+        .expect("open live disk");
+    let mut image = vec![0u8; 8 << 20];
+    disk.read(0, &mut image).expect("read disk");
+    vmms::guest::count_records(&image[..]).expect("count records")
+}
+
+#[test]
+fn running_checkpoint_applied_later_continues_exactly_where_it_was_taken() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("run", &["--new-disk", "8M", "--recovery", "none"]);
+    daemon.ok(&["start-vm", "run"]);
+    daemon.console_command("run", "write 3", "wrote 3 records, total 3");
+
+    daemon.ok(&["checkpoint-vm", "run", "--name", "three"]);
+
+    assert_eq!(
+        daemon.vm("run")["enabled_state"],
+        2,
+        "the guest kept running"
+    );
+    let at_checkpoint = daemon.counter("run");
+    daemon.console_command("run", "write 4", "wrote 4 records, total 7");
+    daemon.ok(&["stop-vm", "run", "--turn-off"]);
+    assert_eq!(records_on_live_disk(&daemon, "run"), 7);
+    qemu_img_check_all(&vm_dir(&daemon, "run"));
+
+    daemon.ok(&["restore-vm-checkpoint", "run", "three"]);
+    assert_eq!(daemon.vm("run")["enabled_state"], 6, "Saved");
+    daemon.ok(&["start-vm", "run"]);
+    assert_eq!(daemon.worker_report("run")["restored"], true);
+    let resumed = daemon.counter("run");
+    assert!(
+        resumed + 1_000_000 >= at_checkpoint,
+        "the counter went back: {resumed} vs {at_checkpoint}"
+    );
+    daemon.console_command("run", "write 1", "wrote 1 records, total 4");
+    daemon.ok(&["stop-vm", "run", "--turn-off"]);
+    assert_eq!(records_on_live_disk(&daemon, "run"), 4);
+    qemu_img_check_all(&vm_dir(&daemon, "run"));
+}
+
+#[test]
+fn deleting_a_checkpoint_whose_layer_a_running_vm_reads_is_refused() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("busy", &["--new-disk", "8M", "--recovery", "none"]);
+    daemon.ok(&["checkpoint-vm", "busy", "--name", "base"]);
+    daemon.ok(&["start-vm", "busy"]);
+
+    let refusal = daemon.fails(&["remove-vm-checkpoint", "busy", "base"]);
+
+    assert!(refusal.contains("32775"), "{refusal}");
+    assert_eq!(names(&tree(&daemon, "busy")), ["base"]);
+    daemon.ok(&["stop-vm", "busy", "--turn-off"]);
+    daemon.ok(&["remove-vm-checkpoint", "busy", "base"]);
+    qemu_img_check_all(&vm_dir(&daemon, "busy"));
+}

@@ -11,7 +11,8 @@ pub const DISK_SIZE: u64 = 4 << 20;
 
 /// A VM folder `<root>/vms/<id>` with `disks` qcow2 disks (`disk0.qcow2`, ...), Off.
 pub fn make_vm(root: &Path, disks: usize) -> VmFolder {
-    let id = uuid::Uuid::new_v4();
+    // Named as vmm-core names VM folders (upper-case GUIDs).
+    let id = vmm_core::VmId::new_random();
     let dir = root.join("vms").join(id.to_string());
     std::fs::create_dir_all(dir.join("disks")).expect("vm folder");
     let mut entries = Vec::new();

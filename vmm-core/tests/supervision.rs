@@ -131,7 +131,7 @@ fn crash_looping_guest_is_left_off_after_the_restart_limit() {
 }
 
 #[test]
-fn revert_to_snapshot_recovery_is_reported_as_not_supported() {
+fn revert_without_a_snapshot_service_is_skipped_and_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let launcher = ThreadLauncher::default();
     let vmms = open(dir.path(), &launcher);
@@ -149,7 +149,7 @@ fn revert_to_snapshot_recovery_is_reported_as_not_supported() {
     });
     wait_for_state(&vmms, vm, EnabledState::Off);
     assert!(
-        matches!(skipped, EventKind::RecoverySkipped { reason, .. } if reason.contains("not supported"))
+        matches!(skipped, EventKind::RecoverySkipped { reason, .. } if reason.contains("no snapshot service"))
     );
 }
 

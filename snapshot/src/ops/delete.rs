@@ -58,6 +58,9 @@ fn start(
     } else {
         vec![id]
     };
+    for &id in &checkpoints {
+        ensure_not_in_use(folder, id)?;
+    }
     let entry = JournalEntry {
         version: JOURNAL_VERSION,
         stage: Stage::Committed,
@@ -68,6 +71,27 @@ fn start(
     entry.write(&folder.journal_path())?;
     fault_point("snapshot.delete-journal");
     finish(folder, &checkpoints, progress)
+}
+
+/// Refuses, before anything is journaled, to merge a layer that a running VM reads: its worker
+/// holds QEMU-style read locks on its whole chain, which a writer's lock conflicts with. (A
+/// delete is always rolled forward once journaled, so it must not start what it cannot finish.)
+fn ensure_not_in_use(folder: &VmFolder, id: CheckpointId) -> Result<()> {
+    let (_, disks) = checkpoint_disks(folder, id)?;
+    for disk in layered(&disks).filter(|d| d.path.starts_with(folder.disks_dir())) {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk.path)
+        {
+            Ok(file) => file,
+            // Already merged by an interrupted run: nothing to check.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("open", &disk.path, e)),
+        };
+        crate::lock::lock_image(&file, &disk.path, crate::lock::LockMode::Write)?;
+    }
+    Ok(())
 }
 
 /// Deletes every checkpoint of `checkpoints` still present; idempotent.

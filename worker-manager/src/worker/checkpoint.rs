@@ -20,6 +20,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,6 +94,27 @@ struct Switched {
     overlay: PathBuf,
 }
 
+/// An exclusive `flock` on the staging folder for as long as the checkpoint is being taken. The
+/// folder is renamed to `state_dir` at the commit; the lock stays on it (the same inode).
+struct StagingLock {
+    _folder: File,
+}
+
+impl StagingLock {
+    fn take(staging: &Path) -> Result<Self, Failure> {
+        let folder = File::open(staging).map_err(|e| io_failure("open the staging folder", e))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(io_failure(
+                "lock the staging folder",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(StagingLock { _folder: folder })
+    }
+}
+
 /// Takes the checkpoint `request` describes (see the module notes); the partition is left
 /// running if it was, paused otherwise.
 pub(crate) fn checkpoint(
@@ -112,6 +134,9 @@ pub(crate) fn checkpoint(
         }
     };
     check_request(config, request)?;
+    // Held until this function returns: a service that restarts meanwhile waits on it before it
+    // decides whether the checkpoint was committed (snapshot's recovery of a running create).
+    let _in_progress = StagingLock::take(&request.staging)?;
     let plan = plan_memory(tracking, request)?;
     let image_len = partition.memory_image_len();
     plan.file

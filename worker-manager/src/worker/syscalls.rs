@@ -115,6 +115,11 @@ pub(crate) const ALLOWED: &[(i64, &str, &str)] = &[
     (libc::SYS_pwritev, "pwritev", "virtio-blk writes"),
     (libc::SYS_lseek, "lseek", "memory image"),
     (libc::SYS_fsync, "fsync", "saved state durability"),
+    (
+        libc::SYS_flock,
+        "flock",
+        "a running checkpoint's staging folder, held until it is committed",
+    ),
     (libc::SYS_fdatasync, "fdatasync", "virtio-blk flush"),
     (libc::SYS_ftruncate, "ftruncate", "memory image size"),
     (libc::SYS_fallocate, "fallocate", "memory image holes"),
