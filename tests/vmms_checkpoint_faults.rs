@@ -211,3 +211,149 @@ fn export_survives_a_daemon_kill_at_every_step() {
         assert_consistent(&daemon, step);
     }
 }
+
+/// Records on VM `f`'s live disk (off).
+fn records(daemon: &Daemon) -> u64 {
+    let disk = open_disk(&live_disk(daemon), true).expect("open live disk");
+    let mut image = vec![0u8; 1 << 20];
+    disk.read(0, &mut image).expect("read disk");
+    vmms::guest::count_records(&image[..]).expect("count records")
+}
+
+/// Waits until VM `f` is steady and no operation owns it.
+fn settle(daemon: &Daemon) -> Value {
+    let mut vm = Value::Null;
+    wait_until("f settles", || {
+        vm = daemon.vm("f");
+        [2, 3, 6, 9].contains(&vm["enabled_state"].as_u64().unwrap_or(0))
+            && vm["operational_status"] != 11
+    });
+    vm
+}
+
+#[test]
+fn running_checkpoint_survives_a_kill_of_the_daemon_or_the_worker_at_every_step() {
+    require_kvm!();
+    let steps = [
+        "checkpoint.before-worker",
+        "snapshot.running-journal",
+        "worker.checkpoint.after-precopy",
+        "worker.checkpoint.after-pause",
+        "worker.checkpoint.after-overlays",
+        "worker.checkpoint.before-commit",
+        "worker.checkpoint.after-commit",
+        "checkpoint.after-worker",
+        "snapshot.running-committed",
+        "snapshot.running-folder",
+    ];
+    for step in steps {
+        let mut daemon = Daemon::start_with(&[], &[("VMMS_FAULT", step)]);
+        daemon.new_vm("f", &["--new-disk", "8M", "--recovery", "none"]);
+        daemon.ok(&["start-vm", "f"]);
+        daemon.console_command("f", "write 3", "wrote 3 records, total 3");
+
+        let out = daemon.vmms(&["checkpoint-vm", "f", "--name", "cp"]);
+
+        // A worker killed right after its commit leaves a checkpoint that is taken: the
+        // service rolls it forward and says so; every other kill interrupts the operation.
+        if step != "worker.checkpoint.after-commit" {
+            assert!(
+                !out.status.success(),
+                "{step}: the checkpoint was not interrupted"
+            );
+        }
+        if step.starts_with("worker.") {
+            settle(&daemon);
+            daemon.kill9();
+        } else {
+            daemon.wait_exit();
+        }
+        daemon.spawn();
+        let vm = settle(&daemon);
+        let dir = vm_dir(&daemon);
+        assert!(
+            !dir.join("checkpoints/journal.json").exists(),
+            "{step}: journal left behind"
+        );
+        let taken = checkpoint_names(&daemon) == ["cp"];
+        if vm["enabled_state"] == 2 {
+            // The guest ran on, on whichever disk its config names now.
+            daemon.console_command("f", "write 1", "wrote 1 records, total 4");
+            daemon.ok(&["stop-vm", "f", "--turn-off"]);
+            assert_eq!(records(&daemon), 4, "{step}: the live disk lost records");
+        } else {
+            assert_eq!(vm["enabled_state"], 3, "{step}: {vm}");
+            assert_eq!(
+                records(&daemon),
+                3,
+                "{step}: records written before were lost"
+            );
+        }
+        qemu_img_check_all(&dir);
+        if taken {
+            daemon.ok(&["restore-vm-checkpoint", "f", "cp"]);
+            daemon.ok(&["start-vm", "f"]);
+            daemon.console_command("f", "write 1", "wrote 1 records, total 4");
+            daemon.ok(&["stop-vm", "f", "--turn-off"]);
+            assert_eq!(
+                records(&daemon),
+                4,
+                "{step}: the checkpoint's disk is not exact"
+            );
+            qemu_img_check_all(&dir);
+        }
+        daemon.ok(&["checkpoint-vm", "f", "--name", "next"]);
+        qemu_img_check_all(&dir);
+    }
+}
+
+#[test]
+fn daemon_killed_while_the_worker_takes_a_checkpoint_finds_it_committed_on_restart() {
+    require_kvm!();
+    let fault = [("VMMS_FAULT", "worker.checkpoint.after-pause:delay=2000")];
+    let mut daemon = Daemon::start_with(&[], &fault);
+    daemon.new_vm("f", &["--new-disk", "8M", "--recovery", "none"]);
+    daemon.ok(&["start-vm", "f"]);
+    daemon.console_command("f", "write 3", "wrote 3 records, total 3");
+    let worker = daemon.vm("f")["process_id"].as_u64().expect("worker");
+    let store = daemon.path().to_path_buf();
+    let cli = std::thread::spawn(move || {
+        std::process::Command::new(vmms_common::vmms_binary())
+            .args(["checkpoint-vm", "f", "--name", "cp", "--store"])
+            .arg(&store)
+            .output()
+    });
+    let staging = || {
+        std::fs::read_dir(vm_dir(&daemon).join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".new"))
+    };
+    wait_until("the checkpoint is under way", staging);
+
+    daemon.kill9();
+    let _ = cli.join();
+    daemon.spawn();
+
+    let vm = settle(&daemon);
+    assert_eq!(
+        vm["process_id"].as_u64(),
+        Some(worker),
+        "the same worker runs on"
+    );
+    assert_eq!(
+        checkpoint_names(&daemon),
+        ["cp"],
+        "the worker's commit was kept"
+    );
+    assert!(!vm_dir(&daemon).join("checkpoints/journal.json").exists());
+    daemon.console_command("f", "write 1", "wrote 1 records, total 4");
+    daemon.ok(&["stop-vm", "f", "--turn-off"]);
+    assert_eq!(records(&daemon), 4);
+    daemon.ok(&["restore-vm-checkpoint", "f", "cp"]);
+    daemon.ok(&["start-vm", "f"]);
+    daemon.console_command("f", "write 1", "wrote 1 records, total 4");
+    daemon.ok(&["stop-vm", "f", "--turn-off"]);
+    qemu_img_check_all(&vm_dir(&daemon));
+}
