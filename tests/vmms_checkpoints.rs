@@ -266,9 +266,9 @@ fn checkpoint_with_missing_memory_file_refuses_to_apply() {
 fn export_and_import_into_another_daemon_keeps_the_guest_state() {
     require_kvm!();
     let source = Daemon::start();
-    source.new_vm("e", &["--recovery", "none"]);
+    source.new_vm("e", &["--new-disk", "8M", "--recovery", "none"]);
     source.ok(&["start-vm", "e"]);
-    source.counter_above("e", 0);
+    source.console_command("e", "write 2", "wrote 2 records, total 2");
     source.ok(&["save-vm", "e"]);
     let id = source.vm("e")["id"].as_str().expect("id").to_owned();
     let saved = source.saved_counter(&id);
@@ -286,7 +286,10 @@ fn export_and_import_into_another_daemon_keeps_the_guest_state() {
     other.ok(&["start-vm", "e"]);
     let resumed = other.counter("e");
     assert!(resumed >= saved, "{resumed} < {saved}");
+    other.console_command("e", "write 1", "wrote 1 records, total 3");
     other.ok(&["stop-vm", "e", "--turn-off"]);
+    assert_eq!(records_on_live_disk(&other, "e"), 3);
+    qemu_img_check_all(&vm_dir(&other, "e"));
     let copy = other.ok(&["import-vm", target.to_str().expect("utf-8"), "--copy"]);
     assert_ne!(copy.trim(), id, "--copy gives a new id");
 }
@@ -380,4 +383,109 @@ fn deleting_a_checkpoint_whose_layer_a_running_vm_reads_is_refused() {
     daemon.ok(&["stop-vm", "busy", "--turn-off"]);
     daemon.ok(&["remove-vm-checkpoint", "busy", "base"]);
     qemu_img_check_all(&vm_dir(&daemon, "busy"));
+}
+
+/// Applies checkpoint `cp` of `target`, starts it, and checks that the guest continues from
+/// exactly `records` records on its disk.
+fn assert_applies_to(daemon: &Daemon, target: &str, cp: &str, records: u64) {
+    daemon.ok(&["restore-vm-checkpoint", target, cp]);
+    daemon.ok(&["start-vm", target]);
+    let total = records + 1;
+    daemon.console_command(
+        target,
+        "write 1",
+        &format!("wrote 1 records, total {total}"),
+    );
+    daemon.ok(&["stop-vm", target, "--turn-off"]);
+    assert_eq!(
+        records_on_live_disk(daemon, target),
+        total,
+        "checkpoint {cp}"
+    );
+    qemu_img_check_all(&vm_dir(daemon, target));
+}
+
+#[test]
+fn every_checkpoint_of_a_branched_tree_applies_exactly_after_merges_and_subtree_deletes() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    daemon.new_vm("tree", &["--new-disk", "8M", "--recovery", "none"]);
+    daemon.ok(&["start-vm", "tree"]);
+    for (n, cp) in [(1, "a"), (2, "b"), (3, "c")] {
+        daemon.console_command("tree", "write 1", &format!("wrote 1 records, total {n}"));
+        daemon.ok(&["checkpoint-vm", "tree", "--name", cp]);
+    }
+    daemon.ok(&["stop-vm", "tree", "--turn-off"]);
+    daemon.ok(&["restore-vm-checkpoint", "tree", "a"]);
+    daemon.ok(&["start-vm", "tree"]);
+    daemon.console_command("tree", "write 3", "wrote 3 records, total 4");
+    daemon.ok(&["checkpoint-vm", "tree", "--name", "d"]);
+    daemon.ok(&["stop-vm", "tree", "--turn-off"]);
+    let dir = vm_dir(&daemon, "tree");
+    qemu_img_check_all(&dir);
+    let layers = qcow2_layers(&dir);
+
+    daemon.ok(&["remove-vm-checkpoint", "tree", "b"]);
+
+    let merged = tree(&daemon, "tree");
+    assert_eq!(names(&merged), ["a", "c", "d"]);
+    assert_eq!(node(&merged, "c")["parent"], node(&merged, "a")["id"]);
+    assert!(qcow2_layers(&dir) < layers, "the chain shrank");
+    qemu_img_check_all(&dir);
+    assert_applies_to(&daemon, "tree", "c", 3);
+    assert_applies_to(&daemon, "tree", "a", 1);
+    assert_applies_to(&daemon, "tree", "d", 4);
+
+    daemon.ok(&["remove-vm-checkpoint", "tree", "c", "--include-children"]);
+    assert_eq!(names(&tree(&daemon, "tree")), ["a", "d"]);
+    assert_applies_to(&daemon, "tree", "d", 4);
+    assert_applies_to(&daemon, "tree", "a", 1);
+    daemon.ok(&["remove-vm-checkpoint", "tree", "a", "--include-children"]);
+    assert!(names(&tree(&daemon, "tree")).is_empty());
+    qemu_img_check_all(&dir);
+    daemon.ok(&["start-vm", "tree"]);
+    daemon.console_command("tree", "write 1", "wrote 1 records, total 3");
+    daemon.ok(&["stop-vm", "tree", "--turn-off"]);
+}
+
+#[test]
+fn corrupt_qcow2_and_missing_backing_file_fail_the_start_clearly() {
+    require_kvm!();
+    let daemon = Daemon::start();
+    let truncated = daemon.path().join("truncated.qcow2");
+    fs::write(&truncated, b"QFI\xfb\x00\x00\x00\x03\x00").expect("write");
+    let base = daemon.path().join("base.qcow2");
+    let top = daemon.path().join("top.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            base.to_str().expect("utf-8"),
+            "8M",
+        ])
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .args([base.to_str().expect("utf-8"), top.to_str().expect("utf-8")])
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    fs::remove_file(&base).expect("remove base");
+    daemon.new_vm("t", &["--disk", truncated.to_str().expect("utf-8")]);
+    daemon.new_vm("m", &["--disk", top.to_str().expect("utf-8")]);
+    daemon.new_vm("fine", &["--recovery", "none"]);
+
+    let bad_header = daemon.fails(&["start-vm", "t"]);
+    let no_backing = daemon.fails(&["start-vm", "m"]);
+
+    assert!(bad_header.contains("truncated.qcow2"), "{bad_header}");
+    assert!(no_backing.contains("base.qcow2"), "{no_backing}");
+    assert_eq!(daemon.vm("t")["enabled_state"], 3);
+    assert_eq!(daemon.vm("m")["enabled_state"], 3);
+    daemon.ok(&["start-vm", "fine"]);
+    daemon.ok(&["stop-vm", "fine", "--turn-off"]);
 }
