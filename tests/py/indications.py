@@ -1,5 +1,6 @@
 """A pywbem WBEMListener subscribed (filter + destination + subscription) receives the state
-changes of a VM started and stopped through the CLI."""
+changes of a VM started and stopped through the CLI, and the creation and deletion of one of its
+checkpoints."""
 
 import os
 import queue
@@ -67,7 +68,55 @@ while time.time() < deadline and (32774, 3) not in pairs:
 assert (3, 32770) in pairs and (32770, 2) in pairs, pairs
 assert (2, 32774) in pairs and (32774, 3) in pairs, pairs
 
-conn.DeleteInstance(subscription)
+# Checkpoint changes: a creation and a deletion of a snapshot's settings.
+checkpoint_filter = conn.CreateInstance(
+    pywbem.CIMInstance(
+        "CIM_IndicationFilter",
+        properties={
+            "Name": "checkpoints",
+            "Query": "SELECT * FROM CIM_InstCreation WHERE SourceInstance ISA Msvm_VirtualSystemSettingData",
+            "QueryLanguage": "WQL",
+            "SourceNamespace": "root/virtualization/v2",
+        },
+    ),
+    namespace=INTEROP,
+)
+deleted_filter = conn.CreateInstance(
+    pywbem.CIMInstance(
+        "CIM_IndicationFilter",
+        properties={
+            "Name": "checkpoints-gone",
+            "Query": "SELECT * FROM CIM_InstDeletion WHERE SourceInstance ISA Msvm_VirtualSystemSettingData",
+            "QueryLanguage": "WQL",
+            "SourceNamespace": "root/virtualization/v2",
+        },
+    ),
+    namespace=INTEROP,
+)
+checkpoint_subscriptions = [
+    conn.CreateInstance(
+        pywbem.CIMInstance("CIM_IndicationSubscription", properties={"Filter": f, "Handler": destination}),
+        namespace=INTEROP,
+    )
+    for f in (checkpoint_filter, deleted_filter)
+]
+cli("checkpoint-vm", "ind-vm", "--name", "watched")
+cp_id = cli_json("get-vm-checkpoint", "ind-vm")["checkpoints"][0]["id"].upper()
+cli("remove-vm-checkpoint", "ind-vm", "watched")
+seen = set()
+deadline = time.time() + 30
+while time.time() < deadline and len(seen) < 2:
+    try:
+        indication = received.get(timeout=1)
+    except queue.Empty:
+        continue
+    source = indication["SourceInstance"]
+    if source.classname == "Msvm_VirtualSystemSettingData" and source["InstanceID"] == f"Microsoft:{cp_id}":
+        seen.add(indication.classname)
+assert seen == {"CIM_InstCreation", "CIM_InstDeletion"}, seen
+
+for s in checkpoint_subscriptions + [subscription]:
+    conn.DeleteInstance(s)
 assert conn.EnumerateInstances("CIM_IndicationSubscription", namespace=INTEROP) == []
 listener.stop()
 cli("remove-vm", "ind-vm")

@@ -1,6 +1,6 @@
 """Microsoft's sample flow through pywbem: DefineSystem with an embedded VSSD, start, poll the job,
-enumerate, query, associators, stop, checkpoints (create, associations, apply, destroy the tree),
-destroy."""
+enumerate, query, associators, CreateSnapshot of the running VM found by ExecQuery and ASSOCIATORS
+OF, stop, more checkpoint methods (apply, destroy the tree), destroy."""
 
 import pywbem
 
@@ -43,10 +43,6 @@ assert [r["VirtualQuantity"] for r in resources] == [16], resources
 jobs = conn.References(vm, ResultClass="Msvm_AffectedJobElement")
 assert any(j["AffectingElement"]["InstanceID"] == job["InstanceID"] for j in jobs), jobs
 
-change_state(conn, vm, 3)
-assert conn.GetInstance(vm)["EnabledState"] == 3
-assert conn.GetInstance(vm).get("ProcessID") is None
-
 snapshots = conn.EnumerateInstanceNames("Msvm_VirtualSystemSnapshotService")[0]
 
 
@@ -62,7 +58,24 @@ def create_snapshot():
     return current[0]
 
 
+# The sample's CreateSnapshot: on the running VM, found again by ExecQuery and ASSOCIATORS OF.
 first = create_snapshot()
+assert conn.GetInstance(vm)["EnabledState"] == 2, "the VM kept running"
+found = conn.ExecQuery(
+    "WQL",
+    "SELECT * FROM Msvm_VirtualSystemSettingData WHERE VirtualSystemType = 'Microsoft:Hyper-V:Snapshot:Realized'",
+)
+assert [f["InstanceID"] for f in found] == [first["InstanceID"]], found
+assert first["IsSaved"] is True, "a running VM's standard checkpoint holds its memory"
+of_vm = conn.ExecQuery(
+    "WQL", "ASSOCIATORS OF {%s} WHERE AssocClass = Msvm_SnapshotOfVirtualSystem" % path
+)
+assert [s["InstanceID"] for s in of_vm] == [first["InstanceID"]], of_vm
+
+change_state(conn, vm, 3)
+assert conn.GetInstance(vm)["EnabledState"] == 3
+assert conn.GetInstance(vm).get("ProcessID") is None
+
 second = create_snapshot()
 assert second["Parent"] is not None and first["InstanceID"] in second["Parent"], second["Parent"]
 listed = conn.Associators(vm, AssocClass="Msvm_SnapshotOfVirtualSystem")
@@ -73,6 +86,7 @@ assert [p["InstanceID"] for p in parents] == [first["InstanceID"]], parents
 rv, out = conn.InvokeMethod("ApplySnapshot", snapshots, Snapshot=first.path)
 assert rv == 4096, f"ApplySnapshot returned {rv}"
 assert wait_job(conn, out["Job"])["JobState"] == 7
+assert conn.GetInstance(vm)["EnabledState"] == 6, "applying a running VM's checkpoint leaves it Saved"
 current = conn.Associators(vm, AssocClass="Msvm_MostCurrentSnapshotInBranch")
 assert [c["InstanceID"] for c in current] == [first["InstanceID"]], current
 
@@ -80,6 +94,8 @@ rv, out = conn.InvokeMethod("DestroySnapshotTree", snapshots, SnapshotSettingDat
 assert rv == 4096, f"DestroySnapshotTree returned {rv}"
 assert wait_job(conn, out["Job"])["JobState"] == 7
 assert conn.Associators(vm, AssocClass="Msvm_SnapshotOfVirtualSystem") == []
+change_state(conn, vm, 3)  # Saved → Off discards the saved state
+assert conn.GetInstance(vm)["EnabledState"] == 3
 
 rv, _ = conn.InvokeMethod("DestroySystem", service(conn), AffectedSystem=vm)
 assert rv == 0, f"DestroySystem returned {rv}"

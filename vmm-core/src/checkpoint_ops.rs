@@ -14,8 +14,8 @@ use std::thread;
 
 use crate::catalog::VmRecord;
 use crate::checkpoint::{
-    CheckpointError, CheckpointId, CheckpointTree, CreateRequest, ExportMode, ImportMode, Progress,
-    ProgressCounter, Recovery, VirtualSystemSnapshotService,
+    Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CreateRequest, ExportMode,
+    ImportMode, Progress, ProgressCounter, Recovery, VirtualSystemSnapshotService,
 };
 use crate::config::VmId;
 use crate::error::{Error, error_chain};
@@ -350,8 +350,8 @@ impl From<CheckpointError> for Failure {
     }
 }
 
-/// The slow part, with no lock held.
-fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<(), Failure> {
+/// The slow part, with no lock held. Returns the event that announces what changed.
+fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<EventKind>, Failure> {
     let Some(service) = inner.snapshots.get() else {
         return Err(Failure {
             code: ReturnCode::NotSupported,
@@ -365,31 +365,55 @@ fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<(), Failu
         counter: ProgressCounter::default(),
         shown: 0,
     };
-    match work {
+    let event = match work {
         Work::Create {
             request,
             worker: None,
-        } => service
-            .create_snapshot(&vm_dir, request, &mut progress)
-            .map(drop)?,
+        } => {
+            let taken = service.create_snapshot(&vm_dir, request, &mut progress)?;
+            Some(EventKind::CheckpointCreated {
+                checkpoint: taken.id,
+            })
+        }
         Work::Create {
             request,
             worker: Some(worker),
-        } => create_running(service.as_ref(), &vm_dir, request, worker.as_ref())?,
+        } => {
+            let taken = create_running(service.as_ref(), &vm_dir, request, worker.as_ref())?;
+            Some(EventKind::CheckpointCreated {
+                checkpoint: taken.id,
+            })
+        }
         Work::Apply { checkpoint, .. } => {
-            service.apply_snapshot(&vm_dir, *checkpoint, &mut progress)?
+            service.apply_snapshot(&vm_dir, *checkpoint, &mut progress)?;
+            Some(EventKind::CheckpointApplied {
+                checkpoint: *checkpoint,
+            })
         }
         Work::Destroy {
             checkpoint,
-            subtree: false,
-        } => service.destroy_snapshot(&vm_dir, *checkpoint, &mut progress)?,
-        Work::Destroy {
-            checkpoint,
-            subtree: true,
-        } => service.destroy_snapshot_tree(&vm_dir, *checkpoint, &mut progress)?,
-        Work::Export { target, mode } => service.export(&vm_dir, target, *mode, &mut progress)?,
-    }
-    Ok(())
+            subtree,
+        } => {
+            let doomed = if *subtree {
+                service.snapshots(&vm_dir)?.subtree_post_order(*checkpoint)
+            } else {
+                vec![*checkpoint]
+            };
+            if *subtree {
+                service.destroy_snapshot_tree(&vm_dir, *checkpoint, &mut progress)?;
+            } else {
+                service.destroy_snapshot(&vm_dir, *checkpoint, &mut progress)?;
+            }
+            Some(EventKind::CheckpointsDeleted {
+                checkpoints: doomed,
+            })
+        }
+        Work::Export { target, mode } => {
+            service.export(&vm_dir, target, *mode, &mut progress)?;
+            None
+        }
+    };
+    Ok(event)
 }
 
 /// A running VM's checkpoint: prepared by the snapshot service, taken by the worker, finished
@@ -399,14 +423,14 @@ fn create_running(
     vm_dir: &Path,
     request: &CreateRequest,
     worker: &dyn Worker,
-) -> Result<(), Failure> {
+) -> Result<Checkpoint, Failure> {
     let running = service.prepare_running_snapshot(vm_dir, request)?;
     fault::point("checkpoint.before-worker");
     let taken = worker.checkpoint(&running.request);
     fault::point("checkpoint.after-worker");
     let finished = service.finish_running_snapshot(vm_dir, &running);
     match (taken, finished) {
-        (_, Ok(_)) => Ok(()),
+        (_, Ok(checkpoint)) => Ok(checkpoint),
         (Err(error), Err(_)) => Err(Failure {
             code: worker_code(&error),
             description: format!(
@@ -429,7 +453,13 @@ fn worker_code(error: &WorkerError) -> ReturnCode {
 
 /// Settles the record after the job: the config may name new disk layers, apply changes the
 /// state; ends the job and releases the VM (catalog locked inside).
-fn finish(inner: &Arc<Inner>, vm: VmId, job: JobId, work: &Work, result: Result<(), Failure>) {
+fn finish(
+    inner: &Arc<Inner>,
+    vm: VmId,
+    job: JobId,
+    work: &Work,
+    result: Result<Option<EventKind>, Failure>,
+) {
     let config = inner.store.read_config(vm);
     let saved = inner.store.has_saved_state(vm);
     let mut catalog = inner.lock_catalog();
@@ -454,8 +484,11 @@ fn finish(inner: &Arc<Inner>, vm: VmId, job: JobId, work: &Work, result: Result<
         };
         record.set_state(state, events);
     }
+    if let Ok(Some(event)) = &result {
+        events.publish(vm, event.clone());
+    }
     let outcome = match &result {
-        Ok(()) => JobOutcome::Completed,
+        Ok(_) => JobOutcome::Completed,
         Err(failure) => JobOutcome::Failed(failure.code.code(), failure.description.clone()),
     };
     inner.jobs.finish(job, outcome, |job| {
@@ -472,7 +505,7 @@ fn finish(inner: &Arc<Inner>, vm: VmId, job: JobId, work: &Work, result: Result<
         Work::Apply {
             then_start: true, ..
         },
-        Ok(()),
+        Ok(_),
     ) = (work, &result)
     {
         let (code, _job) = operation::begin(

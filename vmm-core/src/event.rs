@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::CheckpointId;
 use crate::config::{AutomaticRecoveryAction, VmId};
 use crate::job::{JobId, JobState};
 use crate::state::{EnabledState, HealthState};
@@ -74,6 +75,22 @@ pub enum EventKind {
     },
     /// The worker answers again after not responding.
     WorkerResponding,
+    /// A checkpoint was taken (`CreateSnapshot`).
+    CheckpointCreated {
+        /// The new checkpoint.
+        checkpoint: CheckpointId,
+    },
+    /// A checkpoint was applied (`ApplySnapshot`): the VM is now what it holds.
+    CheckpointApplied {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+    },
+    /// Checkpoints were deleted (`DestroySnapshot`, or `DestroySnapshotTree` for every one
+    /// listed).
+    CheckpointsDeleted {
+        /// The checkpoints, children before parents.
+        checkpoints: Vec<CheckpointId>,
+    },
     /// A job ended.
     JobCompleted {
         /// The job.

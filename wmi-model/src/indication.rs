@@ -9,7 +9,7 @@ use vmm_core::{Event, EventKind};
 
 use crate::error::{CimError, CimResult, CimStatus};
 use crate::instance::Instance;
-use crate::model::{CimObject, ComputerSystem, ConcreteJob};
+use crate::model::{CimObject, ComputerSystem, ConcreteJob, SnapshotSettingData};
 use crate::path::ObjectPath;
 use crate::provider::Provider;
 use crate::schema::{Namespace, Schema};
@@ -467,6 +467,41 @@ impl Provider {
                     event.time,
                 )]
             }
+            EventKind::CheckpointCreated { checkpoint } => {
+                let view = self.view();
+                view.checkpoints(self)
+                    .iter()
+                    .find(|s| s.checkpoint.id == *checkpoint)
+                    .map(|snapshot| {
+                        indication(
+                            "CIM_InstCreation",
+                            snapshot.to_instance(),
+                            None,
+                            &snapshot.path(),
+                            &self.host,
+                            event.time,
+                        )
+                    })
+                    .into_iter()
+                    .collect()
+            }
+            EventKind::CheckpointsDeleted { checkpoints } => checkpoints
+                .iter()
+                .map(|id| {
+                    let path = SnapshotSettingData::path_of(*id);
+                    let source = Instance::new("Msvm_VirtualSystemSettingData")
+                        .string("InstanceID", Some(SnapshotSettingData::instance_id(*id)));
+                    indication(
+                        "CIM_InstDeletion",
+                        source,
+                        None,
+                        &path,
+                        &self.host,
+                        event.time,
+                    )
+                })
+                .collect(),
+            // Applying changes the VM's settings and state, which their own events report.
             _ => Vec::new(),
         }
     }

@@ -142,6 +142,9 @@ impl Provider {
                 let TypedArg::Instance(instance) = args.get("SystemSettings") else {
                     return Err(bad("SystemSettings is required"));
                 };
+                if let Some(renamed) = self.modify_snapshot_settings(instance) {
+                    return renamed;
+                }
                 let settings = SystemSettings::from_instance(instance)?;
                 let Some(id) = settings
                     .instance_id
@@ -167,6 +170,8 @@ impl Provider {
                 self.modify_resources(args, Some(id))
             }
             "GetSummaryInformation" => self.summary(args),
+            "ExportSystemDefinition" => self.export_system(args),
+            "ImportSystemDefinition" => self.import_system(args),
             other => Err(CimError::new(
                 CimStatus::MethodNotAvailable,
                 format!("{other} is not implemented"),

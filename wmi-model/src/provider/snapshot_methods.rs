@@ -1,6 +1,8 @@
 //! `Msvm_VirtualSystemSnapshotService`'s methods over vmm-core's checkpoint operations:
-//! `CreateSnapshot`, `ApplySnapshot`, `DestroySnapshot`, `DestroySnapshotTree`. Each starts a
-//! job (4096 and a `Job` reference) or answers with vmm-core's return code.
+//! `CreateSnapshot`, `ApplySnapshot`, `DestroySnapshot`, `DestroySnapshotTree`, each starting a
+//! job (4096 and a `Job` reference) or answering with vmm-core's return code; and the management
+//! service's methods that act on checkpoints and exports: `ModifySystemSettings` of a
+//! checkpoint's settings (its name), `ExportSystemDefinition`, `ImportSystemDefinition`.
 
 use vmm_core::checkpoint::{CheckpointId, CheckpointType, CreateRequest};
 use vmm_core::{JobId, ReturnCode, VmId, return_code};
@@ -104,6 +106,78 @@ impl Provider {
             checkpoint_type,
         };
         Ok(answer(self.vmms.create_snapshot(vm, request)))
+    }
+
+    /// `ModifySystemSettings` on a checkpoint's settings: renames it (`ElementName`, the only
+    /// property of a checkpoint that may change). `None` when the instance is not a checkpoint's.
+    pub(crate) fn modify_snapshot_settings(
+        &self,
+        settings: &crate::instance::Instance,
+    ) -> Option<CimResult<MethodOutput>> {
+        let id = settings.get_str("InstanceID")?;
+        let (vm, checkpoint) = self.snapshot_of(&SnapshotSettingData::path_of(
+            SnapshotSettingData::checkpoint_of(id)?,
+        ))?;
+        let Some(name) = settings.get_str("ElementName") else {
+            return Some(Err(bad("ElementName is required to rename a checkpoint")));
+        };
+        let code = match self.vmms.rename_snapshot(vm, &checkpoint.to_string(), name) {
+            Ok(()) => ReturnCode::Completed,
+            Err(error) => return_code(&error),
+        };
+        Some(Ok(job_started((code, None))))
+    }
+
+    /// `ExportSystemDefinition`: the VM (Off or Saved) with its checkpoints into
+    /// `ExportDirectory/<VM name>`, as `Export-VM -Path` lays it out.
+    pub(crate) fn export_system(&self, args: &Args) -> CimResult<MethodOutput> {
+        let TypedArg::Reference(system) = args.get("ComputerSystem") else {
+            return Err(bad("ComputerSystem is required"));
+        };
+        let TypedArg::String(directory) = args.get("ExportDirectory") else {
+            return Err(bad("ExportDirectory is required"));
+        };
+        let Some(vm) = system.key("Name").and_then(|n| n.parse::<VmId>().ok()) else {
+            return Ok(job_started((ReturnCode::InvalidParameter, None)));
+        };
+        let name = match self.vmms.get_vm(vm) {
+            Ok(found) => found.name,
+            Err(error) => return Ok(job_started((return_code(&error), None))),
+        };
+        let target = std::path::Path::new(directory).join(name);
+        Ok(answer(self.vmms.export_system(
+            vm,
+            target,
+            vmm_core::checkpoint::ExportMode::Chained,
+        )))
+    }
+
+    /// `ImportSystemDefinition`: imports an export folder (`SystemDefinitionFile` names the
+    /// folder or its `config.json`); synchronous, so 0 and the imported VM's settings.
+    pub(crate) fn import_system(&self, args: &Args) -> CimResult<MethodOutput> {
+        let TypedArg::String(file) = args.get("SystemDefinitionFile") else {
+            return Err(bad("SystemDefinitionFile is required"));
+        };
+        let path = std::path::Path::new(file);
+        let folder = if path.is_file() {
+            path.parent().unwrap_or(path)
+        } else {
+            path
+        };
+        let mode = match args.get("GenerateNewSystemIdentifier") {
+            TypedArg::Boolean(true) => vmm_core::checkpoint::ImportMode::NewId,
+            _ => vmm_core::checkpoint::ImportMode::SameId,
+        };
+        Ok(match self.vmms.import_system(folder, mode) {
+            Ok(vm) => MethodOutput {
+                return_value: ReturnCode::Completed.code(),
+                outputs: vec![(
+                    "ImportedSystem",
+                    OutValue::Reference(crate::model::VirtualSystemSettingData::path_of(vm)),
+                )],
+            },
+            Err(error) => job_started((return_code(&error), None)),
+        })
     }
 
     /// The VM and checkpoint a snapshot settings reference names.

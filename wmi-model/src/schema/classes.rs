@@ -306,6 +306,29 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
                 ],
             },
             MethodDecl {
+                name: "ExportSystemDefinition",
+                params: vec![
+                    input_ref("ComputerSystem", "CIM_ComputerSystem"),
+                    input("ExportDirectory", Str),
+                    input_embedded(
+                        "ExportSettingData",
+                        "Msvm_VirtualSystemExportSettingData",
+                        false,
+                    ),
+                    job_ref(false),
+                ],
+            },
+            MethodDecl {
+                name: "ImportSystemDefinition",
+                params: vec![
+                    input("SystemDefinitionFile", Str),
+                    input("SnapshotFolder", Str),
+                    input("GenerateNewSystemIdentifier", Boolean),
+                    output_ref("ImportedSystem", "CIM_VirtualSystemSettingData", false),
+                    job_ref(false),
+                ],
+            },
+            MethodDecl {
                 name: "GetSummaryInformation",
                 params: vec![
                     super::ParamDecl {
