@@ -46,16 +46,7 @@ fn read_marker(daemon: &Daemon) -> [u8; 8] {
 }
 
 fn checkpoint_names(daemon: &Daemon) -> Vec<String> {
-    let text = daemon.ok(&["get-vm-checkpoint", "f", "--output", "json"]);
-    let tree: Value = serde_json::from_str(&text).expect("json");
-    let mut names: Vec<String> = tree["checkpoints"]
-        .as_array()
-        .expect("checkpoints")
-        .iter()
-        .map(|c| c["name"].as_str().expect("name").to_owned())
-        .collect();
-    names.sort();
-    names
+    daemon.checkpoint_names("f")
 }
 
 /// A daemon whose VM `f` has a new qcow2 disk holding marker `A`, then `prepare` done, then

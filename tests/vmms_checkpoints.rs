@@ -29,12 +29,13 @@ fn node<'a>(tree: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no checkpoint {name} in {tree}"))
 }
 
+/// The sorted checkpoint names of a `get-vm-checkpoint -o json` answer.
 fn names(tree: &Value) -> Vec<String> {
     let mut names: Vec<String> = tree["checkpoints"]
         .as_array()
         .expect("checkpoints")
         .iter()
-        .map(|c| c["name"].as_str().expect("name").to_owned())
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
     names

@@ -111,22 +111,7 @@ pub fn copy_file(from: &Path, to: &Path, progress: &mut dyn Progress) -> Result<
 
 /// Copies the files of folder `from` (recursively) into a new folder `to`, everything fsynced.
 pub fn copy_dir(from: &Path, to: &Path, progress: &mut dyn Progress) -> Result<()> {
-    fs::create_dir(to).map_err(|e| Error::io("create", to, e))?;
-    let entries = fs::read_dir(from).map_err(|e| Error::io("list", from, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", from, e))?;
-        let kind = entry
-            .file_type()
-            .map_err(|e| Error::io("stat", entry.path(), e))?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_dir(&entry.path(), &target, progress)?;
-        } else if kind.is_file() {
-            copy_file(&entry.path(), &target, progress)?;
-        }
-    }
-    sync_dir(to)?;
-    sync_parent(to)
+    place_tree(from, to, progress, &copy_file)
 }
 
 /// Like [`copy_dir`], but hard-links each file where the filesystem allows (falling back to a
@@ -134,6 +119,27 @@ pub fn copy_dir(from: &Path, to: &Path, progress: &mut dyn Progress) -> Result<(
 /// VM it is applied to then share one memory image, so apply and create cost the same for any
 /// memory size, and deleting either leaves the other whole.
 pub fn link_dir(from: &Path, to: &Path, progress: &mut dyn Progress) -> Result<()> {
+    place_tree(
+        from,
+        to,
+        progress,
+        &|from, to, progress| match fs::hard_link(from, to) {
+            Ok(()) => {
+                progress.advance(size_of(to));
+                sync_parent(to)
+            }
+            Err(_) => copy_file(from, to, progress),
+        },
+    )
+}
+
+/// Recreates folder `from` as the new folder `to`, each regular file put in place by `place`.
+fn place_tree(
+    from: &Path,
+    to: &Path,
+    progress: &mut dyn Progress,
+    place: &dyn Fn(&Path, &Path, &mut dyn Progress) -> Result<()>,
+) -> Result<()> {
     fs::create_dir(to).map_err(|e| Error::io("create", to, e))?;
     let entries = fs::read_dir(from).map_err(|e| Error::io("list", from, e))?;
     for entry in entries {
@@ -143,12 +149,9 @@ pub fn link_dir(from: &Path, to: &Path, progress: &mut dyn Progress) -> Result<(
             .map_err(|e| Error::io("stat", entry.path(), e))?;
         let target = to.join(entry.file_name());
         if kind.is_dir() {
-            link_dir(&entry.path(), &target, progress)?;
+            place_tree(&entry.path(), &target, progress, place)?;
         } else if kind.is_file() {
-            match fs::hard_link(entry.path(), &target) {
-                Ok(()) => progress.advance(size_of(&target)),
-                Err(_) => copy_file(&entry.path(), &target, progress)?,
-            }
+            place(&entry.path(), &target, progress)?;
         }
     }
     sync_dir(to)?;

@@ -58,63 +58,6 @@ pub fn validate_name(name: &str) -> Result<()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::SystemTime;
-
-    fn cp(parent: Option<CheckpointId>, name: &str) -> Checkpoint {
-        Checkpoint {
-            id: CheckpointId::new_random(),
-            name: name.into(),
-            parent,
-            created: SystemTime::UNIX_EPOCH,
-            requested_type: CheckpointType::Standard,
-            consistency: Consistency::Off,
-            has_saved_state: false,
-        }
-    }
-
-    #[test]
-    fn removing_a_middle_node_reparents_children_and_moves_now() {
-        let a = cp(None, "a");
-        let b = cp(Some(a.id), "b");
-        let c = cp(Some(b.id), "c");
-        let mut tree = CheckpointTree {
-            now: Some(b.id),
-            checkpoints: vec![a.clone(), b.clone(), c.clone()],
-            ..Default::default()
-        };
-
-        tree.remove(b.id);
-
-        assert_eq!(tree.get(c.id).and_then(|c| c.parent), Some(a.id));
-        assert_eq!(tree.now, Some(a.id));
-        assert!(tree.validate().is_ok());
-    }
-
-    #[test]
-    fn a_parent_loop_is_invalid() {
-        let mut a = cp(None, "a");
-        let b = cp(Some(a.id), "b");
-        a.parent = Some(b.id);
-        let tree = CheckpointTree {
-            checkpoints: vec![a, b],
-            ..Default::default()
-        };
-
-        assert!(tree.validate().is_err());
-    }
-
-    #[test]
-    fn subtree_lists_children_before_parents() {
-        let a = cp(None, "a");
-        let b = cp(Some(a.id), "b");
-        let c = cp(Some(b.id), "c");
-        let tree = CheckpointTree {
-            checkpoints: vec![a.clone(), b.clone(), c.clone()],
-            ..Default::default()
-        };
-
-        assert_eq!(tree.subtree_post_order(a.id), [c.id, b.id, a.id]);
-    }
 
     proptest! {
         #[test]
@@ -127,9 +70,11 @@ mod tests {
 
         #[test]
         fn loading_mutated_trees_never_panics(flip in 0usize..400, byte in any::<u8>()) {
-            let a = cp(None, "a");
-            let tree = CheckpointTree { now: Some(a.id), checkpoints: vec![a.clone(), cp(Some(a.id), "b")], ..Default::default() };
-            let mut json = serde_json::to_vec(&tree).expect("json");
+            let json = br#"{"version":1,"now":"0c0e2a52-5a0f-4f4e-9d7e-6d1b2a1f3c41","checkpoints":[
+                {"id":"0c0e2a52-5a0f-4f4e-9d7e-6d1b2a1f3c41","name":"a","parent":null,
+                 "created":{"secs_since_epoch":0,"nanos_since_epoch":0},"requested_type":"Standard",
+                 "consistency":"Off","has_saved_state":false}]}"#;
+            let mut json = json.to_vec();
             let i = flip % json.len();
             json[i] = byte;
             let dir = tempfile::tempdir().expect("tempdir");

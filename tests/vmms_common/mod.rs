@@ -625,3 +625,19 @@ pub fn qemu_img_check_all(dir: &Path) {
         );
     }
 }
+
+impl Daemon {
+    /// The names of `target`'s checkpoints (`get-vm-checkpoint -o json`), sorted.
+    pub fn checkpoint_names(&self, target: &str) -> Vec<String> {
+        let text = self.ok(&["get-vm-checkpoint", target, "--output", "json"]);
+        let tree: Value = serde_json::from_str(&text).expect("get-vm-checkpoint json");
+        let mut names: Vec<String> = tree["checkpoints"]
+            .as_array()
+            .expect("checkpoints")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}

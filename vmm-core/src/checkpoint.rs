@@ -473,6 +473,50 @@ mod tests {
     }
 
     #[test]
+    fn removing_a_middle_node_reparents_children_and_moves_now() {
+        let a = cp(None, "a");
+        let b = cp(Some(a.id), "b");
+        let c = cp(Some(b.id), "c");
+        let mut tree = CheckpointTree {
+            now: Some(b.id),
+            checkpoints: vec![a.clone(), b.clone(), c.clone()],
+            ..CheckpointTree::default()
+        };
+
+        tree.remove(b.id);
+
+        assert_eq!(tree.get(c.id).and_then(|c| c.parent), Some(a.id));
+        assert_eq!(tree.now, Some(a.id));
+        assert!(tree.validate().is_ok());
+    }
+
+    #[test]
+    fn a_parent_loop_is_invalid() {
+        let mut a = cp(None, "a");
+        let b = cp(Some(a.id), "b");
+        a.parent = Some(b.id);
+        let tree = CheckpointTree {
+            checkpoints: vec![a, b],
+            ..CheckpointTree::default()
+        };
+
+        assert!(tree.validate().is_err());
+    }
+
+    #[test]
+    fn subtree_lists_children_before_parents() {
+        let a = cp(None, "a");
+        let b = cp(Some(a.id), "b");
+        let c = cp(Some(b.id), "c");
+        let tree = CheckpointTree {
+            checkpoints: vec![a.clone(), b.clone(), c.clone()],
+            ..CheckpointTree::default()
+        };
+
+        assert_eq!(tree.subtree_post_order(a.id), [c.id, b.id, a.id]);
+    }
+
+    #[test]
     fn find_accepts_id_or_unique_name() {
         let a = cp(None, "a");
         let b = cp(Some(a.id), "b");

@@ -37,21 +37,7 @@ pub fn create_checkpoint(
         (CheckpointType::Standard, true) => Consistency::SavedState,
         (_, false) => Consistency::Off,
     };
-    let created = SystemTime::now();
-    let name = match &request.name {
-        Some(name) => name.clone(),
-        None => default_name(&config, created),
-    };
-    validate_name(&name)?;
-    let checkpoint = Checkpoint {
-        id: CheckpointId::new_random(),
-        name,
-        parent: tree.now,
-        created,
-        requested_type: request.checkpoint_type,
-        consistency,
-        has_saved_state: saved,
-    };
+    let checkpoint = new_node(&tree, &config, request, consistency, saved)?;
     let mut live_paths = Vec::new();
     let mut new_layers = Vec::new();
     for disk in &disks {
@@ -100,6 +86,31 @@ pub fn create_checkpoint(
     fault_point("snapshot.create-committed");
     finish(folder, &checkpoint, &new_config)?;
     Ok(checkpoint)
+}
+
+/// The tree node a create makes: under "Now", named as asked or by Hyper-V's default.
+pub(crate) fn new_node(
+    tree: &crate::tree::CheckpointTree,
+    config: &Value,
+    request: &CreateRequest,
+    consistency: Consistency,
+    has_saved_state: bool,
+) -> Result<Checkpoint> {
+    let created = SystemTime::now();
+    let name = match &request.name {
+        Some(name) => name.clone(),
+        None => default_name(config, created),
+    };
+    validate_name(&name)?;
+    Ok(Checkpoint {
+        id: CheckpointId::new_random(),
+        name,
+        parent: tree.now,
+        created,
+        requested_type: request.checkpoint_type,
+        consistency,
+        has_saved_state,
+    })
 }
 
 /// Assembles `checkpoints/.<id>.new/` (config, saved state) and renames it into place.
@@ -152,7 +163,7 @@ pub(crate) fn roll_back(
 
 /// Hyper-V's default checkpoint name: `"<VM name> (MM/DD/YYYY - hh:mm:ss AM/PM)"` (UTC here),
 /// cut to 100 characters.
-pub(crate) fn default_name(config: &Value, at: SystemTime) -> String {
+fn default_name(config: &Value, at: SystemTime) -> String {
     let vm = config.get("name").and_then(Value::as_str).unwrap_or("VM");
     let secs = at
         .duration_since(SystemTime::UNIX_EPOCH)

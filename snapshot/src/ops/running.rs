@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use vmm_core::checkpoint::RunningCheckpoint;
 use vmm_core::{CheckpointRequest, DiskOverlay};
@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::folder::{CONFIG_FILE, STATE_DIR, VmFolder, write_config};
 use crate::journal::{JOURNAL_VERSION, JournalEntry, Operation, Stage};
 use crate::ops::{begin, new_layer_path};
-use crate::tree::{Checkpoint, CheckpointId, CheckpointType, Consistency, validate_name};
+use crate::tree::{Checkpoint, CheckpointId, CheckpointType, Consistency};
 use vmm_core::checkpoint::CreateRequest;
 use vmm_core::fault::point as fault_point;
 
@@ -45,21 +45,7 @@ pub fn prepare(folder: &VmFolder, request: &CreateRequest) -> Result<RunningChec
         CheckpointType::Production => Consistency::StandardFallback,
         CheckpointType::Standard => Consistency::SavedState,
     };
-    let created = SystemTime::now();
-    let name = match &request.name {
-        Some(name) => name.clone(),
-        None => super::create::default_name(&config, created),
-    };
-    validate_name(&name)?;
-    let checkpoint = Checkpoint {
-        id: CheckpointId::new_random(),
-        name,
-        parent: tree.now,
-        created,
-        requested_type: request.checkpoint_type,
-        consistency,
-        has_saved_state: true,
-    };
+    let checkpoint = super::create::new_node(&tree, &config, request, consistency, true)?;
     let mut live_paths = Vec::new();
     let mut overlays = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
