@@ -35,8 +35,8 @@ use crate::memory::{
 };
 use crate::software_kvm;
 use crate::state::{
-    DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
-    restore_vm,
+    DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm,
+    restore_vcpu, restore_vm,
 };
 use crate::teardown::VmHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};

@@ -161,8 +161,7 @@ impl<D: VirtioDevice> DataPath<D> {
     /// take input (not running, paused, or the queue is out of buffers) until the driver notifies.
     pub(super) fn serve_backend(&self, index: usize) -> bool {
         let mut queues = self.lock();
-        if !queues.running || self.paused() || !queues.queues.get(index).is_some_and(Queue::ready)
-        {
+        if !queues.running || self.paused() || !queues.queues.get(index).is_some_and(Queue::ready) {
             return false;
         }
         self.serve(&mut queues, index);

@@ -20,9 +20,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -367,7 +366,11 @@ fn publish_used(
     }
     let new_next = next.wrapping_add(heads.len() as u16);
     fence(Ordering::Release);
-    memory.store(new_next.to_le(), GuestAddress(used_ring + 2), Ordering::Release)?;
+    memory.store(
+        new_next.to_le(),
+        GuestAddress(used_ring + 2),
+        Ordering::Release,
+    )?;
     queue.set_next_used(new_next);
     Ok(())
 }
@@ -470,7 +473,9 @@ impl VirtioDevice for Net {
     /// The guest knows its MAC: the device must have the same one. The link comes back as it was.
     fn restore(&mut self, state: &NetState) -> Result<(), VirtioError> {
         if state.mac != self.mac {
-            return Err(VirtioError::StateMismatch { what: "mac address" });
+            return Err(VirtioError::StateMismatch {
+                what: "mac address",
+            });
         }
         self.link_up = state.link_up;
         Ok(())

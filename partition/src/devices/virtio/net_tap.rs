@@ -225,4 +225,3 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
-
