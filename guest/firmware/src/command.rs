@@ -176,7 +176,10 @@ fn parse_ping(argument: &str) -> Option<Command<'_>> {
     let mut words = argument.split_ascii_whitespace();
     let ip = parse_ipv4(words.next()?)?;
     let count = parse_decimal(words.next()?)?;
-    words.next().is_none().then_some(Command::Ping { ip, count })
+    words
+        .next()
+        .is_none()
+        .then_some(Command::Ping { ip, count })
 }
 
 fn parse_decimal<T: core::str::FromStr>(word: &str) -> Option<T> {
