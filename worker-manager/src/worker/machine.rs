@@ -118,7 +118,14 @@ impl Machine {
             .ok_or(Error::AlreadyRunning)?;
         let vm = read_config(&layout, options)?;
         mark("config");
-        let config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        let mut config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
+        // Network adapters: their TAPs are opened now, before the sandbox closes.
+        super::network::attach_adapters(
+            &mut config,
+            &options.store,
+            vm.id,
+            vm.boot == BootSource::TestGuest,
+        )?;
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();

@@ -11,6 +11,7 @@ mod confinement;
 mod console;
 mod control;
 mod machine;
+mod network;
 pub mod start_trace;
 mod syscalls;
 
