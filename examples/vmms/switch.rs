@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use vmm_core::{ComputerSystem, EnabledState, ReturnCode, VmId, error_chain};
@@ -72,7 +72,12 @@ pub struct AdapterView {
     pub tap: String,
 }
 
-static SWITCHES: OnceLock<Result<Mutex<VirtualSwitches>, String>> = OnceLock::new();
+static SWITCHES: OnceLock<Result<Arc<Mutex<VirtualSwitches>>, String>> = OnceLock::new();
+
+/// The switch set, shared with the CIM provider (`None` if it could not be loaded).
+pub fn shared() -> Option<Arc<Mutex<VirtualSwitches>>> {
+    SWITCHES.get().and_then(|s| s.as_ref().ok()).cloned()
+}
 
 /// Loads the store's switches and brings the host in line (bridges and TAPs recreated), before
 /// any worker starts. A failure is logged; network requests then say why they cannot be served.
@@ -88,7 +93,7 @@ pub fn start(store: &Path) {
                 switches.state().switches.len(),
                 switches.state().adapters.len()
             );
-            Ok(Mutex::new(switches))
+            Ok(Arc::new(Mutex::new(switches)))
         }
         Err(error) => {
             let reason = error_chain(&error);
