@@ -29,6 +29,8 @@ mod io_thread;
 mod mmio;
 mod net;
 mod net_tap;
+#[cfg(test)]
+mod net_tests;
 
 use std::os::fd::RawFd;
 
