@@ -27,10 +27,8 @@ fn tap() -> Tap {
     request[..TAP.len()].copy_from_slice(TAP.as_bytes());
     request[16..18].copy_from_slice(&(libc::IFF_UP as u16).to_ne_bytes());
     // SAFETY: SIOCSIFFLAGS reads a 40-byte ifreq from a valid buffer.
-    assert_eq!(
-        unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, request.as_mut_ptr()) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, request.as_mut_ptr()) };
+    assert_eq!(rc, 0);
     tap
 }
 
