@@ -107,6 +107,16 @@ fn bad_network_requests_get_clear_errors_and_change_nothing() {
     let none: Vec<Value> =
         serde_json::from_str(&daemon.ok(&["get-vmswitch", "-o", "json"])).unwrap();
     assert!(none.is_empty());
+    // A removed VM takes its adapter (and its TAP) with it.
+    let tap = adapters(&daemon, "a")[0]["tap"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    daemon.ok(&["remove-vm", "a"]);
+    let left: Vec<Value> =
+        serde_json::from_str(&daemon.ok(&["get-vmnetworkadapter", "-o", "json"])).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(vswitch::netlink::link_index(&tap).is_none());
 }
 
 /// Pings `ip` until it answers (the guest is still booting) or the timeout passes.

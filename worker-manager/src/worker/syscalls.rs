@@ -351,6 +351,10 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ("eventfd2", "eventfds made after set-up"),
     ("getrandom", "hash map seeds made after set-up"),
     (
+        "TUNSETOFFLOAD",
+        "a network adapter's driver negotiating offloads (VMs without a NIC)",
+    ),
+    (
         "poll",
         "waiting on descriptors (event loops that wait on more than one)",
     ),
