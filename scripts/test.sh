@@ -29,6 +29,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The network tests create TAPs (in network namespaces of their own): /dev/net/tun must exist.
+if [ ! -e /dev/net/tun ]; then
+  step "loading the tun module"
+  modprobe tun 2>/dev/null || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
+fi
+
 # The CIM-XML tests drive the daemon with real WBEM clients from PyPI, in a venv outside the repo.
 VMMS_VENV="${VMMS_VENV:-$HOME/.cache/vmms/venv}"
 if ! "$VMMS_VENV/bin/python" -c 'import pywbem, pywbemtools' >/dev/null 2>&1; then

@@ -88,7 +88,11 @@ pub fn start(
     } else {
         "http"
     };
-    let provider = Arc::new(Provider::new(vmms.clone(), wmi_model::local_host_name()));
+    let mut provider = Provider::new(vmms.clone(), wmi_model::local_host_name());
+    if let Some(switches) = crate::switch::shared() {
+        provider = provider.with_network(switches);
+    }
+    let provider = Arc::new(provider);
     let (ready_tx, ready_rx) = mpsc::channel();
     thread::Builder::new()
         .name("cim".into())

@@ -122,6 +122,8 @@ pub fn serve(
         })
         .map_err(|e| format!("cannot start event thread: {e}"))?;
 
+    // Bridges and TAPs before any worker starts or is re-attached.
+    crate::switch::start(&store);
     let report = daemon.vmms.recover_on_start();
     log!(
         "vmms: store {}; {} VM(s); re-attached {}, auto-started {}, failed {}",
@@ -225,6 +227,11 @@ fn exit(socket: &Path, why: &str) -> ! {
 
 impl listener::Service for Daemon {
     fn answer(&self, request: &[u8]) -> (Vec<u8>, bool) {
+        let resolve = |target: &str| self.resolve(target);
+        let vms = || self.vmms.list_vms();
+        if let Some(answer) = crate::switch::answer(request, &resolve, &vms) {
+            return (answer, false);
+        }
         let (response, stop) = match serde_json::from_slice::<Request>(request) {
             Ok(Request::StopDaemon) => (Ok(serde_json::Value::Null), true),
             Ok(request) => (self.handle(request), false),
@@ -292,6 +299,7 @@ impl Daemon {
             Request::RemoveVm { target } => {
                 let id = self.resolve(&target)?;
                 self.vmms.destroy_system(id).map_err(api)?;
+                crate::switch::vm_removed(id);
                 serde_json::Value::Null
             }
             Request::GetEvents { target } => {

@@ -12,6 +12,11 @@
 //! vmms console NAME                                   # COM1; Ctrl-] detaches
 //! vmms get-vm-event [NAME]
 //! vmms stop-daemon                                    # the daemon exits; VMs keep running
+//! vmms new-vmswitch NAME --private|--internal [--subnet CIDR]|--external IFACE
+//! vmms get-vmswitch [NAME] | remove-vmswitch NAME
+//! vmms add-vmnetworkadapter VM [--switch NAME] [--mac M]
+//! vmms connect-vmnetworkadapter VM --switch NAME | disconnect-vmnetworkadapter VM
+//! vmms get-vmnetworkadapter [VM] [--output json]
 //! ```
 //!
 //! One executable plays every role: `serve` is the daemon (vmm-core's service with
@@ -43,6 +48,8 @@ mod daemon;
 mod demo;
 mod listener;
 mod log;
+mod switch;
+mod switch_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -178,6 +185,9 @@ enum Verb {
     StopDaemon,
     #[command(flatten)]
     Checkpoint(checkpoint::CheckpointVerb),
+    /// Virtual switches and network adapters.
+    #[command(flatten)]
+    Network(switch_cli::NetVerb),
 }
 
 fn main() -> ExitCode {
@@ -278,6 +288,7 @@ fn main() -> ExitCode {
         Verb::GetVmEvent { target } => cli("get-vm-event", target).get_events(),
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
         Verb::Checkpoint(verb) => checkpoint::run(&store, output, verb),
+        Verb::Network(verb) => switch_cli::run(&store, output, verb),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::block::BlockBackend;
+use crate::devices::virtio::{MacAddress, Tap};
 use crate::error::{Error, Result};
 
 /// Smallest guest memory accepted: room for the boot structures below 1 MiB, a kernel and its heap.
@@ -122,6 +123,31 @@ impl DiskConfig {
     }
 }
 
+/// A virtio-net adapter: its MAC and the TAP it is connected to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NicConfig {
+    /// The adapter's address (unicast).
+    pub mac: MacAddress,
+    /// The TAP interface the partition opens (creating it if it does not exist) when no
+    /// [`tap`](Self::tap) is given; with one it only names the adapter's host end.
+    pub tap_name: String,
+    /// A TAP the integrator opened (with `IFF_VNET_HDR`), e.g. one a daemon created and passed
+    /// to a confined worker that cannot open `/dev/net/tun` itself. Not serialized.
+    #[serde(skip)]
+    pub tap: Option<Arc<Tap>>,
+}
+
+impl NicConfig {
+    /// An adapter with address `mac` on the TAP interface `tap_name`, opened at build time.
+    pub fn new(mac: MacAddress, tap_name: impl Into<String>) -> Self {
+        Self {
+            mac,
+            tap_name: tap_name.into(),
+            tap: None,
+        }
+    }
+}
+
 /// Everything a [`Partition`](crate::Partition) is built from.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionConfig {
@@ -137,6 +163,10 @@ pub struct PartitionConfig {
     /// Track the pages the guest writes (KVM dirty log), for incremental checkpoints.
     #[serde(default)]
     pub dirty_log: bool,
+    /// Network adapters (virtio-net), after the disks on the MMIO bus, in the order the guest
+    /// sees them (`eth0`, `eth1`, ...).
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
 }
 
 impl PartitionConfig {
@@ -153,6 +183,7 @@ impl PartitionConfig {
             },
             disks: Vec::new(),
             dirty_log: false,
+            nics: Vec::new(),
         }
     }
 
@@ -195,6 +226,11 @@ impl PartitionConfig {
             let size = disk.changed_block_size;
             if size < 512 || !size.is_power_of_two() {
                 return Err(Error::InvalidChangedBlockSize { size });
+            }
+        }
+        for nic in &self.nics {
+            if !nic.mac.is_unicast() {
+                return Err(Error::InvalidMac { mac: nic.mac });
             }
         }
         Ok(())

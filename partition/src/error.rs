@@ -163,6 +163,12 @@ pub enum Error {
     /// Saved state describes another machine (vCPU count or memory size) than the configuration.
     #[error("saved state does not match the configuration (vcpus or memory)")]
     StateMismatch,
+    /// A network adapter's MAC is multicast or all zeros.
+    #[error("mac address {mac} is not a unicast address")]
+    InvalidMac {
+        /// The address given.
+        mac: crate::devices::virtio::MacAddress,
+    },
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vcpu kick signal handler")]
     Signal(#[source] std::io::Error),

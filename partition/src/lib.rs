@@ -39,7 +39,10 @@ mod teardown;
 mod vcpu;
 
 pub use boot::EntryPoint;
-pub use config::{BootProtocol, BootSource, DiskConfig, DiskIo, KernelImage, PartitionConfig};
+pub use config::{
+    BootProtocol, BootSource, DiskConfig, DiskIo, KernelImage, NicConfig, PartitionConfig,
+};
+pub use devices::virtio::MacAddress;
 pub use error::{Error, Result};
 pub use exit::ExitReason;
 pub use partition::{Partition, PartitionBuilder, RunState};

@@ -19,7 +19,7 @@ use crate::devices::idle::IdlePort;
 use crate::devices::power::PowerControl;
 use crate::devices::serial::Uart;
 use crate::devices::virtio::{
-    Block, BlockConfig, ChangedBlockMap, MmioTransport, QUEUE_NOTIFY_OFFSET,
+    Block, BlockConfig, ChangedBlockMap, MmioTransport, Net, QUEUE_NOTIFY_OFFSET, Tap,
 };
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
@@ -35,8 +35,8 @@ use crate::memory::{
 };
 use crate::software_kvm;
 use crate::state::{
-    DeviceStates, DiskState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm, restore_vcpu,
-    restore_vm,
+    DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm,
+    restore_vcpu, restore_vm,
 };
 use crate::teardown::VmHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuThreads};
@@ -97,7 +97,8 @@ impl PartitionBuilder {
         let ranges = ram_ranges(self.config.memory_mib << 20);
         let memory = create_memory(&ranges)?;
         let mut cmdline = self.config.boot.cmdline.clone();
-        for index in 0..self.config.disks.len() {
+        let windows = self.config.disks.len() + self.config.nics.len();
+        for index in 0..windows {
             let (base, gsi) = disk_window(index);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
@@ -108,7 +109,7 @@ impl PartitionBuilder {
         }
         let machine = boot::MachineDescription {
             vcpus: self.config.vcpus,
-            virtio_mmio: (0..self.config.disks.len())
+            virtio_mmio: (0..windows)
                 .map(|index| {
                     let (base, gsi) = disk_window(index);
                     boot::VirtioMmioDevice {
@@ -159,6 +160,7 @@ impl PartitionBuilder {
         if state.memory != ranges
             || state.vcpus.len() != usize::from(self.config.vcpus)
             || state.devices.disks.len() != self.config.disks.len()
+            || state.devices.nics.len() != self.config.nics.len()
         {
             return Err(Error::StateMismatch);
         }
@@ -194,6 +196,7 @@ pub struct Partition {
     com1: Arc<Uart>,
     com2: Arc<Uart>,
     disks: Vec<AttachedDisk>,
+    nics: Vec<Arc<MmioTransport<Net>>>,
     ranges: Vec<RamRange>,
     config: PartitionConfig,
     memory: PartitionMemory,
@@ -223,6 +226,57 @@ struct AttachedDisk {
     /// What the device's requests go to; replaced while paused by
     /// [`Partition::replace_disk_backend`].
     slot: Arc<BackendSlot>,
+}
+
+/// Opens NIC `index` of `config` (its TAP) and puts it behind a virtio-mmio transport in window
+/// `window` (after the disks), served by its own I/O thread: receive and transmit never run on a
+/// vCPU thread. Restored from `saved` when given.
+fn attach_nic(
+    vm: &VmFd,
+    memory: &PartitionMemory,
+    window: usize,
+    nic: &crate::config::NicConfig,
+    saved: Option<&NicState>,
+) -> Result<Arc<MmioTransport<Net>>> {
+    let tap = match &nic.tap {
+        Some(tap) => tap.try_clone().map_err(|source| {
+            Error::Virtio(crate::devices::virtio::VirtioError::Tap {
+                name: tap.name().to_owned(),
+                source,
+            })
+        })?,
+        None => Tap::open(&nic.tap_name)?,
+    };
+    let device = Net::new(tap, nic.mac);
+    let (base, gsi) = disk_window(window);
+    let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let mut transport = match saved {
+        Some(state) => MmioTransport::restore(
+            device,
+            memory.clone(),
+            interrupt,
+            &state.transport,
+            &state.device,
+        )?,
+        None => MmioTransport::new(device, memory.clone(), interrupt)?,
+    };
+    vm.register_irqfd(transport.interrupt(), gsi)
+        .map_err(Error::Kvm)?;
+    let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+    for (queue, notifier) in transport
+        .start_io_thread(format!("net{}", window))?
+        .iter()
+        .enumerate()
+    {
+        vm.register_ioevent(notifier, &notify, queue as u32)
+            .map_err(Error::Kvm)?;
+    }
+    // A built partition is created paused: frames wait in the TAP until the first resume.
+    transport.set_paused(true);
+    if saved.is_some() {
+        transport.quiesce();
+    }
+    Ok(Arc::new(transport))
 }
 
 /// MMIO base and GSI of disk `index`.
@@ -423,6 +477,17 @@ impl Partition {
             )?;
             disks.push(attached);
         }
+        let mut nics = Vec::with_capacity(config.nics.len());
+        for (index, nic) in config.nics.iter().enumerate() {
+            let saved_nic = match saved {
+                Some(state) => Some(state.devices.nics.get(index).ok_or(Error::StateMismatch)?),
+                None => None,
+            };
+            let window = config.disks.len() + index;
+            let transport = attach_nic(&vm, &memory, window, nic, saved_nic)?;
+            mmio_bus.insert(transport.clone(), disk_window(window).0, VIRTIO_MMIO_SIZE)?;
+            nics.push(transport);
+        }
         for (base, len, device) in extra.mmio {
             mmio_bus.insert(device, base, len)?;
         }
@@ -442,6 +507,7 @@ impl Partition {
             com1,
             com2,
             disks,
+            nics,
             ranges,
             config,
             memory,
@@ -462,6 +528,9 @@ impl Partition {
             }
         }
         let vcpus = std::mem::take(&mut self.parked);
+        for nic in &self.nics {
+            nic.set_paused(false);
+        }
         self.threads = Some(VcpuThreads::spawn(vcpus, &self.ctx)?);
         self.run_state = RunState::Running;
         Ok(())
@@ -485,6 +554,12 @@ impl Partition {
         // is in flight (or waiting) while the partition is paused and its state captured.
         for disk in &self.disks {
             disk.transport.quiesce();
+        }
+        // Nothing from the network reaches guest memory while paused; what the guest queued
+        // for sending goes out now.
+        for nic in &self.nics {
+            nic.set_paused(true);
+            nic.quiesce();
         }
         self.run_state = match self.ctx.control.exit_reason() {
             Some(reason) => RunState::Stopped(reason),
@@ -635,6 +710,14 @@ impl Partition {
                     .map(|d| DiskState {
                         transport: d.transport.state(),
                         device: d.transport.device_state(),
+                    })
+                    .collect(),
+                nics: self
+                    .nics
+                    .iter()
+                    .map(|n| NicState {
+                        transport: n.state(),
+                        device: n.device_state(),
                     })
                     .collect(),
             },

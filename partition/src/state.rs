@@ -10,7 +10,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::UartState;
-use crate::devices::virtio::{BlockState, MmioTransportState};
+use crate::devices::virtio::{BlockState, MmioTransportState, NetState};
 use crate::error::{Error, Result};
 use crate::memory::RamRange;
 
@@ -51,6 +51,19 @@ pub struct DeviceStates {
     pub com2: UartState,
     /// Each disk, in configuration order.
     pub disks: Vec<DiskState>,
+    /// Each network adapter, in configuration order.
+    #[serde(default)]
+    pub nics: Vec<NicState>,
+}
+
+/// State of one virtio-net adapter: its transport (queues, negotiated features) and the device
+/// (MAC, link).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NicState {
+    /// The virtio-mmio transport.
+    pub transport: MmioTransportState,
+    /// The network device.
+    pub device: NetState,
 }
 
 /// State of one virtio-blk disk: its transport (queues, negotiated features) and the device.

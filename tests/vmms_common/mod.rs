@@ -89,6 +89,9 @@ fn is_stale(binary: &Path) -> bool {
         "worker-manager/src",
         "vmm-core/src",
         "partition/src",
+        "wmi-model/src",
+        "vswitch/src",
+        "guest/firmware/src",
     ];
     sources
         .iter()

@@ -97,6 +97,27 @@ pub enum Command<'a> {
     Reboot,
     /// `help`.
     Help,
+    /// `udp <ip> <port> <count> [size]`: send `count` numbered datagrams of `size` bytes
+    /// (default 64).
+    Udp {
+        /// Destination address.
+        ip: [u8; 4],
+        /// Destination port.
+        port: u16,
+        /// Datagrams to send.
+        count: u64,
+        /// Payload bytes of each.
+        size: usize,
+    },
+    /// `ping <ip> <count>`: ICMP echo requests, one at a time.
+    Ping {
+        /// Destination address.
+        ip: [u8; 4],
+        /// Requests to send.
+        count: u16,
+    },
+    /// A network command with arguments it cannot use (the arguments as typed).
+    BadArguments(&'a str),
     /// A command that needs a number got something else (the argument as typed).
     BadNumber(&'a str),
     /// A command word the shell does not know.
@@ -124,9 +145,62 @@ impl<'a> Command<'a> {
             "halt" => Self::Halt,
             "reboot" => Self::Reboot,
             "help" => Self::Help,
+            "udp" => parse_udp(argument).unwrap_or(Self::BadArguments(argument)),
+            "ping" => parse_ping(argument).unwrap_or(Self::BadArguments(argument)),
             _ => Self::Unknown(word),
         }
     }
+}
+
+/// Default payload bytes of `udp`.
+pub const DEFAULT_UDP_SIZE: usize = 64;
+
+fn parse_udp(argument: &str) -> Option<Command<'_>> {
+    let mut words = argument.split_ascii_whitespace();
+    let ip = parse_ipv4(words.next()?)?;
+    let port = parse_decimal(words.next()?)?;
+    let count = parse_decimal(words.next()?)?;
+    let size = match words.next() {
+        Some(word) => parse_decimal(word)?,
+        None => DEFAULT_UDP_SIZE,
+    };
+    words.next().is_none().then_some(Command::Udp {
+        ip,
+        port,
+        count,
+        size,
+    })
+}
+
+fn parse_ping(argument: &str) -> Option<Command<'_>> {
+    let mut words = argument.split_ascii_whitespace();
+    let ip = parse_ipv4(words.next()?)?;
+    let count = parse_decimal(words.next()?)?;
+    words
+        .next()
+        .is_none()
+        .then_some(Command::Ping { ip, count })
+}
+
+fn parse_decimal<T: core::str::FromStr>(word: &str) -> Option<T> {
+    if word.starts_with('+') {
+        return None;
+    }
+    word.parse().ok()
+}
+
+/// Parses a dotted-quad IPv4 address (`10.0.0.2`).
+pub fn parse_ipv4(text: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in &mut out {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *byte = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 #[cfg(test)]
@@ -224,6 +298,51 @@ mod tests {
     #[test]
     fn unknown_word_is_reported() {
         assert_eq!(Command::parse("format c:"), Command::Unknown("format"));
+    }
+
+    #[test]
+    fn udp_takes_address_port_count_and_optional_size() {
+        assert_eq!(
+            Command::parse("udp 10.0.0.1 5000 100"),
+            Command::Udp {
+                ip: [10, 0, 0, 1],
+                port: 5000,
+                count: 100,
+                size: DEFAULT_UDP_SIZE
+            }
+        );
+        assert_eq!(
+            Command::parse("udp 10.0.0.1 5000 100 1000"),
+            Command::Udp {
+                ip: [10, 0, 0, 1],
+                port: 5000,
+                count: 100,
+                size: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn ping_with_bad_address_is_bad_arguments() {
+        assert_eq!(
+            Command::parse("ping 10.0.0.256 3"),
+            Command::BadArguments("10.0.0.256 3")
+        );
+        assert_eq!(
+            Command::parse("ping 10.0.0.2 3"),
+            Command::Ping {
+                ip: [10, 0, 0, 2],
+                count: 3
+            }
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn network_commands_never_panic(text in "\\PC*") {
+            let _ = Command::parse(&text);
+            let _ = parse_ipv4(&text);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod cmdline;
 mod command;
 mod io;
 mod mem;
+mod netstack;
 #[allow(
     dead_code,
     reason = "shared with the host crate, which uses what the guest does not"
@@ -25,6 +26,7 @@ mod serial;
 mod shell;
 mod status;
 mod virtio_blk;
+mod virtio_net;
 
 use core::panic::PanicInfo;
 
@@ -33,12 +35,14 @@ use bootparams::{COMMAND_LINE_MAX, Range, ZERO_PAGE_SIZE, ZeroPage};
 use cmdline::{Cmdline, VIRTIO_MMIO_KEY, parse_virtio_mmio_device};
 use protocol::{
     BANNER, BENCH_CMDLINE_KEY, BENCH_MMIO_ADDR, DEFAULT_IDLE_US, DIRTY_BASE, DISK_LINE_PREFIX,
-    ERROR_PREFIX, IDLE_CMDLINE_KEY, PANIC_PREFIX,
+    ERROR_PREFIX, IDLE_CMDLINE_KEY, IP_CMDLINE_KEY, NET_LINE_PREFIX, PANIC_PREFIX,
 };
 use records::RecordLog;
 use serial::Serial;
 use shell::{DirtyRange, Shell};
+use netstack::NetStack;
 use virtio_blk::VirtioBlk;
+use virtio_net::{DEVICE_ID_NET, VirtioNet};
 
 /// End of the identity map `boot.rs` builds: everything the guest touches lies below.
 const IDENTITY_MAP_END: u64 = 1 << 32;
@@ -59,6 +63,7 @@ extern "sysv64" fn guest_main(zero_page: u64) -> ! {
     }
 
     let log = open_disk(&mut serial, &zero_page, &cmdline);
+    let net = open_net(&mut serial, &zero_page, &cmdline);
     let idle_us = cmdline
         .value(IDLE_CMDLINE_KEY)
         .and_then(|v| v.parse().ok())
@@ -72,7 +77,7 @@ extern "sysv64" fn guest_main(zero_page: u64) -> ! {
     let dirty = unsafe { DirtyRange::new(DIRTY_BASE, dirty_end) };
 
     serial.write_line(format_args!("{BANNER}"));
-    Shell::new(serial, log, dirty, idle_us).run()
+    Shell::new(serial, log, net, dirty, idle_us).run()
 }
 
 /// Starts the benchmark loop `name`; returns only if there is no such benchmark.
@@ -104,9 +109,11 @@ fn open_disk(
     zero_page: &ZeroPage<'_>,
     cmdline: &Cmdline<'_>,
 ) -> Option<RecordLog> {
+    // The first device that is not a network adapter.
     let Some(device) = cmdline
         .values(VIRTIO_MMIO_KEY)
-        .find_map(parse_virtio_mmio_device)
+        .filter_map(parse_virtio_mmio_device)
+        .find(|device| device_id(zero_page, device) != Some(DEVICE_ID_NET))
     else {
         serial.write_line(format_args!("{DISK_LINE_PREFIX}none"));
         return None;
@@ -146,6 +153,61 @@ fn open_disk(
                 "{DISK_LINE_PREFIX}{ERROR_PREFIX}{}",
                 records::AppendError::Device(error)
             ));
+            None
+        }
+    }
+}
+
+/// The virtio device ID in `device`'s window, if the window is usable (see
+/// [`virtio_blk::window_usable`]) and not RAM.
+fn device_id(zero_page: &ZeroPage<'_>, device: &cmdline::VirtioMmioDevice) -> Option<u32> {
+    let window = Range {
+        start: device.base,
+        end: device.base + device.size,
+    };
+    if !virtio_blk::window_usable(device.base, device.size) || zero_page.overlaps_ram(window) {
+        return None;
+    }
+    // SAFETY: the window lies in the identity map and is not RAM (checked above); this `Mmio`
+    // lives only for the read, before any driver takes the window.
+    let regs = unsafe { io::Mmio::new(device.base, device.size) };
+    Some(VirtioNet::device_id(&regs))
+}
+
+/// Brings up the first virtio-net device on the command line with the address of `ip=`,
+/// printing the outcome as the `net: ` line.
+fn open_net(
+    serial: &mut Serial,
+    zero_page: &ZeroPage<'_>,
+    cmdline: &Cmdline<'_>,
+) -> Option<NetStack> {
+    let Some(device) = cmdline
+        .values(VIRTIO_MMIO_KEY)
+        .filter_map(parse_virtio_mmio_device)
+        .find(|device| device_id(zero_page, device) == Some(DEVICE_ID_NET))
+    else {
+        serial.write_line(format_args!("{NET_LINE_PREFIX}none"));
+        return None;
+    };
+    let ip = cmdline
+        .value(IP_CMDLINE_KEY)
+        .and_then(|value| command::parse_ipv4(value.split(':').next().unwrap_or_default()))
+        .unwrap_or([0; 4]);
+    // SAFETY: `device_id` checked the window (identity map, not RAM); this is the only `Mmio`
+    // that outlives the check for it.
+    let regs = unsafe { io::Mmio::new(device.base, device.size) };
+    match VirtioNet::probe(regs) {
+        Ok(nic) => {
+            let net = NetStack::new(nic, ip);
+            let [a, b, c, d, e, f] = net.mac();
+            let [i, j, k, l] = net.ip();
+            serial.write_line(format_args!(
+                "{NET_LINE_PREFIX}{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} {i}.{j}.{k}.{l}"
+            ));
+            Some(net)
+        }
+        Err(error) => {
+            serial.write_line(format_args!("{NET_LINE_PREFIX}{ERROR_PREFIX}{error}"));
             None
         }
     }

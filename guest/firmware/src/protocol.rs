@@ -178,6 +178,12 @@ pub const LINE_END: &str = "\r\n";
 
 /// Start of the one line describing the disk, printed before [`BANNER`].
 pub const DISK_LINE_PREFIX: &str = "disk: ";
+/// Start of the line about the network adapter, printed after the disk line:
+/// `net: <mac> <ip>`, `net: none`, or `net: error: <reason>`.
+pub const NET_LINE_PREFIX: &str = "net: ";
+/// Command-line key with the guest's IPv4 address (Linux's `ip=<client-ip>[:...]`; only the
+/// first field is read).
+pub const IP_CMDLINE_KEY: &str = "ip";
 /// Start of every reply to a command that failed.
 pub const ERROR_PREFIX: &str = "error: ";
 /// Start of the line printed when the guest takes a CPU exception (then it powers off).

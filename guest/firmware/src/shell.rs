@@ -6,12 +6,13 @@
 
 use crate::command::{Command, Edit, LineEditor};
 use crate::io;
+use crate::netstack::NetStack;
 use crate::protocol::{ERROR_PREFIX, PROMPT};
 use crate::records::RecordLog;
 use crate::serial::Serial;
 use crate::status;
 
-const HELP: &str = "commands: echo <text>, status, write <n>, dirty <n>, halt, reboot, help";
+const HELP: &str = "commands: echo <text>, status, write <n>, dirty <n>, udp <ip> <port> <n> [size], ping <ip> <n>, halt, reboot, help";
 const PAGE_SIZE: u64 = 4096;
 
 /// RAM the `dirty` command may write: `[base, end)`, owned by nothing else in the guest.
@@ -61,12 +62,19 @@ pub struct Shell {
 }
 
 impl Shell {
-    /// A shell on `serial`, appending to `log` (if there is a disk).
-    pub fn new(serial: Serial, log: Option<RecordLog>, dirty: DirtyRange, idle_us: u32) -> Self {
+    /// A shell on `serial`, appending to `log` (if there is a disk), answering on `net` (if
+    /// there is a network adapter).
+    pub fn new(
+        serial: Serial,
+        log: Option<RecordLog>,
+        net: Option<NetStack>,
+        dirty: DirtyRange,
+        idle_us: u32,
+    ) -> Self {
         Self {
             serial,
             editor: LineEditor::default(),
-            machine: Machine { log, dirty },
+            machine: Machine { log, net, dirty },
             idle_us,
         }
     }
@@ -76,9 +84,10 @@ impl Shell {
         self.serial.write_bytes(PROMPT.as_bytes());
         loop {
             status::tick(io::rdtsc());
+            let frames = self.machine.net.as_mut().map_or(0, NetStack::poll);
             match self.serial.read_byte() {
                 Some(byte) => self.receive(byte),
-                None if self.idle_us > 0 => io::idle(self.idle_us),
+                None if self.idle_us > 0 && frames == 0 => io::idle(self.idle_us),
                 None => {}
             }
         }
@@ -103,6 +112,7 @@ impl Shell {
 #[derive(Debug)]
 struct Machine {
     log: Option<RecordLog>,
+    net: Option<NetStack>,
     dirty: DirtyRange,
 }
 
@@ -129,6 +139,29 @@ impl Machine {
                 Some(base) => serial.write_line(format_args!("dirtied {pages} pages at {base:#x}")),
                 None => serial.write_line(format_args!("{ERROR_PREFIX}not enough memory")),
             },
+            Command::Udp {
+                ip,
+                port,
+                count,
+                size,
+            } => match self.net.as_mut().map(|net| net.send_udp(ip, port, count, size)) {
+                Some(Ok(())) => serial.write_line(format_args!(
+                    "sent {count} datagrams to {}.{}.{}.{}:{port}",
+                    ip[0], ip[1], ip[2], ip[3]
+                )),
+                Some(Err(error)) => serial.write_line(format_args!("{ERROR_PREFIX}{error}")),
+                None => serial.write_line(format_args!("{ERROR_PREFIX}no network")),
+            },
+            Command::Ping { ip, count } => match self.net.as_mut().map(|net| net.ping(ip, count)) {
+                Some(Ok(replies)) => {
+                    serial.write_line(format_args!("ping: {replies}/{count} replies"))
+                }
+                Some(Err(error)) => serial.write_line(format_args!("{ERROR_PREFIX}{error}")),
+                None => serial.write_line(format_args!("{ERROR_PREFIX}no network")),
+            },
+            Command::BadArguments(argument) => {
+                serial.write_line(format_args!("{ERROR_PREFIX}bad arguments: {argument}"))
+            }
             Command::Halt => {
                 serial.write_line(format_args!("halting"));
                 io::power_off();

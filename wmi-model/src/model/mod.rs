@@ -3,6 +3,7 @@
 
 mod computer_system;
 mod job;
+mod network;
 mod service;
 mod settings;
 mod shutdown;
@@ -11,6 +12,10 @@ mod summary;
 
 pub use computer_system::{ComputerSystem, HostComputerSystem};
 pub use job::ConcreteJob;
+pub use network::{
+    EthernetPortAllocation, EthernetSwitch, EthernetSwitchSettingData, InternalEthernetPort,
+    SwitchManagementService, SyntheticEthernetPort,
+};
 pub use service::{ManagementService, SnapshotService};
 pub(crate) use settings::resources_of as settings_of;
 pub use settings::{

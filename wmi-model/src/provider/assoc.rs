@@ -35,6 +35,9 @@ fn same(a: &str, b: &str) -> bool {
 impl Provider {
     /// Instances of one association class.
     pub(crate) fn association_instances(&self, class: &str, view: &View) -> Vec<Instance> {
+        if let Some(network) = self.network_instances(class) {
+            return network;
+        }
         let mut out = Vec::new();
         if class == "Msvm_SystemDevice" {
             for vm in view.vms.iter().filter(|vm| has_shutdown_component(vm)) {

@@ -133,6 +133,9 @@ impl Provider {
 
     /// Every instance of exactly the concrete class `class`.
     fn concrete(&self, class: &str, view: &View) -> Vec<Instance> {
+        if let Some(instances) = self.network_instances(class) {
+            return instances;
+        }
         let configured = || {
             view.vms
                 .iter()

@@ -62,6 +62,9 @@ impl Provider {
                 self.request_state_change(target, &args)
             }
             ("Msvm_ShutdownComponent", "InitiateShutdown") => self.initiate_shutdown(target, &args),
+            ("Msvm_VirtualEthernetSwitchManagementService", name) => {
+                self.switch_management(name, &args)
+            }
             ("Msvm_VirtualSystemManagementService", name) => self.management(name, &args),
             ("Msvm_VirtualSystemSnapshotService", name) => self.snapshot_service(name, &args),
             _ => Err(CimError::new(
@@ -167,6 +170,11 @@ impl Provider {
                 else {
                     return Ok(done(ReturnCode::InvalidParameter));
                 };
+                if let TypedArg::Instances(list) = args.get("ResourceSettings")
+                    && Self::is_network_resource(list)
+                {
+                    return self.add_network_resources(Some(id), list);
+                }
                 self.modify_resources(args, Some(id))
             }
             "GetSummaryInformation" => self.summary(args),

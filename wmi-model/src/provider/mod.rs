@@ -10,6 +10,7 @@ mod dispatch;
 mod instances;
 mod methods;
 mod snapshot_methods;
+mod network;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use vmm_core::VirtualSystemManagementService;
 use crate::indication::Subscriptions;
 
 pub use args::{Args, TypedArg};
+pub use network::SharedSwitches;
 
 /// The WMI provider over one vmm-core service.
 #[derive(Debug)]
@@ -25,6 +27,8 @@ pub struct Provider {
     pub(crate) vmms: VirtualSystemManagementService,
     pub(crate) host: String,
     subscriptions: Arc<Subscriptions>,
+    /// The virtual switches and adapters, when the integrator has them.
+    pub(crate) network: Option<SharedSwitches>,
 }
 
 impl Provider {
@@ -35,7 +39,14 @@ impl Provider {
             vmms,
             host: host.into(),
             subscriptions: Arc::new(Subscriptions::default()),
+            network: None,
         }
+    }
+
+    /// Serves the networking classes from `switches` (shared with whoever else changes them).
+    pub fn with_network(mut self, switches: SharedSwitches) -> Self {
+        self.network = Some(switches);
+        self
     }
 
     /// The service underneath.

@@ -56,7 +56,7 @@ const JOB: &[&str] = &[
     "CIM_ManagedElement",
 ];
 
-fn class(
+pub(super) fn class(
     name: &'static str,
     ancestors: &'static [&'static str],
     description: &'static str,
@@ -73,7 +73,7 @@ fn class(
     }
 }
 
-fn association(
+pub(super) fn association(
     name: &'static str,
     ancestor: &'static [&'static str],
     description: &'static str,
@@ -89,7 +89,7 @@ fn association(
     }
 }
 
-fn element_properties() -> Vec<super::PropertyDecl> {
+pub(super) fn element_properties() -> Vec<super::PropertyDecl> {
     vec![
         prop("Caption", Str),
         prop("Description", Str),
@@ -97,7 +97,7 @@ fn element_properties() -> Vec<super::PropertyDecl> {
     ]
 }
 
-fn service(
+pub(super) fn service(
     name: &'static str,
     ancestors: &'static [&'static str],
     description: &'static str,
@@ -121,7 +121,7 @@ fn service(
     }
 }
 
-fn rasd_properties() -> Vec<super::PropertyDecl> {
+pub(super) fn rasd_properties() -> Vec<super::PropertyDecl> {
     let mut properties = vec![key("InstanceID")];
     properties.extend(element_properties());
     properties.extend([

@@ -3,6 +3,7 @@
 
 mod classes;
 mod decl;
+mod network;
 
 use std::sync::LazyLock;
 
@@ -55,7 +56,10 @@ pub struct Schema {
 }
 
 static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema {
-    virtualization: classes::virtualization(),
+    virtualization: classes::virtualization()
+        .into_iter()
+        .chain(network::classes())
+        .collect(),
     interop: classes::interop(),
 });
 

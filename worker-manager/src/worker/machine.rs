@@ -132,6 +132,13 @@ impl Machine {
         // continuous from the start.
         config.dirty_log = true;
         mark("disks");
+        // Network adapters: their TAPs are opened now, before the sandbox closes.
+        super::network::attach_adapters(
+            &mut config,
+            &options.store,
+            vm.id,
+            vm.boot == BootSource::TestGuest,
+        )?;
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();

@@ -13,6 +13,7 @@ mod console;
 mod control;
 mod disks;
 mod machine;
+mod network;
 pub mod start_trace;
 mod state_folder;
 mod syscalls;

@@ -303,8 +303,12 @@ fn kvm_ioctls() -> [(std::os::raw::c_ulong, &'static str); 35] {
     ]
 }
 
-/// Non-KVM ioctls: `FIONBIO` (std's `set_nonblocking`) and `FIOCLEX`.
-const OTHER_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX];
+/// `TUNSETOFFLOAD` (`_IOW('T', 208, unsigned int)`): a NIC's driver negotiating its offloads
+/// (virtio-net activation and reset) tells the TAP which ones the guest takes.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+
+/// Non-KVM ioctls: `FIONBIO` (std's `set_nonblocking`), `FIOCLEX` and `TUNSETOFFLOAD`.
+const OTHER_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, TUNSETOFFLOAD];
 
 /// Everything the allowlist lets a confined worker call, by name: syscalls as the kernel and
 /// strace name them, and `ioctl` requests by their linux/kvm.h names. For tests and audits.
@@ -312,7 +316,7 @@ pub fn allowlist_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = ALLOWED.iter().map(|&(_, name, _)| name).collect();
     names.extend(["ioctl", "clone", "clone3", "prctl"]);
     names.extend(kvm_ioctls().iter().map(|&(_, name)| name));
-    names.extend(["FIONBIO", "FIOCLEX"]);
+    names.extend(["FIONBIO", "FIOCLEX", "TUNSETOFFLOAD"]);
     names.sort_unstable();
     names
 }
@@ -361,6 +365,10 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ("dup", "descriptor copies"),
     ("eventfd2", "eventfds made after set-up"),
     ("getrandom", "hash map seeds made after set-up"),
+    (
+        "TUNSETOFFLOAD",
+        "a network adapter's driver negotiating offloads (VMs without a NIC)",
+    ),
     (
         "poll",
         "waiting on descriptors (event loops that wait on more than one)",

@@ -39,6 +39,9 @@ pub(super) struct DataPath<D> {
     interrupt_status: AtomicU32,
     /// The data path found the driver broke the device (`DEVICE_NEEDS_RESET`); cleared by a reset.
     needs_reset: AtomicBool,
+    /// The partition is paused: notifications and backend input wait (see
+    /// [`MmioTransport::set_paused`](super::MmioTransport::set_paused)).
+    paused: AtomicBool,
     queues: Mutex<Queues<D>>,
 }
 
@@ -54,6 +57,7 @@ impl<D: VirtioDevice> DataPath<D> {
             interrupt,
             interrupt_status: AtomicU32::new(interrupt_status),
             needs_reset: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             queues: Mutex::new(queues),
         }
     }
@@ -117,7 +121,7 @@ impl<D: VirtioDevice> DataPath<D> {
     /// reset or a break) is ignored.
     pub(super) fn notify(&self, index: u32) {
         let mut queues = self.lock();
-        if !queues.running {
+        if !queues.running || self.paused() {
             return;
         }
         let ready = usize::try_from(index)
@@ -138,6 +142,30 @@ impl<D: VirtioDevice> DataPath<D> {
                 self.serve(&mut queues, index);
             }
         }
+    }
+
+    /// Stops (or restarts) serving notifications and backend input; a notification that arrives
+    /// meanwhile is served by the [`serve_pending`](Self::serve_pending) after the restart.
+    pub(super) fn set_paused(&self, paused: bool) {
+        // Taking the lock waits for a batch in flight, so none runs once this returns.
+        let _queues = self.lock();
+        self.paused.store(paused, Ordering::Release);
+    }
+
+    pub(super) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// The device's backend has input for queue `index` (see [`VirtioDevice::backend`]): serve
+    /// it. Returns whether the backend should still be watched: `false` while the device cannot
+    /// take input (not running, paused, or the queue is out of buffers) until the driver notifies.
+    pub(super) fn serve_backend(&self, index: usize) -> bool {
+        let mut queues = self.lock();
+        if !queues.running || self.paused() || !queues.queues.get(index).is_some_and(Queue::ready) {
+            return false;
+        }
+        self.serve(&mut queues, index);
+        queues.running && !queues.device.backend_starved()
     }
 
     fn serve(&self, queues: &mut Queues<D>, index: usize) {

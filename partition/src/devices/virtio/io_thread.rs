@@ -69,19 +69,27 @@ impl Drop for IoThread {
     }
 }
 
-/// The thread's loop: wait for a notification (or the stop), serve, repeat.
+/// The thread's loop: wait for a notification, backend input (or the stop), serve, repeat.
+///
+/// A device with a backend ([`VirtioDevice::backend`], a TAP) has its descriptor watched too,
+/// while it is "armed": input that finds no room in the queue disarms it (else the thread would
+/// spin on a readable descriptor), and the driver's next notification of that queue re-arms it.
 fn serve<D: VirtioDevice>(path: &DataPath<D>, notifiers: &[EventFd], stop: &EventFd) {
-    let mut fds: Vec<libc::pollfd> = std::iter::once(stop)
-        .chain(notifiers)
+    let backend = path.lock().device.backend();
+    let mut fds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
+        .chain(notifiers.iter().map(AsRawFd::as_raw_fd))
+        .chain(backend.map(|(fd, _)| fd))
         .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
+            fd,
             events: libc::POLLIN,
             revents: 0,
         })
         .collect();
+    let backend_slot = 1 + notifiers.len();
     loop {
         // SAFETY: `fds` is a live array of `fds.len()` pollfds whose descriptors stay open while
-        // `stop` and `notifiers` are borrowed; poll writes only their `revents`.
+        // `stop` and `notifiers` are borrowed and the device in `path` (which owns the backend's
+        // descriptor) is alive; poll writes only their `revents`.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if ready < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -93,14 +101,30 @@ fn serve<D: VirtioDevice>(path: &DataPath<D>, notifiers: &[EventFd], stop: &Even
         if fds[0].revents != 0 {
             return;
         }
-        for (index, (fd, notifier)) in fds[1..].iter().zip(notifiers).enumerate() {
-            if fd.revents & libc::POLLIN == 0 {
+        let mut rearm = false;
+        for (index, notifier) in notifiers.iter().enumerate() {
+            if fds[1 + index].revents & libc::POLLIN == 0 {
                 continue;
             }
             // Cleared before serving: a notification from here on wakes the next round.
             let _ = notifier.read();
             // `index` < queue count <= u16::MAX.
             path.notify(index as u32);
+            rearm |= backend.is_some_and(|(_, queue)| queue == index);
+        }
+        if let Some(fd) = fds.get_mut(backend_slot).filter(|_| rearm) {
+            fd.events = libc::POLLIN;
+        }
+        let Some((_, queue)) = backend else {
+            continue;
+        };
+        let revents = fds[backend_slot].revents;
+        if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            // A backend that failed (its interface was deleted) is never readable again: stop
+            // watching it (poll skips negative descriptors) rather than spin on its error.
+            fds[backend_slot].fd = -1;
+        } else if revents & libc::POLLIN != 0 && !path.serve_backend(queue) {
+            fds[backend_slot].events = 0;
         }
     }
 }

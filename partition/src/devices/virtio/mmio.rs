@@ -239,6 +239,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.path.serve_pending();
     }
 
+    /// Stops serving (`true`) or serves again (`false`). The partition pauses devices whose
+    /// input comes from outside (a NIC's TAP) after parking its vCPUs, so nothing reaches guest
+    /// memory while it is paused or its state is captured; frames wait in the TAP meanwhile.
+    /// Unpausing serves whatever arrived and wakes the I/O thread so it watches its backend again.
+    pub fn set_paused(&self, paused: bool) {
+        self.path.set_paused(paused);
+        if !paused {
+            self.path.serve_pending();
+            for notifier in self.queue_notifiers() {
+                // A saturated counter wakes the thread anyway.
+                let _ = notifier.write(1);
+            }
+        }
+    }
+
     /// The transport's registers and queues, for a saved partition. Capture it only while the
     /// vCPUs are parked and after [`quiesce`](Self::quiesce), together with
     /// [`MmioTransport::device_state`].

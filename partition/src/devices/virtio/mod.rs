@@ -1,4 +1,4 @@
-//! Virtio devices of a partition: the virtio-mmio transport and the virtio-blk device.
+//! Virtio devices of a partition: the virtio-mmio transport, virtio-blk and virtio-net.
 //!
 //! Hyper-V gives a child partition synthetic devices on VMBus; a KVM guest gets the portable
 //! equivalent, virtio (OASIS virtio 1.x, "modern" devices only). The parts:
@@ -11,6 +11,8 @@
 //! - [`Block`]: virtio-blk over a [`BlockBackend`](crate::block::BlockBackend) (a raw image or
 //!   any format an integrator opens), recording every write in a [`ChangedBlockMap`] (Hyper-V's
 //!   Resilient Change Tracking) so backups can copy only what changed.
+//! - [`Net`]: virtio-net over a [`Tap`] (Hyper-V's synthetic network adapter): MAC, link status,
+//!   merged receive buffers and the checksum/TSO offloads TAP's vnet header carries.
 //!
 //! Queue notifications are served by the device's I/O thread: the partition registers the
 //! transport's notification eventfds as KVM ioeventfds on `QueueNotify`, so a notification costs
@@ -25,6 +27,12 @@ mod data_path;
 mod driver;
 mod io_thread;
 mod mmio;
+mod net;
+mod net_tap;
+#[cfg(test)]
+mod net_tests;
+
+use std::os::fd::RawFd;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,6 +43,8 @@ use crate::memory::PartitionMemory;
 pub use blk::{Block, BlockConfig, BlockState, SECTOR_SIZE};
 pub use changed_blocks::{ChangedBlockIter, ChangedBlockMap, ChangedBlocks};
 pub use mmio::{MmioTransport, MmioTransportState, QUEUE_NOTIFY_OFFSET, VirtqueueState};
+pub use net::{MacAddress, MacParseError, Net, NetState, RX_QUEUE, TX_QUEUE};
+pub use net_tap::{Tap, VNET_HDR_LEN};
 
 /// A virtio device model, as the transport sees it.
 ///
@@ -134,6 +144,21 @@ pub trait VirtioDevice: Send {
 
     /// Captures the device's own state; only called while the partition's vCPUs are parked.
     fn state(&self) -> Self::State;
+
+    /// A descriptor whose readability means queue `.1` has work without a notification (a
+    /// network device's TAP: frames arrived for the receive queue). The device's I/O thread
+    /// watches it and serves that queue when it is readable. `None` (the default): the device
+    /// moves data only when the driver notifies.
+    fn backend(&self) -> Option<(RawFd, usize)> {
+        None
+    }
+
+    /// After serving the [`backend`](Self::backend)'s queue: whether input is waiting that found
+    /// no buffer. The I/O thread then stops watching the backend until the driver notifies that
+    /// queue (it added buffers), instead of spinning on a readable descriptor.
+    fn backend_starved(&self) -> bool {
+        false
+    }
 
     /// Loads a state captured by [`VirtioDevice::state`] into a freshly built device, before the
     /// transport re-activates it.
@@ -255,4 +280,13 @@ pub enum VirtioError {
     /// The device's I/O thread or its eventfds could not be created.
     #[error("cannot start the device's i/o thread")]
     IoThread(#[source] std::io::Error),
+    /// A TAP device could not be opened or configured.
+    #[error("cannot set up tap device {name:?}")]
+    Tap {
+        /// The interface name (empty for a descriptor handed in).
+        name: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
