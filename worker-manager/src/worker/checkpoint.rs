@@ -142,10 +142,12 @@ pub(crate) fn checkpoint(
         }
         previous = count;
     }
-    // The bulk is made durable before the pause; only the last pages are synced inside it.
+    // The bulk is made durable before the pause, and the manifest written (it names files, not
+    // contents); only the last pages and the state are synced inside it.
     plan.file
         .sync_data()
         .map_err(|e| io_failure("sync the memory image", e))?;
+    write_manifest(&request.staging, &plan.manifest)?;
     fault::point("worker.checkpoint.after-precopy");
 
     let pause_started = Instant::now();
@@ -204,7 +206,6 @@ fn paused_part(
     let mut switched = Vec::new();
     let result = switch_disks(partition, config, request, &mut switched).and_then(|()| {
         fault::point("worker.checkpoint.after-overlays");
-        write_manifest(&request.staging, &plan.manifest)?;
         fault::point("worker.checkpoint.before-commit");
         vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
             Failure::failed(format!(
