@@ -171,9 +171,11 @@ fn create_bench(c: &mut Criterion, memory_mib: u64) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(3));
-    let mut vm = Running::boot(memory_mib, false);
+    // Booted on first use: listing the benches (`--list`) boots nothing.
+    let mut vm: Option<Running> = None;
     let mut pauses = Vec::new();
     group.bench_function(format!("{memory_mib}mib_total"), |b| {
+        let vm = vm.get_or_insert_with(|| Running::boot(memory_mib, false));
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -187,12 +189,14 @@ fn create_bench(c: &mut Criterion, memory_mib: u64) {
         });
     });
     group.finish();
-    println!(
-        "running checkpoint, {memory_mib} MiB idle guest, no disk: pause median {:.2} ms, max {:.2} ms over {} checkpoints",
-        ms(median(&mut pauses)),
-        ms(pauses.iter().max().copied().unwrap_or_default()),
-        pauses.len()
-    );
+    if !pauses.is_empty() {
+        println!(
+            "running checkpoint, {memory_mib} MiB idle guest, no disk: pause median {:.2} ms, max {:.2} ms over {} checkpoints",
+            ms(median(&mut pauses)),
+            ms(pauses.iter().max().copied().unwrap_or_default()),
+            pauses.len()
+        );
+    }
 }
 
 /// The partition configuration a worker builds for `vm` (disk opened on `top`).
@@ -231,7 +235,16 @@ fn restore_once(config: &partition::PartitionConfig, state_dir: &Path) -> Durati
     elapsed
 }
 
-fn restore_bench(c: &mut Criterion, memory_mib: u64) {
+/// A VM's two checkpoints (full, then a delta on it), its worker off, and the configuration a
+/// worker restoring them builds.
+struct Checkpoints {
+    _vm: Running,
+    config: partition::PartitionConfig,
+    full: PathBuf,
+    delta: PathBuf,
+}
+
+fn checkpoints(memory_mib: u64) -> Checkpoints {
     let mut vm = Running::boot(memory_mib, true);
     let (first, _) = vm.checkpoint(None);
     vm.command(&format!("dirty {DIRTY_PAGES}"), "dirtied");
@@ -241,23 +254,27 @@ fn restore_bench(c: &mut Criterion, memory_mib: u64) {
     let top = disks.join("restore-top.qcow2");
     snapshot::create_overlay(&top, &second.overlays[0].path).unwrap();
     let config = restore_config(&vm.vm, &disks, &top);
+    Checkpoints {
+        _vm: vm,
+        config,
+        full: first.state_dir,
+        delta: second.state_dir,
+    }
+}
+
+fn restore_bench(c: &mut Criterion, memory_mib: u64) {
     let mut group = c.benchmark_group("restore_checkpoint_until_vcpus_run");
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(3));
-    group.bench_function(format!("{memory_mib}mib_full_image"), |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| restore_once(&config, &first.state_dir))
-                .sum()
+    // Made on first use: listing the benches (`--list`) boots nothing.
+    let mut made: Option<Checkpoints> = None;
+    for (label, delta) in [("full_image", false), ("base_plus_delta", true)] {
+        group.bench_function(format!("{memory_mib}mib_{label}"), |b| {
+            let made = made.get_or_insert_with(|| checkpoints(memory_mib));
+            let dir = if delta { &made.delta } else { &made.full };
+            b.iter_custom(|iters| (0..iters).map(|_| restore_once(&made.config, dir)).sum());
         });
-    });
-    group.bench_function(format!("{memory_mib}mib_base_plus_delta"), |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| restore_once(&config, &second.state_dir))
-                .sum()
-        });
-    });
+    }
     group.finish();
 }
 
