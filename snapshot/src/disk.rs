@@ -276,6 +276,18 @@ pub fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
         let disk = Disk::open(backing, true)?;
         (disk.size(), disk.format())
     };
+    create_overlay_sized(path, backing, size, format)
+}
+
+/// [`create_overlay`] without opening `backing`, whose virtual `size` and `format` the caller
+/// knows: for an image a running VM holds locked for writing (a running checkpoint creates the
+/// overlay while the guest still writes the image, and switches to it in its pause).
+pub fn create_overlay_sized(
+    path: &Path,
+    backing: &Path,
+    size: u64,
+    format: DiskFormat,
+) -> Result<()> {
     let name = backing_name(path, backing);
     create(path, size, Some((name, format.name().to_string())))
 }

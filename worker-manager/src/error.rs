@@ -91,6 +91,16 @@ pub enum Error {
     /// what, so it is shown as is.
     #[error(transparent)]
     Partition(#[from] partition::Error),
+    /// A disk image (or a file of its backing chain) is held by another virtual machine or
+    /// process (QEMU-style image locks).
+    #[error("disk image {} is in use by another virtual machine (locked)", path.display())]
+    DiskLocked {
+        /// The disk's top image.
+        path: PathBuf,
+        /// The lock conflict, naming the file.
+        #[source]
+        source: snapshot::Error,
+    },
     /// A disk image (or one of its backing files) could not be opened or changed.
     #[error("disk {}", path.display())]
     Disk {

@@ -15,6 +15,12 @@
 //! - **Worker side** — [`worker::run`] is the whole life of a worker process: read the VM's
 //!   `config.json`, build or restore the partition, serve `control.sock` and `console.sock` in
 //!   `<store>/run/<GUID>/`, write the pid file, run the guest until told to save or turn off.
+//!   Disks are opened through the `snapshot` crate (raw or qcow2 with backing chains, QEMU-style
+//!   locks) before the worker confines itself. A worker takes checkpoints of its running guest
+//!   ([`Request::Checkpoint`](protocol::Request::Checkpoint)): memory pre-copied with the dirty
+//!   log while the guest runs, then one short pause that copies the last pages, captures the
+//!   state, switches each disk to a new qcow2 overlay and commits the state folder; a second
+//!   checkpoint writes a delta layer ([`MemoryManifest`]).
 //! - **Between them** — [`protocol`]: length-delimited JSON frames with a version handshake,
 //!   request ids, replies and unsolicited notices; [`ControlClient`] is the parent's end of it.
 //!   The console is a separate socket carrying COM1's raw bytes both ways.

@@ -350,3 +350,61 @@ fn worker_killed_at_any_checkpoint_step_leaves_old_images_and_no_half_state() {
         );
     }
 }
+
+#[test]
+fn worker_restored_from_a_checkpoint_writes_its_next_checkpoint_as_a_delta_on_it() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let mut vm = Vm::new(&fixture, "chain", 32);
+    let (worker, _console) = boot_with_records(&fixture, &vm, 2);
+    let first = vm.request("cp1", None);
+    take(worker.as_ref(), &first);
+    worker.turn_off().unwrap();
+    fs::remove_file(vm.disk("disk0-cp1.qcow2")).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "disk0.qcow2",
+        "-F",
+        "qcow2",
+        vm.disk("disk0-cp1.qcow2").to_str().unwrap(),
+    ]);
+    vm.use_disk(&fixture, "disk0-cp1.qcow2");
+    let restored = restore_from(&fixture, &vm, &first.state_dir);
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.config.id).console_socket());
+    write_records(&mut console, 1, 3, 0);
+    let second = vm.request("cp2", Some(&first.state_dir));
+
+    let report = take(restored.as_ref(), &second);
+    restored.turn_off().unwrap();
+    fs::remove_dir_all(vm.dir.join("state")).ok();
+    let saved = saved_status(&second.state_dir);
+    let top = vm.disk("disk0-cp2.qcow2");
+    fs::remove_file(&top).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "disk0-cp1.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    vm.use_disk(&fixture, "disk0-cp2.qcow2");
+    let again = restore_from(&fixture, &vm, &second.state_dir);
+    let after = counter(&fixture.launcher, vm.config.id);
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.config.id).console_socket());
+    write_records(&mut console, 1, 4, 0);
+    again.turn_off().unwrap();
+
+    assert!(report.delta, "{report:?}");
+    assert_eq!(saved.records_written, 3);
+    assert!(after >= saved.counter);
+    assert_eq!(count_records(&top), 4);
+    assert_clean(&top);
+}

@@ -167,19 +167,28 @@ pub(crate) fn checkpoint(
         }
         previous = count;
     }
-    // The bulk is made durable before the pause; only the last pages are synced inside it.
+    // The bulk is made durable before the pause, and the manifest written (it names files, not
+    // contents); only the last pages and the state are synced inside it.
     plan.file
         .sync_data()
         .map_err(|e| io_failure("sync the memory image", e))?;
+    write_manifest(&request.staging, &plan.manifest)?;
+    // The overlays too: their headers name the current images, which do not change.
+    create_overlays(partition, config, request)?;
     fault::point("worker.checkpoint.after-precopy");
 
     let pause_started = Instant::now();
     if was_running {
-        partition.pause().map_err(|e| partition_failure(&e))?;
-        if let RunState::Stopped(reason) = partition.run_state() {
-            return Err(Failure::invalid_state(format!(
+        let paused = partition.pause().map_err(|e| partition_failure(&e));
+        let stopped = match partition.run_state() {
+            RunState::Stopped(reason) => Some(Failure::invalid_state(format!(
                 "guest stopped during the checkpoint: {reason}"
-            )));
+            ))),
+            _ => None,
+        };
+        if let Some(failure) = paused.err().or(stopped) {
+            remove_overlays(request);
+            return Err(failure);
         }
     }
     fault::point("worker.checkpoint.after-pause");
@@ -219,30 +228,45 @@ fn paused_part(
     plan: &MemoryPlan,
     written: &mut Vec<DirtyRange>,
 ) -> Result<(u64, String), Failure> {
+    let mut switched = Vec::new();
+    let mut dirty_in_pause = 0;
+    let result = final_copy(partition, tracking, plan, written, &request.staging)
+        .and_then(|dirty| {
+            dirty_in_pause = dirty;
+            switch_disks(partition, config, request, &mut switched)
+        })
+        .and_then(|()| {
+            fault::point("worker.checkpoint.after-overlays");
+            fault::point("worker.checkpoint.before-commit");
+            vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
+                Failure::failed(format!(
+                    "cannot commit {}: {e}",
+                    request.state_dir.display()
+                ))
+            })
+        });
+    if let Err(failure) = result {
+        switch_back(partition, config, switched);
+        remove_overlays(request);
+        return Err(failure);
+    }
+    Ok((dirty_in_pause, plan.manifest.state_id.clone()))
+}
+
+/// Copies the pages dirtied since the last pass and writes the device and vCPU state (the
+/// commit fsyncs both, with the folder); returns how many pages it copied.
+fn final_copy(
+    partition: &Partition,
+    tracking: &mut DirtyTracking,
+    plan: &MemoryPlan,
+    written: &mut Vec<DirtyRange>,
+    staging: &Path,
+) -> Result<u64, Failure> {
     let dirty = tracking.read(partition)?;
     copy(partition, &dirty, &plan.file)?;
     merge(written, &dirty);
-    plan.file
-        .sync_data()
-        .map_err(|e| io_failure("sync the memory image", e))?;
-    write_state(partition, &request.staging)?;
-    let mut switched = Vec::new();
-    let result = switch_disks(partition, config, request, &mut switched).and_then(|()| {
-        fault::point("worker.checkpoint.after-overlays");
-        write_manifest(&request.staging, &plan.manifest)?;
-        fault::point("worker.checkpoint.before-commit");
-        vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
-            Failure::failed(format!(
-                "cannot commit {}: {e}",
-                request.state_dir.display()
-            ))
-        })
-    });
-    if let Err(failure) = result {
-        switch_back(partition, config, switched);
-        return Err(failure);
-    }
-    Ok((count(&dirty), plan.manifest.state_id.clone()))
+    write_state(partition, staging)?;
+    Ok(count(&dirty))
 }
 
 /// Refuses a request that names a disk that is not there, read-only or listed twice, an overlay
@@ -339,6 +363,57 @@ fn link_layers(from: &Path, to: &Path, layers: &[String]) -> std::io::Result<()>
 
 /// Flushes each listed disk, creates its overlay on the current image and switches the device to
 /// it; every disk switched is pushed on `switched` (for [`switch_back`]).
+/// Creates each listed disk's overlay on its current image, while the guest still runs on that
+/// image: the header only names the image (relative when in the same folder), its size and
+/// format. On error none is left.
+fn create_overlays(
+    partition: &Partition,
+    config: &PartitionConfig,
+    request: &CheckpointRequest,
+) -> Result<(), Failure> {
+    for overlay in &request.overlays {
+        let index = overlay.disk;
+        let image = &config.disks[index].path;
+        let size = partition
+            .disk_backend(index)
+            .map(|backend| backend.size())
+            .ok_or_else(|| Failure::failed(format!("there is no disk {index}")))?;
+        let created = image_format(image).and_then(|format| {
+            snapshot::create_overlay_sized(&overlay.path, image, size, format)
+                .map_err(|e| Failure::failed(error_chain(&e)))
+        });
+        if let Err(failure) = created {
+            remove_overlays(request);
+            return Err(failure);
+        }
+    }
+    Ok(())
+}
+
+/// The format of the image at `path`, from its magic (read without locking: the guest's own
+/// open holds the image's lock).
+fn image_format(path: &Path) -> Result<snapshot::DiskFormat, Failure> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let read = File::open(path)
+        .and_then(|mut file| file.read(&mut magic))
+        .map_err(|e| io_failure("read the disk's format", e))?;
+    Ok(if read == 4 && &magic == b"QFI\xfb" {
+        snapshot::DiskFormat::Qcow2
+    } else {
+        snapshot::DiskFormat::Raw
+    })
+}
+
+/// Removes every overlay file `request` names (they did not exist before it: checked).
+fn remove_overlays(request: &CheckpointRequest) {
+    for overlay in &request.overlays {
+        let _ = std::fs::remove_file(&overlay.path);
+    }
+}
+
+/// Flushes each listed disk and switches the device to its overlay (made by
+/// [`create_overlays`]); every disk switched is pushed on `switched` (for [`switch_back`]).
 fn switch_disks(
     partition: &mut Partition,
     config: &mut PartitionConfig,
@@ -359,14 +434,10 @@ fn switch_disks(
         // The chain above the image reads it as a backing file, which our own write lock on it
         // refuses: close the image (nothing can use it while paused), then open the chain.
         detach(partition, config, index, &old_path, size)?;
-        let attached = snapshot::create_overlay(&overlay.path, &old_path)
+        let attached = disks::open_writable(&overlay.path)
             .map_err(|e| Failure::failed(error_chain(&e)))
-            .and_then(|()| {
-                disks::open_writable(&overlay.path).map_err(|e| Failure::failed(error_chain(&e)))
-            })
             .and_then(|backend| attach(partition, config, index, &overlay.path, backend));
         if let Err(failure) = attached {
-            let _ = std::fs::remove_file(&overlay.path);
             reopen(partition, config, index, &old_path);
             return Err(failure);
         }
@@ -473,8 +544,8 @@ fn write_state(partition: &Partition, dir: &Path) -> Result<(), Failure> {
         .map_err(|e| Failure::failed(format!("cannot encode the state: {e}")))?;
     let mut file =
         create_private(&dir.join(STATE_FILE)).map_err(|e| io_failure("create state.json", e))?;
+    // Not synced here: the commit fsyncs every file of the folder, this one included.
     file.write_all(&json)
-        .and_then(|()| file.sync_all())
         .map_err(|e| io_failure("write state.json", e))
 }
 

@@ -20,9 +20,15 @@ use crate::error::{Error, Result};
 pub(crate) fn open_disks(config: &mut PartitionConfig) -> Result<()> {
     for disk in &mut config.disks {
         let opened =
-            snapshot::open_disk(&disk.path, disk.read_only).map_err(|source| Error::Disk {
-                path: disk.path.clone(),
-                source,
+            snapshot::open_disk(&disk.path, disk.read_only).map_err(|source| match source {
+                snapshot::Error::ImageLocked { .. } => Error::DiskLocked {
+                    path: disk.path.clone(),
+                    source,
+                },
+                source => Error::Disk {
+                    path: disk.path.clone(),
+                    source,
+                },
             })?;
         disk.backend = Some(Arc::new(opened));
     }

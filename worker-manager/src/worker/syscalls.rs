@@ -360,6 +360,14 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ),
     ("ftruncate", "memory image size"),
     ("fallocate", "memory image holes"),
+    (
+        "linkat",
+        "delta checkpoints (lifecycles without a running checkpoint)",
+    ),
+    (
+        "fstatfs",
+        "imago opening a checkpoint's overlay (lifecycles without a running checkpoint)",
+    ),
     ("fstat", "metadata on older glibc"),
     ("newfstatat", "metadata"),
     ("dup", "descriptor copies"),
