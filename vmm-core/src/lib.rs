@@ -80,6 +80,7 @@
 
 pub mod atomic_file;
 mod catalog;
+mod cluster;
 mod config;
 mod error;
 mod event;
@@ -96,6 +97,7 @@ mod supervision;
 mod worker;
 
 pub use catalog::ComputerSystem;
+pub use cluster::{ClusterCoordinator, FENCE_FILE};
 pub use config::{
     AutomaticRecoveryAction, AutomaticStartAction, BootSource, CONFIG_VERSION, ConfigError,
     DiskConfig, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MIN_MEMORY_MIB, VmConfig, VmId,

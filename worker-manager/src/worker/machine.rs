@@ -24,6 +24,7 @@ use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 use super::WorkerOptions;
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
+use super::fence;
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::start_trace::mark;
 use crate::error::{Error, Result};
@@ -130,6 +131,7 @@ impl Machine {
                 ..Confinement::default()
             }
         };
+        fence::watch(layout.vm_dir(vm.id).join(vmm_core::FENCE_FILE)).map_err(Error::Thread)?;
         let partition = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => Partition::new(config.clone())?,

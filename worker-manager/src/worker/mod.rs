@@ -10,6 +10,7 @@
 mod confinement;
 mod console;
 mod control;
+pub mod fence;
 mod machine;
 pub mod start_trace;
 mod syscalls;
