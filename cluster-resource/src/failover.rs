@@ -175,6 +175,10 @@ impl Agent {
             else {
                 continue;
             };
+            if self.service.get_vm(vm).is_err() {
+                // Defined by another node since this one started: show it here too.
+                self.service.refresh_vm(vm);
+            }
             if owners.contains_key(&vm) || !entry.path().join(RUNNING_MARKER).exists() {
                 continue;
             }
