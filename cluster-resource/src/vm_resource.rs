@@ -83,6 +83,11 @@ impl VmResource {
         })
     }
 
+    /// The service the VM belongs to.
+    pub fn service(&self) -> &VirtualSystemManagementService {
+        &self.service
+    }
+
     /// The properties.
     pub fn properties(&self) -> &VmResourceProperties {
         &self.properties
