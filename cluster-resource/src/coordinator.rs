@@ -118,6 +118,7 @@ impl ClusterNode {
     /// start and write until [`unfence`](Self::unfence).
     pub fn fence(&self) -> Vec<VmId> {
         self.fenced.store(true, Ordering::SeqCst);
+        self.lease.abandon();
         self.owned().drain().map(|(vm, _)| vm).collect()
     }
 

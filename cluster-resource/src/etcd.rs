@@ -32,6 +32,9 @@ impl Default for EtcdTimeouts {
     }
 }
 
+/// One endpoint's health: its leader's id and raft index, or why it did not answer.
+pub type EndpointHealth = std::result::Result<(u64, u64), String>;
+
 /// A connection to an etcd cluster with endpoint failover.
 pub struct Etcd {
     runtime: tokio::runtime::Runtime,
@@ -127,7 +130,7 @@ impl Etcd {
     }
 
     /// Asks each endpoint for its status: (endpoint, Ok(leader id, raft index) or the error).
-    pub fn health(&self) -> Vec<(String, std::result::Result<(u64, u64), String>)> {
+    pub fn health(&self) -> Vec<(String, EndpointHealth)> {
         self.endpoints
             .iter()
             .map(|endpoint| {

@@ -118,6 +118,7 @@ impl Agent {
     }
 
     fn scan_loop(&self, wake: &std::sync::mpsc::Receiver<()>) {
+        let mut last_error = None;
         loop {
             let _ = wake.recv_timeout(SCAN);
             while wake.try_recv().is_ok() {}
@@ -131,9 +132,22 @@ impl Agent {
                 // A new lease: a new membership, with nothing owned.
                 self.node.unfence();
             }
-            let _ = self.failover();
-            let _ = self.handle_handoffs();
-            let _ = self.handle_moves();
+            let outcome = self
+                .failover()
+                .and_then(|()| self.handle_handoffs())
+                .and_then(|()| self.handle_moves())
+                .err()
+                // One line per kind of failure, not per endpoint named in it.
+                .map(|e| match e {
+                    ClusterError::EtcdUnreachable { .. } => "etcd unreachable".to_owned(),
+                    other => other.to_string(),
+                });
+            if outcome != last_error {
+                if let Some(error) = &outcome {
+                    eprintln!("cluster: node {}: {error}", self.node.name());
+                }
+                last_error = outcome;
+            }
         }
     }
 

@@ -25,7 +25,7 @@ mod vm_resource;
 
 pub use coordinator::{ClusterNode, ClusterOptions, FencedLauncher};
 pub use error::{ClusterError, Result};
-pub use etcd::{Etcd, EtcdTimeouts};
+pub use etcd::{EndpointHealth, Etcd, EtcdTimeouts};
 pub use failover::{Agent, Handoff, MoveRequest, MoveStatus, SCAN};
 pub use node::{NodeLease, NodeRecord, unix_ms};
 pub use resource::{ClusterResource, Progress, ResourceState, ResourceTimeouts, wait_pending};

@@ -163,6 +163,16 @@ impl NodeLease {
         }
     }
 
+    /// Gives the lease up after self-fencing: even if etcd still has it (a cluster that restarted
+    /// restores leases), the keep-alive revokes it (its ownership keys go with it) and joins
+    /// again under a new one. Until then the node is not current.
+    pub fn abandon(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .expired = true;
+    }
+
     /// Revokes the lease (its keys go at once); best effort.
     pub fn revoke(&self) {
         let id = self.id();
@@ -185,15 +195,7 @@ impl NodeLease {
             .spawn(move || {
                 while !lease.stopped.load(Ordering::SeqCst) {
                     let next = Instant::now() + lease.ttl / 4;
-                    if !matches!(lease.renew(), Ok(true)) && lease.is_lost() {
-                        // Expired here or there: nothing of the old lease may be used any more.
-                        lease
-                            .state
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .expired = true;
-                        let _ = lease.grant();
-                    }
+                    lease.keep_alive_once();
                     thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
             })
@@ -202,6 +204,38 @@ impl NodeLease {
                 what: "the lease keep-alive thread",
                 source,
             })
+    }
+
+    /// One keep-alive step: renew the lease; once it is lost (etcd said so, or it went unrenewed
+    /// for its whole TTL), revoke it (its keys go at once if etcd still has it) and join again
+    /// under a new lease, owning nothing.
+    fn keep_alive_once(&self) {
+        let expired = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .expired;
+        if expired {
+            self.revoke();
+            if let Ok(lease) = self.grant() {
+                eprintln!(
+                    "cluster: node {} joined again under lease {lease:x}",
+                    self.name
+                );
+            }
+            return;
+        }
+        match self.renew() {
+            Ok(true) => {}
+            Ok(false) => {}
+            Err(_) if self.is_lost() => {
+                self.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .expired = true;
+            }
+            Err(_) => {}
+        }
     }
 
     /// Ends the keep-alive thread (the lease then expires unless revoked first).

@@ -89,6 +89,7 @@ fn is_stale(binary: &Path) -> bool {
         "worker-manager/src",
         "vmm-core/src",
         "partition/src",
+        "cluster-resource/src",
     ];
     sources
         .iter()
