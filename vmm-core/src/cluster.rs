@@ -22,3 +22,55 @@ pub trait ClusterCoordinator: Send + Sync + Debug {
     /// not. Called before each write, outside the service's locks; it may ask the cluster.
     fn guard_write(&self, vm: VmId) -> Result<(), String>;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::VmConfig;
+    use crate::store::Store;
+
+    /// Allows writes about one VM only.
+    #[derive(Debug)]
+    struct OwnsOnly(VmId);
+
+    impl ClusterCoordinator for OwnsOnly {
+        fn guard_write(&self, vm: VmId) -> Result<(), String> {
+            if vm == self.0 {
+                Ok(())
+            } else {
+                Err("owned by node b".into())
+            }
+        }
+    }
+
+    #[test]
+    fn writes_about_a_vm_another_node_owns_are_refused_and_change_nothing() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mine = VmConfig::new("mine");
+        let theirs = VmConfig::new("theirs");
+        Store::open(root.path())
+            .and_then(|s| s.create_vm(&mine).and_then(|()| s.create_vm(&theirs)))
+            .expect("vms");
+        let store = Store::open_with(root.path(), Some(Arc::new(OwnsOnly(mine.id))))
+            .expect("clustered store");
+        let before = std::fs::read(store.config_path(theirs.id)).expect("config");
+
+        let renamed = VmConfig {
+            name: "renamed".into(),
+            ..theirs.clone()
+        };
+        let refused = store.write_config(&renamed);
+        let marker = store.set_running_marker(theirs.id, true);
+
+        assert!(matches!(refused, Err(crate::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied));
+        assert!(marker.is_err());
+        assert_eq!(
+            std::fs::read(store.config_path(theirs.id)).expect("config"),
+            before
+        );
+        assert!(store.set_running_marker(mine.id, true).is_ok());
+    }
+}
