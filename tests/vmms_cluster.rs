@@ -3,8 +3,8 @@
 //! the real test guest, whose disk record sequence shows from the guest's side that two workers
 //! never ran the same VM.
 //!
-//! Trial counts: `VMMS_FAILOVER_TRIALS` (default 6) and `VMMS_FENCE_TRIALS` (default 8; the
-//! issue's full run is 20) keep CI within its budget.
+//! Trial counts: `VMMS_FAILOVER_TRIALS` (default 6), `VMMS_FENCE_TRIALS` (default 8; the issue's
+//! full run is 20) and `VMMS_FREEZE_TRIALS` (default 2) keep CI within its budget.
 
 mod cluster;
 mod vmms_common;
@@ -209,6 +209,61 @@ fn frozen_node_is_fenced_and_the_record_sequence_never_forks() {
             .trim()
     );
     assert_eq!(overlaps, 0, "two workers ran the VM at once");
+}
+
+#[test]
+fn frozen_machine_blocks_takeover_on_the_disk_lock_until_it_wakes() {
+    require_kvm!();
+    require_etcd!();
+    let cluster = Cluster::start();
+    let mut owner = cluster
+        .runner(Duration::from_secs(30))
+        .expect("VM runs on A");
+    let mut total = write_records(&cluster.run_dir(owner), 2);
+    for trial in 0..trials("VMMS_FREEZE_TRIALS", 2) {
+        let frozen = owner;
+        let survivor = 1 - owner;
+        // The whole machine freezes: its daemon and its worker.
+        let worker = cluster.nodes[frozen].worker_pids();
+        let freeze = |signal| {
+            cluster.nodes[frozen].signal(signal);
+            for &pid in &worker {
+                // SAFETY: kill only sends a signal to a worker this test's node started.
+                unsafe { libc::kill(pid, signal) };
+            }
+        };
+        freeze(libc::SIGSTOP);
+        // The survivor takes ownership after the TTL, but the frozen worker still holds the disk:
+        // no second worker may run the guest meanwhile.
+        let until = Instant::now() + Duration::from_secs(TTL_S + 4);
+        while Instant::now() < until {
+            assert!(
+                cluster.nodes[survivor].worker_pids().is_empty(),
+                "trial {trial}: a second worker runs while the owner is frozen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        freeze(libc::SIGCONT);
+        let woke = Instant::now();
+        let now_on = cluster.runner(Duration::from_secs(30));
+        assert_eq!(
+            now_on,
+            Some(survivor),
+            "trial {trial}: no takeover after waking"
+        );
+        println!(
+            "trial {trial}: running on the survivor {:?} after the frozen machine woke",
+            woke.elapsed()
+        );
+        assert!(
+            worker.iter().all(|&pid| !cluster::live(pid)),
+            "trial {trial}: the fenced worker runs on"
+        );
+        let run_dir = cluster.run_dir(survivor);
+        assert_eq!(records(&run_dir), total, "trial {trial}: sequence forked");
+        total = write_records(&run_dir, 2);
+        owner = survivor;
+    }
 }
 
 #[test]
