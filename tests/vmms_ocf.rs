@@ -48,6 +48,19 @@ fn agent_actions_follow_ocf_exit_codes() {
     assert_eq!(code(&agent(store, "start")), Some(0));
     assert_eq!(code(&agent(store, "start")), Some(0), "start is idempotent");
     assert_eq!(code(&agent(store, "monitor")), Some(0));
+    // Quick migration on one shared store: migrate_to saves, migrate_from restores and confirms.
+    assert_eq!(code(&agent(store, "migrate_to")), Some(0));
+    assert_eq!(
+        code(&agent(store, "monitor")),
+        Some(7),
+        "saved after migrate_to"
+    );
+    assert_eq!(code(&agent(store, "migrate_from")), Some(0));
+    assert_eq!(
+        code(&agent(store, "monitor")),
+        Some(0),
+        "running after migrate_from"
+    );
     assert_eq!(code(&agent(store, "stop")), Some(0));
     assert_eq!(code(&agent(store, "stop")), Some(0), "stop is idempotent");
     assert_eq!(code(&agent(store, "monitor")), Some(7));

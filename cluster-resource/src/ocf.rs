@@ -201,7 +201,7 @@ pub fn run(
     let budget = params.timeout.saturating_sub(Duration::from_secs(2));
     match action {
         Action::ValidateAll => (OCF_SUCCESS, String::new()),
-        Action::Monitor | Action::MigrateFrom => {
+        Action::Monitor => {
             if resource.is_alive() {
                 (OCF_SUCCESS, String::new())
             } else if resource.state() == ResourceState::Offline {
@@ -210,7 +210,10 @@ pub fn run(
                 (OCF_ERR_GENERIC, format!("resource {:?}", resource.state()))
             }
         }
-        Action::Start => settle(&resource, resource.online(), ResourceState::Online, budget),
+        // migrate_from: the source saved the VM (migrate_to); restoring it here confirms it runs.
+        Action::Start | Action::MigrateFrom => {
+            settle(&resource, resource.online(), ResourceState::Online, budget)
+        }
         Action::Stop | Action::MigrateTo => {
             // migrate_to is a quick migration: the source saves, the target's start restores.
             let result = if action == Action::MigrateTo {
