@@ -354,8 +354,11 @@ pub fn write_records(run_dir: &Path, n: u64) -> u64 {
         .expect("total <m>")
 }
 
-/// Median and max of durations, in ms.
+/// Median and max of durations, in ms (0 and 0 for none).
 pub fn median_max(mut v: Vec<u128>) -> (u128, u128) {
     v.sort_unstable();
-    (v[v.len() / 2], *v.last().unwrap_or(&0))
+    (
+        v.get(v.len() / 2).copied().unwrap_or(0),
+        v.last().copied().unwrap_or(0),
+    )
 }
