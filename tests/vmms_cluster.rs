@@ -83,6 +83,15 @@ impl Cluster {
         }
     }
 
+    /// Both nodes' logs, for a failure message.
+    fn logs(&self) -> String {
+        let log = |n: &str| {
+            std::fs::read_to_string(self._dir.path().join("store").join(format!("{n}.log")))
+                .unwrap_or_default()
+        };
+        format!("A:\n{}\nB:\n{}", log("A"), log("B"))
+    }
+
     /// Live workers running the guest, over both nodes.
     fn running_workers(&self) -> usize {
         self.nodes.iter().map(|n| n.worker_pids().len()).sum()
@@ -106,7 +115,12 @@ fn killed_node_fails_over_within_five_seconds() {
         let killed = Instant::now();
         let now_on = cluster.runner(Duration::from_secs(30));
         let took = killed.elapsed();
-        assert_eq!(now_on, Some(survivor), "trial {trial}: VM not taken over");
+        assert_eq!(
+            now_on,
+            Some(survivor),
+            "trial {trial}: VM not taken over\n{}",
+            cluster.logs()
+        );
         times.push(took.as_millis());
         // The guest booted on the survivor from the same disk: every record is there.
         let run_dir = cluster.run_dir(survivor);
@@ -165,7 +179,8 @@ fn frozen_node_is_fenced_and_the_record_sequence_never_forks() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let took = taken_over.unwrap_or_else(|| panic!("trial {trial}: no takeover"));
+        let took =
+            taken_over.unwrap_or_else(|| panic!("trial {trial}: no takeover\n{}", cluster.logs()));
         times.push(took.as_millis());
         // What the VM's folder holds once the new owner runs it: the frozen node must not change
         // any of it when it wakes up.
@@ -305,17 +320,9 @@ fn etcd_member_loss_is_survived_and_total_loss_self_fences() {
     let fenced_after = lost.elapsed();
     // etcd back: the VM comes up again on one node, from an intact disk.
     cluster.etcd.restart_all();
-    let back = cluster.runner(Duration::from_secs(60)).unwrap_or_else(|| {
-        let log = |n: &str| {
-            std::fs::read_to_string(cluster._dir.path().join("store").join(format!("{n}.log")))
-                .unwrap_or_default()
-        };
-        panic!(
-            "VM not back after etcd returned\nA:\n{}\nB:\n{}",
-            log("A"),
-            log("B")
-        )
-    });
+    let back = cluster
+        .runner(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("VM not back after etcd returned\n{}", cluster.logs()));
     assert_eq!(
         records(&cluster.run_dir(back)),
         total,
