@@ -19,8 +19,15 @@ fi
 #   qemu-img, qemu-io  (qemu-utils)     the snapshot crate's interop tests check our qcow2 images
 #   strace             (strace)         the confinement test traces a worker's system calls
 #   iasl               (acpica-tools)   a partition unit test disassembles our DSDT
+#   protoc             (protobuf-compiler)  etcd-client's build script compiles etcd's protobufs
+#   etcd               (etcd-server)    the cluster tests run a real 3-member etcd
+#   ocf-tester         (resource-agents)    checks the vmms-ocf agent (xmllint from libxml2-utils)
+#   xmllint            (libxml2-utils)
+#   crm_resource       (pacemaker-cli-utils)  runs the agent with --force-start/-check/-stop
 missing=()
-for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools; do
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools \
+  protoc:protobuf-compiler etcd:etcd-server ocf-tester:resource-agents xmllint:libxml2-utils \
+  crm_resource:pacemaker-cli-utils; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

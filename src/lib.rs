@@ -12,8 +12,10 @@
 //! | [`worker_manager`] | the Worker Process Manager: a worker process (`vmwp.exe`) per running VM, its control protocol, supervision and re-attach |
 //! | [`snapshot`] | the Snapshot Manager: checkpoint trees, qcow2 disks with backing chains, offline checkpoint operations |
 //! | [`guest`] | the test guest embedded as the default boot image |
+//! | [`cluster`] | Cluster Resource Control (HVCLUSRES.DLL): the resource contract, ownership and failover on etcd, the OCF agent |
 //! | [`wmi`] | the WMI provider (`root/virtualization/v2`): the Msvm_* model, WQL and a CIM-XML endpoint |
 
+pub use cluster_resource as cluster;
 pub use partition;
 pub use snapshot;
 pub use vmm_core as core;

@@ -124,6 +124,9 @@ pub struct VmView {
     pub config: Option<VmConfig>,
     /// Live report of the worker, while one runs.
     pub worker: Option<WorkerReport>,
+    /// In a cluster: the node that owns the VM now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl VmView {
@@ -143,6 +146,7 @@ impl VmView {
             time_of_last_state_change: system.time_of_last_state_change,
             config: system.config,
             worker,
+            owner: None,
         }
     }
 }

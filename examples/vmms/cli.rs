@@ -405,6 +405,11 @@ fn row(vm: &VmView) -> [String; 10] {
         (None, 3) => "Degraded (3)".to_owned(),
         (None, _) => "Operating normally".to_owned(),
     };
+    // In a cluster: which node owns the VM (it runs only there).
+    let status = match &vm.owner {
+        Some(owner) => format!("owner {owner}; {status}"),
+        None => status,
+    };
     [
         vm.name.clone(),
         vm.state.to_string(),

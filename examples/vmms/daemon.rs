@@ -33,6 +33,8 @@ pub struct ServeOptions {
     pub socket_group: Option<String>,
     /// Connection timeouts.
     pub timeouts: Timeouts,
+    /// Run as a node of this cluster (`--cluster`, `--node`): see `cluster_node.rs`.
+    pub cluster: Option<cluster_resource::ClusterOptions>,
 }
 
 /// The file name of `new-vm --new-disk`'s disk in the VM's `disks/` folder.
@@ -44,6 +46,7 @@ struct Daemon {
     vmms: VirtualSystemManagementService,
     launcher: Arc<ProcessLauncher>,
     events: Mutex<EventHistory>,
+    cluster: Option<Arc<cluster_resource::ClusterNode>>,
 }
 
 /// How the daemon watches its workers (`vmms serve` flags).
@@ -85,7 +88,16 @@ pub fn serve(
     let store = store
         .canonicalize()
         .map_err(|e| format!("cannot resolve {}: {e}", store.display()))?;
+    // In a cluster the node's own folder of the shared store is its store (cluster_node.rs).
+    let store = match &options.cluster {
+        Some(cluster) => crate::cluster_node::prepare(&store, cluster)?,
+        None => store,
+    };
     let _lock = lock_store(&store)?;
+    let cluster = match &options.cluster {
+        Some(options) => Some(crate::cluster_node::join(&store, options)?),
+        None => None,
+    };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let launcher_options = LauncherOptions {
         heartbeat_timeout: supervision.heartbeat_timeout,
@@ -97,14 +109,25 @@ pub fn serve(
         Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(launcher_options));
     let as_launcher: Arc<dyn WorkerLauncher> = launcher.clone();
     // Opening the store also makes its root and top folders 0700.
-    let vmms = VirtualSystemManagementService::open(&store, as_launcher)
-        .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
+    let vmms = match &cluster {
+        Some(node) => VirtualSystemManagementService::open_clustered(
+            &store,
+            Arc::new(cluster_resource::FencedLauncher::new(
+                node.clone(),
+                as_launcher,
+            )),
+            node.clone(),
+        ),
+        None => VirtualSystemManagementService::open(&store, as_launcher),
+    }
+    .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     vmms.set_snapshot_service(Arc::new(snapshot::FolderSnapshotService));
     let daemon = Arc::new(Daemon {
         store: store.clone(),
         events: Mutex::new(open_event_history(&store)),
         vmms,
         launcher,
+        cluster,
     });
     let subscription = daemon.vmms.subscribe();
     let logger = Arc::clone(&daemon);
@@ -135,6 +158,9 @@ pub fn serve(
     );
     for (vm, reason) in &report.failed {
         log!("vmms: {vm}: {reason}");
+    }
+    if let Some(node) = &daemon.cluster {
+        crate::cluster_node::start_agent(node, &daemon.vmms)?;
     }
     crate::cim::start(&daemon.vmms, cim, AccessPolicy::new(group))?;
 
@@ -350,7 +376,13 @@ impl Daemon {
             .process_id
             .and_then(|_| self.launcher.report(system.id, REPORT_TIMEOUT))
             .and_then(Result::ok);
-        VmView::new(system, worker)
+        let id = system.id;
+        let mut view = VmView::new(system, worker);
+        view.owner = self
+            .cluster
+            .as_ref()
+            .and_then(|node| crate::cluster_node::owner(node, id));
+        view
     }
 
     fn new_vm(&self, spec: VmSpec) -> Result<VmView, ApiError> {

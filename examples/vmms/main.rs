@@ -43,6 +43,8 @@ mod api;
 mod checkpoint;
 mod cim;
 mod cli;
+mod cluster_cli;
+mod cluster_node;
 mod console;
 mod daemon;
 mod demo;
@@ -102,6 +104,8 @@ enum Verb {
         no_confinement: bool,
         #[command(flatten)]
         cim: cim::CimArgs,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArgs,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -188,6 +192,18 @@ enum Verb {
     /// Virtual switches and network adapters.
     #[command(flatten)]
     Network(switch_cli::NetVerb),
+    /// Cluster nodes, their leases and etcd's health (`--store` is a node's folder).
+    GetClusterNode,
+    /// Quick migration: save the VM on its owner node, restore it on `--to`; prints the downtime.
+    MoveVm {
+        target: String,
+        /// The target node.
+        #[arg(long)]
+        to: String,
+        /// Seconds to wait for the move.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -222,8 +238,10 @@ fn main() -> ExitCode {
             hang_timeout,
             no_confinement,
             cim,
+            cluster,
         } => {
             let options = daemon::ServeOptions {
+                cluster: cluster.options(),
                 socket_group,
                 timeouts: listener::Timeouts {
                     idle: Duration::from_secs(idle_timeout),
@@ -289,6 +307,16 @@ fn main() -> ExitCode {
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
         Verb::Checkpoint(verb) => checkpoint::run(&store, output, verb),
         Verb::Network(verb) => switch_cli::run(&store, output, verb),
+        Verb::GetClusterNode => cluster_cli::get_cluster_node(&cli("get-cluster-node", None)),
+        Verb::MoveVm {
+            target,
+            to,
+            timeout,
+        } => cluster_cli::move_vm(
+            &cli("move-vm", Some(target)),
+            &to,
+            Duration::from_secs(timeout),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

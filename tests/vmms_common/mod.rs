@@ -92,6 +92,7 @@ fn is_stale(binary: &Path) -> bool {
         "wmi-model/src",
         "vswitch/src",
         "guest/firmware/src",
+        "cluster-resource/src",
     ];
     sources
         .iter()

@@ -82,6 +82,7 @@ pub mod atomic_file;
 mod catalog;
 pub mod checkpoint;
 mod checkpoint_ops;
+mod cluster;
 mod config;
 mod error;
 mod event;
@@ -99,6 +100,7 @@ mod worker;
 
 pub use catalog::ComputerSystem;
 pub use checkpoint::{CheckpointError, VirtualSystemSnapshotService};
+pub use cluster::{ClusterCoordinator, FENCE_FILE};
 pub use config::{
     AutomaticRecoveryAction, AutomaticStartAction, BootSource, CONFIG_VERSION, ConfigError,
     DiskConfig, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MIN_MEMORY_MIB, VmConfig, VmId,

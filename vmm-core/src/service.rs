@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::catalog::{Catalog, ComputerSystem, VmRecord};
 use crate::checkpoint::VirtualSystemSnapshotService;
+use crate::cluster::ClusterCoordinator;
 use crate::config::{CONFIG_VERSION, VmConfig, VmId};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBus, EventKind};
@@ -77,7 +78,20 @@ impl VirtualSystemManagementService {
     /// Off, or Saved where a saved state exists; call [`recover_on_start`](Self::recover_on_start)
     /// next to find running workers and apply automatic start actions.
     pub fn open(root: impl Into<PathBuf>, launcher: Arc<dyn WorkerLauncher>) -> Result<Self> {
-        let store = Store::open(root)?;
+        Self::open_in(Store::open(root)?, launcher)
+    }
+
+    /// [`open`](Self::open) for a node of a cluster sharing the store: every write about a VM
+    /// is first allowed by `coordinator` (see [`ClusterCoordinator`]).
+    pub fn open_clustered(
+        root: impl Into<PathBuf>,
+        launcher: Arc<dyn WorkerLauncher>,
+        coordinator: Arc<dyn ClusterCoordinator>,
+    ) -> Result<Self> {
+        Self::open_in(Store::open_with(root, Some(coordinator))?, launcher)
+    }
+
+    fn open_in(store: Store, launcher: Arc<dyn WorkerLauncher>) -> Result<Self> {
         let catalog = Catalog::load(&store)?;
         let (worker_events, receiver) = mpsc::channel();
         let inner = Arc::new(Inner {
@@ -290,6 +304,51 @@ impl VirtualSystemManagementService {
     /// Every event from now on, in order. Drop the receiver to unsubscribe.
     pub fn subscribe(&self) -> Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// Re-reads a VM that another node of a cluster may have defined, changed, saved or
+    /// removed in the shared store: loaded if new, its configuration and Off/Saved state read
+    /// again if it is Off or Saved here and no operation holds it, forgotten if its folder is
+    /// gone. A VM this service runs is left alone. Returns whether the VM is known afterwards.
+    pub fn refresh_vm(&self, id: VmId) -> bool {
+        let store = &self.inner.store;
+        let present = store.vm_dir(id).is_dir();
+        let config = present.then(|| store.read_config(id));
+        let saved = store.has_saved_state(id);
+        let mut catalog = self.inner.lock_catalog();
+        let idle = |record: &VmRecord| {
+            record.worker.is_none()
+                && !record.owner.is_claimed()
+                && matches!(record.state, EnabledState::Off | EnabledState::Saved)
+        };
+        match (catalog.vms.get_mut(&id), config) {
+            (Some(record), None) if idle(record) => {
+                catalog.vms.remove(&id);
+                self.inner.events.publish(id, EventKind::Destroyed);
+                false
+            }
+            (Some(record), Some(config)) if idle(record) => {
+                if let Ok(config) = config {
+                    record.config = Some(config);
+                }
+                let state = if saved {
+                    EnabledState::Saved
+                } else {
+                    EnabledState::Off
+                };
+                record.set_state(state, &self.inner.events);
+                true
+            }
+            (Some(_), _) => true,
+            (None, Some(Ok(config))) => {
+                catalog
+                    .vms
+                    .insert(id, VmRecord::new(id, Some(config), saved));
+                self.inner.events.publish(id, EventKind::Defined);
+                true
+            }
+            (None, _) => false,
+        }
     }
 }
 

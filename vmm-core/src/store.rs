@@ -26,7 +26,10 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::atomic_file::{is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic};
+use crate::cluster::ClusterCoordinator;
 use crate::config::{VmConfig, VmId};
 use crate::error::{Error, Result};
 
@@ -43,13 +46,27 @@ const PRIVATE_DIR_MODE: u32 = 0o700;
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// In a cluster: asked before every write about a VM (see [`ClusterCoordinator`]).
+    coordinator: Option<Arc<dyn ClusterCoordinator>>,
 }
 
 impl Store {
     /// Opens (creating if needed) the store at `root`, makes its top folders owner-only (0700)
     /// and removes temporaries a crash left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let store = Store { root: root.into() };
+        Self::open_with(root, None)
+    }
+
+    /// [`open`](Self::open) for a store shared by a cluster: every write about a VM is first
+    /// allowed by `coordinator` (temporaries are removed only in the folders of VMs it allows).
+    pub fn open_with(
+        root: impl Into<PathBuf>,
+        coordinator: Option<Arc<dyn ClusterCoordinator>>,
+    ) -> Result<Self> {
+        let store = Store {
+            root: root.into(),
+            coordinator,
+        };
         for dir in [
             store.root.clone(),
             store.vms_dir(),
@@ -158,8 +175,22 @@ impl Store {
         Ok(config)
     }
 
+    /// Asks the cluster, if any, whether this node may write the files of `id` now.
+    fn guard(&self, id: VmId) -> Result<()> {
+        match &self.coordinator {
+            Some(coordinator) => coordinator.guard_write(id).map_err(|reason| {
+                Error::io(
+                    self.vm_dir(id),
+                    io::Error::new(io::ErrorKind::PermissionDenied, reason),
+                )
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Replaces a virtual machine's `config.json` atomically.
     pub(crate) fn write_config(&self, config: &VmConfig) -> Result<()> {
+        self.guard(config.id)?;
         let path = self.config_path(config.id);
         write_atomic(&path, &encode(config)?).map_err(|e| Error::io(&path, e))
     }
@@ -167,6 +198,7 @@ impl Store {
     /// Creates a virtual machine's folder with its `config.json` and empty `disks/`, all at once:
     /// built under a temporary name, then renamed into place.
     pub(crate) fn create_vm(&self, config: &VmConfig) -> Result<()> {
+        self.guard(config.id)?;
         let final_dir = self.vm_dir(config.id);
         if final_dir.exists() {
             return Err(Error::VmExists(config.id));
@@ -189,6 +221,7 @@ impl Store {
     /// Removes a virtual machine's folder: renamed away first (so a crash never leaves half a
     /// VM under its real name), then deleted.
     pub(crate) fn remove_vm(&self, id: VmId) -> Result<()> {
+        self.guard(id)?;
         let dir = self.vm_dir(id);
         let doomed = temporary_sibling(&dir).map_err(|e| Error::io(&dir, e))?;
         rename_durable(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
@@ -210,6 +243,7 @@ impl Store {
     /// that failed is removed), and no `state/` — beside a running guest a saved state can only
     /// be stale, and committing over it would fail. Returns the staging folder.
     pub(crate) fn begin_saved_state(&self, id: VmId) -> Result<PathBuf> {
+        self.guard(id)?;
         self.discard_saved_state(id)?;
         self.remove_unfinished_save(id)?;
         let staging = self.saving_dir(id);
@@ -220,6 +254,10 @@ impl Store {
     /// Drops the staging folder of a save that did not commit.
     pub(crate) fn remove_unfinished_save(&self, id: VmId) -> Result<()> {
         let staging = self.saving_dir(id);
+        if !staging.exists() {
+            return Ok(());
+        }
+        self.guard(id)?;
         match fs::remove_dir_all(&staging) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -238,6 +276,7 @@ impl Store {
         if !state.exists() {
             return Ok(());
         }
+        self.guard(id)?;
         let doomed = temporary_sibling(&state).map_err(|e| Error::io(&state, e))?;
         rename_durable(&state, &doomed).map_err(|e| Error::io(&state, e))?;
         fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
@@ -246,6 +285,10 @@ impl Store {
     /// Records whether the VM is running, for `StartIfPreviouslyRunning` after a host restart.
     pub(crate) fn set_running_marker(&self, id: VmId, running: bool) -> Result<()> {
         let marker = self.vm_dir(id).join(RUNNING_MARKER);
+        if marker.exists() == running {
+            return Ok(());
+        }
+        self.guard(id)?;
         let result = if running {
             write_atomic(&marker, b"")
         } else {
@@ -268,6 +311,10 @@ impl Store {
         let vms = self.vms_dir();
         remove_temporaries_in(&vms)?;
         for id in self.vm_ids()? {
+            if self.guard(id).is_err() {
+                // Another node owns it: its temporaries may be writes in progress.
+                continue;
+            }
             remove_temporaries_in(&self.vm_dir(id))?;
         }
         Ok(())

@@ -27,6 +27,7 @@ use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
+use super::fence;
 use super::start_trace::mark;
 use super::state_folder;
 use crate::error::{Error, Result};
@@ -150,6 +151,7 @@ impl Machine {
                 ..Confinement::default()
             }
         };
+        fence::watch(layout.vm_dir(vm.id).join(vmm_core::FENCE_FILE)).map_err(Error::Thread)?;
         let (partition, restored_state) = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => (Partition::new(config.clone())?, None),

@@ -12,6 +12,7 @@ mod confinement;
 mod console;
 mod control;
 mod disks;
+pub mod fence;
 mod machine;
 mod network;
 pub mod start_trace;
