@@ -19,8 +19,12 @@ fi
 #   qemu-img, qemu-io  (qemu-utils)     the snapshot crate's interop tests check our qcow2 images
 #   strace             (strace)         the confinement test traces a worker's system calls
 #   iasl               (acpica-tools)   a partition unit test disassembles our DSDT
+#   xfreerdp, Xvfb, xdotool, import/convert, tesseract   the RDP console test runs FreeRDP's
+#     /vmconnect in a virtual X server, types with xdotool and reads the window back with OCR
 missing=()
-for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools; do
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools \
+  xfreerdp:freerdp2-x11 Xvfb:xvfb xdotool:xdotool import:imagemagick convert:imagemagick \
+  tesseract:tesseract-ocr; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -116,6 +116,9 @@ pub struct VmView {
     pub config: Option<VmConfig>,
     /// Live report of the worker, while one runs.
     pub worker: Option<WorkerReport>,
+    /// RDP console clients connected now.
+    #[serde(default)]
+    pub console_clients: usize,
 }
 
 impl VmView {
@@ -135,7 +138,14 @@ impl VmView {
             time_of_last_state_change: system.time_of_last_state_change,
             config: system.config,
             worker,
+            console_clients: 0,
         }
+    }
+
+    /// With the number of connected console clients.
+    pub fn with_console_clients(mut self, clients: usize) -> Self {
+        self.console_clients = clients;
+        self
     }
 }
 

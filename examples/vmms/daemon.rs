@@ -41,6 +41,8 @@ struct Daemon {
     vmms: VirtualSystemManagementService,
     launcher: Arc<ProcessLauncher>,
     events: Mutex<EventHistory>,
+    /// Console clients per VM (RDP listener).
+    consoles: crate::rdp::Consoles,
 }
 
 /// How the daemon watches its workers (`vmms serve` flags).
@@ -63,6 +65,7 @@ pub fn serve(
     options: &ServeOptions,
     supervision: &Supervision,
     cim: &crate::cim::CimArgs,
+    rdp: &crate::rdp::RdpArgs,
 ) -> Result<(), String> {
     // Before anything is created, and inherited by every worker: nothing of the store, its
     // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
@@ -96,7 +99,9 @@ pub fn serve(
     // Opening the store also makes its root and top folders 0700.
     let vmms = VirtualSystemManagementService::open(&store, as_launcher)
         .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
+    let consoles = crate::rdp::start(&vmms, &store, rdp)?;
     let daemon = Arc::new(Daemon {
+        consoles,
         store: store.clone(),
         events: Mutex::new(open_event_history(&store)),
         vmms,
@@ -335,7 +340,8 @@ impl Daemon {
             .process_id
             .and_then(|_| self.launcher.report(system.id, REPORT_TIMEOUT))
             .and_then(Result::ok);
-        VmView::new(system, worker)
+        let consoles = self.consoles.clients(system.id);
+        VmView::new(system, worker).with_console_clients(consoles)
     }
 
     fn new_vm(&self, spec: VmSpec) -> Result<VmView, ApiError> {

@@ -10,6 +10,7 @@
 //! vmms start-vm|suspend-vm|resume-vm|save-vm|restart-vm|remove-vm NAME
 //! vmms stop-vm NAME [--turn-off]
 //! vmms console NAME                                   # COM1; Ctrl-] detaches
+//! vmms connect-vm NAME [--launch]                     # COM1 over RDP (FreeRDP /vmconnect)
 //! vmms get-vm-event [NAME]
 //! vmms stop-daemon                                    # the daemon exits; VMs keep running
 //! ```
@@ -37,11 +38,13 @@ macro_rules! log {
 mod api;
 mod cim;
 mod cli;
+mod connect_vm;
 mod console;
 mod daemon;
 mod demo;
 mod listener;
 mod log;
+mod rdp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,6 +97,8 @@ enum Verb {
         no_confinement: bool,
         #[command(flatten)]
         cim: cim::CimArgs,
+        #[command(flatten)]
+        rdp: rdp::RdpArgs,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -167,6 +172,13 @@ enum Verb {
     RemoveVm { target: String },
     /// Attach this terminal to the VM's COM1 (Ctrl-] detaches).
     Console { target: String },
+    /// Print the FreeRDP command line for the VM's console (`--launch` runs it).
+    ConnectVm {
+        target: String,
+        /// Run the client instead of printing its command line.
+        #[arg(long)]
+        launch: bool,
+    },
     /// Recent events (state and health changes, lost workers, recovery, jobs).
     GetVmEvent { target: Option<String> },
     /// Stop the daemon; running VMs keep running.
@@ -205,6 +217,7 @@ fn main() -> ExitCode {
             hang_timeout,
             no_confinement,
             cim,
+            rdp,
         } => {
             let options = daemon::ServeOptions {
                 socket_group,
@@ -218,7 +231,7 @@ fn main() -> ExitCode {
                 hang_timeout: Duration::from_secs(hang_timeout),
                 confine_workers: !no_confinement,
             };
-            daemon::serve(&store, &options, &supervision, &cim).map_err(|e| plain("serve", e))
+            daemon::serve(&store, &options, &supervision, &cim, &rdp).map_err(|e| plain("serve", e))
         }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
@@ -266,6 +279,9 @@ fn main() -> ExitCode {
         }
         Verb::RemoveVm { target } => cli("remove-vm", Some(target)).remove_vm(),
         Verb::Console { target } => console_verb(&cli("console", Some(target))),
+        Verb::ConnectVm { target, launch } => {
+            connect_vm::connect_vm(&cli("connect-vm", Some(target)), launch)
+        }
         Verb::GetVmEvent { target } => cli("get-vm-event", target).get_events(),
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
     };

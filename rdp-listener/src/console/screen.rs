@@ -10,8 +10,16 @@ use noto_sans_mono_bitmap::{FontWeight, RasterHeight, get_raster, get_raster_wid
 pub const ROWS: u16 = 25;
 /// Terminal columns.
 pub const COLUMNS: u16 = 80;
-const NON_ZERO_ROWS: NonZeroU16 = NonZeroU16::new(ROWS).unwrap();
-const NON_ZERO_COLUMNS: NonZeroU16 = NonZeroU16::new(COLUMNS).unwrap();
+const NON_ZERO_ROWS: NonZeroU16 = non_zero(ROWS);
+const NON_ZERO_COLUMNS: NonZeroU16 = non_zero(COLUMNS);
+
+/// For the constants above (a zero fails the build).
+const fn non_zero(n: u16) -> NonZeroU16 {
+    match NonZeroU16::new(n) {
+        Some(n) => n,
+        None => panic!("terminal size must not be zero"),
+    }
+}
 const FONT: RasterHeight = RasterHeight::Size20;
 const WEIGHT: FontWeight = FontWeight::Regular;
 /// Bytes per pixel (BGRX).
