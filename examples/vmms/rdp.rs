@@ -125,6 +125,15 @@ pub fn start(
     if args.no_rdp {
         return Ok(Consoles::default());
     }
+    // The listener and console log through `tracing`: why a connection was refused or ended
+    // goes to the daemon's stderr (`VMMS_RDP_LOG` filters, default info).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMMS_RDP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("rdp_listener=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let credentials = credentials(store, args.rdp_credentials.as_deref())?;
     let host = wmi_model::local_host_name();
     let identity = TlsIdentity::load_or_create(store, &host)

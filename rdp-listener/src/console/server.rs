@@ -218,13 +218,13 @@ impl VmConsole {
                 server
                     .run_connection_with(VmConnectShim::new(tls), TransportTls::AlreadyDone)
                     .await
-                    .map_err(std::io::Error::other)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
             } else {
                 debug!(%vm, "console: standard order (x.224 first)");
                 server
                     .run_connection(stream)
                     .await
-                    .map_err(std::io::Error::other)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
             }
         };
         tokio::select! {

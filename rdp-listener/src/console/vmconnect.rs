@@ -49,6 +49,8 @@ pub struct VmConnectShim<S> {
     read_buf: Vec<u8>,
     /// Bytes to write to the client before anything else (the held Confirm).
     write_buf: Vec<u8>,
+    /// Bytes of the CredSSP message being handed out that are still to come.
+    credssp_remaining: usize,
 }
 
 impl<S> VmConnectShim<S> {
@@ -60,6 +62,7 @@ impl<S> VmConnectShim<S> {
             confirm: Confirm::Collecting(Vec::new()),
             read_buf: Vec::new(),
             write_buf: Vec::new(),
+            credssp_remaining: 0,
         }
     }
 }
@@ -70,6 +73,28 @@ fn tpkt_length(bytes: &[u8]) -> Option<usize> {
         [0x03, 0x00, hi, lo, ..] => Some(usize::from(u16::from_be_bytes([*hi, *lo]))),
         _ => None,
     }
+}
+
+/// Total length of the DER SEQUENCE (a CredSSP TSRequest) at the start of `bytes`: `None` until
+/// its header is there, `Err` if it is not a SEQUENCE.
+fn der_length(bytes: &[u8]) -> Option<Result<usize, ()>> {
+    let (&tag, rest) = bytes.split_first()?;
+    if tag != 0x30 {
+        return Some(Err(()));
+    }
+    let (&first, rest) = rest.split_first()?;
+    if first < 0x80 {
+        return Some(Ok(2 + usize::from(first)));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > 4 {
+        return Some(Err(()));
+    }
+    let octets = rest.get(..count)?;
+    let length = octets
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    Some(Ok(2 + count + length))
 }
 
 impl<S: AsyncWrite + Unpin> VmConnectShim<S> {
@@ -135,10 +160,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for VmConnectShim<S> {
                         _ => {} // need more bytes
                     }
                 } else {
-                    let n = this.read_buf.len().min(buf.remaining());
-                    buf.put_slice(&this.read_buf[..n]);
-                    this.read_buf.drain(..n);
-                    return Poll::Ready(Ok(()));
+                    // While the request is awaited, hand out one CredSSP message at a time: the
+                    // last one and the request may arrive in one read, and the acceptor must not
+                    // buffer the request past us.
+                    let mut limit = this.read_buf.len();
+                    if waiting_for_request {
+                        if this.credssp_remaining == 0 {
+                            match der_length(&this.read_buf) {
+                                Some(Ok(len)) => this.credssp_remaining = len,
+                                Some(Err(())) => {
+                                    return Poll::Ready(Err(io::Error::new(
+                                        io::ErrorKind::InvalidData,
+                                        "vmconnect client sent neither credssp nor x.224",
+                                    )));
+                                }
+                                None => limit = 0, // need more bytes of the header
+                            }
+                        }
+                        limit = limit.min(this.credssp_remaining);
+                    }
+                    if limit > 0 {
+                        let n = limit.min(buf.remaining());
+                        buf.put_slice(&this.read_buf[..n]);
+                        this.read_buf.drain(..n);
+                        if waiting_for_request {
+                            this.credssp_remaining -= n;
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
                 }
             } else if matches!(this.confirm, Confirm::Sent) {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
