@@ -130,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for VmConnectShim<S> {
                 let waiting_for_request = matches!(this.confirm, Confirm::Held(_));
                 if waiting_for_request && this.read_buf[0] == 0x03 {
                     match tpkt_length(&this.read_buf) {
-                        Some(len) if len > MAX_TPKT || len < 7 => {
+                        Some(len) if !(7..=MAX_TPKT).contains(&len) => {
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 "bad tpkt from vmconnect client",
