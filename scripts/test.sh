@@ -24,10 +24,14 @@ fi
 #   ocf-tester         (resource-agents)    checks the vmms-ocf agent (xmllint from libxml2-utils)
 #   xmllint            (libxml2-utils)
 #   crm_resource       (pacemaker-cli-utils)  runs the agent with --force-start/-check/-stop
+#   xfreerdp, Xvfb, xdotool, import/convert, tesseract   the RDP console test runs FreeRDP's
+#     /vmconnect in a virtual X server, types with xdotool and reads the window back with OCR
 missing=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools \
   protoc:protobuf-compiler etcd:etcd-server ocf-tester:resource-agents xmllint:libxml2-utils \
-  crm_resource:pacemaker-cli-utils; do
+  crm_resource:pacemaker-cli-utils \
+  xfreerdp:freerdp2-x11 Xvfb:xvfb xdotool:xdotool import:imagemagick convert:imagemagick \
+  tesseract:tesseract-ocr; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

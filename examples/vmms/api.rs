@@ -127,6 +127,9 @@ pub struct VmView {
     /// In a cluster: the node that owns the VM now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// RDP console clients connected now.
+    #[serde(default)]
+    pub console_clients: usize,
 }
 
 impl VmView {
@@ -147,7 +150,14 @@ impl VmView {
             config: system.config,
             worker,
             owner: None,
+            console_clients: 0,
         }
+    }
+
+    /// With the number of connected console clients.
+    pub fn with_console_clients(mut self, clients: usize) -> Self {
+        self.console_clients = clients;
+        self
     }
 }
 

@@ -47,6 +47,8 @@ struct Daemon {
     launcher: Arc<ProcessLauncher>,
     events: Mutex<EventHistory>,
     cluster: Option<Arc<cluster_resource::ClusterNode>>,
+    /// Console clients per VM (RDP listener).
+    consoles: crate::rdp::Consoles,
 }
 
 /// How the daemon watches its workers (`vmms serve` flags).
@@ -69,6 +71,7 @@ pub fn serve(
     options: &ServeOptions,
     supervision: &Supervision,
     cim: &crate::cim::CimArgs,
+    rdp: &crate::rdp::RdpArgs,
 ) -> Result<(), String> {
     // Before anything is created, and inherited by every worker: nothing of the store, its
     // socket or a worker's runtime files is ever readable by others, whatever our caller's umask.
@@ -122,7 +125,9 @@ pub fn serve(
     }
     .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     vmms.set_snapshot_service(Arc::new(snapshot::FolderSnapshotService));
+    let consoles = crate::rdp::start(&vmms, &store, rdp)?;
     let daemon = Arc::new(Daemon {
+        consoles,
         store: store.clone(),
         events: Mutex::new(open_event_history(&store)),
         vmms,
@@ -377,7 +382,8 @@ impl Daemon {
             .and_then(|_| self.launcher.report(system.id, REPORT_TIMEOUT))
             .and_then(Result::ok);
         let id = system.id;
-        let mut view = VmView::new(system, worker);
+        let consoles = self.consoles.clients(id);
+        let mut view = VmView::new(system, worker).with_console_clients(consoles);
         view.owner = self
             .cluster
             .as_ref()

@@ -10,6 +10,7 @@
 //! vmms start-vm|suspend-vm|resume-vm|save-vm|restart-vm|remove-vm NAME
 //! vmms stop-vm NAME [--turn-off]
 //! vmms console NAME                                   # COM1; Ctrl-] detaches
+//! vmms connect-vm NAME [--launch]                     # COM1 over RDP (FreeRDP /vmconnect)
 //! vmms get-vm-event [NAME]
 //! vmms stop-daemon                                    # the daemon exits; VMs keep running
 //! vmms new-vmswitch NAME --private|--internal [--subnet CIDR]|--external IFACE
@@ -45,11 +46,13 @@ mod cim;
 mod cli;
 mod cluster_cli;
 mod cluster_node;
+mod connect_vm;
 mod console;
 mod daemon;
 mod demo;
 mod listener;
 mod log;
+mod rdp;
 mod switch;
 mod switch_cli;
 
@@ -106,6 +109,8 @@ enum Verb {
         cim: cim::CimArgs,
         #[command(flatten)]
         cluster: cluster_cli::ClusterArgs,
+        #[command(flatten)]
+        rdp: rdp::RdpArgs,
     },
     /// Start a daemon, define and start a VM on the embedded test guest, show it and its console.
     Demo,
@@ -183,6 +188,13 @@ enum Verb {
     RemoveVm { target: String },
     /// Attach this terminal to the VM's COM1 (Ctrl-] detaches).
     Console { target: String },
+    /// Print the FreeRDP command line for the VM's console (`--launch` runs it).
+    ConnectVm {
+        target: String,
+        /// Run the client instead of printing its command line.
+        #[arg(long)]
+        launch: bool,
+    },
     /// Recent events (state and health changes, lost workers, recovery, jobs).
     GetVmEvent { target: Option<String> },
     /// Stop the daemon; running VMs keep running.
@@ -239,6 +251,7 @@ fn main() -> ExitCode {
             no_confinement,
             cim,
             cluster,
+            rdp,
         } => {
             let options = daemon::ServeOptions {
                 cluster: cluster.options(),
@@ -253,7 +266,7 @@ fn main() -> ExitCode {
                 hang_timeout: Duration::from_secs(hang_timeout),
                 confine_workers: !no_confinement,
             };
-            daemon::serve(&store, &options, &supervision, &cim).map_err(|e| plain("serve", e))
+            daemon::serve(&store, &options, &supervision, &cim, &rdp).map_err(|e| plain("serve", e))
         }
         Verb::Demo => demo::demo(&store).map_err(|e| plain("demo", e)),
         Verb::NewVm {
@@ -303,6 +316,9 @@ fn main() -> ExitCode {
         }
         Verb::RemoveVm { target } => cli("remove-vm", Some(target)).remove_vm(),
         Verb::Console { target } => console_verb(&cli("console", Some(target))),
+        Verb::ConnectVm { target, launch } => {
+            connect_vm::connect_vm(&cli("connect-vm", Some(target)), launch)
+        }
         Verb::GetVmEvent { target } => cli("get-vm-event", target).get_events(),
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
         Verb::Checkpoint(verb) => checkpoint::run(&store, output, verb),

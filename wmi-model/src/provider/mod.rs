@@ -9,8 +9,8 @@ mod assoc;
 mod dispatch;
 mod instances;
 mod methods;
-mod snapshot_methods;
 mod network;
+mod snapshot_methods;
 
 use std::sync::Arc;
 
