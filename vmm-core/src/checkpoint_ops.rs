@@ -171,6 +171,10 @@ impl VirtualSystemManagementService {
         let service = snapshot_service(&self.inner)?;
         let checkpoint = self.find_checkpoint(id, checkpoint)?;
         claim(&self.inner, id)?;
+        if let Err(error) = self.inner.store.guard(id) {
+            release(&self.inner, id);
+            return Err(error);
+        }
         let renamed = service.rename_snapshot(&self.inner.store.vm_dir(id), checkpoint, name);
         release(&self.inner, id);
         Ok(renamed?)
@@ -240,7 +244,11 @@ impl VirtualSystemManagementService {
         claim(&self.inner, id)?;
         let path = self.inner.store.disks_dir(id).join(file_name);
         let created = match self.get_vm(id).map(|vm| vm.enabled_state) {
-            Ok(EnabledState::Off) => service.create_disk(&path, size).map_err(Error::from),
+            Ok(EnabledState::Off) => self
+                .inner
+                .store
+                .guard(id)
+                .and_then(|()| service.create_disk(&path, size).map_err(Error::from)),
             Ok(state) => Err(Error::NotStopped { id, state }),
             Err(error) => Err(error),
         };
@@ -352,6 +360,13 @@ impl From<CheckpointError> for Failure {
 
 /// The slow part, with no lock held. Returns the event that announces what changed.
 fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<EventKind>, Failure> {
+    // In a cluster only the VM's owner may change its files (an export only reads them).
+    if !matches!(work, Work::Export { .. }) {
+        inner.store.guard(vm).map_err(|error| Failure {
+            code: crate::return_code(&error),
+            description: error_chain(&error),
+        })?;
+    }
     let Some(service) = inner.snapshots.get() else {
         return Err(Failure {
             code: ReturnCode::NotSupported,

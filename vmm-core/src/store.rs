@@ -176,7 +176,7 @@ impl Store {
     }
 
     /// Asks the cluster, if any, whether this node may write the files of `id` now.
-    fn guard(&self, id: VmId) -> Result<()> {
+    pub(crate) fn guard(&self, id: VmId) -> Result<()> {
         match &self.coordinator {
             Some(coordinator) => coordinator.guard_write(id).map_err(|reason| {
                 Error::io(
