@@ -461,6 +461,41 @@ fn check_no_data_file(qcow2: &Qcow2<ImagoFile>, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Most L1 entries a qcow2 image may need: QEMU's limit (`QCOW_MAX_L1_SIZE`, 32 MiB of 8-byte
+/// entries).
+const MAX_L1_ENTRIES: u64 = 4 << 20;
+
+/// Refuses a qcow2 header whose virtual size needs more L1 entries than QEMU allows for its
+/// cluster size. Without this, a damaged or hostile size (say 2^61 bytes) makes every walk of
+/// the image — the allocation map of an export, a commit, a rebase — take one step per L2 table
+/// for ever. (Extended L2 entries are 16 bytes: counted so, to stay on the safe side.)
+fn check_qcow2_geometry(file: &File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut header = [0u8; 32];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| Error::io("read", path, e))?;
+    let cluster_bits = u32::from_be_bytes([header[20], header[21], header[22], header[23]]);
+    let size = u64::from_be_bytes([
+        header[24], header[25], header[26], header[27], header[28], header[29], header[30],
+        header[31],
+    ]);
+    let unsupported = |feature: String| Error::Unsupported {
+        path: path.to_path_buf(),
+        feature,
+    };
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(unsupported(format!("cluster size 2^{cluster_bits}")));
+    }
+    let per_l2_table = (1u64 << cluster_bits) * ((1u64 << cluster_bits) / 16);
+    if size.div_ceil(per_l2_table) > MAX_L1_ENTRIES {
+        return Err(unsupported(format!(
+            "virtual size {size} with {}-byte clusters (more L1 entries than QEMU allows)",
+            1u64 << cluster_bits
+        )));
+    }
+    Ok(())
+}
+
 /// The format of an opened file, from its magic. A raw image must be a positive multiple of 512
 /// bytes long (a truncated qcow2 file with a damaged magic is then usually refused too).
 fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
@@ -474,6 +509,7 @@ fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
         .read(&mut magic)
         .map_err(|e| Error::io("read", path, e))?;
     if n == 4 && &magic == QCOW2_MAGIC {
+        check_qcow2_geometry(file, path)?;
         return Ok(DiskFormat::Qcow2);
     }
     if len == 0 || !len.is_multiple_of(512) {

@@ -368,6 +368,10 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
         "fstatfs",
         "imago opening a checkpoint's overlay (lifecycles without a running checkpoint)",
     ),
+    (
+        "flock",
+        "a running checkpoint's staging folder (lifecycles without a running checkpoint)",
+    ),
     ("fstat", "metadata on older glibc"),
     ("newfstatat", "metadata"),
     ("dup", "descriptor copies"),
