@@ -8,7 +8,7 @@ use super::decl::{
 use crate::value::CimType::{Boolean, Datetime, String as Str, Uint16, Uint32, Uint64};
 
 const MANAGED: &[&str] = &["CIM_ManagedElement"];
-const SYSTEM: &[&str] = &[
+pub(super) const SYSTEM: &[&str] = &[
     "CIM_ComputerSystem",
     "CIM_System",
     "CIM_EnabledLogicalElement",
@@ -16,7 +16,7 @@ const SYSTEM: &[&str] = &[
     "CIM_ManagedSystemElement",
     "CIM_ManagedElement",
 ];
-const SERVICE: &[&str] = &[
+pub(super) const SERVICE: &[&str] = &[
     "CIM_VirtualSystemManagementService",
     "CIM_Service",
     "CIM_EnabledLogicalElement",
@@ -32,12 +32,12 @@ const SNAPSHOT_SERVICE: &[&str] = &[
     "CIM_ManagedSystemElement",
     "CIM_ManagedElement",
 ];
-const VSSD: &[&str] = &[
+pub(super) const VSSD: &[&str] = &[
     "CIM_VirtualSystemSettingData",
     "CIM_SettingData",
     "CIM_ManagedElement",
 ];
-const RASD: &[&str] = &[
+pub(super) const RASD: &[&str] = &[
     "CIM_ResourceAllocationSettingData",
     "CIM_SettingData",
     "CIM_ManagedElement",

@@ -1,38 +1,14 @@
 //! The networking classes (`WindowsVirtualization.V2.mof`, only what the model fills in): virtual
 //! switches, their settings and management service, a VM's synthetic NIC and its connection.
 
-use super::classes::{association, class, element_properties, rasd_properties, service};
+use super::classes::{
+    RASD, SERVICE, SYSTEM, VSSD, association, class, element_properties, rasd_properties, service,
+};
 use super::decl::{ClassDecl, MethodDecl, array, input_embedded, input_ref, key, output_ref, prop};
 use crate::value::CimType::{Boolean, String as Str, Uint16};
 
-const SWITCH: &[&str] = &[
-    "CIM_ComputerSystem",
-    "CIM_System",
-    "CIM_EnabledLogicalElement",
-    "CIM_LogicalElement",
-    "CIM_ManagedSystemElement",
-    "CIM_ManagedElement",
-];
-const SERVICE: &[&str] = &[
-    "CIM_VirtualSystemManagementService",
-    "CIM_Service",
-    "CIM_EnabledLogicalElement",
-    "CIM_LogicalElement",
-    "CIM_ManagedSystemElement",
-    "CIM_ManagedElement",
-];
-const VSSD: &[&str] = &[
-    "CIM_VirtualSystemSettingData",
-    "CIM_SettingData",
-    "CIM_ManagedElement",
-];
 const EPASD: &[&str] = &[
     "CIM_EthernetPortAllocationSettingData",
-    "CIM_ResourceAllocationSettingData",
-    "CIM_SettingData",
-    "CIM_ManagedElement",
-];
-const RASD: &[&str] = &[
     "CIM_ResourceAllocationSettingData",
     "CIM_SettingData",
     "CIM_ManagedElement",
@@ -64,7 +40,7 @@ pub(super) fn classes() -> Vec<ClassDecl> {
         },
         ..class(
             "Msvm_VirtualEthernetSwitch",
-            SWITCH,
+            SYSTEM,
             "A virtual switch: a bridge the service owns, VMs' adapters as its ports.",
         )
     };
