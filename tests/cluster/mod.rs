@@ -46,21 +46,29 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts three members and waits until each answers.
+    /// Starts three members and waits until each answers. A port picked free can be taken by
+    /// another test before etcd binds it (tests run in parallel), so a cluster whose member dies
+    /// at start is started again on new ports, in a fresh folder.
     pub fn start(dir: &Path) -> Self {
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let peer_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut etcd = Etcd {
-            dir: dir.to_owned(),
-            client_ports,
-            peer_ports,
-            members: vec![None, None, None],
-        };
-        for i in 0..3 {
-            etcd.start_member(i);
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            let attempt_dir = dir.join(format!("etcd-{attempt}"));
+            std::fs::create_dir_all(&attempt_dir).expect("etcd folder");
+            let mut etcd = Etcd {
+                dir: attempt_dir,
+                client_ports: (0..3).map(|_| free_port()).collect(),
+                peer_ports: (0..3).map(|_| free_port()).collect(),
+                members: vec![None, None, None],
+            };
+            for i in 0..3 {
+                etcd.start_member(i);
+            }
+            match etcd.ready_within(Duration::from_secs(60)) {
+                Ok(()) => return etcd,
+                Err(why) => failures.push(why),
+            }
         }
-        etcd.wait_ready();
-        etcd
+        panic!("etcd did not start: {failures:#?}");
     }
 
     /// `host:port,…` of every member.
@@ -106,21 +114,36 @@ impl Etcd {
         self.members[i] = Some(child);
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait_ready(&mut self) {
+        if let Err(why) = self.ready_within(Duration::from_secs(60)) {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until every running member serves clients; says which did not, and why (the tail
+    /// of its log), if one exits or the time runs out.
+    fn ready_within(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
         for i in 0..3 {
-            if self.members[i].is_none() {
-                continue;
-            }
             let log = self.dir.join(format!("m{i}.log"));
-            while !std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("ready to serve client requests")
-            {
-                assert!(Instant::now() < deadline, "etcd member {i} not ready");
+            while let Some(child) = self.members[i].as_mut() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("ready to serve client requests") {
+                    break;
+                }
+                let tail = || text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.kill_all();
+                    return Err(format!("etcd member {i} exited ({status}): {}", tail()));
+                }
+                if Instant::now() >= deadline {
+                    self.kill_all();
+                    return Err(format!("etcd member {i} not ready: {}", tail()));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        Ok(())
     }
 
     /// `kill -9` one member.
