@@ -314,14 +314,20 @@ fn daemon_killed_while_the_worker_takes_a_checkpoint_finds_it_committed_on_resta
             .arg(&store)
             .output()
     });
-    let staging = || {
+    // The worker is inside the checkpoint once it has written into its staging folder (the
+    // service makes that folder before it asks the worker; a kill before the ask is another case).
+    let worker_writing = || {
         std::fs::read_dir(vm_dir(&daemon).join("checkpoints"))
             .into_iter()
             .flatten()
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".new"))
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".new"))
+            .any(|e| {
+                std::fs::read_dir(e.path().join("state.saving"))
+                    .is_ok_and(|mut files| files.next().is_some())
+            })
     };
-    wait_until("the checkpoint is under way", staging);
+    wait_until("the worker is taking the checkpoint", worker_writing);
 
     daemon.kill9();
     let _ = cli.join();
