@@ -88,6 +88,7 @@ mod error;
 mod event;
 mod event_history;
 pub mod fault;
+pub mod integration;
 mod job;
 mod operation;
 mod ownership;

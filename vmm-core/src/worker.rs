@@ -25,6 +25,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{VmConfig, VmId};
+use crate::integration::{
+    BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest, GuestAgentInfo,
+    GuestFreezeStatus,
+};
 
 /// How a new worker brings up its guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,12 +371,78 @@ pub trait Worker: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Whether the guest's integration agent answers (Hyper-V's heartbeat): a `guest-sync`
+    /// and `guest-ping` round trip within `timeout`. [`WorkerError::Refused`] when the VM has no
+    /// integration channel; [`WorkerError::Timeout`] when nothing answers.
+    fn guest_agent_ping(&self, timeout: Duration) -> Result<(), WorkerError> {
+        let _ = timeout;
+        Err(no_integration())
+    }
+
+    /// The guest agent's version and commands (`guest-info`).
+    fn guest_agent_info(&self, timeout: Duration) -> Result<GuestAgentInfo, WorkerError> {
+        let _ = timeout;
+        Err(no_integration())
+    }
+
+    /// Asks the guest to flush and freeze its file systems (`guest-fsfreeze-freeze`) and waits
+    /// up to `reply_timeout` for the answer: the number of file systems frozen. The worker thaws
+    /// the guest itself once `hold_limit` has passed since the request, unless
+    /// [`Worker::thaw_guest`] came first, so no caller (nor a caller's crash) holds the guest
+    /// frozen past the limit. On a timeout the worker sends a thaw as well.
+    fn freeze_guest(
+        &self,
+        reply_timeout: Duration,
+        hold_limit: Duration,
+    ) -> Result<u32, WorkerError> {
+        let _ = (reply_timeout, hold_limit);
+        Err(no_integration())
+    }
+
+    /// Thaws the guest's file systems (`guest-fsfreeze-thaw`): the number thawed.
+    fn thaw_guest(&self, timeout: Duration) -> Result<u32, WorkerError> {
+        let _ = timeout;
+        Err(no_integration())
+    }
+
+    /// Whether the guest's file systems are frozen (`guest-fsfreeze-status`).
+    fn guest_freeze_status(&self, timeout: Duration) -> Result<GuestFreezeStatus, WorkerError> {
+        let _ = timeout;
+        Err(no_integration())
+    }
+
+    /// A backup's point-in-time capture of the disks: see [`BackupCaptureRequest`]. On any
+    /// failure every disk stays on its image, no overlay exists and the maps are untouched.
+    fn backup_capture(
+        &self,
+        request: &BackupCaptureRequest,
+    ) -> Result<BackupCaptureReport, WorkerError> {
+        let _ = request;
+        Err(WorkerError::Refused {
+            reason: "this worker cannot capture disks for a backup".into(),
+        })
+    }
+
+    /// Merges a capture's overlays back while the guest runs: see [`BackupMergeRequest`].
+    fn backup_merge(&self, request: &BackupMergeRequest) -> Result<(), WorkerError> {
+        let _ = request;
+        Err(WorkerError::Refused {
+            reason: "this worker cannot merge backup overlays".into(),
+        })
+    }
+
     /// Hard-resets the guest (works from running or paused; the guest runs afterwards).
     fn reset(&self) -> Result<(), WorkerError>;
 
     /// Powers the VM off at once and ends the process, killing it if it does not comply.
     /// Idempotent: on a worker that already exited it returns `Ok` or [`WorkerError::Gone`].
     fn turn_off(&self) -> Result<(), WorkerError>;
+}
+
+fn no_integration() -> WorkerError {
+    WorkerError::Refused {
+        reason: "the guest has no integration channel".into(),
+    }
 }
 
 /// Starts and re-finds workers (Hyper-V's worker process manager).
