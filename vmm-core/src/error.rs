@@ -103,6 +103,12 @@ pub enum Error {
     /// Checkpoints were asked for but no snapshot service is installed.
     #[error("this service has no checkpoint support (no snapshot service installed)")]
     NoSnapshotService,
+    /// The backup service refused or failed a backup operation.
+    #[error("backup operation failed")]
+    Backup(#[from] crate::backup::BackupError),
+    /// A backup was asked for but no backup service is installed.
+    #[error("this service has no backup support (no backup service installed)")]
+    NoBackupService,
     /// The operating system refused to start a thread for an operation.
     #[error("cannot start an operation thread")]
     Thread(#[source] std::io::Error),

@@ -91,6 +91,15 @@ pub enum EventKind {
         /// The checkpoints, children before parents.
         checkpoints: Vec<CheckpointId>,
     },
+    /// A backup set of the VM was completed.
+    BackupCompleted {
+        /// The set's folder.
+        set: std::path::PathBuf,
+        /// Full or incremental.
+        kind: crate::backup::BackupKind,
+        /// How consistent it is.
+        consistency: crate::backup::BackupConsistency,
+    },
     /// A job ended.
     JobCompleted {
         /// The job.

@@ -161,6 +161,9 @@ pub enum JobKind {
     /// The `AutomaticRecoveryAction` revert-to-checkpoint after the worker was lost: the newest
     /// checkpoint is applied and the VM started.
     RecoveryRevert,
+    /// A backup of the virtual machine (the VSS writer's session, Hyper-V's backup through
+    /// `CreateSnapshot` with `SnapshotType` 32768 and `ExportSystemDefinition`).
+    BackupSystem,
 }
 
 /// How a job ended, as its owner reports it.
@@ -188,6 +191,7 @@ impl JobKind {
             JobKind::DestroySnapshotTree => "Deleting checkpoint subtree".to_owned(),
             JobKind::ExportSystem => "Exporting virtual machine".to_owned(),
             JobKind::RecoveryRevert => "Automatic recovery: revert to checkpoint".to_owned(),
+            JobKind::BackupSystem => "Backing up virtual machine".to_owned(),
         }
     }
 }

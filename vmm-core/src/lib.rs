@@ -79,6 +79,8 @@
 //! ```
 
 pub mod atomic_file;
+pub mod backup;
+mod backup_ops;
 mod catalog;
 pub mod checkpoint;
 mod checkpoint_ops;
@@ -99,6 +101,7 @@ mod store;
 mod supervision;
 mod worker;
 
+pub use backup::{BackupError, VirtualSystemBackupService};
 pub use catalog::ComputerSystem;
 pub use checkpoint::{CheckpointError, VirtualSystemSnapshotService};
 pub use cluster::{ClusterCoordinator, FENCE_FILE};

@@ -46,6 +46,8 @@ pub fn return_code(error: &Error) -> ReturnCode {
         Error::Thread(_) => ReturnCode::Failed,
         Error::Checkpoint(error) => checkpoint_code(error),
         Error::NoSnapshotService => ReturnCode::NotSupported,
+        Error::Backup(error) => backup_code(error),
+        Error::NoBackupService => ReturnCode::NotSupported,
     }
 }
 
@@ -63,6 +65,21 @@ pub(crate) fn checkpoint_code(error: &crate::checkpoint::CheckpointError) -> Ret
             ReturnCode::InvalidParameter
         }
         E::InvalidState(_) => ReturnCode::InvalidState,
+        _ => ReturnCode::Failed,
+    }
+}
+
+/// The return code of a failed backup operation.
+pub(crate) fn backup_code(error: &crate::backup::BackupError) -> ReturnCode {
+    use crate::backup::BackupError as E;
+    use crate::worker::WorkerError;
+    match error {
+        E::InvalidParameter(_) | E::InvalidSet { .. } => ReturnCode::InvalidParameter,
+        E::InvalidState(_) | E::Worker(WorkerError::InvalidState { .. }) => {
+            ReturnCode::InvalidState
+        }
+        E::Worker(WorkerError::Timeout(_)) => ReturnCode::Timeout,
+        E::Worker(WorkerError::Gone) => ReturnCode::SystemNotAvailable,
         _ => ReturnCode::Failed,
     }
 }

@@ -53,6 +53,7 @@ pub(crate) struct Inner {
     pub(crate) worker_events: Sender<WorkerMessage>,
     /// Checkpoint operations' files; set once by the integrator.
     pub(crate) snapshots: OnceLock<Arc<dyn VirtualSystemSnapshotService>>,
+    pub(crate) backups: OnceLock<Arc<dyn crate::backup::VirtualSystemBackupService>>,
     /// Set by the first `recover_on_start`; later calls do nothing.
     recovered: AtomicBool,
 }
@@ -102,6 +103,7 @@ impl VirtualSystemManagementService {
             events: EventBus::default(),
             worker_events,
             snapshots: OnceLock::new(),
+            backups: OnceLock::new(),
             recovered: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);

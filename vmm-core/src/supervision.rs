@@ -385,8 +385,15 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
     // A checkpoint operation the previous service left half done: finished or undone now,
     // after the re-attach so that a worker still taking a running checkpoint is waited for.
     let interrupted = crate::checkpoint_ops::recover_interrupted(inner, id);
-    let reloaded = match &interrupted {
-        Ok(true) => inner.store.read_config(id).ok(),
+    // A backup session the previous service left half done: its overlays merged back (by the
+    // re-attached worker when the VM still runs), its partial set removed.
+    let found_worker = match &found {
+        Ok(Some(worker)) => Some(worker.as_ref()),
+        _ => None,
+    };
+    let backup_undone = crate::backup_ops::recover_interrupted(inner, id, found_worker);
+    let reloaded = match (&interrupted, &backup_undone) {
+        (Ok(true), _) | (_, Ok(true)) => inner.store.read_config(id).ok(),
         _ => None,
     };
     let saved = inner.store.has_saved_state(id);
@@ -407,6 +414,11 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
             "cannot recover a checkpoint operation: {}",
             error_chain(error)
         );
+        record.status_description = Some(text.clone());
+        report.failed.push((id, text));
+    }
+    if let Err(error) = &backup_undone {
+        let text = format!("cannot undo an interrupted backup: {}", error_chain(error));
         record.status_description = Some(text.clone());
         report.failed.push((id, text));
     }
