@@ -292,6 +292,22 @@ pub fn create_overlay_sized(
     create(path, size, Some((name, format.name().to_string())))
 }
 
+/// [`create_overlay_sized`] with the backing name stored exactly as given (for instance
+/// `../<set>/disk0.qcow2`), resolved against `path`'s folder when relative: for layers whose
+/// folders move together, such as a chain of backup sets.
+pub fn create_overlay_named(
+    path: &Path,
+    backing_name: &str,
+    size: u64,
+    format: DiskFormat,
+) -> Result<()> {
+    create(
+        path,
+        size,
+        Some((backing_name.to_string(), format.name().to_string())),
+    )
+}
+
 fn create(path: &Path, size: u64, backing: Option<(String, String)>) -> Result<()> {
     let file = OpenOptions::new()
         .read(true)

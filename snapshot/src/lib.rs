@@ -45,7 +45,7 @@ pub mod tree;
 pub use commit::commit_into_backing;
 pub use disk::{
     Allocation, Disk, DiskFormat, Extent, MAX_CHAIN_DEPTH, backing_chain, create_overlay,
-    create_overlay_sized, create_qcow2, open_disk,
+    create_overlay_named, create_overlay_sized, create_qcow2, open_disk,
 };
 pub use error::{Error, Result};
 pub use folder::VmFolder;

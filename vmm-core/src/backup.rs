@@ -160,8 +160,14 @@ pub enum BackupError {
     #[error("the guest could not be quiesced: {0}")]
     QuiesceFailed(String),
     /// The VM's worker failed a step.
-    #[error("worker failed during the backup")]
-    Worker(#[source] WorkerError),
+    #[error("the worker could not {step}")]
+    Worker {
+        /// The step, as a verb phrase ("capture the disks").
+        step: String,
+        /// What the worker said.
+        #[source]
+        source: WorkerError,
+    },
     /// The VM is not in a state this operation accepts.
     #[error("invalid state: {0}")]
     InvalidState(String),

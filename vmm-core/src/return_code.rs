@@ -75,11 +75,19 @@ pub(crate) fn backup_code(error: &crate::backup::BackupError) -> ReturnCode {
     use crate::worker::WorkerError;
     match error {
         E::InvalidParameter(_) | E::InvalidSet { .. } => ReturnCode::InvalidParameter,
-        E::InvalidState(_) | E::Worker(WorkerError::InvalidState { .. }) => {
-            ReturnCode::InvalidState
-        }
-        E::Worker(WorkerError::Timeout(_)) => ReturnCode::Timeout,
-        E::Worker(WorkerError::Gone) => ReturnCode::SystemNotAvailable,
+        E::InvalidState(_)
+        | E::Worker {
+            source: WorkerError::InvalidState { .. },
+            ..
+        } => ReturnCode::InvalidState,
+        E::Worker {
+            source: WorkerError::Timeout(_),
+            ..
+        } => ReturnCode::Timeout,
+        E::Worker {
+            source: WorkerError::Gone,
+            ..
+        } => ReturnCode::SystemNotAvailable,
         _ => ReturnCode::Failed,
     }
 }
