@@ -40,6 +40,8 @@ pub enum Request {
     Checkpoint {
         call: crate::checkpoint::CheckpointCall,
     },
+    /// A backup, verify or restore verb.
+    Backup { call: crate::backup::BackupCall },
 }
 
 /// What `new-vm` defines.

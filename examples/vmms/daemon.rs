@@ -125,6 +125,7 @@ pub fn serve(
     }
     .map_err(|e| format!("cannot open store: {}", error_chain(&e)))?;
     vmms.set_snapshot_service(Arc::new(snapshot::FolderSnapshotService));
+    vmms.set_backup_service(Arc::new(vss_writer::VssWriter::new()));
     let consoles = crate::rdp::start(&vmms, &store, rdp)?;
     let daemon = Arc::new(Daemon {
         consoles,
@@ -343,6 +344,9 @@ impl Daemon {
                 json(&list)
             }
             Request::StopDaemon => serde_json::Value::Null,
+            Request::Backup { call } => {
+                crate::backup::serve(&self.vmms, |t| self.resolve(t), call)?
+            }
             Request::Checkpoint { call } => {
                 crate::checkpoint::serve(&self.vmms, |t| self.resolve(t), call)?
             }

@@ -41,6 +41,7 @@ macro_rules! log {
 }
 
 mod api;
+mod backup;
 mod checkpoint;
 mod cim;
 mod cli;
@@ -201,6 +202,9 @@ enum Verb {
     StopDaemon,
     #[command(flatten)]
     Checkpoint(checkpoint::CheckpointVerb),
+    /// Online backup, verify and restore.
+    #[command(flatten)]
+    Backup(backup::BackupVerb),
     /// Virtual switches and network adapters.
     #[command(flatten)]
     Network(switch_cli::NetVerb),
@@ -322,6 +326,7 @@ fn main() -> ExitCode {
         Verb::GetVmEvent { target } => cli("get-vm-event", target).get_events(),
         Verb::StopDaemon => cli("stop-daemon", None).stop_daemon(),
         Verb::Checkpoint(verb) => checkpoint::run(&store, output, verb),
+        Verb::Backup(verb) => backup::run(&store, output, verb),
         Verb::Network(verb) => switch_cli::run(&store, output, verb),
         Verb::GetClusterNode => cluster_cli::get_cluster_node(&cli("get-cluster-node", None)),
         Verb::MoveVm {

@@ -15,7 +15,7 @@ use crate::backup::{
     VirtualSystemBackupService,
 };
 use crate::catalog::VmRecord;
-use crate::checkpoint::{NoProgress, Progress, ProgressCounter};
+use crate::checkpoint::{NoProgress, Progress};
 use crate::config::VmId;
 use crate::error::{Error, error_chain};
 use crate::event::EventKind;
@@ -141,32 +141,30 @@ fn backup_service(inner: &Inner) -> crate::Result<Arc<dyn VirtualSystemBackupSer
     inner.backups.get().cloned().ok_or(Error::NoBackupService)
 }
 
-/// A job's `PercentComplete`, fed by the backup service's byte counts.
+/// A job's byte counts and `PercentComplete`, fed by the backup service.
 struct JobProgress<'a> {
     inner: &'a Inner,
     job: JobId,
-    counter: ProgressCounter,
-    shown: u8,
+    processed: u64,
+    total: u64,
 }
 
 impl Progress for JobProgress<'_> {
     fn add_total(&mut self, bytes: u64) {
-        self.counter.add_total(bytes);
+        self.total = self.total.saturating_add(bytes);
         self.show();
     }
     fn advance(&mut self, bytes: u64) {
-        self.counter.advance(bytes);
+        self.processed = self.processed.saturating_add(bytes);
         self.show();
     }
 }
 
 impl JobProgress<'_> {
-    fn show(&mut self) {
-        let percent = self.counter.percent();
-        if percent != self.shown {
-            self.shown = percent;
-            self.inner.jobs.set_progress(self.job, percent);
-        }
+    fn show(&self) {
+        self.inner
+            .jobs
+            .set_bytes(self.job, self.processed, self.total);
     }
 }
 
@@ -229,8 +227,8 @@ fn execute(
     let mut progress = JobProgress {
         inner,
         job,
-        counter: ProgressCounter::default(),
-        shown: 0,
+        processed: 0,
+        total: 0,
     };
     service
         .backup(

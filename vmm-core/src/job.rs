@@ -209,6 +209,12 @@ pub struct Job {
     pub state: JobState,
     /// 0..=100.
     pub percent_complete: u8,
+    /// Bytes moved so far, for jobs that move data (copies, backups); 0 otherwise.
+    #[serde(default)]
+    pub bytes_processed: u64,
+    /// Bytes the job expects to move in all (grows while it discovers more); 0 when unknown.
+    #[serde(default)]
+    pub bytes_total: u64,
     /// 0 on success, else a [`ReturnCode`](crate::ReturnCode) value saying what kind of failure.
     pub error_code: u32,
     /// What went wrong, for people; for `CompletedWithWarnings`, what the warning is.
@@ -268,6 +274,8 @@ impl JobTable {
             affected_vm: vm,
             state: JobState::Running,
             percent_complete: 0,
+            bytes_processed: 0,
+            bytes_total: 0,
             error_code: 0,
             error_description: None,
             time_submitted: now,
@@ -334,6 +342,20 @@ impl JobTable {
             && record.ended.is_none()
         {
             record.job.percent_complete = percent.min(99);
+        }
+    }
+
+    /// Records a data-moving job's byte counts (and the percentage they make).
+    pub(crate) fn set_bytes(&self, id: JobId, processed: u64, total: u64) {
+        let mut jobs = self.lock();
+        if let Some(record) = jobs.get_mut(&id)
+            && record.ended.is_none()
+        {
+            record.job.bytes_processed = processed;
+            record.job.bytes_total = total;
+            if let Some(percent) = processed.saturating_mul(100).checked_div(total) {
+                record.job.percent_complete = u8::try_from(percent.min(99)).unwrap_or(99);
+            }
         }
     }
 

@@ -290,6 +290,14 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
             events,
         } => {
             fault::point("start.before-launch");
+            // A backup whose worker died on its overlays: merge them back before a worker
+            // opens the images, or the guest would start without its latest writes.
+            crate::backup_ops::recover_interrupted(inner, vm, None).map_err(|e| {
+                Failure::new(
+                    ReturnCode::Failed,
+                    format!("cannot undo an interrupted backup: {}", error_chain(&e)),
+                )
+            })?;
             let launched = inner.launcher.launch(config, mode.clone(), events.clone());
             let worker = launched.map_err(|e| {
                 let mut failure = Failure::from_worker("cannot start worker", &e);
