@@ -112,6 +112,24 @@ impl Disk {
         })
     }
 
+    /// Opens `path` writable (its chain read-only) **without** taking the write lock on `path`
+    /// itself: for merging a running disk's overlay into the image below it, which this very
+    /// process holds open (read-only, as the overlay's backing file) and so locks against
+    /// writers. The caller writes only ranges the layers above hide, so the open chain keeps
+    /// reading what it read; it must not be used for anything else.
+    pub fn open_below_running_overlay(path: &Path) -> Result<Disk> {
+        let layer = open_layer_locked(path, true, 0, path, false)?;
+        let size = layer.access.size();
+        Ok(Disk {
+            path: path.to_path_buf(),
+            format: layer.format,
+            read_only: false,
+            size,
+            backing: layer.backing,
+            access: layer.access,
+        })
+    }
+
     /// Opens only the top layer of a qcow2 image, ignoring its backing file: unallocated ranges
     /// read as zeros and show as [`Allocation::Unallocated`]. Used to read one layer's own data.
     pub(crate) fn open_layer_only(path: &Path) -> Result<Disk> {
@@ -199,12 +217,19 @@ impl Disk {
 
     /// The top layer's allocation map, adjacent stretches of one kind merged.
     pub fn allocation_map(&self) -> Result<Vec<Extent>> {
+        self.allocation_in(0, self.size)
+    }
+
+    /// The top layer's allocation map of `[offset, offset + length)` (clipped to the disk),
+    /// adjacent stretches of one kind merged.
+    pub fn allocation_in(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let mut extents: Vec<Extent> = Vec::new();
-        let mut offset = 0;
-        while offset < self.size {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut offset = offset;
+        while offset < end {
             let (mapping, length) = self
                 .access
-                .get_shallow_mapping(offset, self.size - offset)
+                .get_shallow_mapping(offset, end - offset)
                 .map_err(|e| Error::image(&self.path, e))?;
             let allocation = match mapping {
                 ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Allocation::Data,
@@ -218,6 +243,7 @@ impl Disk {
                 // copy, which then reads it through the format driver).
                 _ => Allocation::Data,
             };
+            let length = length.min(end - offset);
             if length == 0 {
                 break;
             }
@@ -364,6 +390,18 @@ struct Layer {
 }
 
 fn open_layer(path: &Path, writable: bool, depth: usize, top: &Path) -> Result<Layer> {
+    open_layer_locked(path, writable, depth, top, true)
+}
+
+/// [`open_layer`], taking `path`'s own lock only when `lock` (its backing files are always
+/// locked for reading).
+fn open_layer_locked(
+    path: &Path,
+    writable: bool,
+    depth: usize,
+    top: &Path,
+    lock: bool,
+) -> Result<Layer> {
     if depth >= MAX_CHAIN_DEPTH {
         return Err(Error::ChainTooDeep {
             path: top.to_path_buf(),
@@ -376,7 +414,9 @@ fn open_layer(path: &Path, writable: bool, depth: usize, top: &Path) -> Result<L
     } else {
         LockMode::Read
     };
-    lock_image(&file, path, mode)?;
+    if lock {
+        lock_image(&file, path, mode)?;
+    }
     let format = probe(&file, path)?;
     let storage = imago_storage(file, path, writable)?;
     match format {
