@@ -215,6 +215,16 @@ impl Disk {
         self.access.sync()
     }
 
+    /// Writes cached metadata out to the file, without waiting for it to be durable: enough for
+    /// another open of the same file to read what was written ([`flush`](Self::flush) also
+    /// syncs).
+    pub fn write_back(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.access.flush()
+    }
+
     /// The top layer's allocation map, adjacent stretches of one kind merged.
     pub fn allocation_map(&self) -> Result<Vec<Extent>> {
         self.allocation_in(0, self.size)

@@ -12,6 +12,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use common::images::{assert_clean, qemu_img};
@@ -23,6 +26,7 @@ use vmm_core::{
     DiskConfig, DiskOverlay, LaunchMode, VmConfig, Worker, WorkerError, WorkerLauncher,
 };
 use vmms_guest::protocol::{BANNER, RECORD_SIZE};
+use worker_manager::{LauncherOptions, ProcessLauncher};
 
 /// A defined VM with one 4 MiB qcow2 disk.
 struct Vm {
@@ -102,6 +106,49 @@ impl Guest {
         let written = self.records..total;
         self.records = total;
         written
+    }
+}
+
+/// The guest writing records without pause on another thread until told to stop.
+struct BusyGuest {
+    stop: Arc<AtomicBool>,
+    writer: JoinHandle<Guest>,
+}
+
+impl BusyGuest {
+    fn start(mut guest: Guest) -> BusyGuest {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                guest.write(2);
+            }
+            guest
+        });
+        BusyGuest { stop, writer }
+    }
+
+    /// Stops the writer after its current command; the guest and its record count.
+    fn stop(self) -> Guest {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.join().expect("the writer thread")
+    }
+}
+
+/// Waits until `vm`'s guest reports more than `records` records written.
+fn wait_records_beyond(fixture: &Fixture, vm: &Vm, records: u64) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let report = fixture
+            .launcher
+            .report(vm.config.id, TIMEOUT)
+            .unwrap()
+            .unwrap();
+        if report.test_guest.unwrap().records > records {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the guest does not write");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -347,4 +394,100 @@ fn failed_capture_leaves_the_disk_its_tracking_and_no_overlay() {
     );
     assert_eq!(records_in(&vm.image()), 45);
     assert_clean(&vm.image());
+}
+
+#[test]
+fn busy_guest_loses_no_record_through_capture_and_merge() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = Vm::new(&fixture, "busy");
+    let worker = fixture.boot(&vm.config);
+    let mut guest = Guest::attach(&fixture, &vm, 0);
+    guest.write(8);
+    let busy = BusyGuest::start(guest);
+    wait_records_beyond(&fixture, &vm, 10);
+
+    let report = capture(
+        worker.as_ref(),
+        &vm.capture("b1", ReferencePointId::new_random()),
+    );
+    let at_capture = records_in(&vm.image());
+    wait_records_beyond(&fixture, &vm, at_capture + 10);
+    let still = records_in(&vm.image());
+    worker.backup_merge(&vm.merge("b1", true)).unwrap();
+    wait_records_beyond(&fixture, &vm, records_in(&vm.image()) + 4);
+    let guest = busy.stop();
+    worker.turn_off().unwrap();
+    let log = fs::read_to_string(fixture.launcher.runtime_dir(vm.config.id).log_file()).unwrap();
+    for line in log.lines().filter(|l| l.contains("backup")) {
+        eprintln!("{line}");
+    }
+
+    assert!(at_capture >= 10, "records before the capture: {at_capture}");
+    assert_eq!(still, at_capture, "the captured image changed");
+    let block = report.changes[0].block_size;
+    assert_eq!(
+        changed(&report.changes[0]),
+        blocks_of(0..at_capture, block),
+        "the capture's changes are the records up to it"
+    );
+    assert!(!vm.overlay("b1").exists());
+    assert_eq!(records_in(&vm.image()), guest.records, "a record was lost");
+    assert_clean(&vm.image());
+}
+
+/// A launcher whose workers run with `VMMS_FAULT=<step>` (through `env`).
+fn launcher_dying_at(fixture: &Fixture, step: &str) -> ProcessLauncher {
+    ProcessLauncher::new(
+        fixture.dir.path(),
+        "/usr/bin/env",
+        [
+            format!("{}={step}", vmm_core::fault::FAULT_ENV),
+            env!("CARGO_BIN_EXE_vmms-worker").to_owned(),
+        ],
+    )
+    .with_options(LauncherOptions::default())
+}
+
+#[test]
+fn worker_killed_during_the_merge_leaves_a_chain_an_offline_commit_finishes() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let launcher = launcher_dying_at(&fixture, "worker.backup.merge-before-pause");
+    let vm = Vm::new(&fixture, "killed");
+    let worker = launcher
+        .launch(&vm.config, LaunchMode::Boot, fixture.sink())
+        .expect("launch");
+    let mut guest = Guest {
+        console: Console::attach(&launcher.runtime_dir(vm.config.id).console_socket()),
+        records: 0,
+    };
+    guest.console.wait_for(BANNER, 0);
+    guest.write(10);
+    capture(
+        worker.as_ref(),
+        &vm.capture("b1", ReferencePointId::new_random()),
+    );
+    guest.write(30);
+
+    let merged = worker.backup_merge(&vm.merge("b1", true));
+    let _ = worker.turn_off();
+    snapshot::commit_into_backing(&vm.overlay("b1"), &mut snapshot::NoProgress).unwrap();
+    fs::remove_file(vm.overlay("b1")).unwrap();
+    let worker = fixture.boot(&vm.config);
+    let next = capture(
+        worker.as_ref(),
+        &vm.capture("b2", ReferencePointId::new_random()),
+    );
+    worker.backup_merge(&vm.merge("b2", true)).unwrap();
+    worker.turn_off().unwrap();
+
+    assert!(merged.is_err(), "{merged:?}");
+    assert_eq!(records_in(&vm.image()), 40);
+    assert_clean(&vm.image());
+    assert_eq!(next.previous_reference, None);
+    assert_eq!(
+        next.untracked_reason.as_deref(),
+        Some("the VM stopped uncleanly")
+    );
 }

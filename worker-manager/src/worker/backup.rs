@@ -36,6 +36,10 @@ use super::overlays::{
 };
 use crate::protocol::{BackupMergeReport, Failure};
 
+/// The disks a merge switched back onto their images (index, overlay), and the failure that
+/// stopped it from switching the others.
+type SwitchedBack = (Vec<(usize, PathBuf)>, Option<Failure>);
+
 /// Copy passes while the guest runs, after the first full one, at most.
 const MERGE_PASSES: usize = 4;
 /// A set of changed blocks this small is left for the final pause.
@@ -75,6 +79,12 @@ pub(crate) fn capture(
             c.index,
             c.overlay.display()
         )));
+    }
+    // Flushed while the guest runs, the disks have little left to flush in the pause.
+    for overlay in &request.overlays {
+        if let Some(disk) = partition.disk_backend(overlay.disk) {
+            disk.flush().map_err(|e| io_failure("flush the disk", e))?;
+        }
     }
     create_overlays(partition, config, &request.overlays)?;
     let quiesce_started = Instant::now();
@@ -241,6 +251,12 @@ fn merge_disks(
         }
         previous = count;
     }
+    // Most of the data is made durable now, so the pause has little to write.
+    for (_, image) in &copies {
+        image
+            .flush()
+            .map_err(|e| io_failure("flush the image", e))?;
+    }
     fault_failure("worker.backup.merge-before-pause")?;
 
     let quiesce_started = Instant::now();
@@ -252,46 +268,21 @@ fn merge_disks(
         partition.resume().map_err(|e| partition_failure(&e))?;
     }
     report.final_quiesce = quiesce_started.elapsed();
-    finished
-}
-
-/// In the pause: copies the last writes, flushes, and switches each disk onto its image; then
-/// removes the overlays.
-fn finish(
-    partition: &mut Partition,
-    config: &mut PartitionConfig,
-    merging: &mut Vec<Captured>,
-    copies: Vec<(Arc<ChangedBlockMap>, snapshot::Disk)>,
-    taken: &mut Vec<(Arc<ChangedBlockMap>, TakenBlocks)>,
-    report: &mut BackupMergeReport,
-) -> Result<(), Failure> {
-    for (disk, (map, image)) in merging.iter().zip(&copies) {
-        let blocks = map.take();
-        report.bytes_copied += copy_blocks(&disk.disk, image, &blocks)?;
-        taken.push((map.clone(), blocks));
-        image
-            .flush()
-            .map_err(|e| io_failure("flush the image", e))?;
-    }
-    // The unlocked handles go before the images are opened (and locked) for the guest.
-    drop(copies);
-    let mut merged = Vec::new();
-    let mut failure = None;
-    for disk in std::mem::take(merging) {
-        if failure.is_some() {
-            merging.push(disk);
+    let (merged, failure) = finished?;
+    report.disks_merged = merged.len();
+    for (index, overlay) in merged {
+        // The image holds the overlay's data durably before the overlay goes; until then a
+        // crash leaves the overlay, which an offline commit finishes.
+        let synced = partition
+            .disk_backend(index)
+            .map_or(Ok(()), |disk| disk.flush());
+        if let Err(error) = synced {
+            eprintln!(
+                "worker: cannot sync disk {index}, keeping {}: {error}",
+                overlay.display()
+            );
             continue;
         }
-        match switch_to_image(partition, config, disk) {
-            Ok(overlay) => merged.push(overlay),
-            Err((disk, error)) => {
-                merging.extend(disk);
-                failure = Some(error);
-            }
-        }
-    }
-    report.disks_merged = merged.len();
-    for overlay in merged {
         // The disk no longer uses it; a leftover is harmless (the next merge skips the disk).
         if let Err(error) = snapshot::durable::remove_file(&overlay) {
             eprintln!(
@@ -302,6 +293,48 @@ fn finish(
         }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// In the pause: copies the last writes and switches each disk onto its image; the disks
+/// switched and their overlays, and why the others were not (they stay in `merging`, on their
+/// overlays).
+fn finish(
+    partition: &mut Partition,
+    config: &mut PartitionConfig,
+    merging: &mut Vec<Captured>,
+    copies: Vec<(Arc<ChangedBlockMap>, snapshot::Disk)>,
+    taken: &mut Vec<(Arc<ChangedBlockMap>, TakenBlocks)>,
+    report: &mut BackupMergeReport,
+) -> Result<SwitchedBack, Failure> {
+    for (disk, (map, image)) in merging.iter().zip(&copies) {
+        let blocks = map.take();
+        report.bytes_copied += copy_blocks(&disk.disk, image, &blocks)?;
+        taken.push((map.clone(), blocks));
+        // The guest's own open of the image must read the metadata written through this one;
+        // durability waits until the guest runs again.
+        image
+            .write_back()
+            .map_err(|e| io_failure("write the image's metadata", e))?;
+    }
+    // The unlocked handles go before the images are opened (and locked) for the guest.
+    drop(copies);
+    let mut merged = Vec::new();
+    let mut failure = None;
+    for disk in std::mem::take(merging) {
+        if failure.is_some() {
+            merging.push(disk);
+            continue;
+        }
+        let index = disk.index;
+        match switch_to_image(partition, config, disk) {
+            Ok(overlay) => merged.push((index, overlay)),
+            Err((disk, error)) => {
+                merging.extend(disk);
+                failure = Some(error);
+            }
+        }
+    }
+    Ok((merged, failure))
 }
 
 /// Moves disk `captured` from its overlay back onto its image (the guest is paused); the
@@ -315,8 +348,8 @@ fn switch_to_image(
     let size = captured.disk.size();
     if let Err(failure) = captured
         .disk
-        .flush()
-        .map_err(|e| io_failure("flush the overlay", e))
+        .write_back()
+        .map_err(|e| io_failure("write the overlay's metadata", e))
         .and_then(|()| detach(partition, config, captured.index, &captured.overlay, size))
     {
         return Err((Some(captured), failure));

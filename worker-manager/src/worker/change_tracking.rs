@@ -72,7 +72,7 @@ impl ChangeTracking {
             untracked_reason: None,
             maps: current_maps(partition),
         };
-        match tracking.load() {
+        match load(&tracking.path, &tracking.maps) {
             Ok(reference) => tracking.reference = Some(reference),
             Err(reason) => tracking.untracked_reason = Some(reason),
         }
@@ -91,51 +91,6 @@ impl ChangeTracking {
                 Some(format!("change tracking could not be recorded: {error}"));
         }
         Ok(tracking)
-    }
-
-    /// Reads the file and merges its maps; the reference point, or why there is none.
-    fn load(&self) -> Result<ReferencePointId, String> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(NO_REFERENCE_YET.into());
-            }
-            Err(e) => return Err(format!("the change tracking file cannot be read: {e}")),
-        };
-        let file: TrackingFile = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("the change tracking file is damaged: {e}"))?;
-        if file.version != VERSION {
-            return Err(format!(
-                "the change tracking file has version {}",
-                file.version
-            ));
-        }
-        if !file.clean {
-            return Err(STOPPED_UNCLEANLY.into());
-        }
-        let Some(reference) = file.reference else {
-            return Err(file
-                .untracked_reason
-                .unwrap_or_else(|| NO_REFERENCE_YET.into()));
-        };
-        if file.disks.len() != self.maps.len() {
-            return Err("the VM's disks changed".into());
-        }
-        for (index, (disk, (size, map))) in file.disks.iter().zip(&self.maps).enumerate() {
-            if disk.disk_size != *size {
-                return Err(format!("disk size changed (disk {index})"));
-            }
-            if disk.blocks.block_size() != map.block_size()
-                || disk.blocks.block_count() != map.block_count()
-            {
-                return Err(format!("tracking block size changed (disk {index})"));
-            }
-        }
-        for (disk, (_, map)) in file.disks.iter().zip(&self.maps) {
-            // Geometry checked above: cannot fail.
-            let _ = map.merge(&disk.blocks);
-        }
-        Ok(reference)
     }
 
     /// The reference point the maps count from, or why there is none.
@@ -170,6 +125,16 @@ impl ChangeTracking {
         self.maps = new;
         if !carried {
             self.drop_reference("the disks' tracking geometry changed");
+        }
+        // A guest that stopped on its own had its maps written clean; it runs again now.
+        if let Err(error) = self.write(false) {
+            eprintln!(
+                "worker: cannot mark {} in use: {error}",
+                self.path.display()
+            );
+            // A clean file left behind would be believed after a crash.
+            let _ = std::fs::remove_file(&self.path);
+            self.drop_reference("change tracking could not be recorded");
         }
     }
 
@@ -208,6 +173,52 @@ impl ChangeTracking {
     }
 }
 
+/// Reads the file at `path` and, when it is clean and matches `maps` (size and block geometry
+/// per disk), merges its blocks into them; the reference point, or why there is none.
+fn load(path: &Path, maps: &[(u64, Arc<ChangedBlockMap>)]) -> Result<ReferencePointId, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(NO_REFERENCE_YET.into());
+        }
+        Err(e) => return Err(format!("the change tracking file cannot be read: {e}")),
+    };
+    let file: TrackingFile = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the change tracking file is damaged: {e}"))?;
+    if file.version != VERSION {
+        return Err(format!(
+            "the change tracking file has version {}",
+            file.version
+        ));
+    }
+    if !file.clean {
+        return Err(STOPPED_UNCLEANLY.into());
+    }
+    let Some(reference) = file.reference else {
+        return Err(file
+            .untracked_reason
+            .unwrap_or_else(|| NO_REFERENCE_YET.into()));
+    };
+    if file.disks.len() != maps.len() {
+        return Err("the VM's disks changed".into());
+    }
+    for (index, (disk, (size, map))) in file.disks.iter().zip(maps).enumerate() {
+        if disk.disk_size != *size {
+            return Err(format!("disk size changed (disk {index})"));
+        }
+        if disk.blocks.block_size() != map.block_size()
+            || disk.blocks.block_count() != map.block_count()
+        {
+            return Err(format!("tracking block size changed (disk {index})"));
+        }
+    }
+    for (disk, (_, map)) in file.disks.iter().zip(maps) {
+        // Geometry checked above: cannot fail.
+        let _ = map.merge(&disk.blocks);
+    }
+    Ok(reference)
+}
+
 /// Each disk's size and changed-block map in `partition`.
 fn current_maps(partition: &Partition) -> Vec<(u64, Arc<ChangedBlockMap>)> {
     (0..partition.config().disks.len())
@@ -216,4 +227,88 @@ fn current_maps(partition: &Partition) -> Vec<(u64, Arc<ChangedBlockMap>)> {
             Some((size, partition.changed_blocks(index)?.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BLOCK: u64 = 64 * 1024;
+
+    fn maps(sizes: &[u64]) -> Vec<(u64, Arc<ChangedBlockMap>)> {
+        sizes
+            .iter()
+            .map(|&size| (size, Arc::new(ChangedBlockMap::new(size, BLOCK).unwrap())))
+            .collect()
+    }
+
+    fn tracking(path: &Path, maps: Vec<(u64, Arc<ChangedBlockMap>)>) -> ChangeTracking {
+        ChangeTracking {
+            path: path.to_path_buf(),
+            reference: None,
+            untracked_reason: None,
+            maps,
+        }
+    }
+
+    #[test]
+    fn clean_file_restores_reference_and_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(snapshot::folder::CHANGE_TRACKING_FILE);
+        let reference = ReferencePointId::new_random();
+        let before = maps(&[1 << 20]);
+        before[0].1.mark(3 * BLOCK, 10);
+        let mut writer = tracking(&path, before);
+        writer.set_reference(reference);
+        writer.write_clean();
+        let after = maps(&[1 << 20]);
+
+        let loaded = load(&path, &after);
+
+        assert_eq!(loaded, Ok(reference));
+        assert!(after[0].1.is_marked(3));
+        assert_eq!(after[0].1.count(), 1);
+    }
+
+    #[test]
+    fn file_in_use_or_for_other_disks_gives_no_reference_and_no_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(snapshot::folder::CHANGE_TRACKING_FILE);
+        let mut writer = tracking(&path, maps(&[1 << 20]));
+        writer.set_reference(ReferencePointId::new_random());
+        writer.maps[0].1.mark(0, 1);
+        writer.write_clean();
+        let resized = maps(&[2 << 20]);
+        let more_disks = maps(&[1 << 20, 1 << 20]);
+        let resized_result = load(&path, &resized);
+        let more_disks_result = load(&path, &more_disks);
+        writer.write(false).unwrap();
+
+        let in_use = load(&path, &maps(&[1 << 20]));
+
+        assert_eq!(resized_result, Err("disk size changed (disk 0)".into()));
+        assert_eq!(more_disks_result, Err("the VM's disks changed".into()));
+        assert_eq!(in_use, Err(STOPPED_UNCLEANLY.into()));
+        assert_eq!(resized[0].1.count() + more_disks[0].1.count(), 0);
+        assert_eq!(
+            load(&dir.path().join("absent"), &resized),
+            Err(NO_REFERENCE_YET.into())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_file_contents_load_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("change-tracking.json");
+            std::fs::write(&path, &bytes).unwrap();
+            let maps = maps(&[1 << 20]);
+
+            let loaded = load(&path, &maps);
+
+            prop_assert!(loaded.is_err());
+            prop_assert_eq!(maps[0].1.count(), 0);
+        }
+    }
 }
