@@ -570,3 +570,60 @@ fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
     }
     Ok(DiskFormat::Raw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: u64 = 64 * 1024;
+
+    #[test]
+    fn allocation_in_sees_only_the_range_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("top.qcow2");
+        create_qcow2(&path, 16 * CLUSTER).unwrap();
+        let disk = open_disk(&path, false).unwrap();
+        disk.write(3 * CLUSTER, &[7u8; 4096]).unwrap();
+        disk.write(9 * CLUSTER, &[7u8; 4096]).unwrap();
+
+        let extents = disk.allocation_in(2 * CLUSTER, 4 * CLUSTER).unwrap();
+
+        let data: Vec<_> = extents
+            .iter()
+            .filter(|e| e.allocation == Allocation::Data)
+            .map(|e| (e.offset, e.length))
+            .collect();
+        assert_eq!(data, vec![(3 * CLUSTER, CLUSTER)]);
+        let end = extents.last().map(|e| e.offset + e.length);
+        assert_eq!(end, Some(6 * CLUSTER));
+    }
+
+    #[test]
+    fn image_below_a_running_overlay_opens_writable_and_the_overlay_still_hides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        create_qcow2(&base, 4 * CLUSTER).unwrap();
+        create_overlay(&top, &base).unwrap();
+        let running = open_disk(&top, false).unwrap();
+        running.write(0, &[1u8; 512]).unwrap();
+        let locked_open = Disk::open(&base, false);
+
+        let below = Disk::open_below_running_overlay(&base).unwrap();
+        below.write(0, &[2u8; 512]).unwrap();
+        below.write_back().unwrap();
+
+        let mut seen = [0u8; 512];
+        running.read(0, &mut seen).unwrap();
+        assert!(matches!(locked_open, Err(Error::ImageLocked { .. })));
+        assert_eq!(seen, [1u8; 512], "the overlay hides what the merge wrote");
+        drop(running);
+        drop(below);
+        let mut merged = [0u8; 512];
+        open_disk(&base, true)
+            .unwrap()
+            .read(0, &mut merged)
+            .unwrap();
+        assert_eq!(merged, [2u8; 512]);
+    }
+}
