@@ -100,27 +100,28 @@ pub(crate) fn capture(
         return Err(failure);
     }
     let mut taken = Vec::new();
+    let mut changes = Vec::new();
     for disk in &switched {
         if let Some(map) = partition.changed_blocks(disk.index) {
-            taken.push((map.clone(), map.take()));
+            let blocks = map.take();
+            let size = disk_size(partition, disk.index);
+            changes.push(changed_blocks(disk.index, size, &blocks));
+            taken.push((map.clone(), blocks));
         }
     }
     let previous = tracking.reference();
     tracking.set_reference(request.reference);
-    if was_running && let Err(error) = partition.resume() {
+    let resumed = fits_in_a_reply(&changes).and_then(|()| match was_running {
+        true => partition.resume().map_err(|e| partition_failure(&e)),
+        false => Ok(()),
+    });
+    if let Err(failure) = resumed {
         put_back(&taken);
         tracking.restore_reference(previous);
-        undo_capture(partition, config, switched, &request.overlays, false);
-        return Err(partition_failure(&error));
+        undo_capture(partition, config, switched, &request.overlays, was_running);
+        return Err(failure);
     }
     let quiesce = quiesce_started.elapsed();
-    let changes = switched
-        .iter()
-        .zip(&taken)
-        .map(|(disk, (_, blocks))| {
-            changed_blocks(disk.index, disk_size(partition, disk.index), blocks)
-        })
-        .collect();
     captured.extend(switched.into_iter().map(|s: Switched| Captured {
         index: s.index,
         image: s.old_path,
@@ -460,6 +461,24 @@ fn copy_blocks(
     Ok(written)
 }
 
+/// Refuses changes whose reply would not fit in one control frame (the parent would never see
+/// it): about 200 GiB of disk changed everywhere, far more when changes are sparse.
+fn fits_in_a_reply(changes: &[ChangedBlocks]) -> Result<(), Failure> {
+    // JSON: each word's decimal digits and a comma; the rest of the reply is small.
+    let digits = |w: u64| w.checked_ilog10().map_or(1, |d| u64::from(d) + 1);
+    let bytes: u64 = changes
+        .iter()
+        .flat_map(|c| &c.words)
+        .map(|&w| digits(w) + 1)
+        .sum();
+    if bytes + 64 * 1024 > u64::from(crate::protocol::MAX_FRAME_LEN) {
+        return Err(Failure::failed(format!(
+            "the changed-block maps ({bytes} bytes encoded) do not fit in one reply"
+        )));
+    }
+    Ok(())
+}
+
 /// Marks every taken set again in the map it came from.
 fn put_back(taken: &[(Arc<ChangedBlockMap>, TakenBlocks)]) {
     for (map, blocks) in taken {
@@ -515,4 +534,65 @@ fn pause(partition: &mut Partition) -> Result<(), Failure> {
 fn fault_failure(name: &str) -> Result<(), Failure> {
     fault::point(name);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: u64 = 64 * 1024;
+
+    #[test]
+    fn copy_blocks_writes_only_what_the_overlay_holds_in_the_marked_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        snapshot::create_qcow2(&base, 8 * BLOCK).unwrap();
+        snapshot::open_disk(&base, false)
+            .unwrap()
+            .write(5 * BLOCK, &[5u8; 512])
+            .unwrap();
+        snapshot::create_overlay(&top, &base).unwrap();
+        let overlay = snapshot::open_disk(&top, false).unwrap();
+        overlay.write(BLOCK, &[1u8; 512]).unwrap();
+        overlay.write(2 * BLOCK, &[2u8; 512]).unwrap();
+        let map = ChangedBlockMap::new(8 * BLOCK, BLOCK).unwrap();
+        map.mark(BLOCK, 512);
+        map.mark(5 * BLOCK, 512);
+        let image = snapshot::Disk::open_below_running_overlay(&base).unwrap();
+
+        let written = copy_blocks(&overlay, &image, &map.take()).unwrap();
+        image.flush().unwrap();
+        drop((overlay, image));
+
+        let base = snapshot::open_disk(&base, true).unwrap();
+        let read = |offset| {
+            let mut byte = [0u8; 1];
+            base.read(offset, &mut byte).unwrap();
+            byte[0]
+        };
+        assert_eq!(
+            written, BLOCK,
+            "one cluster of the overlay, none of the base"
+        );
+        assert_eq!((read(BLOCK), read(2 * BLOCK), read(5 * BLOCK)), (1, 0, 5));
+    }
+
+    #[test]
+    fn changes_convert_to_words_and_huge_ones_do_not_fit_a_reply() {
+        let map = ChangedBlockMap::new(130 * BLOCK, BLOCK).unwrap();
+        map.mark(0, 1);
+        map.mark(129 * BLOCK, 1);
+        let small = changed_blocks(0, 130 * BLOCK, &map.take());
+        let huge = ChangedBlocks {
+            disk: 0,
+            block_size: BLOCK,
+            disk_size: 1 << 50,
+            words: vec![u64::MAX; 100_000],
+        };
+
+        assert_eq!(small.words, vec![1, 0, 1 << 1]);
+        assert!(fits_in_a_reply(&[small]).is_ok());
+        assert!(fits_in_a_reply(&[huge]).is_err());
+    }
 }
