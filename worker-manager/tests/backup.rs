@@ -491,3 +491,46 @@ fn worker_killed_during_the_merge_leaves_a_chain_an_offline_commit_finishes() {
         Some("the VM stopped uncleanly")
     );
 }
+
+#[test]
+fn tracking_carries_on_across_a_reset_and_a_guest_power_off() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = Vm::new(&fixture, "reset");
+    let first = ReferencePointId::new_random();
+    let worker = fixture.boot(&vm.config);
+    let mut guest = Guest::attach(&fixture, &vm, 0);
+    guest.write(40);
+    capture(worker.as_ref(), &vm.capture("b1", first));
+    worker.backup_merge(&vm.merge("b1", true)).unwrap();
+    let before_reset = guest.write(10);
+    let from = guest.console.text().len();
+    worker.reset().unwrap();
+    // The rebooted guest prints its banner again on the same console.
+    guest.console.wait_for(BANNER, from);
+    let after_reset = guest.write(10);
+    guest.console.send("halt\r");
+    fixture.next_event();
+    worker.turn_off().unwrap();
+
+    let worker = fixture.boot(&vm.config);
+    let mut guest = Guest::attach(&fixture, &vm, 60);
+    let after_power_off = guest.write(10);
+    let next = capture(
+        worker.as_ref(),
+        &vm.capture("b2", ReferencePointId::new_random()),
+    );
+    worker.backup_merge(&vm.merge("b2", true)).unwrap();
+    worker.turn_off().unwrap();
+
+    assert_eq!(next.previous_reference, Some(first));
+    let block = next.changes[0].block_size;
+    assert_eq!(
+        changed(&next.changes[0]),
+        blocks_of(
+            before_reset.chain(after_reset).chain(after_power_off),
+            block
+        )
+    );
+    assert_eq!(records_in(&vm.image()), 70);
+}
