@@ -85,7 +85,8 @@ pub enum Request {
     /// ([`vmm_core::Worker::backup_capture`]). Answered by [`Reply::BackupCaptured`].
     BackupCapture(BackupCaptureRequest),
     /// Merges a capture's overlays back while the guest runs
-    /// ([`vmm_core::Worker::backup_merge`]). Answered by [`Reply::BackupMerged`].
+    /// ([`vmm_core::Worker::backup_merge`]); a guest that stopped on its own since the capture
+    /// has them committed offline by its worker. Answered by [`Reply::BackupMerged`].
     BackupMerge(BackupMergeRequest),
 }
 

@@ -534,3 +534,40 @@ fn tracking_carries_on_across_a_reset_and_a_guest_power_off() {
     );
     assert_eq!(records_in(&vm.image()), 70);
 }
+
+#[test]
+fn merge_after_the_guest_powered_off_commits_the_overlay_and_an_abort_drops_tracking() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = Vm::new(&fixture, "off");
+    let worker = fixture.boot(&vm.config);
+    let mut guest = Guest::attach(&fixture, &vm, 0);
+    guest.write(10);
+    capture(
+        worker.as_ref(),
+        &vm.capture("b1", ReferencePointId::new_random()),
+    );
+    guest.write(20);
+    guest.console.send("halt\r");
+    fixture.next_event();
+
+    let merged = worker.backup_merge(&vm.merge("b1", false));
+    worker.turn_off().unwrap();
+    let worker = fixture.boot(&vm.config);
+    let next = capture(
+        worker.as_ref(),
+        &vm.capture("b2", ReferencePointId::new_random()),
+    );
+    worker.backup_merge(&vm.merge("b2", true)).unwrap();
+    worker.turn_off().unwrap();
+
+    merged.unwrap();
+    assert!(!vm.overlay("b1").exists());
+    assert_eq!(records_in(&vm.image()), 30);
+    assert_clean(&vm.image());
+    assert_eq!(next.previous_reference, None);
+    assert_eq!(
+        next.untracked_reason.as_deref(),
+        Some("the previous backup was aborted")
+    );
+}

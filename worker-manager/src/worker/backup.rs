@@ -68,6 +68,9 @@ pub(crate) fn capture(
     request: &BackupCaptureRequest,
 ) -> Result<BackupCaptureReport, Failure> {
     let was_running = was_running(partition)?;
+    if request.overlays.is_empty() {
+        return Err(Failure::failed("a capture needs at least one disk"));
+    }
     check_overlays(config, &request.overlays)?;
     if let Some(c) = request
         .overlays
@@ -204,6 +207,85 @@ pub(crate) fn merge(
     put_back(&taken);
     captured.append(&mut merging);
     result?;
+    if !request.keep_reference {
+        tracking.drop_reference(BACKUP_ABORTED);
+    }
+    Ok(report)
+}
+
+/// Merges the overlays `request` lists into their images once the guest has stopped on its own
+/// (powered off, say, between a capture and its merge): an offline commit of each overlay, the
+/// disk then on its image for a later reset. Drops the reference point unless
+/// `request.keep_reference`.
+pub(crate) fn merge_stopped(
+    config: &mut PartitionConfig,
+    tracking: &mut ChangeTracking,
+    captured: &mut Vec<Captured>,
+    request: &BackupMergeRequest,
+) -> Result<BackupMergeReport, Failure> {
+    let mut report = BackupMergeReport {
+        final_quiesce: Duration::ZERO,
+        bytes_copied: 0,
+        disks_merged: 0,
+    };
+    for overlay in &request.overlays {
+        let index = overlay.disk;
+        if config
+            .disks
+            .get(index)
+            .is_none_or(|d| d.path != overlay.path)
+        {
+            continue;
+        }
+        let Some(at) = captured
+            .iter()
+            .position(|c| c.index == index && c.overlay == overlay.path)
+        else {
+            return Err(Failure::failed(format!(
+                "disk {index} is on {}, which this worker did not capture",
+                overlay.path.display()
+            )));
+        };
+        let Captured { image, disk, .. } = captured.swap_remove(at);
+        // Every handle on the chain goes, so the commit can lock the image for writing.
+        config.disks[index].backend = None;
+        drop(disk);
+        let mut progress = snapshot::ProgressCounter::default();
+        if let Err(error) = snapshot::commit_into_backing(&overlay.path, &mut progress) {
+            let failure = Failure::failed(error_chain(&error));
+            let reopened = disks::open_writable(&overlay.path).map_err(|e| error_chain(&e));
+            match reopened {
+                Ok(disk) => {
+                    config.disks[index].backend = Some(disk.clone());
+                    captured.push(Captured {
+                        index,
+                        image,
+                        overlay: overlay.path.clone(),
+                        disk,
+                    });
+                }
+                Err(again) => eprintln!("worker: cannot reopen disk {index}: {again}"),
+            }
+            return Err(failure);
+        }
+        report.bytes_copied += progress.done;
+        report.disks_merged += 1;
+        match disks::open_writable(&image) {
+            Ok(disk) => config.disks[index].backend = Some(disk),
+            Err(error) => eprintln!(
+                "worker: cannot reopen disk {index}: {}",
+                error_chain(&error)
+            ),
+        }
+        config.disks[index].path = image;
+        if let Err(error) = snapshot::durable::remove_file(&overlay.path) {
+            eprintln!(
+                "worker: cannot remove {}: {}",
+                overlay.path.display(),
+                error_chain(&error)
+            );
+        }
+    }
     if !request.keep_reference {
         tracking.drop_reference(BACKUP_ABORTED);
     }

@@ -564,17 +564,33 @@ impl Machine {
         &mut self,
         request: &vmm_core::integration::BackupMergeRequest,
     ) -> std::result::Result<Reply, Failure> {
-        self.running_or_paused()?;
-        let Some(partition) = &mut self.partition else {
-            return Err(Failure::invalid_state("guest is not running"));
+        let stopped = matches!(self.shared.state(), GuestState::Stopped { .. });
+        let result = match &mut self.partition {
+            None if stopped => {
+                let merged = backup::merge_stopped(
+                    &mut self.config,
+                    &mut self.change_tracking,
+                    &mut self.backup,
+                    request,
+                );
+                // The guest's end wrote the tracking already: again, with what the merge kept.
+                self.change_tracking.write_clean();
+                merged
+            }
+            _ => {
+                self.running_or_paused()?;
+                let Some(partition) = &mut self.partition else {
+                    return Err(Failure::invalid_state("guest is not running"));
+                };
+                backup::merge(
+                    partition,
+                    &mut self.config,
+                    &mut self.change_tracking,
+                    &mut self.backup,
+                    request,
+                )
+            }
         };
-        let result = backup::merge(
-            partition,
-            &mut self.config,
-            &mut self.change_tracking,
-            &mut self.backup,
-            request,
-        );
         self.note_stopped();
         match &result {
             Ok(report) => eprintln!(
