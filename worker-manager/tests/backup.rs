@@ -571,3 +571,30 @@ fn merge_after_the_guest_powered_off_commits_the_overlay_and_an_abort_drops_trac
         Some("the previous backup was aborted")
     );
 }
+
+#[test]
+fn capture_and_merge_of_a_paused_guest_leave_it_paused() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = Vm::new(&fixture, "paused");
+    let worker = fixture.boot(&vm.config);
+    let mut guest = Guest::attach(&fixture, &vm, 0);
+    guest.write(10);
+    worker.pause().unwrap();
+
+    capture(
+        worker.as_ref(),
+        &vm.capture("b1", ReferencePointId::new_random()),
+    );
+    let after_capture = worker.status();
+    worker.backup_merge(&vm.merge("b1", true)).unwrap();
+    let after_merge = worker.status();
+    worker.resume().unwrap();
+    guest.write(5);
+    worker.turn_off().unwrap();
+
+    assert_eq!(after_capture, vmm_core::WorkerStatus::Paused);
+    assert_eq!(after_merge, vmm_core::WorkerStatus::Paused);
+    assert!(!vm.overlay("b1").exists());
+    assert_eq!(records_in(&vm.image()), 15);
+}
