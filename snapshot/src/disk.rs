@@ -112,6 +112,24 @@ impl Disk {
         })
     }
 
+    /// Opens `path` writable (its chain read-only) **without** taking the write lock on `path`
+    /// itself: for merging a running disk's overlay into the image below it, which this very
+    /// process holds open (read-only, as the overlay's backing file) and so locks against
+    /// writers. The caller writes only ranges the layers above hide, so the open chain keeps
+    /// reading what it read; it must not be used for anything else.
+    pub fn open_below_running_overlay(path: &Path) -> Result<Disk> {
+        let layer = open_layer_locked(path, true, 0, path, false)?;
+        let size = layer.access.size();
+        Ok(Disk {
+            path: path.to_path_buf(),
+            format: layer.format,
+            read_only: false,
+            size,
+            backing: layer.backing,
+            access: layer.access,
+        })
+    }
+
     /// Opens only the top layer of a qcow2 image, ignoring its backing file: unallocated ranges
     /// read as zeros and show as [`Allocation::Unallocated`]. Used to read one layer's own data.
     pub(crate) fn open_layer_only(path: &Path) -> Result<Disk> {
@@ -197,14 +215,31 @@ impl Disk {
         self.access.sync()
     }
 
+    /// Writes cached metadata out to the file, without waiting for it to be durable: enough for
+    /// another open of the same file to read what was written ([`flush`](Self::flush) also
+    /// syncs).
+    pub fn write_back(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.access.flush()
+    }
+
     /// The top layer's allocation map, adjacent stretches of one kind merged.
     pub fn allocation_map(&self) -> Result<Vec<Extent>> {
+        self.allocation_in(0, self.size)
+    }
+
+    /// The top layer's allocation map of `[offset, offset + length)` (clipped to the disk),
+    /// adjacent stretches of one kind merged.
+    pub fn allocation_in(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let mut extents: Vec<Extent> = Vec::new();
-        let mut offset = 0;
-        while offset < self.size {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut offset = offset;
+        while offset < end {
             let (mapping, length) = self
                 .access
-                .get_shallow_mapping(offset, self.size - offset)
+                .get_shallow_mapping(offset, end - offset)
                 .map_err(|e| Error::image(&self.path, e))?;
             let allocation = match mapping {
                 ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Allocation::Data,
@@ -218,6 +253,7 @@ impl Disk {
                 // copy, which then reads it through the format driver).
                 _ => Allocation::Data,
             };
+            let length = length.min(end - offset);
             if length == 0 {
                 break;
             }
@@ -380,6 +416,18 @@ struct Layer {
 }
 
 fn open_layer(path: &Path, writable: bool, depth: usize, top: &Path) -> Result<Layer> {
+    open_layer_locked(path, writable, depth, top, true)
+}
+
+/// [`open_layer`], taking `path`'s own lock only when `lock` (its backing files are always
+/// locked for reading).
+fn open_layer_locked(
+    path: &Path,
+    writable: bool,
+    depth: usize,
+    top: &Path,
+    lock: bool,
+) -> Result<Layer> {
     if depth >= MAX_CHAIN_DEPTH {
         return Err(Error::ChainTooDeep {
             path: top.to_path_buf(),
@@ -392,7 +440,9 @@ fn open_layer(path: &Path, writable: bool, depth: usize, top: &Path) -> Result<L
     } else {
         LockMode::Read
     };
-    lock_image(&file, path, mode)?;
+    if lock {
+        lock_image(&file, path, mode)?;
+    }
     let format = probe(&file, path)?;
     let storage = imago_storage(file, path, writable)?;
     match format {
@@ -535,4 +585,61 @@ fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
         });
     }
     Ok(DiskFormat::Raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: u64 = 64 * 1024;
+
+    #[test]
+    fn allocation_in_sees_only_the_range_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("top.qcow2");
+        create_qcow2(&path, 16 * CLUSTER).unwrap();
+        let disk = open_disk(&path, false).unwrap();
+        disk.write(3 * CLUSTER, &[7u8; 4096]).unwrap();
+        disk.write(9 * CLUSTER, &[7u8; 4096]).unwrap();
+
+        let extents = disk.allocation_in(2 * CLUSTER, 4 * CLUSTER).unwrap();
+
+        let data: Vec<_> = extents
+            .iter()
+            .filter(|e| e.allocation == Allocation::Data)
+            .map(|e| (e.offset, e.length))
+            .collect();
+        assert_eq!(data, vec![(3 * CLUSTER, CLUSTER)]);
+        let end = extents.last().map(|e| e.offset + e.length);
+        assert_eq!(end, Some(6 * CLUSTER));
+    }
+
+    #[test]
+    fn image_below_a_running_overlay_opens_writable_and_the_overlay_still_hides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        create_qcow2(&base, 4 * CLUSTER).unwrap();
+        create_overlay(&top, &base).unwrap();
+        let running = open_disk(&top, false).unwrap();
+        running.write(0, &[1u8; 512]).unwrap();
+        let locked_open = Disk::open(&base, false);
+
+        let below = Disk::open_below_running_overlay(&base).unwrap();
+        below.write(0, &[2u8; 512]).unwrap();
+        below.write_back().unwrap();
+
+        let mut seen = [0u8; 512];
+        running.read(0, &mut seen).unwrap();
+        assert!(matches!(locked_open, Err(Error::ImageLocked { .. })));
+        assert_eq!(seen, [1u8; 512], "the overlay hides what the merge wrote");
+        drop(running);
+        drop(below);
+        let mut merged = [0u8; 512];
+        open_disk(&base, true)
+            .unwrap()
+            .read(0, &mut merged)
+            .unwrap();
+        assert_eq!(merged, [2u8; 512]);
+    }
 }

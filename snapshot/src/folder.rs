@@ -22,6 +22,10 @@ pub const STATE_DIR: &str = "state";
 pub const STATE_FILE: &str = "state.json";
 /// The guest memory file inside a state folder.
 pub const MEMORY_FILE: &str = "memory.bin";
+/// The VM's persistent change tracking (Resilient Change Tracking): its worker keeps the disks'
+/// changed-block maps here across clean stops. An offline change of the disks' contents (a
+/// checkpoint applied) removes it, so the next backup is full.
+pub const CHANGE_TRACKING_FILE: &str = "change-tracking.json";
 
 /// Paths of one VM folder.
 #[derive(Debug, Clone)]
@@ -52,6 +56,11 @@ impl VmFolder {
     /// `config.json`.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join(CONFIG_FILE)
+    }
+
+    /// `change-tracking.json`.
+    pub fn change_tracking_path(&self) -> PathBuf {
+        self.dir.join(CHANGE_TRACKING_FILE)
     }
 
     /// `disks/`.

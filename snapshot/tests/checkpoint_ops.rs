@@ -73,6 +73,28 @@ fn apply_brings_back_the_disk_as_it_was_and_drops_the_discarded_layer() {
 }
 
 #[test]
+fn apply_invalidates_the_vms_change_tracking_and_create_keeps_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let vm = make_vm(root.path(), 1);
+    let tracking = vm.change_tracking_path();
+    std::fs::write(&tracking, b"{\"clean\":true}").expect("tracking file");
+    let cp = create_checkpoint(&vm, &standard("a"), &mut NoProgress).expect("create");
+    let kept_by_create = tracking.exists();
+    write_record(&vm, 0, 0, 0x22);
+
+    apply_checkpoint(&vm, cp.id, &mut NoProgress).expect("apply");
+
+    assert!(
+        kept_by_create,
+        "a checkpoint does not change the disks' contents"
+    );
+    assert!(
+        !tracking.exists(),
+        "the applied disks changed under no worker"
+    );
+}
+
+#[test]
 fn checkpoint_of_a_saved_vm_keeps_its_state_and_apply_leaves_it_saved() {
     let root = tempfile::tempdir().expect("tempdir");
     let vm = make_vm(root.path(), 1);

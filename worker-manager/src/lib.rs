@@ -20,7 +20,12 @@
 //!   ([`Request::Checkpoint`](protocol::Request::Checkpoint)): memory pre-copied with the dirty
 //!   log while the guest runs, then one short pause that copies the last pages, captures the
 //!   state, switches each disk to a new qcow2 overlay and commits the state folder; a second
-//!   checkpoint writes a delta layer ([`MemoryManifest`]).
+//!   checkpoint writes a delta layer ([`MemoryManifest`]). For a backup it captures the disks
+//!   ([`Request::BackupCapture`](protocol::Request::BackupCapture): overlays switched in one
+//!   short pause, the changed-block maps taken) and merges them back while the guest runs
+//!   ([`Request::BackupMerge`](protocol::Request::BackupMerge)); the maps and their reference
+//!   point persist in the VM's `change-tracking.json` across clean stops (Resilient Change
+//!   Tracking), and are not believed after a worker that did not end cleanly.
 //! - **Between them** — [`protocol`]: length-delimited JSON frames with a version handshake,
 //!   request ids, replies and unsolicited notices; [`ControlClient`] is the parent's end of it.
 //!   The console is a separate socket carrying COM1's raw bytes both ways.

@@ -16,6 +16,9 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use vmm_core::integration::{BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest};
 use vmm_core::{CheckpointReport, CheckpointRequest, StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
@@ -78,6 +81,13 @@ pub enum Request {
     /// [`Reply::Checkpoint`]; refused with [`FailureKind::InvalidState`] unless the guest is
     /// running or paused.
     Checkpoint(CheckpointRequest),
+    /// A backup's point-in-time capture of the running (or paused) guest's disks
+    /// ([`vmm_core::Worker::backup_capture`]). Answered by [`Reply::BackupCaptured`].
+    BackupCapture(BackupCaptureRequest),
+    /// Merges a capture's overlays back while the guest runs
+    /// ([`vmm_core::Worker::backup_merge`]); a guest that stopped on its own since the capture
+    /// has them committed offline by its worker. Answered by [`Reply::BackupMerged`].
+    BackupMerge(BackupMergeRequest),
 }
 
 /// A message from the worker to the parent.
@@ -166,6 +176,22 @@ pub enum Reply {
     Done,
     /// The answer to [`Request::Checkpoint`]: it is committed, and what it cost.
     Checkpoint(CheckpointReport),
+    /// The answer to [`Request::BackupCapture`].
+    BackupCaptured(BackupCaptureReport),
+    /// The answer to [`Request::BackupMerge`].
+    BackupMerged(BackupMergeReport),
+}
+
+/// What a [`Request::BackupMerge`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupMergeReport {
+    /// How long the guest was paused for the last copy and the switch back onto the images
+    /// (zero when no disk was still on its overlay).
+    pub final_quiesce: Duration,
+    /// Bytes written into the images, every pass included.
+    pub bytes_copied: u64,
+    /// Disks moved back onto their images (the others already were).
+    pub disks_merged: usize,
 }
 
 /// Where the worker's guest is.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
+use vmm_core::integration::{BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest};
 use vmm_core::{
     CheckpointReport, CheckpointRequest, EventSink, StopReason, VmId, Worker, WorkerError,
     WorkerEvent, WorkerStatus,
@@ -509,6 +510,31 @@ impl Worker for ProcessWorker {
         }
     }
 
+    fn backup_capture(
+        &self,
+        request: &BackupCaptureRequest,
+    ) -> Result<BackupCaptureReport, WorkerError> {
+        let inner = &self.inner;
+        match inner.call(
+            Request::BackupCapture(request.clone()),
+            inner.options.save_timeout,
+        )? {
+            Reply::BackupCaptured(report) => Ok(report),
+            other => Err(unexpected(&other, "BackupCapture")),
+        }
+    }
+
+    fn backup_merge(&self, request: &BackupMergeRequest) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        match inner.call(
+            Request::BackupMerge(request.clone()),
+            inner.options.save_timeout,
+        )? {
+            Reply::BackupMerged(_) => Ok(()),
+            other => Err(unexpected(&other, "BackupMerge")),
+        }
+    }
+
     fn shutdown(&self, timeout: Duration) -> Result<(), WorkerError> {
         let inner = &self.inner;
         inner.call(Request::Shutdown, inner.options.request_timeout)?;
@@ -529,4 +555,11 @@ impl Worker for ProcessWorker {
     fn turn_off(&self) -> Result<(), WorkerError> {
         self.inner.end(true)
     }
+}
+
+/// A reply of the wrong kind for `request`.
+fn unexpected(reply: &Reply, request: &str) -> WorkerError {
+    WorkerError::failed(Error::Protocol(crate::protocol::ProtocolError::Unexpected(
+        format!("{reply:?} in answer to {request}"),
+    )))
 }

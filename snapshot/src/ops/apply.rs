@@ -72,6 +72,9 @@ pub fn apply_checkpoint(
             with_state: checkpoint.has_saved_state,
         },
     };
+    // The disks are about to change under no worker: what their change tracking says since its
+    // reference point no longer holds, so the next backup must be full.
+    remove_file(&folder.change_tracking_path())?;
     entry.write(&journal)?;
     fault_point("snapshot.apply-journal");
 

@@ -21,16 +21,17 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Instant;
 
 use partition::memory::{DirtyRange, PAGE_SIZE};
 use partition::{Partition, PartitionConfig, RunState};
-use vmm_core::{CheckpointReport, CheckpointRequest, error_chain, fault};
+use vmm_core::{CheckpointReport, CheckpointRequest, fault};
 
-use super::disks::{self, Detached};
 use super::machine::{STATE_FILE, create_private, partition_failure};
+use super::overlays::{
+    check_overlays, create_overlays, io_failure, remove_overlays, switch_back, switch_disks,
+};
 use super::state_folder::{MAX_MEMORY_LAYERS, MEMORY_MANIFEST, MemoryManifest};
 use crate::protocol::Failure;
 
@@ -85,13 +86,6 @@ struct MemoryPlan {
     /// The folder's manifest (committed with it).
     manifest: MemoryManifest,
     delta: bool,
-}
-
-/// One disk switched to its overlay, and how to switch it back.
-struct Switched {
-    index: usize,
-    old_path: PathBuf,
-    overlay: PathBuf,
 }
 
 /// An exclusive `flock` on the staging folder for as long as the checkpoint is being taken. The
@@ -174,7 +168,7 @@ pub(crate) fn checkpoint(
         .map_err(|e| io_failure("sync the memory image", e))?;
     write_manifest(&request.staging, &plan.manifest)?;
     // The overlays too: their headers name the current images, which do not change.
-    create_overlays(partition, config, request)?;
+    create_overlays(partition, config, &request.overlays)?;
     fault::point("worker.checkpoint.after-precopy");
 
     let pause_started = Instant::now();
@@ -187,7 +181,7 @@ pub(crate) fn checkpoint(
             _ => None,
         };
         if let Some(failure) = paused.err().or(stopped) {
-            remove_overlays(request);
+            remove_overlays(&request.overlays);
             return Err(failure);
         }
     }
@@ -233,7 +227,7 @@ fn paused_part(
     let result = final_copy(partition, tracking, plan, written, &request.staging)
         .and_then(|dirty| {
             dirty_in_pause = dirty;
-            switch_disks(partition, config, request, &mut switched)
+            switch_disks(partition, config, &request.overlays, &mut switched)
         })
         .and_then(|()| {
             fault::point("worker.checkpoint.after-overlays");
@@ -247,7 +241,7 @@ fn paused_part(
         });
     if let Err(failure) = result {
         switch_back(partition, config, switched);
-        remove_overlays(request);
+        remove_overlays(&request.overlays);
         return Err(failure);
     }
     Ok((dirty_in_pause, plan.manifest.state_id.clone()))
@@ -284,29 +278,7 @@ fn check_request(config: &PartitionConfig, request: &CheckpointRequest) -> Resul
             request.state_dir.display()
         )));
     }
-    let mut seen = Vec::new();
-    for overlay in &request.overlays {
-        let Some(disk) = config.disks.get(overlay.disk) else {
-            return Err(Failure::failed(format!(
-                "there is no disk {}",
-                overlay.disk
-            )));
-        };
-        if disk.read_only || seen.contains(&overlay.disk) {
-            return Err(Failure::failed(format!(
-                "disk {} is read-only or listed twice",
-                overlay.disk
-            )));
-        }
-        if overlay.path.exists() {
-            return Err(Failure::failed(format!(
-                "overlay {} already exists",
-                overlay.path.display()
-            )));
-        }
-        seen.push(overlay.disk);
-    }
-    Ok(())
+    check_overlays(config, &request.overlays)
 }
 
 /// A delta on the parent's layers when the worker's tracking proves it exact and the parent's
@@ -361,160 +333,6 @@ fn link_layers(from: &Path, to: &Path, layers: &[String]) -> std::io::Result<()>
     Ok(())
 }
 
-/// Flushes each listed disk, creates its overlay on the current image and switches the device to
-/// it; every disk switched is pushed on `switched` (for [`switch_back`]).
-/// Creates each listed disk's overlay on its current image, while the guest still runs on that
-/// image: the header only names the image (relative when in the same folder), its size and
-/// format. On error none is left.
-fn create_overlays(
-    partition: &Partition,
-    config: &PartitionConfig,
-    request: &CheckpointRequest,
-) -> Result<(), Failure> {
-    for overlay in &request.overlays {
-        let index = overlay.disk;
-        let image = &config.disks[index].path;
-        let size = partition
-            .disk_backend(index)
-            .map(|backend| backend.size())
-            .ok_or_else(|| Failure::failed(format!("there is no disk {index}")))?;
-        let created = image_format(image).and_then(|format| {
-            snapshot::create_overlay_sized(&overlay.path, image, size, format)
-                .map_err(|e| Failure::failed(error_chain(&e)))
-        });
-        if let Err(failure) = created {
-            remove_overlays(request);
-            return Err(failure);
-        }
-    }
-    Ok(())
-}
-
-/// The format of the image at `path`, from its magic (read without locking: the guest's own
-/// open holds the image's lock).
-fn image_format(path: &Path) -> Result<snapshot::DiskFormat, Failure> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let read = File::open(path)
-        .and_then(|mut file| file.read(&mut magic))
-        .map_err(|e| io_failure("read the disk's format", e))?;
-    Ok(if read == 4 && &magic == b"QFI\xfb" {
-        snapshot::DiskFormat::Qcow2
-    } else {
-        snapshot::DiskFormat::Raw
-    })
-}
-
-/// Removes every overlay file `request` names (they did not exist before it: checked).
-fn remove_overlays(request: &CheckpointRequest) {
-    for overlay in &request.overlays {
-        let _ = std::fs::remove_file(&overlay.path);
-    }
-}
-
-/// Flushes each listed disk and switches the device to its overlay (made by
-/// [`create_overlays`]); every disk switched is pushed on `switched` (for [`switch_back`]).
-fn switch_disks(
-    partition: &mut Partition,
-    config: &mut PartitionConfig,
-    request: &CheckpointRequest,
-    switched: &mut Vec<Switched>,
-) -> Result<(), Failure> {
-    for overlay in &request.overlays {
-        let index = overlay.disk;
-        let old_path = config.disks[index].path.clone();
-        let current = partition
-            .disk_backend(index)
-            .ok_or_else(|| Failure::failed(format!("there is no disk {index}")))?;
-        current
-            .flush()
-            .map_err(|e| io_failure("flush the disk", e))?;
-        let size = current.size();
-        drop(current);
-        // The chain above the image reads it as a backing file, which our own write lock on it
-        // refuses: close the image (nothing can use it while paused), then open the chain.
-        detach(partition, config, index, &old_path, size)?;
-        let attached = disks::open_writable(&overlay.path)
-            .map_err(|e| Failure::failed(error_chain(&e)))
-            .and_then(|backend| attach(partition, config, index, &overlay.path, backend));
-        if let Err(failure) = attached {
-            reopen(partition, config, index, &old_path);
-            return Err(failure);
-        }
-        switched.push(Switched {
-            index,
-            old_path,
-            overlay: overlay.path.clone(),
-        });
-    }
-    Ok(())
-}
-
-/// Puts every switched disk back on its old image and removes the overlays (best effort: this
-/// runs on a failure already being reported).
-fn switch_back(partition: &mut Partition, config: &mut PartitionConfig, switched: Vec<Switched>) {
-    for disk in switched.into_iter().rev() {
-        let size = partition.disk_backend(disk.index).map(|b| b.size());
-        if let Some(size) = size {
-            let _ = detach(partition, config, disk.index, &disk.old_path, size);
-        }
-        let _ = std::fs::remove_file(&disk.overlay);
-        reopen(partition, config, disk.index, &disk.old_path);
-    }
-}
-
-/// Reopens `path` as disk `index` after a failed switch.
-fn reopen(partition: &mut Partition, config: &mut PartitionConfig, index: usize, path: &Path) {
-    match disks::open_writable(path) {
-        Ok(backend) => {
-            let _ = attach(partition, config, index, path, backend);
-        }
-        Err(error) => eprintln!(
-            "worker: cannot reopen disk {} after a failed checkpoint: {}",
-            path.display(),
-            error_chain(&error)
-        ),
-    }
-}
-
-/// Replaces disk `index`'s backend by a stand-in and drops every reference to the old one, so
-/// its image is closed and unlocked.
-fn detach(
-    partition: &mut Partition,
-    config: &mut PartitionConfig,
-    index: usize,
-    path: &Path,
-    size: u64,
-) -> Result<(), Failure> {
-    let stand_in = Arc::new(Detached {
-        size,
-        read_only: false,
-    });
-    let old = partition
-        .replace_disk_backend(index, path.to_path_buf(), stand_in)
-        .map_err(|e| partition_failure(&e))?;
-    config.disks[index].backend = None;
-    drop(old);
-    Ok(())
-}
-
-/// Makes `backend` (the image at `path`) disk `index`'s backend, in the partition and in the
-/// worker's configuration (which a reset boots from).
-fn attach(
-    partition: &mut Partition,
-    config: &mut PartitionConfig,
-    index: usize,
-    path: &Path,
-    backend: Arc<dyn partition::block::BlockBackend>,
-) -> Result<(), Failure> {
-    partition
-        .replace_disk_backend(index, path.to_path_buf(), backend.clone())
-        .map_err(|e| partition_failure(&e))?;
-    config.disks[index].path = path.to_path_buf();
-    config.disks[index].backend = Some(backend);
-    Ok(())
-}
-
 fn copy(partition: &Partition, pages: &[DirtyRange], out: &File) -> Result<u64, Failure> {
     partition
         .write_memory_pages(pages, out)
@@ -557,8 +375,4 @@ fn write_manifest(dir: &Path, manifest: &MemoryManifest) -> Result<(), Failure> 
     file.write_all(&json)
         .and_then(|()| file.sync_all())
         .map_err(|e| io_failure("write memory.json", e))
-}
-
-fn io_failure(what: &str, error: std::io::Error) -> Failure {
-    Failure::failed(format!("cannot {what}: {error}"))
 }

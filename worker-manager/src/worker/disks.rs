@@ -79,9 +79,9 @@ impl BlockBackend for Detached {
 }
 
 /// Opens `path` (the top of a chain) for the guest to write, for a disk being switched.
-pub(crate) fn open_writable(path: &Path) -> Result<Arc<dyn BlockBackend>> {
+pub(crate) fn open_writable(path: &Path) -> Result<Arc<snapshot::Disk>> {
     snapshot::open_disk(path, false)
-        .map(|disk| Arc::new(disk) as Arc<dyn BlockBackend>)
+        .map(Arc::new)
         .map_err(|source| Error::Disk {
             path: path.to_path_buf(),
             source,

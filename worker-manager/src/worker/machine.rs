@@ -22,6 +22,8 @@ use partition::{
 use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::backup::{self, Captured};
+use super::change_tracking::ChangeTracking;
 use super::checkpoint::{self, DirtyTracking};
 use super::confinement::{self, FilesystemView};
 use super::console::{self, ConsoleLog};
@@ -108,6 +110,10 @@ pub(crate) struct Machine {
     /// The pages dirtied since the state the guest's memory last equalled (for delta
     /// checkpoints).
     tracking: DirtyTracking,
+    /// The disks' changed-block maps and their reference point (persisted on a clean end).
+    change_tracking: ChangeTracking,
+    /// Disks a backup captured and has not merged yet.
+    backup: Vec<Captured>,
     /// Held for the whole life of the process: it is what tells a service that this VM has a
     /// worker (see [`WorkerLock`]).
     _lock: WorkerLock,
@@ -157,6 +163,9 @@ impl Machine {
             None => (Partition::new(config.clone())?, None),
         };
         mark("partition");
+        let vm_dir = layout.vm_dir(vm.id);
+        let change_tracking =
+            ChangeTracking::start(&vm_dir, &partition).map_err(|e| Error::io(vm_dir, e))?;
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
@@ -178,6 +187,8 @@ impl Machine {
             confine: options.confine,
             vm_name: vm.name.clone(),
             tracking: DirtyTracking::starting_at(restored_state),
+            change_tracking,
+            backup: Vec::new(),
             _lock: lock,
         };
         let result = machine.open_and_run(partition, options.restore.as_deref());
@@ -298,6 +309,8 @@ impl Machine {
     /// The guest is gone for `reason`: free its memory, and tell every parent connected.
     fn release_guest(&mut self, reason: StopReason) {
         self.partition = None;
+        // Every write the guest made is in the maps now (its devices are gone): a clean end.
+        self.change_tracking.write_clean();
         self.shared.set_guest(None, None);
         self.shared.set_state(GuestState::Stopped {
             reason: reason.clone(),
@@ -317,10 +330,14 @@ impl Machine {
             },
             Request::Shutdown => (self.shutdown(), Flow::Continue),
             Request::Checkpoint(request) => (self.checkpoint(&request), Flow::Continue),
+            Request::BackupCapture(request) => (self.backup_capture(&request), Flow::Continue),
+            Request::BackupMerge(request) => (self.backup_merge(&request), Flow::Continue),
             Request::TurnOff => {
                 if let Some(partition) = &mut self.partition {
                     partition.stop();
                 }
+                self.partition = None;
+                self.change_tracking.write_clean();
                 (Ok(Reply::Done), Flow::Exit)
             }
             // Answered by the connection threads; harmless if it arrives here.
@@ -387,6 +404,9 @@ impl Machine {
         });
         match booted {
             Ok(()) => {
+                if let Some(partition) = &self.partition {
+                    self.change_tracking.rebind(partition);
+                }
                 self.set_and_announce(GuestState::Running);
                 Ok(Reply::Done)
             }
@@ -423,6 +443,7 @@ impl Machine {
     /// and releases the guest. On any failure before the commit the guest runs on as before
     /// (or stays paused, if it was) and `state_dir` is untouched.
     fn save(&mut self, staging: &Path, state_dir: &Path) -> std::result::Result<(), Failure> {
+        self.no_backup_pending()?;
         let before = self.shared.state();
         if before == GuestState::Running {
             self.pause()?;
@@ -474,6 +495,7 @@ impl Machine {
         &mut self,
         request: &vmm_core::CheckpointRequest,
     ) -> std::result::Result<Reply, Failure> {
+        self.no_backup_pending()?;
         match self.shared.state() {
             GuestState::Running | GuestState::Paused => {}
             other => {
@@ -502,6 +524,118 @@ impl Machine {
             Err(failure) => eprintln!("worker {}: checkpoint failed: {failure}", self.shared.vm()),
         }
         result.map(Reply::Checkpoint)
+    }
+
+    /// A backup's capture of the disks (see [`backup::capture`]).
+    fn backup_capture(
+        &mut self,
+        request: &vmm_core::integration::BackupCaptureRequest,
+    ) -> std::result::Result<Reply, Failure> {
+        self.running_or_paused()?;
+        let Some(partition) = &mut self.partition else {
+            return Err(Failure::invalid_state("guest is not running"));
+        };
+        let result = backup::capture(
+            partition,
+            &mut self.config,
+            &mut self.change_tracking,
+            &mut self.backup,
+            request,
+        );
+        self.note_stopped();
+        match &result {
+            Ok(report) => eprintln!(
+                "worker {}: backup capture of {} disks, quiesced {:?}, previous reference {:?}",
+                self.shared.vm(),
+                report.changes.len(),
+                report.quiesce,
+                report.previous_reference
+            ),
+            Err(failure) => eprintln!(
+                "worker {}: backup capture failed: {failure}",
+                self.shared.vm()
+            ),
+        }
+        result.map(Reply::BackupCaptured)
+    }
+
+    /// The merge that ends a backup (see [`backup::merge`]).
+    fn backup_merge(
+        &mut self,
+        request: &vmm_core::integration::BackupMergeRequest,
+    ) -> std::result::Result<Reply, Failure> {
+        let stopped = matches!(self.shared.state(), GuestState::Stopped { .. });
+        let result = match &mut self.partition {
+            None if stopped => {
+                let merged = backup::merge_stopped(
+                    &mut self.config,
+                    &mut self.change_tracking,
+                    &mut self.backup,
+                    request,
+                );
+                // The guest's end wrote the tracking already: again, with what the merge kept.
+                self.change_tracking.write_clean();
+                merged
+            }
+            _ => {
+                self.running_or_paused()?;
+                let Some(partition) = &mut self.partition else {
+                    return Err(Failure::invalid_state("guest is not running"));
+                };
+                backup::merge(
+                    partition,
+                    &mut self.config,
+                    &mut self.change_tracking,
+                    &mut self.backup,
+                    request,
+                )
+            }
+        };
+        self.note_stopped();
+        match &result {
+            Ok(report) => eprintln!(
+                "worker {}: backup merge of {} disks, {} bytes, final quiesce {:?}",
+                self.shared.vm(),
+                report.disks_merged,
+                report.bytes_copied,
+                report.final_quiesce
+            ),
+            Err(failure) => eprintln!(
+                "worker {}: backup merge failed: {failure}",
+                self.shared.vm()
+            ),
+        }
+        result.map(Reply::BackupMerged)
+    }
+
+    /// Refuses unless the guest runs or is paused (with a partition).
+    fn running_or_paused(&mut self) -> std::result::Result<(), Failure> {
+        match self.shared.state() {
+            GuestState::Running | GuestState::Paused => self.live().map(drop),
+            other => Err(Failure::invalid_state(format!(
+                "the disks of a {other:?} guest cannot be switched"
+            ))),
+        }
+    }
+
+    /// Releases the guest if it stopped on its own during an operation.
+    fn note_stopped(&mut self) {
+        if let Some(partition) = &self.partition
+            && let partition::RunState::Stopped(exit) = partition.run_state().clone()
+        {
+            self.guest_stopped(&exit);
+        }
+    }
+
+    /// Refuses an operation that would carry a backup's unmerged overlays into saved state or a
+    /// checkpoint.
+    fn no_backup_pending(&self) -> std::result::Result<(), Failure> {
+        match self.backup.first() {
+            Some(_) => Err(Failure::invalid_state(
+                "a backup's overlays are not merged yet",
+            )),
+            None => Ok(()),
+        }
     }
 
     fn set_and_announce(&self, state: GuestState) {

@@ -7,6 +7,8 @@
 //! runtime folder, writes the pid file, tells the parent it is ready, and runs the guest until it
 //! is told to save or turn off.
 
+mod backup;
+mod change_tracking;
 mod checkpoint;
 mod confinement;
 mod console;
@@ -15,6 +17,7 @@ mod disks;
 pub mod fence;
 mod machine;
 mod network;
+mod overlays;
 pub mod start_trace;
 mod state_folder;
 mod syscalls;
