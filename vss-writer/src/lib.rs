@@ -26,6 +26,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use snapshot::folder::CHANGE_TRACKING_FILE;
 use snapshot::{Disk, Progress, commit_into_backing, create_qcow2};
 use uuid::Uuid;
 use vmm_core::backup::{
@@ -49,9 +50,6 @@ use crate::records::{LastBackup, SessionJournal};
 /// The longest chain of sets followed (a longer one is most likely a loop).
 const MAX_CHAIN: usize = 1024;
 
-/// The change-tracking file a worker keeps in the VM's folder; a restore over the VM removes it,
-/// because the disks then change without the worker seeing the writes.
-const CHANGE_TRACKING_FILE: &str = "change-tracking.json";
 
 /// The backup service over a folder store: sessions, sets, verify, restore, crash recovery.
 #[derive(Debug, Default, Clone)]
@@ -320,6 +318,8 @@ fn restore_chain(
             })
         }
         None => {
+            // The disks changed without a worker seeing the writes: their change tracking and
+            // the last backup no longer describe them.
             let _ = std::fs::remove_file(vm_dir.join(CHANGE_TRACKING_FILE));
             LastBackup::clear(&vm_dir)
         }
