@@ -401,15 +401,23 @@ impl Session<'_> {
     /// the VM's last backup.
     fn complete(&mut self, reference: ReferencePointId, set_id: Uuid) -> Result<()> {
         if let Some(worker) = self.worker {
-            worker
-                .backup_merge(&BackupMergeRequest {
-                    overlays: self.overlays.to_vec(),
-                    keep_reference: true,
-                })
-                .map_err(|source| Error::Worker {
-                    step: "merge the backup overlays",
-                    source,
-                })?;
+            let merged = worker.backup_merge(&BackupMergeRequest {
+                overlays: self.overlays.to_vec(),
+                keep_reference: true,
+            });
+            match merged {
+                Ok(()) => {}
+                // The set is complete; a worker that died meanwhile left its overlays, which
+                // merge offline just as well (its change tracking is lost with it, so the next
+                // backup will be full and say why).
+                Err(WorkerError::Gone) => merge_offline(self.overlays)?,
+                Err(source) => {
+                    return Err(Error::Worker {
+                        step: "merge the backup overlays",
+                        source,
+                    });
+                }
+            }
         }
         self.captured = false;
         fault::point("backup.after-merge");
