@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{VmConfig, VmId};
 use crate::error::{Result, error_chain};
 use crate::event::{EventBus, EventKind};
+use crate::integration::GuestHeartbeat;
 use crate::ownership::Ownership;
 use crate::state::{EnabledState, HealthState, OperationalStatus, RequestedState};
 use crate::store::Store;
@@ -44,6 +45,10 @@ pub struct ComputerSystem {
     pub time_of_last_state_change: SystemTime,
     /// The definition; `None` when degraded.
     pub config: Option<VmConfig>,
+    /// Whether the guest's integration agent answers (`Msvm_HeartbeatComponent`), as its worker
+    /// last found; `None` while no worker runs or the worker has no integration channel.
+    #[serde(default)]
+    pub heartbeat: Option<GuestHeartbeat>,
 }
 
 /// Running time of the current run (`OnTimeInMilliseconds`).
@@ -178,6 +183,7 @@ impl VmRecord {
             on_time_ms: self.on_time.millis(),
             time_of_last_state_change: self.last_state_change,
             config: self.config.clone(),
+            heartbeat: self.worker.as_ref().and_then(|w| w.guest_heartbeat()),
         }
     }
 }

@@ -50,6 +50,7 @@
 
 mod client;
 mod error;
+pub mod guest_agent;
 mod launcher;
 mod process;
 pub mod protocol;

@@ -36,7 +36,7 @@ use bootparams::{COMMAND_LINE_MAX, Range, ZERO_PAGE_SIZE, ZeroPage};
 use cmdline::{Cmdline, VIRTIO_MMIO_KEY, parse_virtio_mmio_device};
 use netstack::NetStack;
 use protocol::{
-    BANNER, BENCH_CMDLINE_KEY, BENCH_MMIO_ADDR, DEFAULT_IDLE_US, DIRTY_BASE, DISK_LINE_PREFIX,
+    AGENT_CMDLINE_KEY, BANNER, BENCH_CMDLINE_KEY, BENCH_MMIO_ADDR, DEFAULT_IDLE_US, DIRTY_BASE, DISK_LINE_PREFIX,
     ERROR_PREFIX, IDLE_CMDLINE_KEY, IP_CMDLINE_KEY, NET_LINE_PREFIX, PANIC_PREFIX,
 };
 use records::RecordLog;
@@ -78,7 +78,8 @@ extern "sysv64" fn guest_main(zero_page: u64) -> ! {
     let dirty = unsafe { DirtyRange::new(DIRTY_BASE, dirty_end) };
 
     serial.write_line(format_args!("{BANNER}"));
-    let channel = Serial::init_com2();
+    // `agent=off`: COM2 stays unprogrammed and unread, as in a guest without integration services.
+    let channel = (cmdline.value(AGENT_CMDLINE_KEY) != Some("off")).then(Serial::init_com2);
     Shell::new(serial, channel, log, net, dirty, idle_us).run()
 }
 

@@ -196,6 +196,10 @@ pub const LINE_END: &str = "\r\n";
 // `agent.rs`. A freeze finishes the disk's in-flight writes (the log flushes) and holds the
 // record workload; `guest-shutdown` prints [`AGENT_SHUTDOWN_LINE`] on COM1 and powers off.
 
+/// Command-line key switching the integration agent off: `agent=off` makes a guest whose COM2
+/// nothing answers (a guest without integration services, for tests).
+pub const AGENT_CMDLINE_KEY: &str = "agent";
+
 /// Records `writeloop` appends per main-loop pass.
 pub const WRITELOOP_BATCH: u64 = 1;
 /// The console line the guest prints when its agent was asked to shut it down.

@@ -65,17 +65,17 @@ pub struct Shell {
     editor: LineEditor,
     machine: Machine,
     idle_us: u32,
-    /// COM2 and the agent serving it.
-    channel: Serial,
+    /// COM2 and the agent serving it (`None`: `agent=off`).
+    channel: Option<Serial>,
     agent: Agent,
 }
 
 impl Shell {
     /// A shell on `serial`, appending to `log` (if there is a disk), answering on `net` (if
-    /// there is a network adapter), with the integration agent on `channel` (COM2).
+    /// there is a network adapter), with the integration agent on `channel` (COM2) if given.
     pub fn new(
         serial: Serial,
-        channel: Serial,
+        channel: Option<Serial>,
         log: Option<RecordLog>,
         net: Option<NetStack>,
         dirty: DirtyRange,
@@ -117,9 +117,12 @@ impl Shell {
 
     /// Takes what the host sent on COM2 and answers it; returns the bytes taken.
     fn serve_agent(&mut self) -> usize {
+        let Some(channel) = self.channel.as_mut() else {
+            return 0;
+        };
         let mut taken = 0;
         while taken < AGENT_BYTES_PER_PASS {
-            let Some(byte) = self.channel.read_byte() else {
+            let Some(byte) = channel.read_byte() else {
                 break;
             };
             taken += 1;
@@ -127,7 +130,7 @@ impl Shell {
                 log: &mut self.machine.log,
                 shutdown: None,
             };
-            self.agent.receive(byte, &mut host, &mut self.channel);
+            self.agent.receive(byte, &mut host, channel);
             let shutdown = host.shutdown;
             if self.machine.frozen != self.agent.frozen() {
                 self.machine.frozen = self.agent.frozen();
