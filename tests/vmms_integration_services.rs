@@ -17,7 +17,9 @@ fn get_vm_shows_the_agent_heartbeat_and_stop_vm_shuts_down_through_it() {
     let off = daemon.vm("beat");
     daemon.ok(&["start-vm", "beat"]);
 
-    wait_until("the heartbeat turns OK", || daemon.vm("beat")["heartbeat"] == "Ok");
+    wait_until("the heartbeat turns OK", || {
+        daemon.vm("beat")["heartbeat"] == "Ok"
+    });
     let table = daemon.ok(&["get-vm", "beat"]);
     let out = daemon.vmms(&["stop-vm", "beat"]);
     let stopped = daemon.vm("beat");
@@ -26,7 +28,11 @@ fn get_vm_shows_the_agent_heartbeat_and_stop_vm_shuts_down_through_it() {
     let header = table.lines().next().unwrap();
     assert!(header.contains("Heartbeat"), "{table}");
     assert!(table.lines().nth(1).unwrap().contains("OK"), "{table}");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stopped["enabled_state"], 3);
     assert!(stopped["heartbeat"].is_null(), "{stopped}");
     let worker_log =

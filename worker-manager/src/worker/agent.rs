@@ -6,11 +6,15 @@
 //! allocation); the agent thread reads it through an [`AgentClient`].
 //!
 //! The thread serves three things, one at a time: the parent's [`GuestAgentRequest`]s (so they
-//! never wait behind run control on the main thread, nor hold it up), the heartbeat (a
-//! `guest-ping` every [`HEARTBEAT_INTERVAL`] while the guest runs; a change is broadcast as
-//! [`Notice::GuestHeartbeat`] and the last answer is in every status report), and the freeze
-//! hold limit: once the limit of a freeze has passed without a thaw, the thread thaws the guest
-//! itself, so no parent — nor a parent's crash — keeps the guest's file systems frozen.
+//! never wait behind run control on the main thread, nor hold it up), the heartbeat, and the
+//! freeze hold limit: once the limit of a freeze has passed without a thaw, the thread thaws the
+//! guest itself, so no parent — nor a parent's crash — keeps the guest's file systems frozen.
+//!
+//! The heartbeat rides on the parent's own: a status request ([`AgentHandle::nudge`]) has the
+//! thread `guest-ping` the agent, at most once per [`HEARTBEAT_INTERVAL`], while the report
+//! answers at once with the last finding. A change is broadcast as [`Notice::GuestHeartbeat`].
+//! So a worker nobody asks about does not wake up at all (the idle test), and one whose parent
+//! watches it learns within a heartbeat whether the guest's agent answers.
 
 use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -28,7 +32,7 @@ use crate::protocol::{
     Failure, FailureKind, FromWorker, GuestAgentReply, GuestAgentRequest, GuestState, Notice, Reply,
 };
 
-/// How often the heartbeat pings a running guest's agent.
+/// The heartbeat pings a running guest's agent at most this often.
 pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a heartbeat ping may take (generous: a loaded host delays a polling guest).
 pub(crate) const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,6 +54,8 @@ pub(crate) enum Job {
         timeout: Duration,
         done: Sender<Result<(), AgentError>>,
     },
+    /// A heartbeat ping is due.
+    Heartbeat,
 }
 
 /// COM2 as the worker's threads share it.
@@ -63,6 +69,8 @@ struct Channel {
     heartbeat: Mutex<Option<GuestHeartbeat>>,
     /// Bumped whenever another guest (a reset's) is attached: the client resynchronises.
     generation: Mutex<u64>,
+    /// When the last heartbeat ping was asked for.
+    last_nudge: Mutex<Option<Instant>>,
 }
 
 /// The handle the other worker threads hold.
@@ -100,6 +108,20 @@ impl AgentHandle {
     /// The heartbeat's last finding (`None` while no guest runs).
     pub(crate) fn heartbeat(&self) -> Option<GuestHeartbeat> {
         *lock(&self.channel.heartbeat)
+    }
+
+    /// A parent asked how the worker is: have the agent pinged, unless that happened within
+    /// [`HEARTBEAT_INTERVAL`]. Never waits.
+    pub(crate) fn nudge(&self) {
+        let mut last = lock(&self.channel.last_nudge);
+        if last.is_some_and(|at| at.elapsed() < HEARTBEAT_INTERVAL)
+            || lock(&self.channel.uart).is_none()
+        {
+            return;
+        }
+        *last = Some(Instant::now());
+        // A gone agent thread has nobody to ping for.
+        let _ = self.jobs.send(Job::Heartbeat);
     }
 
     /// Queues a parent's request; gives it back if the agent thread is gone.
@@ -184,7 +206,6 @@ struct Integration {
     shared: Arc<WorkerShared>,
     /// When the freeze in effect must end, if the guest may be frozen.
     hold_until: Option<Instant>,
-    next_ping: Instant,
 }
 
 /// The agent thread: runs until every handle is gone.
@@ -194,24 +215,27 @@ pub(crate) fn serve(jobs: AgentJobs, shared: Arc<WorkerShared>) {
         client: AgentClient::new(Com2::new(channel)),
         shared,
         hold_until: None,
-        next_ping: Instant::now() + HEARTBEAT_INTERVAL,
     };
     loop {
-        let now = Instant::now();
-        let wake = integration
-            .hold_until
-            .map_or(integration.next_ping, |hold| {
-                hold.min(integration.next_ping)
-            });
-        match jobs.0.recv_timeout(wake.saturating_duration_since(now)) {
-            Ok(job) => integration.job(job),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        // Asleep until a job comes, or the freeze's hold limit.
+        let job = match integration.hold_until {
+            Some(hold) => match jobs
+                .0
+                .recv_timeout(hold.saturating_duration_since(Instant::now()))
+            {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match jobs.0.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            },
+        };
+        if let Some(job) = job {
+            integration.job(job);
         }
         integration.enforce_hold_limit();
-        if Instant::now() >= integration.next_ping {
-            integration.heartbeat();
-        }
     }
 }
 
@@ -234,6 +258,7 @@ impl Integration {
                 // The main thread may have given up waiting.
                 let _ = done.send(result);
             }
+            Job::Heartbeat => self.heartbeat(),
         }
     }
 
@@ -358,14 +383,12 @@ impl Integration {
 
     /// One heartbeat ping, while the guest runs.
     fn heartbeat(&mut self) {
-        self.next_ping = Instant::now() + HEARTBEAT_INTERVAL;
         if self.reachable().is_err() {
             return;
         }
         self.prepare();
         let answered = self.client.ping(HEARTBEAT_TIMEOUT).is_ok();
         self.note_heartbeat(answered);
-        self.next_ping = Instant::now() + HEARTBEAT_INTERVAL;
     }
 
     /// Records a ping's outcome, announcing a change.

@@ -227,8 +227,10 @@ impl WorkerShared {
         lock(&self.guest).com1.clone()
     }
 
-    /// The answer to [`Request::Status`].
+    /// The answer to [`Request::Status`] (which also has the guest's agent pinged, in the
+    /// background, when that is due).
     pub(crate) fn report(&self) -> WorkerReport {
+        self.agent.nudge();
         let (state, memory) = {
             let guest = lock(&self.guest);
             (guest.state.clone(), guest.memory.clone())
