@@ -248,6 +248,53 @@ mod tests {
         assert_eq!(snapshot.health_state, HealthState::Ok);
     }
 
+    /// A worker whose guest's agent answers, as its worker last found.
+    #[derive(Debug)]
+    struct Beating;
+
+    impl Worker for Beating {
+        fn pid(&self) -> u32 {
+            7
+        }
+        fn status(&self) -> crate::worker::WorkerStatus {
+            crate::worker::WorkerStatus::Running
+        }
+        fn pause(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn resume(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn save(
+            &self,
+            _staging: &std::path::Path,
+            _state_dir: &std::path::Path,
+        ) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn reset(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn turn_off(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn guest_heartbeat(&self) -> Option<GuestHeartbeat> {
+            Some(GuestHeartbeat::Ok)
+        }
+    }
+
+    #[test]
+    fn heartbeat_comes_from_the_worker_and_is_absent_without_one() {
+        let mut record = VmRecord::new(VmId::new_random(), Some(VmConfig::new("hb")), false);
+        let off = record.snapshot();
+        record.worker = Some(Arc::new(Beating));
+
+        let running = record.snapshot();
+
+        assert_eq!(off.heartbeat, None);
+        assert_eq!(running.heartbeat, Some(GuestHeartbeat::Ok));
+    }
+
     #[test]
     fn snapshot_round_trips_through_json() {
         let record = VmRecord::new(VmId::new_random(), Some(VmConfig::new("wire")), true);
