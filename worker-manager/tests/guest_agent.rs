@@ -16,6 +16,7 @@ use common::{Console, Fixture, TIMEOUT};
 use vmm_core::integration::{GuestFreezeStatus, GuestHeartbeat};
 use vmm_core::{
     BootSource, DiskConfig, StopReason, VmConfig, VmId, Worker, WorkerError, WorkerEvent,
+    WorkerLauncher,
 };
 use vmms_guest::protocol::{AGENT_SHUTDOWN_LINE, BANNER};
 use worker_manager::ProcessLauncher;
@@ -117,14 +118,19 @@ fn freeze_holds_the_record_workload_and_thaw_resumes_it() {
     let (worker, mut console) = boot(&fixture, &config);
     start_writeloop(&fixture, config.id, &mut console);
 
+    let started = Instant::now();
     let frozen = worker.freeze_guest(AGENT_TIMEOUT, Duration::from_secs(60));
+    let freeze_took = started.elapsed();
     let status_frozen = worker.guest_freeze_status(AGENT_TIMEOUT);
     let at_freeze = counters(&fixture.launcher, config.id);
     // The guest keeps running (its counter moves) while not a record is written.
     let later = wait_counters(&fixture.launcher, config.id, "the guest ran on", |c| {
         c.counter > at_freeze.counter + 200
     });
+    let started = Instant::now();
     let thawed = worker.thaw_guest(AGENT_TIMEOUT);
+    let thaw_took = started.elapsed();
+    eprintln!("freeze answered in {freeze_took:?}, thaw in {thaw_took:?}");
     let status_thawed = worker.guest_freeze_status(AGENT_TIMEOUT);
     let resumed = wait_counters(&fixture.launcher, config.id, "records resume", |c| {
         c.records > later.records + 2
@@ -149,8 +155,17 @@ fn freeze_holds_the_record_workload_and_thaw_resumes_it() {
     );
 }
 
+/// The guest's own word on its freeze, from its shell's `status` line.
+fn console_frozen(console: &mut Console) -> bool {
+    let from = console.text().len();
+    console.send("status\r");
+    let at = console.wait_for("frozen=", from);
+    console.wait_for(" ", at);
+    console.text()[at..].starts_with('1')
+}
+
 #[test]
-fn hold_limit_thaws_a_guest_nobody_thaws() {
+fn hold_limit_thaws_a_guest_whose_parent_went_away() {
     require_kvm!();
     let fixture = Fixture::new();
     let config = define(&fixture, "held", None);
@@ -160,23 +175,36 @@ fn hold_limit_thaws_a_guest_nobody_thaws() {
 
     let asked = Instant::now();
     let frozen = worker.freeze_guest(AGENT_TIMEOUT, hold_limit);
-    let at_freeze = counters(&fixture.launcher, config.id);
-    let thawed = wait_counters(&fixture.launcher, config.id, "the hold limit thaws", |c| {
-        !c.frozen
-    });
+    let frozen_after_freeze = console_frozen(&mut console);
+    // The parent goes away (a daemon killed mid-backup): nobody will thaw.
+    drop(worker);
+    let deadline = Instant::now() + TIMEOUT;
+    while console_frozen(&mut console) {
+        assert!(
+            Instant::now() < deadline,
+            "still frozen past the hold limit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let held_for = asked.elapsed();
+    let worker = fixture
+        .launcher
+        .reattach(config.id, fixture.sink())
+        .expect("reattach")
+        .expect("a live worker");
+    let thawed_at = counters(&fixture.launcher, config.id).records;
     let resumed = wait_counters(&fixture.launcher, config.id, "records resume", |c| {
-        c.records > thawed.records + 2
+        c.records > thawed_at + 2
     });
 
     assert_eq!(frozen.unwrap(), 1);
-    assert!(at_freeze.frozen);
+    assert!(frozen_after_freeze);
     assert!(held_for >= hold_limit, "thawed after {held_for:?}");
     assert_eq!(
         worker.guest_freeze_status(AGENT_TIMEOUT).unwrap(),
         GuestFreezeStatus::Thawed
     );
-    assert!(resumed.records > at_freeze.records);
+    assert!(!resumed.frozen);
     worker.turn_off().unwrap();
 }
 
