@@ -24,12 +24,14 @@ fi
 #   ocf-tester         (resource-agents)    checks the vmms-ocf agent (xmllint from libxml2-utils)
 #   xmllint            (libxml2-utils)
 #   crm_resource       (pacemaker-cli-utils)  runs the agent with --force-start/-check/-stop
+#   qemu-ga            (qemu-guest-agent)  the guest-agent client is checked against the real agent
+#                                          (run on the host over a socket; never asked to freeze)
 #   xfreerdp, Xvfb, xdotool, import/convert, tesseract   the RDP console test runs FreeRDP's
 #     /vmconnect in a virtual X server, types with xdotool and reads the window back with OCR
 missing=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils strace:strace iasl:acpica-tools \
   protoc:protobuf-compiler etcd:etcd-server ocf-tester:resource-agents xmllint:libxml2-utils \
-  crm_resource:pacemaker-cli-utils \
+  crm_resource:pacemaker-cli-utils qemu-ga:qemu-guest-agent \
   xfreerdp:freerdp2-x11 Xvfb:xvfb xdotool:xdotool import:imagemagick convert:imagemagick \
   tesseract:tesseract-ocr; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")

@@ -132,6 +132,10 @@ pub struct VmView {
     /// RDP console clients connected now.
     #[serde(default)]
     pub console_clients: usize,
+    /// Whether the guest's integration agent answers (Hyper-V's heartbeat): `Ok`, `NoContact`,
+    /// `LostCommunication`; `null` while no guest runs.
+    #[serde(default)]
+    pub heartbeat: Option<vmm_core::integration::GuestHeartbeat>,
 }
 
 impl VmView {
@@ -153,6 +157,7 @@ impl VmView {
             worker,
             owner: None,
             console_clients: 0,
+            heartbeat: system.heartbeat,
         }
     }
 

@@ -357,7 +357,7 @@ fn iso_times(value: &mut serde_json::Value) {
 
 /// Hyper-V's `Get-VM` columns plus the numeric codes a script would check.
 fn print_table(vms: &[VmView]) {
-    let rows: Vec<[String; 11]> = vms.iter().map(row).collect();
+    let rows: Vec<[String; 12]> = vms.iter().map(row).collect();
     let header = [
         "Name",
         "State",
@@ -367,6 +367,7 @@ fn print_table(vms: &[VmView]) {
         "Memory(M)",
         "PID",
         "Uptime",
+        "Heartbeat",
         "Confinement",
         "Consoles",
         "Status",
@@ -388,7 +389,7 @@ fn print_table(vms: &[VmView]) {
     }
 }
 
-fn row(vm: &VmView) -> [String; 11] {
+fn row(vm: &VmView) -> [String; 12] {
     let (cpus, memory) = vm
         .config
         .as_ref()
@@ -420,6 +421,7 @@ fn row(vm: &VmView) -> [String; 11] {
         memory,
         vm.process_id.map(|p| p.to_string()).unwrap_or_default(),
         uptime(vm.on_time_ms),
+        vm.heartbeat.map(|h| h.to_string()).unwrap_or_default(),
         confinement(vm),
         vm.console_clients.to_string(),
         status,

@@ -165,9 +165,9 @@ enum Verb {
     },
     /// Start (boot, or restore a saved VM).
     StartVm { target: String },
-    /// Shut down. Without `--turn-off` the guest is asked to power off — the test guest gets
-    /// `halt` typed on its console — and is turned off if it has not within `--timeout`
-    /// seconds; guests without a shutdown path (a `--kernel` VM) are turned off, with a note.
+    /// Shut down. Without `--turn-off` the guest is asked to power off through its integration
+    /// agent on COM2 (`guest-shutdown`) and is turned off if it has not within `--timeout`
+    /// seconds; a guest whose agent does not answer is turned off, with a note.
     StopVm {
         target: String,
         /// Power off at once (RequestedState 3).

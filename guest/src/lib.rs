@@ -36,6 +36,13 @@ use protocol::{RECORD_SIZE, RecordError, verify_record};
     dead_code,
     reason = "only the parts the tests exercise are used on the host"
 )]
+#[path = "../firmware/src/agent.rs"]
+mod agent;
+#[cfg(test)]
+#[allow(
+    dead_code,
+    reason = "only the parts the tests exercise are used on the host"
+)]
 #[path = "../firmware/src/bootparams.rs"]
 mod bootparams;
 #[cfg(test)]
@@ -256,7 +263,14 @@ mod tests {
 
     #[test]
     fn status_block_decodes_from_guest_memory_bytes() {
-        let words = [protocol::STATUS_MAGIC, 41, 3, 123_456, protocol::DIRTY_BASE];
+        let words = [
+            protocol::STATUS_MAGIC,
+            41,
+            3,
+            123_456,
+            protocol::DIRTY_BASE,
+            protocol::STATUS_FROZEN,
+        ];
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
 
         let block = StatusBlock::from_bytes(&bytes);
@@ -269,6 +283,7 @@ mod tests {
                 records_written: 3,
                 ticks: 123_456,
                 dirty_base: protocol::DIRTY_BASE,
+                flags: protocol::STATUS_FROZEN,
             })
         );
     }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{VmConfig, VmId};
 use crate::error::{Result, error_chain};
 use crate::event::{EventBus, EventKind};
+use crate::integration::GuestHeartbeat;
 use crate::ownership::Ownership;
 use crate::state::{EnabledState, HealthState, OperationalStatus, RequestedState};
 use crate::store::Store;
@@ -44,6 +45,10 @@ pub struct ComputerSystem {
     pub time_of_last_state_change: SystemTime,
     /// The definition; `None` when degraded.
     pub config: Option<VmConfig>,
+    /// Whether the guest's integration agent answers (`Msvm_HeartbeatComponent`), as its worker
+    /// last found; `None` while no worker runs or the worker has no integration channel.
+    #[serde(default)]
+    pub heartbeat: Option<GuestHeartbeat>,
 }
 
 /// Running time of the current run (`OnTimeInMilliseconds`).
@@ -178,6 +183,7 @@ impl VmRecord {
             on_time_ms: self.on_time.millis(),
             time_of_last_state_change: self.last_state_change,
             config: self.config.clone(),
+            heartbeat: self.worker.as_ref().and_then(|w| w.guest_heartbeat()),
         }
     }
 }
@@ -240,6 +246,53 @@ mod tests {
         assert_eq!(snapshot.operational_status, OperationalStatus::Degraded);
         assert_eq!(snapshot.name, id.to_string());
         assert_eq!(snapshot.health_state, HealthState::Ok);
+    }
+
+    /// A worker whose guest's agent answers, as its worker last found.
+    #[derive(Debug)]
+    struct Beating;
+
+    impl Worker for Beating {
+        fn pid(&self) -> u32 {
+            7
+        }
+        fn status(&self) -> crate::worker::WorkerStatus {
+            crate::worker::WorkerStatus::Running
+        }
+        fn pause(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn resume(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn save(
+            &self,
+            _staging: &std::path::Path,
+            _state_dir: &std::path::Path,
+        ) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn reset(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn turn_off(&self) -> std::result::Result<(), crate::worker::WorkerError> {
+            Ok(())
+        }
+        fn guest_heartbeat(&self) -> Option<GuestHeartbeat> {
+            Some(GuestHeartbeat::Ok)
+        }
+    }
+
+    #[test]
+    fn heartbeat_comes_from_the_worker_and_is_absent_without_one() {
+        let mut record = VmRecord::new(VmId::new_random(), Some(VmConfig::new("hb")), false);
+        let off = record.snapshot();
+        record.worker = Some(Arc::new(Beating));
+
+        let running = record.snapshot();
+
+        assert_eq!(off.heartbeat, None);
+        assert_eq!(running.heartbeat, Some(GuestHeartbeat::Ok));
     }
 
     #[test]

@@ -34,6 +34,30 @@ pub enum GuestFreezeStatus {
     Frozen,
 }
 
+/// Whether the guest's integration agent answers (Hyper-V's heartbeat integration service,
+/// `Msvm_HeartbeatComponent.OperationalStatus`): the worker pings it periodically and keeps the
+/// last answer, so reading it costs no round trip to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestHeartbeat {
+    /// The agent answered the last ping (OK, 2).
+    Ok,
+    /// The agent has not answered since the guest started (No Contact, 12): booting, or no
+    /// agent runs in it.
+    NoContact,
+    /// The agent answered before but not the last ping (Lost Communication, 13).
+    LostCommunication,
+}
+
+impl fmt::Display for GuestHeartbeat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GuestHeartbeat::Ok => "OK",
+            GuestHeartbeat::NoContact => "No Contact",
+            GuestHeartbeat::LostCommunication => "Lost Communication",
+        })
+    }
+}
+
 /// The identity of a change-tracking reference point: the instant a backup captured a disk, from
 /// which the next incremental backup copies only what changed (Hyper-V's RCT identifier).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

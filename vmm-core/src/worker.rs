@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{VmConfig, VmId};
 use crate::integration::{
     BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest, GuestAgentInfo,
-    GuestFreezeStatus,
+    GuestFreezeStatus, GuestHeartbeat,
 };
 
 /// How a new worker brings up its guest.
@@ -409,6 +409,13 @@ pub trait Worker: Send + Sync + fmt::Debug {
     fn guest_freeze_status(&self, timeout: Duration) -> Result<GuestFreezeStatus, WorkerError> {
         let _ = timeout;
         Err(no_integration())
+    }
+
+    /// The last heartbeat of the guest's integration agent as the worker keeps it (it pings
+    /// the agent periodically): read for every `get-vm`, so it must not ask the guest. `None`
+    /// when the worker has no integration channel or no guest runs.
+    fn guest_heartbeat(&self) -> Option<GuestHeartbeat> {
+        None
     }
 
     /// A backup's point-in-time capture of the disks: see [`BackupCaptureRequest`]. On any

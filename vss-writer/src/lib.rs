@@ -50,7 +50,6 @@ use crate::records::{LastBackup, SessionJournal};
 /// The longest chain of sets followed (a longer one is most likely a loop).
 const MAX_CHAIN: usize = 1024;
 
-
 /// The backup service over a folder store: sessions, sets, verify, restore, crash recovery.
 #[derive(Debug, Default, Clone)]
 pub struct VssWriter {}

@@ -152,6 +152,8 @@ impl From<crate::protocol::Failure> for WorkerError {
                 reason: failure.message,
             },
             FailureKind::Failed => WorkerError::failed(failure),
+            // The worker's own wait (for the guest's agent); the caller knows how long it was.
+            FailureKind::TimedOut => WorkerError::Timeout(Duration::ZERO),
         }
     }
 }

@@ -55,6 +55,7 @@
 
 mod client;
 mod error;
+pub mod guest_agent;
 mod launcher;
 mod process;
 pub mod protocol;

@@ -17,13 +17,14 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use vmm_core::integration::{GuestAgentInfo, GuestFreezeStatus, GuestHeartbeat};
 
 use vmm_core::integration::{BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest};
 use vmm_core::{CheckpointReport, CheckpointRequest, StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -67,9 +68,9 @@ pub enum Request {
         /// Where the committed saved state goes; must not exist.
         state_dir: PathBuf,
     },
-    /// Ask the guest to shut itself down (the test guest: `halt` on its console). Replies as soon
-    /// as the request is delivered; the guest's power-off arrives as a
-    /// [`Notice::GuestStopped`]. Refused for a guest that cannot be asked.
+    /// Ask the guest to shut itself down: `guest-shutdown` through its integration agent on
+    /// COM2. Replies as soon as the request is delivered; the guest's power-off arrives as a
+    /// [`Notice::GuestStopped`]. Refused for a guest whose agent does not answer.
     Shutdown,
     /// Power off at once, reply, exit.
     TurnOff,
@@ -81,6 +82,11 @@ pub enum Request {
     /// [`Reply::Checkpoint`]; refused with [`FailureKind::InvalidState`] unless the guest is
     /// running or paused.
     Checkpoint(CheckpointRequest),
+    /// A call to the guest's integration agent on COM2 ([`GuestAgentRequest`]); answered by
+    /// [`Reply::GuestAgent`] on the worker's agent thread, so it never waits behind (nor holds
+    /// up) run-control requests. An agent that does not answer in time fails with
+    /// [`FailureKind::TimedOut`].
+    GuestAgent(GuestAgentRequest),
     /// A backup's point-in-time capture of the running (or paused) guest's disks
     /// ([`vmm_core::Worker::backup_capture`]). Answered by [`Reply::BackupCaptured`].
     BackupCapture(BackupCaptureRequest),
@@ -139,6 +145,8 @@ pub enum FailureKind {
     Refused,
     /// The request was tried and failed (I/O, the partition's own errors).
     Failed,
+    /// Something the worker waited for did not answer in time (the guest's agent).
+    TimedOut,
 }
 
 impl Failure {
@@ -176,6 +184,8 @@ pub enum Reply {
     Done,
     /// The answer to [`Request::Checkpoint`]: it is committed, and what it cost.
     Checkpoint(CheckpointReport),
+    /// The answer to [`Request::GuestAgent`].
+    GuestAgent(GuestAgentReply),
     /// The answer to [`Request::BackupCapture`].
     BackupCaptured(BackupCaptureReport),
     /// The answer to [`Request::BackupMerge`].
@@ -224,6 +234,12 @@ pub enum Notice {
         /// Why.
         reason: StopReason,
     },
+    /// The guest's integration agent started or stopped answering the worker's periodic ping
+    /// (Hyper-V's heartbeat integration service).
+    GuestHeartbeat {
+        /// What the last ping found.
+        heartbeat: GuestHeartbeat,
+    },
 }
 
 /// A worker's answer to [`Request::Status`].
@@ -245,6 +261,10 @@ pub struct WorkerReport {
     pub test_guest: Option<TestGuestCounters>,
     /// What the worker runs under.
     pub confinement: Confinement,
+    /// Whether the guest's integration agent answers the worker's periodic ping; `None` while
+    /// no guest runs.
+    #[serde(default)]
+    pub guest_heartbeat: Option<GuestHeartbeat>,
 }
 
 /// The confinement a worker runs under (Hyper-V runs each `vmwp.exe` under its own virtual
@@ -262,6 +282,72 @@ pub struct Confinement {
     pub landlock: String,
 }
 
+/// A call to the guest's integration agent ([`Request::GuestAgent`]), the
+/// [`vmm_core::Worker`] methods of the same names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestAgentRequest {
+    /// `guest-sync-delimited` + `guest-ping` within `timeout`: [`GuestAgentReply::Pong`].
+    Ping {
+        /// How long the agent has.
+        timeout: std::time::Duration,
+    },
+    /// `guest-info`: [`GuestAgentReply::Info`].
+    Info {
+        /// How long the agent has.
+        timeout: std::time::Duration,
+    },
+    /// `guest-fsfreeze-freeze`: [`GuestAgentReply::Count`]. The worker thaws the guest itself
+    /// once `hold_limit` has passed since the request unless a [`GuestAgentRequest::Thaw`]
+    /// succeeded first, and at once when the answer does not come within `reply_timeout`.
+    Freeze {
+        /// How long the agent has to answer.
+        reply_timeout: std::time::Duration,
+        /// Longest the guest stays frozen, counted from the request.
+        hold_limit: std::time::Duration,
+    },
+    /// `guest-fsfreeze-thaw`: [`GuestAgentReply::Count`].
+    Thaw {
+        /// How long the agent has.
+        timeout: std::time::Duration,
+    },
+    /// `guest-fsfreeze-status`: [`GuestAgentReply::FreezeStatus`].
+    FreezeStatus {
+        /// How long the agent has.
+        timeout: std::time::Duration,
+    },
+}
+
+impl GuestAgentRequest {
+    /// The longest the worker may take over the request (the agent's own timeouts, plus one
+    /// heartbeat ping it may have to wait behind).
+    pub fn agent_time(&self) -> std::time::Duration {
+        /// A heartbeat ping the request may queue behind, with room to spare.
+        const QUEUE_MARGIN: std::time::Duration = std::time::Duration::from_secs(3);
+        QUEUE_MARGIN
+            + match self {
+                GuestAgentRequest::Ping { timeout }
+                | GuestAgentRequest::Info { timeout }
+                | GuestAgentRequest::Thaw { timeout }
+                | GuestAgentRequest::FreezeStatus { timeout } => *timeout,
+                // A freeze that times out is followed by a thaw of the same length.
+                GuestAgentRequest::Freeze { reply_timeout, .. } => *reply_timeout * 2,
+            }
+    }
+}
+
+/// What the guest's agent answered ([`Reply::GuestAgent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestAgentReply {
+    /// It answers (`guest-ping`).
+    Pong,
+    /// `guest-info`.
+    Info(GuestAgentInfo),
+    /// File systems frozen or thawed.
+    Count(u32),
+    /// `guest-fsfreeze-status`.
+    FreezeStatus(GuestFreezeStatus),
+}
+
 /// The test guest's status block (`vmms_guest::protocol::StatusBlock`), read from guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestGuestCounters {
@@ -269,6 +355,12 @@ pub struct TestGuestCounters {
     pub counter: u64,
     /// Records the guest appended to its disk.
     pub records: u64,
+    /// Its integration agent holds a freeze: the record workload is stopped.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Its `writeloop` workload runs (pausing while frozen).
+    #[serde(default)]
+    pub writeloop: bool,
 }
 
 /// Why a frame could not be read or written.
@@ -412,6 +504,8 @@ mod tests {
                 test_guest: Some(TestGuestCounters {
                     counter: 99,
                     records: 3,
+                    frozen: true,
+                    writeloop: false,
                 }),
                 confinement: Confinement {
                     enabled: true,
@@ -419,6 +513,7 @@ mod tests {
                     seccomp: true,
                     landlock: "fully enforced (ABI 6)".into(),
                 },
+                guest_heartbeat: Some(GuestHeartbeat::Ok),
             })),
         }
     }
@@ -523,6 +618,15 @@ mod tests {
             Just(Request::TurnOff),
             Just(Request::Reset),
             Just(Request::Shutdown),
+            (0u64..10_000, 0u64..10_000).prop_map(|(a, b)| {
+                Request::GuestAgent(GuestAgentRequest::Freeze {
+                    reply_timeout: std::time::Duration::from_millis(a),
+                    hold_limit: std::time::Duration::from_millis(b),
+                })
+            }),
+            Just(Request::GuestAgent(GuestAgentRequest::FreezeStatus {
+                timeout: std::time::Duration::from_secs(1),
+            })),
             ("[^\0]{0,40}", "[^\0]{0,40}").prop_map(|(a, b)| Request::Save {
                 staging: a.into(),
                 state_dir: b.into(),
@@ -556,6 +660,7 @@ mod tests {
                 Just(FailureKind::InvalidState),
                 Just(FailureKind::Refused),
                 Just(FailureKind::Failed),
+                Just(FailureKind::TimedOut),
             ],
             "[^\0]{0,40}",
         )

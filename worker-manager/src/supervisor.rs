@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::AsRawFd;
 
 use vmm_core::integration::{BackupCaptureReport, BackupCaptureRequest, BackupMergeRequest};
+use vmm_core::integration::{GuestAgentInfo, GuestFreezeStatus, GuestHeartbeat};
 use vmm_core::{
     CheckpointReport, CheckpointRequest, EventSink, StopReason, VmId, Worker, WorkerError,
     WorkerEvent, WorkerStatus,
@@ -25,7 +26,9 @@ use crate::client::ControlClient;
 use crate::error::Error;
 use crate::launcher::LauncherOptions;
 use crate::process::{ExitStatus, PidFd, poll_readable, reap_child};
-use crate::protocol::{GuestState, Notice, Reply, Request, WorkerReport};
+use crate::protocol::{
+    GuestAgentReply, GuestAgentRequest, GuestState, Notice, Reply, Request, WorkerReport,
+};
 use crate::runtime::RuntimeDir;
 
 /// After a save or turn-off reply, how long the worker gets to exit before it is killed.
@@ -64,6 +67,9 @@ pub(crate) struct Supervised {
     exit_changed: Condvar,
     /// Readable once the handle is dropped: the watcher threads end.
     cancel: EventFd,
+    /// What the worker last said of its guest's agent (notices and heartbeat reports): read by
+    /// every `get-vm` without a round trip.
+    guest_heartbeat: Mutex<Option<GuestHeartbeat>>,
 }
 
 impl Supervised {
@@ -90,6 +96,7 @@ impl Supervised {
             exit: Mutex::new(ExitState::default()),
             exit_changed: Condvar::new(),
             cancel,
+            guest_heartbeat: Mutex::new(None),
         });
         let pid = supervised.pid();
         let watcher = Arc::clone(&supervised);
@@ -162,7 +169,25 @@ impl Supervised {
                     self.events.send(WorkerEvent::StateChanged(status));
                 }
             }
+            Notice::GuestHeartbeat { heartbeat } => self.set_guest_heartbeat(Some(heartbeat)),
         }
+    }
+
+    fn set_guest_heartbeat(&self, heartbeat: Option<GuestHeartbeat>) {
+        *self
+            .guest_heartbeat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = heartbeat;
+    }
+
+    fn guest_heartbeat(&self) -> Option<GuestHeartbeat> {
+        if self.has_exited() {
+            return None;
+        }
+        *self
+            .guest_heartbeat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn note_guest_stopped(&self, reason: &StopReason) {
@@ -201,6 +226,7 @@ impl Supervised {
 
     /// A report's news the notice may have missed (it was sent while nobody was connected).
     pub(crate) fn check_report(&self, report: &WorkerReport) {
+        self.set_guest_heartbeat(report.guest_heartbeat);
         if let GuestState::Stopped { reason } = &report.state {
             self.note_guest_stopped(reason);
             self.report(reason.clone());
@@ -440,6 +466,36 @@ impl ProcessWorker {
     }
 }
 
+impl ProcessWorker {
+    /// Sends a guest-agent request; a timeout (the worker's wait for the agent, or ours for
+    /// the worker) is reported as `timeout`, the time the caller gave the agent.
+    fn agent_call(
+        &self,
+        request: GuestAgentRequest,
+        timeout: Duration,
+    ) -> Result<GuestAgentReply, WorkerError> {
+        let inner = &self.inner;
+        // The worker's own deadline comes first; ours only catches a worker that went silent.
+        let wait = request.agent_time() + inner.options.request_timeout;
+        match inner.call(Request::GuestAgent(request), wait) {
+            Ok(Reply::GuestAgent(reply)) => Ok(reply),
+            Ok(other) => Err(WorkerError::failed(Error::Protocol(
+                crate::protocol::ProtocolError::Unexpected(format!(
+                    "{other:?} in answer to a guest-agent request"
+                )),
+            ))),
+            Err(WorkerError::Timeout(_)) => Err(WorkerError::Timeout(timeout)),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+fn unexpected_agent_reply(reply: &GuestAgentReply, request: &str) -> WorkerError {
+    WorkerError::failed(Error::Protocol(crate::protocol::ProtocolError::Unexpected(
+        format!("{reply:?} in answer to guest-agent {request}"),
+    )))
+}
+
 impl Drop for ProcessWorker {
     fn drop(&mut self) {
         self.inner.detach();
@@ -550,6 +606,53 @@ impl Worker for ProcessWorker {
     fn reset(&self) -> Result<(), WorkerError> {
         let timeout = self.inner.options.request_timeout;
         self.inner.call(Request::Reset, timeout).map(drop)
+    }
+
+    fn guest_agent_ping(&self, timeout: Duration) -> Result<(), WorkerError> {
+        match self.agent_call(GuestAgentRequest::Ping { timeout }, timeout)? {
+            GuestAgentReply::Pong => Ok(()),
+            other => Err(unexpected_agent_reply(&other, "Ping")),
+        }
+    }
+
+    fn guest_agent_info(&self, timeout: Duration) -> Result<GuestAgentInfo, WorkerError> {
+        match self.agent_call(GuestAgentRequest::Info { timeout }, timeout)? {
+            GuestAgentReply::Info(info) => Ok(info),
+            other => Err(unexpected_agent_reply(&other, "Info")),
+        }
+    }
+
+    fn freeze_guest(
+        &self,
+        reply_timeout: Duration,
+        hold_limit: Duration,
+    ) -> Result<u32, WorkerError> {
+        let request = GuestAgentRequest::Freeze {
+            reply_timeout,
+            hold_limit,
+        };
+        match self.agent_call(request, reply_timeout)? {
+            GuestAgentReply::Count(count) => Ok(count),
+            other => Err(unexpected_agent_reply(&other, "Freeze")),
+        }
+    }
+
+    fn thaw_guest(&self, timeout: Duration) -> Result<u32, WorkerError> {
+        match self.agent_call(GuestAgentRequest::Thaw { timeout }, timeout)? {
+            GuestAgentReply::Count(count) => Ok(count),
+            other => Err(unexpected_agent_reply(&other, "Thaw")),
+        }
+    }
+
+    fn guest_freeze_status(&self, timeout: Duration) -> Result<GuestFreezeStatus, WorkerError> {
+        match self.agent_call(GuestAgentRequest::FreezeStatus { timeout }, timeout)? {
+            GuestAgentReply::FreezeStatus(status) => Ok(status),
+            other => Err(unexpected_agent_reply(&other, "FreezeStatus")),
+        }
+    }
+
+    fn guest_heartbeat(&self) -> Option<GuestHeartbeat> {
+        self.inner.guest_heartbeat()
     }
 
     fn turn_off(&self) -> Result<(), WorkerError> {

@@ -91,6 +91,10 @@ pub enum Command<'a> {
     Write(u64),
     /// `dirty <n>`: touch `n` pages.
     Dirty(u64),
+    /// `writeloop`: keep appending records, one batch per main-loop pass, until `stop`.
+    WriteLoop,
+    /// `stop`: end `writeloop`.
+    Stop,
     /// `halt`.
     Halt,
     /// `reboot`.
@@ -142,6 +146,8 @@ impl<'a> Command<'a> {
             "status" => Self::Status,
             "write" => number(Self::Write),
             "dirty" => number(Self::Dirty),
+            "writeloop" => Self::WriteLoop,
+            "stop" => Self::Stop,
             "halt" => Self::Halt,
             "reboot" => Self::Reboot,
             "help" => Self::Help,
@@ -343,6 +349,12 @@ mod tests {
             let _ = Command::parse(&text);
             let _ = parse_ipv4(&text);
         }
+    }
+
+    #[test]
+    fn writeloop_and_stop_are_commands() {
+        assert_eq!(Command::parse(" writeloop "), Command::WriteLoop);
+        assert_eq!(Command::parse("stop"), Command::Stop);
     }
 
     #[test]

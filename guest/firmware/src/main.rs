@@ -3,11 +3,12 @@
 //! `boot.rs` takes the few steps that need CPL0 and drops to CPL3, where [`guest_main`] runs at
 //! native speed on a software KVM: it reads the boot parameters, brings up COM1 and the
 //! virtio-blk disk, then either runs a benchmark loop (`bench=<mode>`) or the console shell and
-//! main loop. What the host and the guest agree on is in `protocol.rs`.
+//! main loop, which also serves the integration agent on COM2 (`agent.rs`). What the host and the guest agree on is in `protocol.rs`.
 
 #![no_std]
 #![no_main]
 
+mod agent;
 mod bench;
 mod boot;
 mod bootparams;
@@ -33,14 +34,15 @@ use core::panic::PanicInfo;
 use bench::BenchMode;
 use bootparams::{COMMAND_LINE_MAX, Range, ZERO_PAGE_SIZE, ZeroPage};
 use cmdline::{Cmdline, VIRTIO_MMIO_KEY, parse_virtio_mmio_device};
+use netstack::NetStack;
 use protocol::{
-    BANNER, BENCH_CMDLINE_KEY, BENCH_MMIO_ADDR, DEFAULT_IDLE_US, DIRTY_BASE, DISK_LINE_PREFIX,
-    ERROR_PREFIX, IDLE_CMDLINE_KEY, IP_CMDLINE_KEY, NET_LINE_PREFIX, PANIC_PREFIX,
+    AGENT_CMDLINE_KEY, BANNER, BENCH_CMDLINE_KEY, BENCH_MMIO_ADDR, DEFAULT_IDLE_US, DIRTY_BASE,
+    DISK_LINE_PREFIX, ERROR_PREFIX, IDLE_CMDLINE_KEY, IP_CMDLINE_KEY, NET_LINE_PREFIX,
+    PANIC_PREFIX,
 };
 use records::RecordLog;
 use serial::Serial;
 use shell::{DirtyRange, Shell};
-use netstack::NetStack;
 use virtio_blk::VirtioBlk;
 use virtio_net::{DEVICE_ID_NET, VirtioNet};
 
@@ -77,7 +79,9 @@ extern "sysv64" fn guest_main(zero_page: u64) -> ! {
     let dirty = unsafe { DirtyRange::new(DIRTY_BASE, dirty_end) };
 
     serial.write_line(format_args!("{BANNER}"));
-    Shell::new(serial, log, net, dirty, idle_us).run()
+    // `agent=off`: COM2 stays unprogrammed and unread, as in a guest without integration services.
+    let channel = (cmdline.value(AGENT_CMDLINE_KEY) != Some("off")).then(Serial::init_com2);
+    Shell::new(serial, channel, log, net, dirty, idle_us).run()
 }
 
 /// Starts the benchmark loop `name`; returns only if there is no such benchmark.

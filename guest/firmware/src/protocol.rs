@@ -26,7 +26,15 @@ pub struct StatusBlock {
     pub ticks: u64,
     /// Base guest-physical address of the page range that `dirty N` touches.
     pub dirty_base: u64,
+    /// [`STATUS_FROZEN`] and [`STATUS_WRITELOOP`].
+    pub flags: u64,
 }
+
+/// [`StatusBlock::flags`]: the integration agent froze the guest's disk writes
+/// (`guest-fsfreeze-freeze`); no record is written until a thaw.
+pub const STATUS_FROZEN: u64 = 1 << 0;
+/// [`StatusBlock::flags`]: the `writeloop` workload runs (it pauses while frozen).
+pub const STATUS_WRITELOOP: u64 = 1 << 1;
 
 /// Size of [`StatusBlock`] in guest memory.
 pub const STATUS_BLOCK_SIZE: usize = core::mem::size_of::<StatusBlock>();
@@ -46,6 +54,7 @@ impl StatusBlock {
             records_written: word(2)?,
             ticks: word(3)?,
             dirty_base: word(4)?,
+            flags: word(5)?,
         })
     }
 }
@@ -159,9 +168,14 @@ pub const LINE_END: &str = "\r\n";
 // An empty line gets no reply. Commands and replies:
 //   `echo <text>`   `<text>`
 //   `status`        `counter=<dec> records=<dec> ticks=<dec>` (the [`StatusBlock`] fields)
+//   `status`        also ` frozen=<0|1> writeloop=<0|1>` after `ticks` (see [`StatusBlock::flags`])
 //   `write <n>`     `wrote <n> records, total <m>`: appends records `m-n .. m` and flushes the disk
 //                   (if the device offers flush) before replying; nothing is written if they do not
-//                   all fit
+//                   all fit; `error: frozen` while the agent holds a freeze
+//   `writeloop`     `writeloop started, total <m>`: from now on every main-loop pass appends
+//                   [`WRITELOOP_BATCH`] records (flushed), pausing while frozen, until `stop` or an
+//                   error (then one line `writeloop stopped: <reason>` appears on its own)
+//   `stop`          `writeloop stopped, total <m>` (or `writeloop is not running`)
 //   `dirty <n>`     `dirtied <n> pages at 0x<hex>`: stores one byte into each of `n` consecutive
 //                   4 KiB pages from [`DIRTY_BASE`]
 //   `halt`          `halting`, then ACPI power-off
@@ -175,6 +189,21 @@ pub const LINE_END: &str = "\r\n";
 //   `guest exception <vector, decimal> error=0x<hex> rip=0x<hex>` (a CPU exception;
 //                   ` cr2=0x<hex>` follows for a page fault), see [`EXCEPTION_PREFIX`]
 //   `guest panic: <file>:<line>: <message>`, see [`PANIC_PREFIX`]
+
+// COM2 carries the integration agent: the qemu-guest-agent protocol subset (guest-sync-delimited,
+// guest-sync, guest-ping, guest-info, guest-fsfreeze-freeze/-thaw/-status, guest-shutdown), one
+// JSON object per command, one line per reply, `0xFF` resynchronises. See the firmware's
+// `agent.rs`. A freeze finishes the disk's in-flight writes (the log flushes) and holds the
+// record workload; `guest-shutdown` prints [`AGENT_SHUTDOWN_LINE`] on COM1 and powers off.
+
+/// Command-line key switching the integration agent off: `agent=off` makes a guest whose COM2
+/// nothing answers (a guest without integration services, for tests).
+pub const AGENT_CMDLINE_KEY: &str = "agent";
+
+/// Records `writeloop` appends per main-loop pass.
+pub const WRITELOOP_BATCH: u64 = 1;
+/// The console line the guest prints when its agent was asked to shut it down.
+pub const AGENT_SHUTDOWN_LINE: &str = "shutdown requested by the integration agent";
 
 /// Start of the one line describing the disk, printed before [`BANNER`].
 pub const DISK_LINE_PREFIX: &str = "disk: ";

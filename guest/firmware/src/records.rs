@@ -111,6 +111,12 @@ impl RecordLog {
         Ok(self.next)
     }
 
+    /// Makes every completed write durable (the freeze's "finish in-flight writes": appends
+    /// complete before they return, so only the device's cache is left).
+    pub fn flush(&mut self) -> Result<(), RequestError> {
+        self.disk.flush()
+    }
+
     /// Counts the valid records from record 0 on.
     fn scan(&mut self) -> Result<u64, RequestError> {
         let mut seq = 0;

@@ -1,4 +1,4 @@
-//! COM1, the console: a polled 8250/16550A UART.
+//! COM1 (the console) and COM2 (the integration agent's channel): polled 8250/16550A UARTs.
 //!
 //! Each register access is a VM exit (~25 µs from CPL3 on a software KVM), so the driver counts:
 //! when the UART has a 16-byte FIFO (a 16550A, which vm-superio's UART reports) it writes up to 16
@@ -11,6 +11,8 @@ use crate::protocol::LINE_END;
 
 /// COM1's I/O base.
 const COM1: u16 = 0x3f8;
+/// COM2's I/O base: the integration channel (see `agent.rs`).
+const COM2: u16 = 0x2f8;
 
 /// Register offsets (DLAB = 0 unless noted).
 const DATA: u16 = 0;
@@ -38,7 +40,7 @@ const FIFO_DEPTH: u8 = 16;
 /// The longest line [`Serial::write_line`] sends; longer lines are cut.
 const MAX_LINE: usize = 256;
 
-/// The console UART.
+/// One UART: the console (COM1) or the agent's channel (COM2).
 #[derive(Debug)]
 pub struct Serial {
     base: u16,
@@ -51,7 +53,15 @@ pub struct Serial {
 impl Serial {
     /// Programs COM1 for polled use: no interrupts, 115200 8N1, FIFO on if present.
     pub fn init_com1() -> Self {
-        let base = COM1;
+        Self::init(COM1)
+    }
+
+    /// Programs COM2, the integration agent's channel, like COM1.
+    pub fn init_com2() -> Self {
+        Self::init(COM2)
+    }
+
+    fn init(base: u16) -> Self {
         outb(base + INTERRUPT_ENABLE, 0);
         outb(base + LINE_CONTROL, LCR_DLAB);
         outb(base + DIVISOR_LOW, 1);
@@ -112,6 +122,12 @@ impl Serial {
             self.credit = self.burst;
         }
         status
+    }
+}
+
+impl crate::agent::ReplySink for Serial {
+    fn write_sentinel(&mut self) {
+        self.write_bytes(&[crate::agent::SYNC_BYTE]);
     }
 }
 

@@ -26,6 +26,7 @@ static STATUS: StatusPage = StatusPage(UnsafeCell::new(StatusBlock {
     records_written: 0,
     ticks: 0,
     dirty_base: 0,
+    flags: 0,
 }));
 
 /// Resets the block for a fresh boot and marks it valid (the magic is stored last).
@@ -37,6 +38,7 @@ pub fn init(dirty_base: u64) {
         write_volatile(addr_of_mut!((*block).records_written), 0);
         write_volatile(addr_of_mut!((*block).ticks), 0);
         write_volatile(addr_of_mut!((*block).dirty_base), dirty_base);
+        write_volatile(addr_of_mut!((*block).flags), 0);
         write_volatile(addr_of_mut!((*block).magic), STATUS_MAGIC);
     }
 }
@@ -57,6 +59,13 @@ pub fn set_records_written(records: u64) {
     let block = STATUS.0.get();
     // SAFETY: as in `init`.
     unsafe { write_volatile(addr_of_mut!((*block).records_written), records) }
+}
+
+/// Publishes the workload's flags (`protocol::STATUS_FROZEN`, `protocol::STATUS_WRITELOOP`).
+pub fn set_flags(flags: u64) {
+    let block = STATUS.0.get();
+    // SAFETY: as in `init`.
+    unsafe { write_volatile(addr_of_mut!((*block).flags), flags) }
 }
 
 /// The current contents of the block.

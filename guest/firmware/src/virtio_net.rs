@@ -267,7 +267,12 @@ impl VirtioNet {
         self.rx_next_avail = RX_BUFFERS as u16;
         fence(Ordering::SeqCst);
         // SAFETY: the avail index of the receive ring, in the DMA area.
-        unsafe { write_volatile(addr_of_mut!((*dma).rings[RX].avail.index), self.rx_next_avail) };
+        unsafe {
+            write_volatile(
+                addr_of_mut!((*dma).rings[RX].avail.index),
+                self.rx_next_avail,
+            )
+        };
         let regs = &self.regs;
         regs.write32(
             STATUS,
@@ -351,7 +356,10 @@ impl VirtioNet {
             fence(Ordering::SeqCst);
             // SAFETY: the receive ring's avail index.
             unsafe {
-                write_volatile(addr_of_mut!((*dma).rings[RX].avail.index), self.rx_next_avail)
+                write_volatile(
+                    addr_of_mut!((*dma).rings[RX].avail.index),
+                    self.rx_next_avail,
+                )
             };
         }
         if frames > 0 {
@@ -403,7 +411,12 @@ impl VirtioNet {
         fence(Ordering::SeqCst);
         self.tx_next_avail = self.tx_next_avail.wrapping_add(1);
         // SAFETY: the transmit ring's avail index.
-        unsafe { write_volatile(addr_of_mut!((*dma).rings[TX].avail.index), self.tx_next_avail) };
+        unsafe {
+            write_volatile(
+                addr_of_mut!((*dma).rings[TX].avail.index),
+                self.tx_next_avail,
+            )
+        };
         fence(Ordering::SeqCst);
         self.regs.write32(QUEUE_NOTIFY, TX as u32);
         Ok(())

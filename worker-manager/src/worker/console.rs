@@ -1,4 +1,5 @@
 //! The worker's console socket: COM1, raw bytes both ways, to any number of attached clients.
+//! (The same ring also carries COM2's output to the guest-agent client, see `agent.rs`.)
 //!
 //! Guest output goes into a fixed ring ([`ConsoleLog`]) on the vCPU thread — a copy under the
 //! console's own lock, no allocation, never a socket write — so a slow or stuck client can never
@@ -70,9 +71,14 @@ impl ConsoleLog {
         ring.written.saturating_sub(ring.bytes.len() as u64)
     }
 
+    /// Position after the newest byte: where a reader that wants only what comes next starts.
+    pub(crate) fn end(&self) -> u64 {
+        lock(&self.ring).written
+    }
+
     /// Waits up to `wait` for output past `from` and copies it into `out` (cleared first);
     /// returns the position after it. Output a slow reader missed is skipped.
-    fn read_from(&self, from: u64, out: &mut Vec<u8>, wait: Duration) -> u64 {
+    pub(crate) fn read_from(&self, from: u64, out: &mut Vec<u8>, wait: Duration) -> u64 {
         out.clear();
         let ring = lock(&self.ring);
         let (ring, _) = self

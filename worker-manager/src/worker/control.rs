@@ -17,8 +17,11 @@ use partition::memory::PartitionMemory;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::VmId;
 use vmm_sys_util::eventfd::EventFd;
-use vmms_guest::protocol::{STATUS_BLOCK_SIZE, STATUS_GPA, STATUS_MAGIC, StatusBlock};
+use vmms_guest::protocol::{
+    STATUS_BLOCK_SIZE, STATUS_FROZEN, STATUS_GPA, STATUS_MAGIC, STATUS_WRITELOOP, StatusBlock,
+};
 
+use super::agent::{AgentHandle, Job};
 use super::console::ConsoleLog;
 use super::machine::lock;
 use crate::process::rss_kib;
@@ -143,6 +146,8 @@ pub(crate) struct WorkerShared {
     commands: CommandSender,
     console: Arc<ConsoleLog>,
     confinement: Mutex<Confinement>,
+    /// The guest's integration agent (COM2), served by the agent thread.
+    agent: AgentHandle,
 }
 
 impl WorkerShared {
@@ -152,6 +157,7 @@ impl WorkerShared {
         test_guest: bool,
         console: Arc<ConsoleLog>,
         commands: CommandSender,
+        agent: AgentHandle,
     ) -> Self {
         WorkerShared {
             vm,
@@ -169,7 +175,13 @@ impl WorkerShared {
             commands,
             console,
             confinement: Mutex::new(Confinement::default()),
+            agent,
         }
+    }
+
+    /// The guest's integration agent.
+    pub(crate) fn agent(&self) -> &AgentHandle {
+        &self.agent
     }
 
     /// Records what the worker runs under, for status reports.
@@ -215,8 +227,10 @@ impl WorkerShared {
         lock(&self.guest).com1.clone()
     }
 
-    /// The answer to [`Request::Status`].
+    /// The answer to [`Request::Status`] (which also has the guest's agent pinged, in the
+    /// background, when that is due).
     pub(crate) fn report(&self) -> WorkerReport {
+        self.agent.nudge();
         let (state, memory) = {
             let guest = lock(&self.guest);
             (guest.state.clone(), guest.memory.clone())
@@ -234,6 +248,7 @@ impl WorkerShared {
             rss_kib: rss_kib(self.pid).unwrap_or(0),
             test_guest,
             confinement: self.confinement(),
+            guest_heartbeat: self.agent.heartbeat(),
         }
     }
 
@@ -261,6 +276,8 @@ fn test_guest_counters(memory: &PartitionMemory) -> Option<TestGuestCounters> {
     (block.magic == STATUS_MAGIC).then_some(TestGuestCounters {
         counter: block.counter,
         records: block.records_written,
+        frozen: block.flags & STATUS_FROZEN != 0,
+        writeloop: block.flags & STATUS_WRITELOOP != 0,
     })
 }
 
@@ -337,6 +354,22 @@ fn requests(
                     id,
                     result: Ok(reply),
                 });
+            }
+            ToWorker::Request {
+                id,
+                request: Request::GuestAgent(request),
+            } => {
+                let job = Job::Call {
+                    id,
+                    request,
+                    peer: Arc::clone(peer),
+                };
+                if shared.agent.submit(job).is_err() {
+                    peer.send(&FromWorker::Reply {
+                        id,
+                        result: Err(Failure::invalid_state("worker is shutting down")),
+                    });
+                }
             }
             ToWorker::Request { id, request } => {
                 let command = Command {

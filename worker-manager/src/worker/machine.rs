@@ -22,6 +22,7 @@ use partition::{
 use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
 
 use super::WorkerOptions;
+use super::agent::{self, AgentHandle, AgentJobs};
 use super::backup::{self, Captured};
 use super::change_tracking::ChangeTracking;
 use super::checkpoint::{self, DirtyTracking};
@@ -42,8 +43,9 @@ pub const STATE_FILE: &str = "state.json";
 /// Name of the guest memory image in a saved-state folder.
 pub const MEMORY_FILE: &str = "memory.bin";
 
-/// How long a guest asked to shut down may leave its console unread before the request fails.
-const SHUTDOWN_INPUT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a guest asked to shut down has for its integration agent to answer (the request
+/// needs the stream in step first: a guest still booting gets this long to start its agent).
+const SHUTDOWN_AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Maps a virtual machine's definition to the partition that runs it. Relative disk paths are
 /// resolved against `disks_dir`; the test guest boots from `default_kernel`.
@@ -102,8 +104,8 @@ pub(crate) struct Machine {
     shared: Arc<WorkerShared>,
     commands: CommandReceiver,
     runtime: RuntimeDir,
-    /// Whether the guest is the embedded test guest (which understands `halt` on COM1).
-    test_guest: bool,
+    /// The agent thread's job queue, until the thread starts.
+    agent_jobs: Option<AgentJobs>,
     /// Whether the process is confined (seccomp goes on before the first `KVM_RUN`).
     confine: bool,
     vm_name: String,
@@ -169,12 +171,14 @@ impl Machine {
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
+        let (agent, agent_jobs) = AgentHandle::new();
         let shared = Arc::new(WorkerShared::new(
             vm.id,
             options.restore.is_some(),
             test_guest,
             Arc::clone(&console),
             tx,
+            agent,
         ));
         shared.set_confinement(confinement);
         let mut machine = Machine {
@@ -183,7 +187,7 @@ impl Machine {
             shared,
             commands,
             runtime,
-            test_guest,
+            agent_jobs: Some(agent_jobs),
             confine: options.confine,
             vm_name: vm.name.clone(),
             tracking: DirtyTracking::starting_at(restored_state),
@@ -222,6 +226,13 @@ impl Machine {
             .name("console".into())
             .spawn(move || console::serve(console_listener, &shared))
             .map_err(Error::Thread)?;
+        if let Some(jobs) = self.agent_jobs.take() {
+            let shared = Arc::clone(&self.shared);
+            std::thread::Builder::new()
+                .name("guest-agent".into())
+                .spawn(move || agent::serve(jobs, shared))
+                .map_err(Error::Thread)?;
+        }
         if self.confine {
             // Set-up is over: from the first KVM_RUN on, only the allowlist.
             confinement::install_seccomp()?;
@@ -248,11 +259,12 @@ impl Machine {
     }
 
     /// Makes `partition` the running one: COM1 into the console log, memory and COM1 visible to
-    /// the connection threads.
+    /// the connection threads, COM2 to the guest-agent thread.
     fn install(&mut self, partition: Partition) {
         partition
             .com1()
             .set_sink(Box::new(console::ConsoleSink::new(self.shared.console())));
+        self.shared.agent().attach(Some(partition.com2().clone()));
         self.shared.set_guest(
             Some(partition.memory().clone()),
             Some(partition.com1().clone()),
@@ -312,6 +324,7 @@ impl Machine {
         // Every write the guest made is in the maps now (its devices are gone): a clean end.
         self.change_tracking.write_clean();
         self.shared.set_guest(None, None);
+        self.shared.agent().attach(None);
         self.shared.set_state(GuestState::Stopped {
             reason: reason.clone(),
         });
@@ -320,6 +333,22 @@ impl Machine {
     }
 
     fn handle(&mut self, command: Command) -> Flow {
+        if let Request::GuestAgent(request) = command.request {
+            // The connection threads send these to the agent thread; should one come here, it
+            // goes there too.
+            let job = agent::Job::Call {
+                id: command.id,
+                request,
+                peer: command.peer,
+            };
+            if let Err(agent::Job::Call { id, peer, .. }) = self.shared.agent().submit(job) {
+                peer.send(&FromWorker::Reply {
+                    id,
+                    result: Err(Failure::invalid_state("worker is shutting down")),
+                });
+            }
+            return Flow::Continue;
+        }
         let (result, flow) = match command.request {
             Request::Pause => (self.pause(), Flow::Continue),
             Request::Resume => (self.resume(), Flow::Continue),
@@ -342,6 +371,7 @@ impl Machine {
             }
             // Answered by the connection threads; harmless if it arrives here.
             Request::Status => (Ok(Reply::Status(self.shared.report())), Flow::Continue),
+            Request::GuestAgent(_) => return Flow::Continue,
         };
         command.peer.send(&FromWorker::Reply {
             id: command.id,
@@ -395,6 +425,7 @@ impl Machine {
         }
         self.tracking = DirtyTracking::default();
         self.shared.set_guest(None, None);
+        self.shared.agent().attach(None);
         let booted = Partition::new(self.config.clone()).and_then(|partition| {
             self.install(partition);
             match &mut self.partition {
@@ -420,23 +451,21 @@ impl Machine {
         }
     }
 
-    /// Asks the guest to shut down: the test guest powers off on `halt` typed at its shell (a
-    /// leading CR ends whatever half-typed line it holds). The power-off itself is announced
-    /// when the vCPUs see it.
+    /// Asks the guest to shut down: `guest-shutdown` through its integration agent on COM2
+    /// (the test guest's and a Linux guest's `qemu-ga` alike). The power-off itself is announced
+    /// when the vCPUs see it. A guest whose agent does not answer is refused: it cannot be
+    /// asked.
     fn shutdown(&mut self) -> std::result::Result<Reply, Failure> {
-        if !self.test_guest {
-            return Err(Failure::refused("the guest has no shutdown integration"));
-        }
         if self.shared.state() != GuestState::Running {
             return Err(Failure::invalid_state("only a running guest can shut down"));
         }
-        let com1 = self
-            .shared
-            .com1()
-            .ok_or_else(|| Failure::invalid_state("guest is not running"))?;
-        com1.send_all(b"\rhalt\r", SHUTDOWN_INPUT_TIMEOUT)
-            .map_err(|e| Failure::failed(format!("the guest does not read its console: {e}")))?;
-        Ok(Reply::Done)
+        match self.shared.agent().shutdown(SHUTDOWN_AGENT_TIMEOUT) {
+            Ok(()) => Ok(Reply::Done),
+            Err(error) => Err(Failure::refused(format!(
+                "the guest cannot be asked to shut down: {}",
+                error_chain(&error)
+            ))),
+        }
     }
 
     /// Pauses, writes the state and memory durably into `staging`, commits it as `state_dir`,

@@ -7,6 +7,7 @@
 //! runtime folder, writes the pid file, tells the parent it is ready, and runs the guest until it
 //! is told to save or turn off.
 
+mod agent;
 mod backup;
 mod change_tracking;
 mod checkpoint;
