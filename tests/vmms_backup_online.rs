@@ -36,9 +36,9 @@ fn disk0(daemon: &Daemon, target: &str) -> PathBuf {
 
 /// Records the guest has written, from its worker's report.
 fn records(daemon: &Daemon, target: &str) -> u64 {
-    daemon.worker_report(target)["test_guest"]["records_written"]
+    daemon.worker_report(target)["test_guest"]["records"]
         .as_u64()
-        .expect("records_written in the worker report")
+        .expect("records in the worker report")
 }
 
 /// The valid records at the start of `image` (any format, read through its chain), and
