@@ -312,3 +312,90 @@ fn worker_killed_mid_backup_leaves_its_writes_on_the_disk_and_the_vm_restarts() 
         "{on_disk} records on disk, {written_before_kill} written before the kill"
     );
 }
+
+/// A VM booting the test guest as a kernel with `cmdline` (e.g. `agent=off`), an 8 MiB disk and
+/// 10 records on it, running.
+fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
+    let elf = dir.join(format!("{name}.elf"));
+    fs::write(&elf, vmms_guest::ELF).expect("guest image");
+    let args = [
+        "--kernel",
+        path(&elf),
+        "--cmdline",
+        cmdline,
+        "--new-disk",
+        "8M",
+    ];
+    daemon.new_vm(name, &args);
+    daemon.ok(&["start-vm", name]);
+    daemon.console_command(name, "write 10", "wrote 10 records, total 10");
+}
+
+#[test]
+fn a_guest_without_an_agent_is_backed_up_crash_consistent_and_says_so() {
+    let daemon = Daemon::start();
+    let sets = tempfile::tempdir().expect("tempdir");
+    guest_with_cmdline(&daemon, "mute", "agent=off", sets.path());
+    let strict = sets.path().join("strict");
+
+    let refused = daemon.fails(&[
+        "backup-vm",
+        "mute",
+        "--to",
+        path(&strict),
+        "--require-app-consistent",
+    ]);
+    let info = backup(&daemon, "mute", &sets.path().join("set"), &[]);
+
+    assert!(refused.contains("could not be quiesced"), "{refused}");
+    assert!(!strict.exists(), "no set from a refused backup");
+    assert_eq!(info["report"]["consistency"], "CrashConsistent");
+    let reason = info["report"]["consistency_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("agent does not answer"), "{info}");
+    assert_eq!(daemon.vm("mute")["enabled_state"], 2);
+    assert_tidy(&daemon, "mute");
+    daemon.ok(&[
+        "restore-vm-backup",
+        path(&sets.path().join("set")),
+        "--as",
+        "copy",
+    ]);
+    assert_eq!(records_in(&disk0(&daemon, "copy")).0, 10);
+}
+
+#[test]
+fn a_freeze_that_never_answers_is_thawed_at_the_limit_and_the_backup_falls_back() {
+    let daemon = Daemon::start();
+    let sets = tempfile::tempdir().expect("tempdir");
+    guest_with_cmdline(&daemon, "stuck", "agent=hang-freeze", sets.path());
+    let started = std::time::Instant::now();
+
+    let info = backup(
+        &daemon,
+        "stuck",
+        &sets.path().join("set"),
+        &["--freeze-limit", "1"],
+    );
+    let refused = daemon.fails(&[
+        "backup-vm",
+        "stuck",
+        "--to",
+        path(&sets.path().join("strict")),
+        "--freeze-limit",
+        "1",
+        "--require-app-consistent",
+    ]);
+
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(info["report"]["consistency"], "CrashConsistent");
+    let reason = info["report"]["consistency_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("did not freeze"), "{info}");
+    assert!(refused.contains("could not be quiesced"), "{refused}");
+    assert_eq!(
+        daemon.vm("stuck")["enabled_state"],
+        2,
+        "the VM keeps running"
+    );
+    daemon.console_command("stuck", "write 1", "wrote 1 records, total 11");
+    assert_tidy(&daemon, "stuck");
+}

@@ -442,9 +442,20 @@ pub fn parse(bytes: &[u8]) -> Result<Request<'_>, ParseError> {
 pub struct Agent {
     framer: Framer,
     frozen: bool,
+    /// Never answer `guest-fsfreeze-freeze` (nor freeze): a guest whose freeze hangs, as a
+    /// stuck VSS writer or file system does (`agent=hang-freeze`, for tests).
+    hang_freeze: bool,
 }
 
 impl Agent {
+    /// An agent that answers everything but `guest-fsfreeze-freeze`, which it swallows.
+    pub fn hanging_on_freeze() -> Self {
+        Agent {
+            hang_freeze: true,
+            ..Agent::default()
+        }
+    }
+
     /// Whether a freeze is in effect.
     pub fn frozen(&self) -> bool {
         self.frozen
@@ -496,6 +507,7 @@ impl Agent {
                 "{{\"return\":\"{}\"}}",
                 if self.frozen { "frozen" } else { "thawed" }
             ),
+            "guest-fsfreeze-freeze" if self.hang_freeze => Ok(()),
             "guest-fsfreeze-freeze" if self.frozen => {
                 error(out, "GenericError", "file systems are already frozen");
                 Ok(())
@@ -661,6 +673,21 @@ mod tests {
         assert_eq!(lines[4], r#"{"return":"thawed"}"#);
         assert_eq!(lines[5], r#"{"return":0}"#);
         assert_eq!((host.freezes, host.thaws), (1, 1));
+    }
+
+    #[test]
+    fn an_agent_hanging_on_freeze_swallows_it_and_answers_the_rest() {
+        let mut agent = Agent::hanging_on_freeze();
+        let mut host = Host::default();
+
+        let out = run(
+            &mut agent,
+            &mut host,
+            br#"{"execute":"guest-fsfreeze-freeze"}{"execute":"guest-ping"}{"execute":"guest-fsfreeze-status"}"#,
+        );
+
+        assert_eq!(out, "{\"return\":{}}\n{\"return\":\"thawed\"}\n");
+        assert_eq!(host.freezes, 0);
     }
 
     #[test]

@@ -80,8 +80,15 @@ extern "sysv64" fn guest_main(zero_page: u64) -> ! {
 
     serial.write_line(format_args!("{BANNER}"));
     // `agent=off`: COM2 stays unprogrammed and unread, as in a guest without integration services.
-    let channel = (cmdline.value(AGENT_CMDLINE_KEY) != Some("off")).then(Serial::init_com2);
-    Shell::new(serial, channel, log, net, dirty, idle_us).run()
+    // `agent=hang-freeze`: the agent answers but never completes a freeze.
+    let agent_mode = cmdline.value(AGENT_CMDLINE_KEY);
+    let channel = (agent_mode != Some("off")).then(Serial::init_com2);
+    let shell = Shell::new(serial, channel, log, net, dirty, idle_us);
+    match agent_mode {
+        Some("hang-freeze") => shell.with_agent(agent::Agent::hanging_on_freeze()),
+        _ => shell,
+    }
+    .run()
 }
 
 /// Starts the benchmark loop `name`; returns only if there is no such benchmark.

@@ -197,7 +197,8 @@ pub const LINE_END: &str = "\r\n";
 // record workload; `guest-shutdown` prints [`AGENT_SHUTDOWN_LINE`] on COM1 and powers off.
 
 /// Command-line key switching the integration agent off: `agent=off` makes a guest whose COM2
-/// nothing answers (a guest without integration services, for tests).
+/// nothing answers (a guest without integration services, for tests); `agent=hang-freeze` one
+/// whose agent answers everything but never completes a freeze.
 pub const AGENT_CMDLINE_KEY: &str = "agent";
 
 /// Records `writeloop` appends per main-loop pass.

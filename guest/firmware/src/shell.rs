@@ -97,6 +97,12 @@ impl Shell {
         }
     }
 
+    /// The same shell with `agent` serving COM2 instead of the default one.
+    pub fn with_agent(mut self, agent: Agent) -> Self {
+        self.agent = agent;
+        self
+    }
+
     /// Runs the main loop forever.
     pub fn run(mut self) -> ! {
         self.serial.write_bytes(PROMPT.as_bytes());
