@@ -306,3 +306,30 @@ fn guest_without_agent_times_out_quickly_and_keeps_running() {
     assert_eq!(worker.guest_heartbeat(), Some(GuestHeartbeat::NoContact));
     worker.turn_off().unwrap();
 }
+
+#[test]
+fn a_frozen_guest_is_not_saved_until_it_is_thawed() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let config = define(&fixture, "held", None);
+    let (worker, _console) = boot(&fixture, &config);
+    let vm_dir = fixture.dir.path().join("vms").join(config.id.to_string());
+    let staging = vm_dir.join("state.saving");
+    let state = vm_dir.join("state");
+    fs::create_dir_all(&staging).unwrap();
+
+    worker
+        .freeze_guest(AGENT_TIMEOUT, Duration::from_secs(60))
+        .unwrap();
+    let refused = worker.save(&staging, &state);
+    worker.thaw_guest(AGENT_TIMEOUT).unwrap();
+    let saved = worker.save(&staging, &state);
+
+    // A state captured while frozen would restore a guest nobody thaws.
+    assert!(
+        matches!(refused, Err(vmm_core::WorkerError::InvalidState { .. })),
+        "{refused:?}"
+    );
+    saved.unwrap();
+    assert!(state.is_dir(), "the thawed guest saved");
+}

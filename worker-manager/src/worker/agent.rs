@@ -17,6 +17,7 @@
 //! watches it learns within a heartbeat whether the guest's agent answers.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +72,8 @@ struct Channel {
     generation: Mutex<u64>,
     /// When the last heartbeat ping was asked for.
     last_nudge: Mutex<Option<Instant>>,
+    /// A freeze may be in effect (asked for, not yet thawed nor past its hold limit).
+    may_be_frozen: AtomicBool,
 }
 
 /// The handle the other worker threads hold.
@@ -103,6 +106,11 @@ impl AgentHandle {
         *lock(&self.channel.heartbeat) = com2.as_ref().map(|_| GuestHeartbeat::NoContact);
         *lock(&self.channel.uart) = com2;
         *lock(&self.channel.generation) += 1;
+    }
+
+    /// Whether the guest's file systems may be frozen by a freeze this worker relayed.
+    pub(crate) fn may_be_frozen(&self) -> bool {
+        self.channel.may_be_frozen.load(Ordering::Acquire)
     }
 
     /// The heartbeat's last finding (`None` while no guest runs).
@@ -206,15 +214,28 @@ struct Integration {
     shared: Arc<WorkerShared>,
     /// When the freeze in effect must end, if the guest may be frozen.
     hold_until: Option<Instant>,
+    /// Where [`AgentHandle::may_be_frozen`] reads whether `hold_until` is set.
+    channel: Arc<Channel>,
+}
+
+impl Integration {
+    /// Tells the other threads whether a freeze may be in effect; set before a freeze is even
+    /// sent, so no state is captured between the freeze and its answer.
+    fn publish_hold(&self) {
+        self.channel
+            .may_be_frozen
+            .store(self.hold_until.is_some(), Ordering::Release);
+    }
 }
 
 /// The agent thread: runs until every handle is gone.
 pub(crate) fn serve(jobs: AgentJobs, shared: Arc<WorkerShared>) {
     let channel = Arc::clone(&shared.agent().channel);
     let mut integration = Integration {
-        client: AgentClient::new(Com2::new(channel)),
+        client: AgentClient::new(Com2::new(Arc::clone(&channel))),
         shared,
         hold_until: None,
+        channel,
     };
     loop {
         // Asleep until a job comes, or the freeze's hold limit.
@@ -236,6 +257,7 @@ pub(crate) fn serve(jobs: AgentJobs, shared: Arc<WorkerShared>) {
             integration.job(job);
         }
         integration.enforce_hold_limit();
+        integration.publish_hold();
     }
 }
 
@@ -308,6 +330,7 @@ impl Integration {
             GuestAgentRequest::Thaw { timeout } => {
                 let count = client.fsfreeze_thaw(timeout).map_err(|e| failure(&e))?;
                 self.hold_until = None;
+                self.publish_hold();
                 Ok(GuestAgentReply::Count(count))
             }
         }
@@ -323,6 +346,7 @@ impl Integration {
         let previous = self.hold_until;
         let limit = Instant::now() + hold_limit;
         self.hold_until = Some(previous.map_or(limit, |p| p.min(limit)));
+        self.publish_hold();
         match self.client.fsfreeze_freeze(reply_timeout) {
             Ok(count) => {
                 eprintln!(

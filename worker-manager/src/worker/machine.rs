@@ -659,12 +659,18 @@ impl Machine {
     /// Refuses an operation that would carry a backup's unmerged overlays into saved state or a
     /// checkpoint.
     fn no_backup_pending(&self) -> std::result::Result<(), Failure> {
-        match self.backup.first() {
-            Some(_) => Err(Failure::invalid_state(
+        if !self.backup.is_empty() {
+            return Err(Failure::invalid_state(
                 "a backup's overlays are not merged yet",
-            )),
-            None => Ok(()),
+            ));
         }
+        // A state captured while frozen would come back frozen, with no hold limit to end it.
+        if self.shared.agent().may_be_frozen() {
+            return Err(Failure::invalid_state(
+                "the guest's file systems are frozen for a backup",
+            ));
+        }
+        Ok(())
     }
 
     fn set_and_announce(&self, state: GuestState) {
