@@ -47,8 +47,9 @@ use crate::copy::{Zeros, allocated_ranges, check_sums, copy_ranges, total};
 use crate::manifest::Manifest;
 use crate::records::{LastBackup, SessionJournal};
 
-/// The longest chain of sets followed (a longer one is most likely a loop).
-const MAX_CHAIN: usize = 1024;
+/// The longest chain of sets: each set's images are a layer of one backing chain, which
+/// opens at most this deep.
+pub const MAX_CHAIN: usize = snapshot::MAX_CHAIN_DEPTH;
 
 /// The backup service over a folder store: sessions, sets, verify, restore, crash recovery.
 #[derive(Debug, Default, Clone)]
@@ -167,7 +168,7 @@ pub(crate) fn report_of(set: &Path, manifest: &Manifest) -> BackupReport {
 type Chain = Vec<(PathBuf, Manifest)>;
 
 /// Reads a set's manifest and follows its base links down to a full set, checking each link.
-fn read_chain(set: &Path) -> Result<Chain> {
+pub(crate) fn read_chain(set: &Path) -> Result<Chain> {
     let set = std::path::absolute(set).map_err(|e| Error::Io {
         op: "resolve",
         path: set.to_path_buf(),

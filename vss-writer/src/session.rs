@@ -325,6 +325,13 @@ impl Session<'_> {
             );
         }
         match Base::open(self.set, &last) {
+            Ok(base) if base.depth >= crate::MAX_CHAIN => (
+                None,
+                Some(format!(
+                    "the chain of sets has reached {} sets, as deep as an image chain opens",
+                    crate::MAX_CHAIN
+                )),
+            ),
             Ok(base) => (Some(base), None),
             Err(reason) => (None, Some(reason)),
         }
@@ -476,13 +483,23 @@ pub(crate) fn undo_capture(worker: Option<&dyn Worker>, overlays: &[DiskOverlay]
 struct Base {
     link: BaseLink,
     manifest: Manifest,
+    /// Sets in its chain, itself included.
+    depth: usize,
 }
 
 impl Base {
     /// The last backup's set, if it is still there and is the one recorded.
     fn open(set: &Path, last: &LastBackup) -> std::result::Result<Base, String> {
-        let manifest = Manifest::read(&last.set)
-            .map_err(|e| format!("the last backup's set cannot be read: {}", error_chain(&e)))?;
+        let chain = crate::read_chain(&last.set).map_err(|e| {
+            format!(
+                "the last backup's set cannot be read: {}",
+                error_chain(&e)
+            )
+        })?;
+        let depth = chain.len();
+        let Some((_, manifest)) = chain.into_iter().next() else {
+            return Err("the last backup's set holds nothing".into());
+        };
         if manifest.set_id != last.set_id {
             return Err(format!(
                 "{} is no longer the last backup's set",
@@ -504,6 +521,7 @@ impl Base {
                 set_id: manifest.set_id,
             },
             manifest,
+            depth,
         })
     }
 
