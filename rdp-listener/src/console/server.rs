@@ -430,6 +430,7 @@ impl RdpServerDisplay for ConsoleDisplay {
             inner: Arc::clone(&self.inner),
             previous: Vec::new(),
             frame: Vec::new(),
+            handed_over: None,
         }))
     }
 }
@@ -440,11 +441,21 @@ struct ConsoleUpdates {
     frames: watch::Receiver<u64>,
     previous: Vec<u8>,
     frame: Vec<u8>,
+    /// When the last update went to ironrdp-server, which encodes and sends it before it asks
+    /// for the next: the time until then is the frame's encode-and-send cost (logged at debug).
+    handed_over: Option<(std::time::Instant, usize)>,
 }
 
 #[async_trait::async_trait]
 impl RdpServerDisplayUpdates for ConsoleUpdates {
     async fn next_update(&mut self) -> anyhow::Result<Option<DisplayUpdate>> {
+        if let Some((at, rows)) = self.handed_over.take() {
+            debug!(
+                rows,
+                micros = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "console: frame encoded and sent"
+            );
+        }
         loop {
             if !self.previous.is_empty() {
                 if self.frames.changed().await.is_err() {
@@ -458,6 +469,7 @@ impl RdpServerDisplayUpdates for ConsoleUpdates {
             std::mem::swap(&mut self.previous, &mut self.frame);
             if let Some(update) = band.and_then(|(top, bottom)| bitmap(&self.previous, top, bottom))
             {
+                self.handed_over = Some((std::time::Instant::now(), update.height.get().into()));
                 return Ok(Some(DisplayUpdate::Bitmap(update)));
             }
         }
