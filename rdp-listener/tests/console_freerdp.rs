@@ -306,9 +306,11 @@ fn run(mode: &str) {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .ends_with(b"hello rdp\r")
     });
-    wait(&session.client_log, "the answer on the console screen", || {
-        session.console.text().contains("answer: HELLO RDP")
-    });
+    wait(
+        &session.client_log,
+        "the answer on the console screen",
+        || session.console.text().contains("answer: HELLO RDP"),
+    );
 }
 
 #[test]
@@ -340,10 +342,15 @@ fn idle_freerdp_client_is_disconnected_at_the_idle_timeout() {
     session.client_exits(idle * 4);
 
     let after = typed_at.elapsed();
-    assert!(after >= idle - Duration::from_secs(1), "closed after {after:?}");
-    wait(&session.client_log, "the console to count no client", || {
-        session.console.clients() == 0
-    });
+    assert!(
+        after >= idle - Duration::from_secs(1),
+        "closed after {after:?}"
+    );
+    wait(
+        &session.client_log,
+        "the console to count no client",
+        || session.console.clients() == 0,
+    );
 }
 
 #[test]
