@@ -199,10 +199,11 @@ fn daemon_with_rdp() -> (Daemon, u16, tempfile::TempDir) {
     (daemon, port, secrets)
 }
 
-/// FreeRDP on `vm`'s console, as `connect-vm --launch` would run it, titled `title`.
+/// FreeRDP on `vm`'s console, as `connect-vm --launch` runs it (the password on its standard
+/// input), titled `title`.
 fn xfreerdp(x: &Xvfb, port: u16, guid: &str, title: &str) -> Killed {
     let password = format!("pw{}", std::process::id());
-    let child = x
+    let mut child = x
         .command("xfreerdp")
         .args([
             // FreeRDP 2's /vmconnect forces port 2179 over /v:HOST:PORT; /port: wins.
@@ -211,14 +212,18 @@ fn xfreerdp(x: &Xvfb, port: u16, guid: &str, title: &str) -> Killed {
             &format!("/vmconnect:{guid}"),
             "/cert:ignore",
             "/u:tester",
-            &format!("/p:{password}"),
+            "/from-stdin:force",
             &format!("/t:{title}"),
             "-grab-keyboard",
         ])
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start xfreerdp");
+    let mut stdin = child.stdin.take().expect("xfreerdp stdin");
+    std::io::Write::write_all(&mut stdin, format!("{password}\n").as_bytes())
+        .expect("password to xfreerdp");
     Killed(child)
 }
 
@@ -355,4 +360,183 @@ fn connect_vm_prints_the_freerdp_command_line() {
     );
     assert!(line.contains(&format!("/vmconnect:{guid}")), "{line}");
     assert!(line.contains("/u:tester"), "{line}");
+    assert!(line.contains("/from-stdin:force"), "{line}");
+    let password = format!("pw{}", std::process::id());
+    assert!(
+        !line.contains(&password),
+        "the password is on the line: {line}"
+    );
+    assert!(!line.contains("/p:"), "{line}");
+}
+
+#[test]
+fn connect_vm_launch_gives_the_password_on_stdin_not_in_argv() {
+    require_kvm!();
+    let (daemon, _port, secrets) = daemon_with_rdp();
+    daemon.new_vm("cli2", &[]);
+    daemon.ok(&["start-vm", "cli2"]);
+    // A stand-in xfreerdp that records what it was given.
+    let bin = secrets.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    let record = secrets.path().join("record");
+    let fake = bin.join("xfreerdp");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {0}.argv\ncat > {0}.stdin\n",
+            record.display()
+        ),
+    )
+    .expect("fake xfreerdp");
+    let mut permissions = std::fs::metadata(&fake).expect("fake").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&fake, permissions).expect("chmod fake");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let out = Command::new(vmms_common::vmms_binary())
+        .args(["--store"])
+        .arg(daemon.path())
+        .args(["connect-vm", "cli2", "--launch"])
+        .env("PATH", path)
+        .output()
+        .expect("connect-vm --launch");
+
+    assert!(out.status.success(), "{out:?}");
+    let password = format!("pw{}", std::process::id());
+    let argv = std::fs::read_to_string(record.with_extension("argv")).expect("argv");
+    let stdin = std::fs::read_to_string(record.with_extension("stdin")).expect("stdin");
+    assert!(!argv.contains(&password), "password in argv: {argv}");
+    assert!(argv.lines().any(|a| a == "/from-stdin:force"), "{argv}");
+    assert_eq!(stdin, format!("{password}\n"));
+}
+
+#[test]
+fn enhanced_mode_pcb_is_refused_and_the_reason_logged() {
+    require_kvm!();
+    let (daemon, port, _secrets) = daemon_with_rdp();
+    let guid = daemon.new_vm("enh1", &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    daemon.ok(&["start-vm", "enh1"]);
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+
+    std::io::Write::write_all(
+        &mut client,
+        &rdp_listener::pcb::encode_v2(&format!("{{{guid}}};EnhancedMode=1")),
+    )
+    .expect("send pcb");
+
+    let mut byte = [0u8; 1];
+    let read = client.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection stayed open"
+    );
+    wait_long("the refusal in the daemon's log", || {
+        daemon.log().contains("enhanced session")
+    });
+    assert_eq!(console_clients(&daemon, "enh1"), 0);
+}
+
+#[test]
+fn sigterm_closes_open_console_sessions_and_releases_the_port() {
+    require_kvm!();
+    require_tools();
+    let (mut daemon, port, _secrets) = daemon_with_rdp();
+    let guid = daemon.new_vm("term1", &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    daemon.ok(&["start-vm", "term1"]);
+    daemon.counter_above("term1", 0);
+    let x = Xvfb::start();
+    let mut client = xfreerdp(&x, port, &guid, "console-term1");
+    x.window("console-term1");
+    wait_long("one console client on term1", || {
+        console_clients(&daemon, "term1") == 1
+    });
+
+    daemon.send_sigterm();
+
+    assert!(
+        daemon.exited_within(TIMEOUT).is_some(),
+        "the daemon did not exit"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("listener shutting down") && log.contains("rdp listener: stopped"),
+        "no clean close of the console session in the log:\n{log}"
+    );
+    assert!(log.contains("vmms: RDP listener stopped"), "{log}");
+    let deadline = Instant::now() + TIMEOUT;
+    while client.0.try_wait().expect("poll xfreerdp").is_none() {
+        assert!(Instant::now() < deadline, "xfreerdp still connected");
+        thread::sleep(Duration::from_millis(100));
+    }
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the console port is free");
+}
+
+#[test]
+fn pywbem_reads_the_bios_boot_source_and_the_console_display() {
+    require_kvm!();
+    let venv = std::env::var_os("VMMS_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/vmms/venv")));
+    let Some(bin) = venv
+        .map(|v| v.join("bin"))
+        .filter(|b| b.join("pywbemcli").exists())
+    else {
+        eprintln!("skipped: no pywbem venv (scripts/test.sh creates ~/.cache/vmms/venv)");
+        return;
+    };
+    let (port, cim_port) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{cim_port}");
+    let daemon = Daemon::start_with(
+        &[
+            "--cim-listen",
+            &listen,
+            "--rdp-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    let kernel = daemon.path().join("bzImage-for-wmi");
+    std::fs::write(&kernel, b"not booted by this test").expect("kernel file");
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py");
+    let geometry = (
+        rdp_listener::console::screen::width(),
+        rdp_listener::console::screen::height(),
+    );
+
+    let output = Command::new(bin.join("python"))
+        .arg(scripts.join("firmware_video.py"))
+        .current_dir(&scripts)
+        .env_remove("REQUESTS_CA_BUNDLE")
+        .env_remove("CURL_CA_BUNDLE")
+        .env("CIM_URL", format!("http://{listen}"))
+        .env("VMMS_BIN", vmms_common::vmms_binary())
+        .env("VMMS_STORE", daemon.path())
+        .env("KERNEL_FILE", &kernel)
+        .env("EXPECT_WIDTH", geometry.0.to_string())
+        .env("EXPECT_HEIGHT", geometry.1.to_string())
+        .output()
+        .expect("run python");
+
+    assert!(
+        output.status.success(),
+        "firmware_video.py failed:\n{}\n{}\n--- daemon log ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        daemon.log()
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("firmware video ok"));
 }

@@ -56,6 +56,7 @@ pub fn start(
     vmms: &VirtualSystemManagementService,
     args: &CimArgs,
     policy: AccessPolicy,
+    console: Option<wmi_model::model::ConsoleGeometry>,
 ) -> Result<(), String> {
     if args.no_cim {
         return Ok(());
@@ -91,6 +92,9 @@ pub fn start(
     let mut provider = Provider::new(vmms.clone(), wmi_model::local_host_name());
     if let Some(switches) = crate::switch::shared() {
         provider = provider.with_network(switches);
+    }
+    if let Some(geometry) = console {
+        provider = provider.with_console(geometry);
     }
     let provider = Arc::new(provider);
     let (ready_tx, ready_rx) = mpsc::channel();

@@ -1,8 +1,13 @@
 //! `vmms connect-vm NAME [--launch]`: the VM's console over RDP through the daemon's single-port
 //! listener, as VMConnect reaches a Hyper-V VM: FreeRDP's `/vmconnect:<GUID>` (TLS right after
 //! the pre-connection PDU, then NLA with the console account, then the console).
+//!
+//! The password never appears on a command line (where `ps` and /proc show it to every user):
+//! the printed line asks FreeRDP to read it from standard input (`/from-stdin:force`, FreeRDP
+//! 2.x), and `--launch` writes it there.
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use crate::api::ApiError;
 use crate::cli::{Cli, CliError};
@@ -62,18 +67,38 @@ pub fn connect_vm(cli: &Cli<'_>, launch: bool) -> Result<(), CliError> {
         format!("/vmconnect:{}", vm.id),
         "/cert:ignore".to_owned(),
         format!("/u:{}", info.username),
-        format!("/p:{password}"),
+        // The password comes on standard input, read before connecting.
+        "/from-stdin:force".to_owned(),
         format!("/t:{} (COM1)", vm.name),
     ];
     if !launch {
         let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
-        out!("{client} {}", quoted.join(" "));
+        // Only the file's name: FreeRDP asks for the password (echo off) before connecting.
+        out!(
+            "{client} {}    # asks for the password (in {}); --launch gives it",
+            quoted.join(" "),
+            info.credentials.display()
+        );
         return Ok(());
     }
-    let status = Command::new(client)
+    let mut child = Command::new(client)
         .args(&args)
-        .status()
+        .stdin(Stdio::piped())
+        .spawn()
         .map_err(|e| fail(ApiError::new(format!("cannot run {client}: {e}"))))?;
+    // FreeRDP reads one line; closing the pipe afterwards leaves it nothing else to read.
+    if let Some(mut stdin) = child.stdin.take()
+        && let Err(e) = stdin.write_all(format!("{password}\n").as_bytes())
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(fail(ApiError::new(format!(
+            "cannot give {client} the password: {e}"
+        ))));
+    }
+    let status = child
+        .wait()
+        .map_err(|e| fail(ApiError::new(format!("cannot wait for {client}: {e}"))))?;
     if status.success() {
         Ok(())
     } else {

@@ -168,14 +168,20 @@ pub fn serve(
     if let Some(node) = &daemon.cluster {
         crate::cluster_node::start_agent(node, &daemon.vmms)?;
     }
-    crate::cim::start(&daemon.vmms, cim, AccessPolicy::new(group))?;
+    crate::cim::start(
+        &daemon.vmms,
+        cim,
+        AccessPolicy::new(group),
+        daemon.consoles.geometry(),
+    )?;
 
     let socket = store.join(SOCKET);
     let listener = listener::bind(&socket, group)?;
     let signal_socket = socket.clone();
+    let signal_consoles = daemon.consoles.clone();
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || wait_for_signal(&signals, &signal_socket))
+        .spawn(move || wait_for_signal(&signals, &signal_socket, &signal_consoles))
         .map_err(|e| format!("cannot start signal thread: {e}"))?;
     log!("vmms: listening on {}", socket.display());
     listener::serve(
@@ -240,19 +246,20 @@ fn block_termination_signals() -> libc::sigset_t {
     }
 }
 
-fn wait_for_signal(signals: &libc::sigset_t, socket: &Path) {
+fn wait_for_signal(signals: &libc::sigset_t, socket: &Path, consoles: &crate::rdp::Consoles) {
     let mut signal = 0;
     // SAFETY: `signals` is an initialised set and `signal` a valid out-pointer.
     unsafe { libc::sigwait(signals, &mut signal) };
-    exit(socket, &format!("signal {signal}"));
+    exit(socket, consoles, &format!("signal {signal}"));
 }
 
 /// Ends the daemon: the socket goes first (no new client finds a daemon that is leaving), then
-/// the process, and with it the store lock. Nothing here can panic, and stdout is waited for
-/// only briefly.
-fn exit(socket: &Path, why: &str) -> ! {
+/// the RDP listener (its console sessions closed, its port released), then the process, and
+/// with it the store lock. Nothing here can panic, and stdout is waited for only briefly.
+fn exit(socket: &Path, consoles: &crate::rdp::Consoles, why: &str) -> ! {
     let _ = fs::remove_file(socket);
     log!("vmms: {why}: exiting; running VMs keep running");
+    consoles.shutdown();
     crate::log::flush(Duration::from_secs(1));
     std::process::exit(0);
 }
@@ -283,7 +290,7 @@ impl listener::Service for Daemon {
     }
 
     fn stop(&self) -> ! {
-        exit(&self.store.join(SOCKET), "stop requested")
+        exit(&self.store.join(SOCKET), &self.consoles, "stop requested")
     }
 }
 

@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
+use std::time::Duration;
 
-use rdp_listener::console::{ConsoleCredentials, ConsoleSettings, TlsIdentity, VmConsole};
+use rdp_listener::console::{ConsoleCredentials, ConsoleSettings, TlsIdentity, VmConsole, screen};
 use rdp_listener::{
     ConnectionCounts, ConsoleRegistry, Listener, ListenerConfig, Refusal, Route, RouteRequest,
 };
@@ -48,6 +49,10 @@ pub struct RdpArgs {
     /// Console connections in total.
     #[arg(long, default_value_t = 64)]
     pub rdp_max_connections: usize,
+    /// Seconds a console client may send nothing (no key, no mouse, no protocol traffic)
+    /// before its session is closed.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rdp_idle_timeout: u64,
     /// Do not serve VM consoles over RDP.
     #[arg(long, conflicts_with_all = ["rdp_listen", "rdp_credentials", "rdp_default_vm"])]
     pub no_rdp: bool,
@@ -64,14 +69,69 @@ pub struct ListenerInfo {
     pub credentials: PathBuf,
 }
 
-/// Console sessions per VM, for `get-vm` (empty when the listener is off).
+/// Console sessions per VM, for `get-vm`, and the way to stop the listener (both empty when
+/// the listener is off).
 #[derive(Debug, Clone, Default)]
-pub struct Consoles(Option<ConnectionCounts>);
+pub struct Consoles {
+    counts: Option<ConnectionCounts>,
+    stop: Option<Arc<Stop>>,
+}
+
+/// The listener's off switch and the sign that it finished.
+#[derive(Debug)]
+struct Stop {
+    trigger: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    done: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long the daemon's exit waits for the listener: its sessions' grace and a margin.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl Consoles {
     /// Console clients connected to `vm` now.
     pub fn clients(&self, vm: VmId) -> usize {
-        self.0.as_ref().map_or(0, |c| c.for_vm(*vm.as_uuid()))
+        self.counts.as_ref().map_or(0, |c| c.for_vm(*vm.as_uuid()))
+    }
+
+    /// The framebuffer every console draws, for the WMI provider's video classes (`None` when
+    /// the listener is off: no VM has a display then).
+    pub fn geometry(&self) -> Option<wmi_model::model::ConsoleGeometry> {
+        self.counts.as_ref()?;
+        let bits = u32::try_from(screen::BYTES_PER_PIXEL * 8).unwrap_or(u32::MAX);
+        Some(wmi_model::model::ConsoleGeometry {
+            width: screen::width().into(),
+            height: screen::height().into(),
+            bits_per_pixel: bits,
+            columns: screen::COLUMNS.into(),
+            rows: screen::ROWS.into(),
+        })
+    }
+
+    /// Stops the listener as the daemon exits: no new connection, every console session asked
+    /// to end (cut after the grace), the port released; returns once it has (or after
+    /// [`STOP_WAIT`]). Only the first call does anything.
+    pub fn shutdown(&self) {
+        let Some(stop) = &self.stop else {
+            return;
+        };
+        let trigger = stop
+            .trigger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(trigger) = trigger else {
+            return;
+        };
+        let _ = trigger.send(());
+        let done = stop.done.lock().unwrap_or_else(PoisonError::into_inner);
+        match done.recv_timeout(STOP_WAIT) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                log!("vmms: RDP listener stopped");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                log!("vmms: RDP listener did not stop within {STOP_WAIT:?}");
+            }
+        }
     }
 }
 
@@ -155,9 +215,12 @@ pub fn start(
         default_vm: args.rdp_default_vm.map(|vm| *vm.as_uuid()),
         max_per_vm: args.rdp_max_per_vm,
         max_connections: args.rdp_max_connections,
+        idle_timeout: Duration::from_secs(args.rdp_idle_timeout),
         ..ListenerConfig::default()
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (trigger, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel();
     thread::Builder::new()
         .name("rdp".into())
         .spawn(move || {
@@ -186,14 +249,21 @@ pub fn start(
                     .map(|a| (a, listener.counts()))
                     .map_err(|e| e.to_string());
                 let _ = ready_tx.send(ready);
-                // The daemon ends by exiting the process; the listener runs until then.
-                listener.run(registry, std::future::pending()).await;
+                // Until the daemon exits (Consoles::shutdown); a dropped trigger (the daemon
+                // failed to start) stops it too.
+                listener
+                    .run(registry, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
             });
+            let _ = done_tx.send(());
         })
         .map_err(|e| format!("cannot start the RDP thread: {e}"))?;
     let (address, counts) = match ready_rx.recv() {
         Ok(Ok(ready)) => ready,
         Ok(Err(reason)) if args.rdp_listen.is_none() => {
+            drop(trigger);
             log!("vmms: RDP listener disabled: {reason}");
             let _ = std::fs::remove_file(store.join(INFO_FILE));
             return Ok(Consoles::default());
@@ -216,7 +286,13 @@ pub fn start(
         "vmms: VM consoles over RDP on {address} (user '{}')",
         info.username
     );
-    Ok(Consoles(Some(counts)))
+    Ok(Consoles {
+        counts: Some(counts),
+        stop: Some(Arc::new(Stop {
+            trigger: Mutex::new(Some(trigger)),
+            done: Mutex::new(done),
+        })),
+    })
 }
 
 /// The console account: `--rdp-credentials`, or the store's own, made once with a random

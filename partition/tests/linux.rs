@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use common::Capture;
 use kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
 use partition::{
-    BootProtocol, DiskConfig, Error, KernelImage, Partition, PartitionConfig, software_kvm,
+    BootProtocol, DiskConfig, Error, KernelImage, MacAddress, NicConfig, Partition,
+    PartitionConfig, software_kvm,
 };
 
 /// Longest time any marker may take to appear after the previous one.
@@ -304,6 +305,69 @@ fn linux_pvh_entry_on_two_vcpus_boots_to_init_finds_our_disk_and_both_cpus() {
     }
 
     boot_two_vcpus(&image, "VMLINUX", BootProtocol::Pvh);
+}
+
+/// virtio's `DRIVER_OK` status bit and virtio-net's `VIRTIO_NET_F_MAC` feature bit.
+const DRIVER_OK: u32 = 4;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+
+#[test]
+fn linux_virtio_net_driver_probes_our_nic_as_eth0_with_its_mac() {
+    require_kvm!();
+    let Some(image) = GuestImage::find() else {
+        return;
+    };
+    let config_text = std::fs::read_to_string(image.path("KERNEL_UP_CONFIG")).unwrap();
+    if !config_text.lines().any(|l| l == "CONFIG_VIRTIO_NET=y") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must build the guest image with virtio-net: scripts/guest-image.sh"
+        );
+        eprintln!("skipped: this guest image predates virtio-net (run scripts/guest-image.sh)");
+        return;
+    }
+    // A network namespace of the test's own for the TAP (nextest runs each test in its own
+    // process; the partition's threads inherit the namespace).
+    // SAFETY: unshare takes flags by value.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+    let mac = MacAddress([0x02, 0x15, 0x5d, 0x4c, 0x69, 0x6e]);
+    // The kernel's own IP autoconfiguration opens eth0 without a userspace and reports it.
+    let cmdline = format!(
+        "{} ip=192.168.77.2::::vmms:eth0:off",
+        image.get("CMDLINE_ALWAYS")
+    );
+    let mut config = PartitionConfig::new(KernelImage::Path(image.path("VMLINUX_UP")), cmdline);
+    config.boot.initrd = Some(image.path("INITRAMFS"));
+    config.memory_mib = 128;
+    config.nics.push(NicConfig::new(mac, "vmslinux0"));
+    let out = Capture::default();
+    let mut vm = Partition::new(config).unwrap();
+    vm.com1().set_sink(Box::new(out.clone()));
+    let started = Instant::now();
+    vm.resume().unwrap();
+    let label = "vmlinux-up with a NIC (1 vCPU)";
+
+    let markers = [
+        format!("Linux version {}", image.get("KERNEL_VERSION")),
+        "IP-Config: Complete:".to_owned(),
+        "device=eth0, hwaddr=02:15:5d:4c:69:6e, ipaddr=192.168.77.2".to_owned(),
+    ];
+    expect_in_order(&out, &markers, 0, label, started);
+    vm.pause().unwrap();
+    let state = vm.capture_state().unwrap();
+    vm.stop();
+
+    // The driver that took eth0 is Linux's virtio_net on our device: it finished its probe
+    // (DRIVER_OK) having read the MAC from our config space, and the device kept that MAC.
+    let nic = &state.devices.nics[0];
+    assert_ne!(
+        nic.transport.status & DRIVER_OK,
+        0,
+        "{:#x}",
+        nic.transport.status
+    );
+    assert_ne!(nic.transport.acked_features & VIRTIO_NET_F_MAC, 0);
+    assert_eq!(nic.device.mac, mac);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -99,8 +100,12 @@ pub struct Session {
     pub peer: SocketAddr,
     /// The client: bytes read past the PCB first, then the socket.
     pub stream: PrefixedStream<TcpStream>,
-    /// Turns `true` when the listener shuts down; a server may end its session cleanly.
+    /// Turns `true` when the listener shuts down: the server ends its session cleanly within
+    /// the listener's shutdown grace (after which the listener cuts it).
     pub closing: watch::Receiver<bool>,
+    /// The listener's idle timeout: a server closes the session when the client sent nothing
+    /// this long.
+    pub idle_timeout: Duration,
 }
 
 /// A boxed session future.

@@ -35,7 +35,8 @@ pub struct ListenerConfig {
     pub allow_remote: bool,
     /// A client must have sent its whole PCB this long after the TCP accept (MS-RDPEPS: ~10 s).
     pub pcb_deadline: Duration,
-    /// A routed connection on which nothing moved this long is closed.
+    /// A routed connection on which nothing moved this long is closed; a console session
+    /// (in-process server) is closed when its client sent nothing this long.
     pub idle_timeout: Duration,
     /// Connections open at once, all VMs together (including ones still sending their PCB).
     pub max_connections: usize,
@@ -198,18 +199,21 @@ impl Listener {
             }
         }
         drop(socket);
+        let open_at_shutdown = sessions.len();
         let _ = closing_tx.send(true);
         let drained = timeout(config.shutdown_grace, async {
             while sessions.join_next().await.is_some() {}
         })
         .await;
+        let cut = sessions.len();
         if drained.is_err() {
-            debug!(
-                left = sessions.len(),
-                "rdp listener: cutting sessions after grace"
-            );
+            debug!(left = cut, "rdp listener: cutting sessions after grace");
             sessions.shutdown().await;
         }
+        info!(
+            sessions = open_at_shutdown,
+            cut, "rdp listener: stopped; port released, sessions closed"
+        );
     }
 }
 
@@ -280,18 +284,17 @@ async fn connection<R: ConsoleRegistry + ?Sized>(
             debug!(%peer, ?end, ?totals, "rdp listener: splice ended");
         }
         Route::Local(server) => {
-            let mut closing_watch = closing.clone();
+            // The server watches `closing` and ends the session itself (the listener cuts it
+            // after its shutdown grace), and closes it when the client is idle too long.
             let session = Session {
                 vm: target.vm,
                 target,
                 peer,
                 stream: PrefixedStream::new(rest, stream),
                 closing,
+                idle_timeout: config.idle_timeout,
             };
-            tokio::select! {
-                () = server.serve(session) => {}
-                _ = closing_watch.wait_for(|closing| *closing) => {}
-            }
+            server.serve(session).await;
         }
     }
     Ok(())

@@ -7,6 +7,7 @@
 //! and `/vmconnect:<GUID>` (TLS right after the PCB, CredSSP, then X.224 inside TLS, see
 //! [`vmconnect`]).
 
+mod idle;
 pub mod keys;
 pub mod screen;
 mod server;

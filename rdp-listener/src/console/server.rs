@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use ironrdp_server::{
     BitmapUpdate, Credentials, DesktopSize, DisplayUpdate, KeyboardEvent, MouseEvent, PixelFormat,
-    RdpServer, RdpServerDisplay, RdpServerDisplayUpdates, RdpServerInputHandler, TransportTls,
+    RdpServer, RdpServerDisplay, RdpServerDisplayUpdates, RdpServerInputHandler, ServerEvent,
+    TransportTls,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -18,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::idle::{Activity, ActivityStream};
 use super::keys::KeyTranslator;
 use super::screen::{self, BYTES_PER_PIXEL, Screen};
 use super::vmconnect::VmConnectShim;
@@ -31,6 +33,9 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const FRAME_INTERVAL: Duration = Duration::from_millis(40);
 /// A client must send its first byte after the PCB within this long.
 const FIRST_BYTE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a session asked to end (listener shutting down, client idle) gets to leave through
+/// ironrdp-server's own way out before it is cut.
+const QUIT_GRACE: Duration = Duration::from_secs(1);
 
 /// What every console session shares: credentials and the TLS identity.
 pub struct ConsoleSettings {
@@ -204,14 +209,18 @@ impl VmConsole {
         tcp: std::net::TcpStream,
         runtime: Handle,
         mut closing: watch::Receiver<bool>,
+        idle_timeout: Duration,
     ) -> Result<(), ConsoleError> {
         let attached = self.attach(&runtime)?;
         let tcp = TcpStream::from_std(tcp).map_err(ConsoleError::Session)?;
+        let activity = Activity::new();
+        let tcp = ActivityStream::new(tcp, activity.clone());
         let mut ended = self.inner.ended.subscribe();
         let vm = self.inner.vm;
+        let mut server = self.rdp_server(attached.input.clone());
+        let events = server.event_sender().clone();
         let run = async {
             let (first, stream) = first_byte(prefix, tcp).await?;
-            let mut server = self.rdp_server(attached.input.clone());
             if first == TLS_HANDSHAKE {
                 debug!(%vm, "console: vmconnect order (tls first)");
                 let tls = self.inner.settings.acceptor.accept(stream).await?;
@@ -227,13 +236,25 @@ impl VmConsole {
                     .map_err(|e| std::io::Error::other(format!("{e:#}")))
             }
         };
-        tokio::select! {
-            result = run => match result {
-                Ok(()) => info!(%vm, "console: client left"),
-                Err(error) => info!(%vm, error = format!("{error:#}"), "console: session ended"),
-            },
-            _ = ended.wait_for(|ended| *ended) => info!(%vm, "console: vm stopped, session closed"),
-            _ = closing.wait_for(|closing| *closing) => info!(%vm, "console: listener shutting down"),
+        tokio::pin!(run);
+        let reason = tokio::select! {
+            result = &mut run => {
+                match result {
+                    Ok(()) => info!(%vm, "console: client left"),
+                    Err(error) => info!(%vm, error = format!("{error:#}"), "console: session ended"),
+                }
+                None
+            }
+            _ = ended.wait_for(|ended| *ended) => Some("vm stopped"),
+            _ = closing.wait_for(|closing| *closing) => Some("listener shutting down"),
+            () = activity.idle_for(idle_timeout) => Some("client idle"),
+        };
+        if let Some(reason) = reason {
+            // ironrdp-server's own way out: its loop ends and the connection is closed (FIN),
+            // rather than dropped mid-frame.
+            let _ = events.send(ServerEvent::Quit(reason.to_owned()));
+            let quit = tokio::time::timeout(QUIT_GRACE, &mut run).await.is_ok();
+            info!(%vm, reason, ?idle_timeout, clean = quit, "console: session closed");
         }
         drop(attached);
         Ok(())
@@ -250,6 +271,7 @@ impl ConsoleServer for VmConsole {
                 peer,
                 stream,
                 closing,
+                idle_timeout,
                 ..
             } = session;
             let (prefix, tcp) = stream.into_parts();
@@ -269,7 +291,13 @@ impl ConsoleServer for VmConsole {
                         .build()
                         .map_err(ConsoleError::Session)
                         .and_then(|local| {
-                            local.block_on(console.session(prefix, tcp, runtime, closing))
+                            local.block_on(console.session(
+                                prefix,
+                                tcp,
+                                runtime,
+                                closing,
+                                idle_timeout,
+                            ))
                         });
                     let _ = done.send(result);
                 });
@@ -301,10 +329,10 @@ impl Drop for Attached {
 
 /// The first byte the client sent after the PCB (it decides the byte order), with the stream
 /// still holding it.
-async fn first_byte(
+async fn first_byte<S: AsyncRead + Unpin>(
     prefix: Vec<u8>,
-    mut tcp: TcpStream,
-) -> std::io::Result<(u8, PrefixedStream<TcpStream>)> {
+    mut tcp: S,
+) -> std::io::Result<(u8, PrefixedStream<S>)> {
     if let Some(&first) = prefix.first() {
         return Ok((first, PrefixedStream::new(prefix, tcp)));
     }
@@ -402,6 +430,7 @@ impl RdpServerDisplay for ConsoleDisplay {
             inner: Arc::clone(&self.inner),
             previous: Vec::new(),
             frame: Vec::new(),
+            handed_over: None,
         }))
     }
 }
@@ -412,11 +441,21 @@ struct ConsoleUpdates {
     frames: watch::Receiver<u64>,
     previous: Vec<u8>,
     frame: Vec<u8>,
+    /// When the last update went to ironrdp-server, which encodes and sends it before it asks
+    /// for the next: the time until then is the frame's encode-and-send cost (logged at debug).
+    handed_over: Option<(std::time::Instant, usize)>,
 }
 
 #[async_trait::async_trait]
 impl RdpServerDisplayUpdates for ConsoleUpdates {
     async fn next_update(&mut self) -> anyhow::Result<Option<DisplayUpdate>> {
+        if let Some((at, rows)) = self.handed_over.take() {
+            debug!(
+                rows,
+                micros = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "console: frame encoded and sent"
+            );
+        }
         loop {
             if !self.previous.is_empty() {
                 if self.frames.changed().await.is_err() {
@@ -430,6 +469,7 @@ impl RdpServerDisplayUpdates for ConsoleUpdates {
             std::mem::swap(&mut self.previous, &mut self.frame);
             if let Some(update) = band.and_then(|(top, bottom)| bitmap(&self.previous, top, bottom))
             {
+                self.handed_over = Some((std::time::Instant::now(), update.height.get().into()));
                 return Ok(Some(DisplayUpdate::Bitmap(update)));
             }
         }

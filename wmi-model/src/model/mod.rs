@@ -2,6 +2,7 @@
 //! [`Instance`]. Nothing here is invented: every value comes from the service.
 
 mod computer_system;
+mod firmware;
 mod job;
 mod network;
 mod service;
@@ -9,8 +10,10 @@ mod settings;
 mod shutdown;
 mod snapshot;
 mod summary;
+mod video;
 
 pub use computer_system::{ComputerSystem, HostComputerSystem};
+pub use firmware::{BiosElement, BootSourceSettingData};
 pub use job::ConcreteJob;
 pub use network::{
     EthernetPortAllocation, EthernetSwitch, EthernetSwitchSettingData, InternalEthernetPort,
@@ -25,6 +28,7 @@ pub use settings::{
 pub use shutdown::{SHUTDOWN_TIMEOUT, ShutdownComponent};
 pub use snapshot::SnapshotSettingData;
 pub use summary::SummaryInformation;
+pub use video::{ConsoleGeometry, SyntheticDisplayController, VideoHead};
 
 use crate::instance::Instance;
 use crate::path::ObjectPath;

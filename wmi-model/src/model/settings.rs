@@ -100,6 +100,11 @@ impl CimObject for VirtualSystemSettingData {
                 Uint16,
                 Some(c.automatic_recovery_action.code()),
             )
+            // Hyper-V's generation 2 boot order: here always the one boot source.
+            .strings(
+                "BootSourceOrder",
+                vec![super::BootSourceSettingData::path_of(c.id).to_string()],
+            )
             .string("KernelFile", kernel)
             .string("InitrdFile", initrd)
             .string("KernelCommandLine", cmdline)

@@ -5,8 +5,8 @@ use super::instances::{View, has_shutdown_component, reference_of};
 use crate::error::{CimError, CimResult, CimStatus};
 use crate::instance::Instance;
 use crate::model::{
-    CimObject, ComputerSystem, ConcreteJob, ShutdownComponent, SnapshotSettingData,
-    VirtualSystemSettingData, settings_of,
+    BootSourceSettingData, CimObject, ComputerSystem, ConcreteJob, ShutdownComponent,
+    SnapshotSettingData, VirtualSystemSettingData, settings_of,
 };
 use crate::path::ObjectPath;
 use crate::schema::{ClassDecl, Namespace, Schema};
@@ -38,6 +38,9 @@ impl Provider {
         if let Some(network) = self.network_instances(class) {
             return network;
         }
+        if let Some(devices) = self.device_instances(class, view) {
+            return devices;
+        }
         let mut out = Vec::new();
         if class == "Msvm_SystemDevice" {
             for vm in view.vms.iter().filter(|vm| has_shutdown_component(vm)) {
@@ -46,6 +49,7 @@ impl Provider {
                         .reference("GroupComponent", ComputerSystem::path_of(vm.id))
                         .reference("PartComponent", ShutdownComponent::path_of(vm.id)),
                 );
+                out.extend(self.display_devices(vm));
             }
         }
         for vm in &view.vms {
@@ -68,6 +72,11 @@ impl Provider {
                                 .reference("PartComponent", rasd.path(&keys)),
                         );
                     }
+                    out.push(
+                        Instance::new(class)
+                            .reference("GroupComponent", vssd.clone())
+                            .reference("PartComponent", BootSourceSettingData::path_of(vm.id)),
+                    );
                 }
                 _ => {}
             }

@@ -136,6 +136,9 @@ impl Provider {
         if let Some(instances) = self.network_instances(class) {
             return instances;
         }
+        if let Some(instances) = self.device_instances(class, view) {
+            return instances;
+        }
         let configured = || {
             view.vms
                 .iter()

@@ -6,6 +6,7 @@
 
 mod args;
 mod assoc;
+mod devices;
 mod dispatch;
 mod instances;
 mod methods;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use vmm_core::VirtualSystemManagementService;
 
 use crate::indication::Subscriptions;
+use crate::model::ConsoleGeometry;
 
 pub use args::{Args, TypedArg};
 pub use network::SharedSwitches;
@@ -29,6 +31,8 @@ pub struct Provider {
     subscriptions: Arc<Subscriptions>,
     /// The virtual switches and adapters, when the integrator has them.
     pub(crate) network: Option<SharedSwitches>,
+    /// The console framebuffer of running VMs, when the integrator serves consoles.
+    pub(crate) console: Option<ConsoleGeometry>,
 }
 
 impl Provider {
@@ -40,12 +44,20 @@ impl Provider {
             host: host.into(),
             subscriptions: Arc::new(Subscriptions::default()),
             network: None,
+            console: None,
         }
     }
 
     /// Serves the networking classes from `switches` (shared with whoever else changes them).
     pub fn with_network(mut self, switches: SharedSwitches) -> Self {
         self.network = Some(switches);
+        self
+    }
+
+    /// Shows each running VM's display (`Msvm_SyntheticDisplayController`, `Msvm_VideoHead`):
+    /// the console framebuffer the integrator's console server draws.
+    pub fn with_console(mut self, geometry: ConsoleGeometry) -> Self {
+        self.console = Some(geometry);
         self
     }
 

@@ -196,6 +196,7 @@ pub(super) fn virtualization() -> Vec<ClassDecl> {
             prop("UserSnapshotType", Uint16),
             prop("AutomaticStartupAction", Uint16),
             prop("AutomaticRecoveryAction", Uint16),
+            array("BootSourceOrder", Str),
             prop("KernelFile", Str),
             prop("InitrdFile", Str),
             prop("KernelCommandLine", Str),

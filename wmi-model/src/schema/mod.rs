@@ -3,6 +3,7 @@
 
 mod classes;
 mod decl;
+mod devices;
 mod network;
 
 use std::sync::LazyLock;
@@ -59,6 +60,7 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema {
     virtualization: classes::virtualization()
         .into_iter()
         .chain(network::classes())
+        .chain(devices::classes())
         .collect(),
     interop: classes::interop(),
 });
