@@ -51,6 +51,7 @@
 mod client;
 mod error;
 mod launcher;
+mod pool;
 mod process;
 pub mod protocol;
 mod runtime;
