@@ -231,14 +231,18 @@ impl ProcessLauncher {
     fn await_pool_ready(&self, idle: IdleWorker, runtime: &RuntimeDir) -> Result<Started> {
         let IdleWorker { pidfd, channel } = idle;
         match read_pool_ready(&channel, self.options.launch_timeout) {
-            Ok(line) if line == "ready" => {
+            Ok(PoolReady::Ready(report)) => {
                 fault::point("launch.after-ready");
                 Ok(Started {
                     pidfd,
-                    channel: Some(channel),
+                    channel: Some((channel, report)),
                 })
             }
             outcome => {
+                let outcome = outcome.map(|said| match said {
+                    PoolReady::Line(line) => line,
+                    PoolReady::Ready(_) => "ready".to_owned(),
+                });
                 let pid = pidfd.pid();
                 let _ = pidfd.send_signal(libc::SIGKILL);
                 let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
@@ -344,23 +348,27 @@ impl ProcessLauncher {
     }
     /// Supervises the worker `pidfd` and asks for its first report (which also reports a guest
     /// that stopped while nobody was connected).
-    /// A pool worker's socket pair (`channel`) becomes its control connection.
+    /// A pool worker's socket pair (`channel`) becomes its control connection, and the report
+    /// it came with is its first.
     fn attach(
         &self,
         vm: VmId,
         pidfd: PidFd,
-        channel: Option<UnixStream>,
+        channel: Option<(UnixStream, Box<WorkerReport>)>,
         events: EventSink,
     ) -> Result<(Arc<Supervised>, Result<WorkerReport>)> {
         let runtime = self.store.runtime(vm);
         let supervised = Supervised::start(vm, pidfd, runtime, self.options.clone(), events)?;
-        if let Some(channel) = channel {
-            // Without it the worker is still reachable through its control socket.
-            let _ = supervised.adopt(channel);
-        }
-        let report = supervised
-            .client()
-            .and_then(|c| c.status(self.options.request_timeout));
+        let first = channel.and_then(|(channel, report)| {
+            // Without the pair the worker is still reachable through its control socket.
+            supervised.adopt(channel).ok().map(|()| *report)
+        });
+        let report = match first {
+            Some(report) => Ok(report),
+            None => supervised
+                .client()
+                .and_then(|c| c.status(self.options.request_timeout)),
+        };
         if let Ok(report) = &report {
             supervised.check_report(report);
         }
@@ -466,10 +474,11 @@ fn start_failure(
     Error::StartFailed { message }
 }
 
-/// A worker started for a VM: its pidfd and, for a pool worker, its control connection.
+/// A worker started for a VM: its pidfd and, for a pool worker, its control connection and the
+/// report it sent with its readiness.
 struct Started {
     pidfd: PidFd,
-    channel: Option<UnixStream>,
+    channel: Option<(UnixStream, Box<WorkerReport>)>,
 }
 
 /// The pool a launcher with `options` keeps, starting workers as the launcher would.
@@ -490,8 +499,16 @@ fn pool_for(
     )
 }
 
-/// A pool worker's answer to its assignment, as [`read_ready`] gives an exec'd worker's line.
-fn read_pool_ready(channel: &UnixStream, timeout: Duration) -> Result<String> {
+/// A pool worker's answer to its assignment.
+enum PoolReady {
+    /// Its guest runs; its first report.
+    Ready(Box<WorkerReport>),
+    /// What it said instead, as an exec'd worker's line (`error: …`).
+    Line(String),
+}
+
+/// A pool worker's answer to its assignment (errors as [`read_ready`] gives them).
+fn read_pool_ready(channel: &UnixStream, timeout: Duration) -> Result<PoolReady> {
     channel
         .set_read_timeout(Some(timeout))
         .map_err(|e| Error::io("pool socket", e))?;
@@ -500,9 +517,11 @@ fn read_pool_ready(channel: &UnixStream, timeout: Duration) -> Result<String> {
         .set_read_timeout(None)
         .map_err(|e| Error::io("pool socket", e))?;
     match said {
-        Ok(Some(PoolMessage::Ready)) => Ok("ready".to_owned()),
-        Ok(Some(PoolMessage::Failed { reason })) => Ok(format!("error: {reason}")),
-        Ok(Some(PoolMessage::Idle)) => Ok("error: pool worker answered idle".to_owned()),
+        Ok(Some(PoolMessage::Ready { report })) => Ok(PoolReady::Ready(report)),
+        Ok(Some(PoolMessage::Failed { reason })) => Ok(PoolReady::Line(format!("error: {reason}"))),
+        Ok(Some(PoolMessage::Idle)) => Ok(PoolReady::Line(
+            "error: pool worker answered idle".to_owned(),
+        )),
         Ok(None) => Err(Error::Disconnected),
         Err(ProtocolError::Io(e))
             if matches!(

@@ -39,7 +39,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::error::{Error, Result};
 use crate::process::{PidFd, reap_child};
-use crate::protocol::{ProtocolError, read_frame, write_frame};
+use crate::protocol::{ProtocolError, WorkerReport, read_frame, write_frame};
 
 /// Environment variable naming an idle worker's end of its socket pair.
 pub(crate) const POOL_FD_ENV: &str = "VMMS_WORKER_POOL_FD";
@@ -63,8 +63,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub(crate) enum PoolMessage {
     /// Warm and waiting for an [`Assignment`].
     Idle,
-    /// The assigned VM's guest runs; the pair is now a control connection.
-    Ready,
+    /// The assigned VM's guest runs; the pair is now a control connection. The worker's first
+    /// report comes with it, which saves the parent asking for it.
+    Ready {
+        /// The worker's status as it reported ready.
+        report: Box<WorkerReport>,
+    },
     /// Warming up or starting the assigned VM failed; the worker exits.
     Failed {
         /// Why.

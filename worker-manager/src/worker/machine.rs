@@ -244,6 +244,11 @@ impl Machine {
         Ok(())
     }
 
+    /// The worker's status now (what [`Request::Status`] answers).
+    pub(crate) fn report(&self) -> crate::protocol::WorkerReport {
+        self.shared.report()
+    }
+
     /// Serves a pool worker's socket pair, on which it just reported ready, as a control
     /// connection whose handshake is done (see the `pool` module notes).
     pub(crate) fn adopt_parent(&self, channel: std::os::unix::net::UnixStream) -> Result<()> {

@@ -65,7 +65,8 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     log_start(vm, &options, " (pool worker)");
     match Machine::start(&options, vm, Some(lock)) {
         Ok(machine) => {
-            let told = write_frame(&mut &channel, &PoolMessage::Ready);
+            let report = Box::new(machine.report());
+            let told = write_frame(&mut &channel, &PoolMessage::Ready { report });
             start_trace::mark("ready");
             eprintln!("worker {vm}: guest running");
             start_trace::log(vm);
