@@ -54,7 +54,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// that a second start soon after finds the pool full again.
 const REFILL_DELAY: Duration = Duration::from_millis(30);
 /// How often the refill thread looks for idle workers that died.
-const IDLE_CHECK: Duration = Duration::from_secs(2);
+const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// Longest pause between attempts when pool workers fail to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
