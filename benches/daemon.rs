@@ -236,8 +236,17 @@ fn first_byte(c: &mut Criterion) {
 /// The worker's start trace (see `worker_manager::worker::start_trace`) from its log: step name
 /// and `CLOCK_MONOTONIC` nanoseconds.
 fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
-    let log = std::fs::read_to_string(StoreLayout::new(&daemon.store).runtime(vm).log_file())
-        .unwrap_or_default();
+    // The worker logs it just after it reported ready: it may not be there yet.
+    let path = StoreLayout::new(&daemon.store).runtime(vm).log_file();
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    let log = loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains(START_TRACE_MARKER) {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "the worker logs its start trace");
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let line = log
         .lines()
         .rev()
