@@ -128,7 +128,7 @@ impl<'a> WorkerOptions<'a> {
 /// off as asked; [`EXIT_START_FAILED`] that it never ran (the reason is on stderr and, when
 /// started by a [`ProcessLauncher`](crate::ProcessLauncher), sent to the parent).
 ///
-/// A pool worker (`vm` is `None`) first waits for its VM (see [`pool::run`]).
+/// A pool worker (`vm` is `None`) first warms up and waits for its VM (the `pool` module).
 pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     let Some(vm) = options.vm else {
         return pool::run(options);
