@@ -1,10 +1,18 @@
 //! The daemon's costs: a VM start through VMMS and a worker process to the guest's first console
 //! byte, next to booting the same partition in-process; VMs started per second; the memory a
-//! worker process costs beyond its guest's.
+//! worker process costs beyond its guest's, and an idle pool worker's.
 //!
 //! The service here is the daemon's own core (vmm-core with worker-manager's `ProcessLauncher`)
 //! in this process; the CLI's socket hop (one JSON line each way) is not included. Like the
-//! reference binary, this bench re-executes itself as the worker (`<bench> worker --vm …`).
+//! reference binary, this bench re-executes itself as the worker (`<bench> worker --vm …`, or
+//! `<bench> worker --pool …` for the launcher's pool).
+//!
+//! With `--bench`, the start of the micro PVH guest (prints `OK`, then halts) is measured in
+//! interleaved rounds, so that load changes hit every subject alike: in-process (`Partition::new`
+//! → first COM1 byte), through the service on a pool worker (the default), and through the
+//! service with no pool (a worker process spawned per start); each round gives the ratios to
+//! the in-process start of the same round, and the worker's start trace breaks each start down.
+//! Pin it for figures: `taskset -c 1 cargo bench --bench daemon`.
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,6 +32,9 @@ use vmm_core::{
 use worker_manager::worker::start_trace::{START_TRACE_ENV, START_TRACE_MARKER, monotonic_ns};
 use worker_manager::worker::{self, WorkerOptions};
 use worker_manager::{LauncherOptions, ProcessLauncher, StoreLayout};
+
+#[path = "common/micro_guest.rs"]
+mod micro_guest;
 
 const MEMORY_MIB: u64 = 16;
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,7 +60,7 @@ fn main() -> ExitCode {
     first_byte(&mut criterion);
     criterion.final_summary();
     if measuring {
-        start_steps();
+        paired_starts();
         figures();
     }
     ExitCode::SUCCESS
@@ -60,6 +71,7 @@ struct Daemon {
     _dir: tempfile::TempDir,
     store: std::path::PathBuf,
     vmms: VirtualSystemManagementService,
+    launcher: Arc<ProcessLauncher>,
 }
 
 impl Daemon {
@@ -74,12 +86,51 @@ impl Daemon {
         let exe = std::env::current_exe().unwrap();
         let launcher =
             Arc::new(ProcessLauncher::new(&store, exe, ["worker"]).with_options(options));
-        let vmms = VirtualSystemManagementService::open(&store, launcher).unwrap();
-        Daemon {
+        let vmms = VirtualSystemManagementService::open(&store, launcher.clone()).unwrap();
+        launcher.fill_pool();
+        let daemon = Daemon {
             _dir: dir,
             store,
             vmms,
+            launcher,
+        };
+        daemon.wait_pool_full();
+        daemon
+    }
+
+    /// A service whose launcher keeps no pool: every start spawns its worker.
+    fn without_pool() -> Self {
+        Self::with_options(LauncherOptions {
+            pool_size: 0,
+            ..LauncherOptions::default()
+        })
+    }
+
+    /// Waits (outside any timing) until the pool is back to its size: the starts measured are
+    /// the ones a pool is for, not the ones that find it empty.
+    fn wait_pool_full(&self) {
+        let size = self.launcher.options().pool_size;
+        let deadline = Instant::now() + JOB_TIMEOUT;
+        while self.launcher.idle_workers().len() < size {
+            assert!(
+                Instant::now() < deadline,
+                "the pool does not fill: {:?}",
+                self.launcher.pool_error()
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A VM booting `kernel` (the micro guest).
+    fn define_kernel(&self, name: &str, kernel: &Path) -> VmId {
+        let mut config = VmConfig::new(name);
+        config.memory_mib = MEMORY_MIB;
+        config.boot = vmm_core::BootSource::Kernel {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        self.vmms.define_system(config).unwrap()
     }
 
     fn define(&self, name: &str, memory_mib: u64) -> VmId {
@@ -136,6 +187,7 @@ fn first_byte(c: &mut Criterion) {
     };
     for (label, daemon) in [
         ("vmms_worker_process", Daemon::new()),
+        ("vmms_worker_process_no_pool", Daemon::without_pool()),
         (
             "vmms_worker_process_unconfined",
             Daemon::with_options(unconfined),
@@ -152,6 +204,7 @@ fn first_byte(c: &mut Criterion) {
                     daemon.console(vm).read_exact(&mut byte).unwrap();
                     total += start.elapsed();
                     daemon.change(vm, RequestedState::TurnOff);
+                    daemon.wait_pool_full();
                 }
                 total
             });
@@ -183,8 +236,17 @@ fn first_byte(c: &mut Criterion) {
 /// The worker's start trace (see `worker_manager::worker::start_trace`) from its log: step name
 /// and `CLOCK_MONOTONIC` nanoseconds.
 fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
-    let log = std::fs::read_to_string(StoreLayout::new(&daemon.store).runtime(vm).log_file())
-        .unwrap_or_default();
+    // The worker logs it just after it reported ready: it may not be there yet.
+    let path = StoreLayout::new(&daemon.store).runtime(vm).log_file();
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    let log = loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains(START_TRACE_MARKER) {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "the worker logs its start trace");
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let line = log
         .lines()
         .rev()
@@ -196,59 +258,170 @@ fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Where a start through the daemon spends its time, step by step (medians over rounds), next to
-/// the turn-off that follows.
-fn start_steps() {
-    let daemon = Daemon::new();
-    let vm = daemon.define("steps", MEMORY_MIB);
-    let rounds = 15;
-    let mut spans: Vec<(String, Vec<u64>)> = Vec::new();
-    let mut record = |name: &str, ns: u64| match spans.iter_mut().find(|(n, _)| n == name) {
-        Some((_, list)) => list.push(ns),
-        None => spans.push((name.to_owned(), vec![ns])),
-    };
+/// The micro guest's first byte, in-process: `Partition::new` → resume → first COM1 byte.
+fn in_process_start(kernel: &Arc<[u8]>) -> Duration {
+    let start = Instant::now();
+    let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::clone(kernel)), "");
+    config.memory_mib = MEMORY_MIB;
+    let mut partition = Partition::new(config).unwrap();
+    let sink = FirstByte::default();
+    partition.com1().set_sink(Box::new(sink.clone()));
+    partition.resume().unwrap();
+    sink.wait();
+    let elapsed = start.elapsed();
+    partition.stop();
+    elapsed
+}
+
+/// One start of `vm` through the service, to the first byte read from its console: the total
+/// and its steps (name, nanoseconds), the worker's own from its start trace.
+fn service_start(daemon: &Daemon, vm: VmId) -> (Duration, Vec<(String, u64)>) {
+    daemon.wait_pool_full();
+    let start = monotonic_ns();
+    daemon.change(vm, RequestedState::Start);
+    let job_done = monotonic_ns();
+    let mut console = daemon.console(vm);
+    let connected = monotonic_ns();
+    let mut byte = [0u8; 1];
+    console.read_exact(&mut byte).unwrap();
+    let first_byte = monotonic_ns();
+    let trace = start_trace(daemon, vm);
+    daemon.change(vm, RequestedState::TurnOff);
+
+    let mut steps = Vec::new();
+    let mut previous = ("service: start-vm".to_owned(), start);
+    for (step, at) in &trace {
+        let name = if step == "main" || step == "assigned" {
+            format!("{} → worker {step}", previous.0)
+        } else {
+            format!("worker: {} → {step}", previous.0)
+        };
+        steps.push((name, at.saturating_sub(previous.1)));
+        previous = (step.clone(), *at);
+    }
+    steps.push((
+        "service: ready → job completed (attach, status)".to_owned(),
+        job_done.saturating_sub(previous.1),
+    ));
+    steps.push(("client: console connect".to_owned(), connected - job_done));
+    steps.push(("client: first byte read".to_owned(), first_byte - connected));
+    (Duration::from_nanos(first_byte - start), steps)
+}
+
+/// Medians of named spans gathered over rounds, in first-seen order.
+#[derive(Default)]
+struct Spans(Vec<(String, Vec<u64>)>);
+
+impl Spans {
+    fn add(&mut self, steps: Vec<(String, u64)>) {
+        for (name, ns) in steps {
+            match self.0.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, list)) => list.push(ns),
+                None => self.0.push((name, vec![ns])),
+            }
+        }
+    }
+
+    fn print(&mut self) {
+        for (name, values) in &mut self.0 {
+            values.sort_unstable();
+            println!(
+                "  {name:>58}: median {:7.3} ms (min {:.3})",
+                values[values.len() / 2] as f64 / 1e6,
+                values[0] as f64 / 1e6
+            );
+        }
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// In-process, pooled and unpooled starts of the micro guest in interleaved rounds; per-round
+/// ratios to the in-process start; each path's steps.
+fn paired_starts() {
+    let rounds: usize = std::env::var("DAEMON_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(30);
+    let kernel_bytes: Arc<[u8]> = Arc::from(micro_guest::micro_pvh_elf(false));
+    let pooled = Daemon::new();
+    let spawned = Daemon::without_pool();
+    let kernel = pooled.store.join("micro-pvh.elf");
+    std::fs::write(&kernel, &*kernel_bytes).unwrap();
+    let pooled_vm = pooled.define_kernel("micro", &kernel);
+    let spawned_vm = spawned.define_kernel("micro", &kernel);
+    // Warm the page cache and the service's first-use paths.
+    in_process_start(&kernel_bytes);
+    service_start(&pooled, pooled_vm);
+    service_start(&spawned, spawned_vm);
+
+    let (mut in_process, mut pool_ms, mut spawn_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pool_ratio, mut spawn_ratio) = (Vec::new(), Vec::new());
+    // The service marks a started VM durably (`running` in its folder: write, fsync, rename,
+    // fsync the folder) before the start's job completes; what that costs on this disk.
+    let mut marker_ms = Vec::new();
+    let marker = pooled.store.join("marker-probe");
+    let (mut pool_steps, mut spawn_steps) = (Spans::default(), Spans::default());
     println!("load average before: {}", load_average());
     for _ in 0..rounds {
-        let start = monotonic_ns();
-        daemon.change(vm, RequestedState::Start);
-        let job_done = monotonic_ns();
-        let mut console = daemon.console(vm);
-        let connected = monotonic_ns();
-        let mut byte = [0u8; 1];
-        console.read_exact(&mut byte).unwrap();
-        let first_byte = monotonic_ns();
-        let trace = start_trace(&daemon, vm);
-        let off = monotonic_ns();
-        daemon.change(vm, RequestedState::TurnOff);
-        let turned_off = monotonic_ns();
-
-        let mut previous = ("daemon: spawn → worker main".to_owned(), start);
-        for (step, at) in &trace {
-            if step != "main" {
-                record(&format!("worker: {} → {step}", previous.0), at - previous.1);
-            } else {
-                record(&previous.0, at - previous.1);
-            }
-            previous = (step.clone(), *at);
-        }
-        record(
-            "daemon: ready → job completed (handshake, status)",
-            job_done - previous.1,
-        );
-        record("client: console connect", connected - job_done);
-        record("client: first byte read", first_byte - connected);
-        record("total: start-vm → first guest byte", first_byte - start);
-        record("turn-off (reply + worker exit)", turned_off - off);
+        let base = in_process_start(&kernel_bytes).as_secs_f64();
+        let (pool, steps) = service_start(&pooled, pooled_vm);
+        pool_steps.add(steps);
+        let (spawn, steps) = service_start(&spawned, spawned_vm);
+        spawn_steps.add(steps);
+        let before = Instant::now();
+        vmm_core::atomic_file::write_atomic(&marker, b"").unwrap();
+        marker_ms.push(before.elapsed().as_secs_f64() * 1e3);
+        std::fs::remove_file(&marker).unwrap();
+        in_process.push(base * 1e3);
+        pool_ms.push(pool.as_secs_f64() * 1e3);
+        spawn_ms.push(spawn.as_secs_f64() * 1e3);
+        pool_ratio.push(pool.as_secs_f64() / base);
+        spawn_ratio.push(spawn.as_secs_f64() / base);
     }
     println!("load average after {rounds} rounds: {}", load_average());
-    for (name, values) in &mut spans {
-        values.sort_unstable();
+    println!(
+        "micro guest, start → first byte, medians of {rounds} interleaved rounds: in-process {:.3} ms; \
+         service + pool worker {:.3} ms; service + spawned worker {:.3} ms",
+        median(&mut in_process),
+        median(&mut pool_ms),
+        median(&mut spawn_ms),
+    );
+    println!(
+        "per-round ratio to in-process (median): pool worker {:.2}, spawned worker {:.2}",
+        median(&mut pool_ratio),
+        median(&mut spawn_ratio),
+    );
+    println!(
+        "of which the service's durable `running` marker (write_atomic on this disk): median {:.3} ms",
+        median(&mut marker_ms)
+    );
+    println!("steps of a start on a pool worker:");
+    pool_steps.print();
+    println!("steps of a start on a spawned worker:");
+    spawn_steps.print();
+    for pid in pooled.launcher.idle_workers() {
         println!(
-            "{name:>55}: median {:7.3} ms (min {:.3})",
-            values[values.len() / 2] as f64 / 1e6,
-            values[0] as f64 / 1e6
+            "idle pool worker {pid}: VmRSS {} KiB, Pss {} KiB, Private {} KiB",
+            status_kib(pid, "VmRSS:"),
+            rollup_kib(pid, "Pss:"),
+            rollup_kib(pid, "Private_Clean:") + rollup_kib(pid, "Private_Dirty:"),
         );
     }
+}
+
+/// A `/proc/<pid>/smaps_rollup` field in KiB.
+fn rollup_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
 }
 
 fn load_average() -> String {

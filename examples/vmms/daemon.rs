@@ -60,6 +60,8 @@ pub struct Supervision {
     pub hang_timeout: Duration,
     /// Confine workers (off only with `--no-confinement`).
     pub confine_workers: bool,
+    /// Idle workers kept started (`--worker-pool`).
+    pub worker_pool: usize,
 }
 
 /// Runs the daemon until a signal or a `stop-daemon` request.
@@ -106,6 +108,7 @@ pub fn serve(
         heartbeat_timeout: supervision.heartbeat_timeout,
         hang_timeout: supervision.hang_timeout,
         confine: supervision.confine_workers,
+        pool_size: supervision.worker_pool,
         ..LauncherOptions::default()
     };
     let launcher =
@@ -165,6 +168,8 @@ pub fn serve(
     for (vm, reason) in &report.failed {
         log!("vmms: {vm}: {reason}");
     }
+    // Started after the re-attach, so that the pool's spawns do not slow down recovery.
+    daemon.launcher.fill_pool();
     if let Some(node) = &daemon.cluster {
         crate::cluster_node::start_agent(node, &daemon.vmms)?;
     }

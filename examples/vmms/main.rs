@@ -106,6 +106,10 @@ enum Verb {
         /// Run workers without seccomp, Landlock and rlimits (debugging only).
         #[arg(long)]
         no_confinement: bool,
+        /// Worker processes kept started and idle, so that a VM's start does not wait for one to
+        /// be spawned (0: spawn each when its VM starts).
+        #[arg(long, default_value_t = 1)]
+        worker_pool: usize,
         #[command(flatten)]
         cim: cim::CimArgs,
         #[command(flatten)]
@@ -119,8 +123,11 @@ enum Verb {
     #[command(hide = true)]
     Worker {
         /// The VM.
+        #[arg(long, required_unless_present = "pool", conflicts_with = "pool")]
+        vm: Option<VmId>,
+        /// Start idle in the daemon's worker pool and wait to be given a VM.
         #[arg(long)]
-        vm: VmId,
+        pool: bool,
         /// Restore this saved state instead of booting.
         #[arg(long)]
         restore: Option<PathBuf>,
@@ -235,6 +242,7 @@ fn main() -> ExitCode {
     let result: Result<(), CliError> = match args.verb {
         Verb::Worker {
             vm,
+            pool: _,
             restore,
             no_confinement,
         } => {
@@ -253,6 +261,7 @@ fn main() -> ExitCode {
             heartbeat_timeout,
             hang_timeout,
             no_confinement,
+            worker_pool,
             cim,
             cluster,
             rdp,
@@ -269,6 +278,7 @@ fn main() -> ExitCode {
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
                 hang_timeout: Duration::from_secs(hang_timeout),
                 confine_workers: !no_confinement,
+                worker_pool,
             };
             daemon::serve(&store, &options, &supervision, &cim, &rdp).map_err(|e| plain("serve", e))
         }

@@ -26,6 +26,16 @@ fn get_or_try_init<T>(
     Ok(cell.get_or_init(|| value))
 }
 
+/// Asks KVM everything a partition will need to know (opens `/dev/kvm`, reads the vCPU limit and
+/// the supported CPUID) now, so that the first partition of this process does not wait for it: a
+/// process that starts a VM later (a worker waiting in a pool) calls this while it has time.
+pub fn prepare() -> Result<()> {
+    max_vcpus()?;
+    supported_cpuid()?;
+    crate::software_kvm::is_software_kvm();
+    Ok(())
+}
+
 /// The process's `/dev/kvm` handle.
 pub(crate) fn kvm() -> Result<&'static Kvm> {
     static KVM: OnceLock<Kvm> = OnceLock::new();

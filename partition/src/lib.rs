@@ -45,5 +45,6 @@ pub use config::{
 pub use devices::virtio::MacAddress;
 pub use error::{Error, Result};
 pub use exit::ExitReason;
+pub use host::prepare as prepare_host;
 pub use partition::{Partition, PartitionBuilder, RunState};
 pub use state::PartitionState;

@@ -373,7 +373,10 @@ impl Daemon {
             let ours = args
                 .windows(2)
                 .any(|w| w[0] == b"--store" && w[1] == store.as_slice());
-            if is_worker && ours && alive(pid) {
+            // A pool worker runs a VM once it was given one, which it holds the lock of; until
+            // then it is the daemon's idle worker, no VM's.
+            let idle = args.iter().any(|a| *a == b"--pool") && !holds_worker_lock(pid);
+            if is_worker && ours && !idle && alive(pid) {
                 pids.push(pid);
             }
         }
@@ -534,6 +537,38 @@ impl Drop for Daemon {
             kill9(pid);
         }
     }
+}
+
+/// Whether process `pid` has a VM's `worker.lock` open.
+pub fn holds_worker_lock(pid: u64) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .any(|target| target.file_name().is_some_and(|n| n == "worker.lock"))
+}
+
+/// Pids of the daemon's idle pool workers (`worker --pool`, no VM's lock held).
+pub fn idle_pool_workers(store: &Path) -> Vec<u64> {
+    let store = store.as_os_str().as_encoded_bytes().to_vec();
+    let mut pids: Vec<u64> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u64>().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let pool = args.iter().any(|a| *a == b"--pool");
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == b"--store" && w[1] == store.as_slice());
+            (pool && ours && alive(pid) && !holds_worker_lock(pid)).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Whether process `pid` exists and is not a zombie.

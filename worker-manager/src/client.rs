@@ -95,16 +95,35 @@ impl ControlClient {
         if expected.is_some_and(|want| want != vm) {
             return Err(Error::WrongWorker { vm, pid });
         }
-        stream
-            .set_write_timeout(Some(WRITE_TIMEOUT))
-            .map_err(|e| Error::io(path, e))?;
-        let reader = stream.try_clone().map_err(|e| Error::io(path, e))?;
+        Self::over(stream, vm, pid, on_notice).map_err(|e| Error::io(path, e))
+    }
+
+    /// The control connection over a pool worker's socket pair, once the worker reported ready
+    /// on it: no handshake, since the pair was private to the two processes from the start and
+    /// the parent spawned `pid` itself.
+    pub(crate) fn adopt(
+        stream: UnixStream,
+        vm: VmId,
+        pid: u32,
+        on_notice: impl Fn(Notice) + Send + 'static,
+    ) -> Result<Self> {
+        Self::over(stream, vm, pid, on_notice).map_err(|e| Error::io("pool socket", e))
+    }
+
+    /// Starts the reader thread of a handshaken connection.
+    fn over(
+        stream: UnixStream,
+        vm: VmId,
+        pid: u32,
+        on_notice: impl Fn(Notice) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let reader = stream.try_clone()?;
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
         thread::Builder::new()
             .name(format!("wm-ctl-{pid}"))
-            .spawn(move || read_loop(reader, &thread_shared, on_notice))
-            .map_err(Error::Thread)?;
+            .spawn(move || read_loop(reader, &thread_shared, on_notice))?;
         Ok(ControlClient {
             writer: Mutex::new(stream),
             shared,

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,8 +18,9 @@ use vmm_core::{EventSink, LaunchMode, VmConfig, VmId, Worker, WorkerError, Worke
 
 use crate::client::ControlClient;
 use crate::error::{Error, Result};
+use crate::pool::{Assignment, IdleWorker, PoolMessage, PoolSpawner, WorkerPool, send_assignment};
 use crate::process::{ExitStatus, PidFd, poll_readable, reap_child};
-use crate::protocol::WorkerReport;
+use crate::protocol::{ProtocolError, WorkerReport, read_frame};
 use crate::runtime::{RuntimeDir, StoreLayout};
 use crate::supervisor::{ProcessWorker, Supervised};
 use crate::worker::READY_FD_ENV;
@@ -46,6 +48,11 @@ pub struct LauncherOptions {
     /// Confine workers (seccomp, Landlock, no new privileges, rlimits); `false` passes
     /// `--no-confinement`, for debugging only.
     pub confine: bool,
+    /// Workers kept started and idle, so that a VM's start does not wait for a process to be
+    /// spawned (see the `pool` module notes); 0 spawns each VM's worker when it starts. The
+    /// pool fills once the launcher first launches a worker or is asked to
+    /// ([`ProcessLauncher::fill_pool`]).
+    pub pool_size: usize,
 }
 
 impl Default for LauncherOptions {
@@ -58,6 +65,7 @@ impl Default for LauncherOptions {
             heartbeat_timeout: Duration::from_secs(5),
             hang_timeout: Duration::from_secs(30),
             confine: true,
+            pool_size: 1,
         }
     }
 }
@@ -74,6 +82,7 @@ pub struct ProcessLauncher {
     args: Vec<OsString>,
     options: LauncherOptions,
     live: Mutex<HashMap<VmId, Weak<Supervised>>>,
+    pool: WorkerPool,
 }
 
 impl ProcessLauncher {
@@ -84,19 +93,44 @@ impl ProcessLauncher {
         program: impl Into<PathBuf>,
         args: impl IntoIterator<Item = impl Into<OsString>>,
     ) -> Self {
+        let store = StoreLayout::new(store_root);
+        let program = program.into();
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let options = LauncherOptions::default();
+        let pool = pool_for(&store, &program, &args, &options);
         ProcessLauncher {
-            store: StoreLayout::new(store_root),
-            program: program.into(),
-            args: args.into_iter().map(Into::into).collect(),
-            options: LauncherOptions::default(),
+            store,
+            program,
+            args,
+            options,
             live: Mutex::new(HashMap::new()),
+            pool,
         }
     }
 
-    /// Replaces the timeouts.
+    /// Replaces the timeouts, the confinement switch and the pool size.
     pub fn with_options(mut self, options: LauncherOptions) -> Self {
+        self.pool = pool_for(&self.store, &self.program, &self.args, &options);
         self.options = options;
         self
+    }
+
+    /// Starts filling the pool of idle workers in the background (a daemon calls this once it
+    /// is up; the first launch does it otherwise). Nothing happens when the pool size is 0.
+    pub fn fill_pool(&self) {
+        self.pool.fill();
+    }
+
+    /// The pids of the workers idle in the pool now.
+    pub fn idle_workers(&self) -> Vec<u32> {
+        self.pool.idle_pids()
+    }
+
+    /// Why the pool could not start its last worker, while none has started since (a worker
+    /// program that does not understand `--pool`, a host without `/dev/kvm`, …). Launches then
+    /// spawn their workers themselves.
+    pub fn pool_error(&self) -> Option<String> {
+        self.pool.last_error()
     }
 
     /// The timeouts in use.
@@ -130,12 +164,13 @@ impl ProcessLauncher {
         live.insert(supervised.vm(), Arc::downgrade(supervised));
     }
 
-    /// Spawns the worker and waits for its readiness line.
+    /// Starts the VM's worker (an idle one from the pool when there is one, a new process
+    /// otherwise) and waits until it reports ready.
     ///
-    /// The runtime folder's lock is taken before the worker exists and handed to it, so a
-    /// service that looks at any instant from here on (a daemon restarted while this one is
-    /// killed mid-launch) sees that a worker runs or is starting.
-    fn spawn(&self, vm: VmId, restore: Option<&Path>) -> Result<PidFd> {
+    /// The runtime folder's lock is taken before the worker exists (or is assigned) and handed
+    /// to it, so a service that looks at any instant from here on (a daemon restarted while this
+    /// one is killed mid-launch) sees that a worker runs or is starting.
+    fn spawn(&self, vm: VmId, restore: Option<&Path>) -> Result<Started> {
         let runtime = self.store.runtime(vm);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
         let lock = WorkerLock::try_acquire(&runtime)
@@ -160,6 +195,74 @@ impl ProcessLauncher {
                 _ => e,
             })
             .map_err(|e| Error::io(&log_path, e))?;
+        if let Some(idle) = self.pool.take() {
+            let assignment = Assignment {
+                vm,
+                restore: restore.map(Path::to_path_buf),
+            };
+            if send_assignment(
+                &idle.channel,
+                &assignment,
+                lock.as_raw_fd(),
+                log.as_raw_fd(),
+            )
+            .is_ok()
+            {
+                // The worker has its copies: the lock is held by it alone from here on.
+                drop(lock);
+                drop(log);
+                fault::point("launch.after-spawn");
+                return self.await_pool_ready(idle, &runtime);
+            }
+            // It died while idle. Once it is gone for sure, the lock is ours alone again and a
+            // new process is started instead.
+            let _ = idle.pidfd.send_signal(libc::SIGKILL);
+            let _ = idle.pidfd.wait(None, Some(Duration::from_secs(5)));
+            reap_child(idle.pidfd.pid());
+        }
+        self.spawn_process(vm, restore, &runtime, lock, log)
+            .map(|pidfd| Started {
+                pidfd,
+                channel: None,
+            })
+    }
+
+    /// Waits for the pool worker that was just assigned its VM to report ready.
+    fn await_pool_ready(&self, idle: IdleWorker, runtime: &RuntimeDir) -> Result<Started> {
+        let IdleWorker { pidfd, channel } = idle;
+        match read_pool_ready(&channel, self.options.launch_timeout) {
+            Ok(PoolReady::Ready(report)) => {
+                fault::point("launch.after-ready");
+                Ok(Started {
+                    pidfd,
+                    channel: Some((channel, report)),
+                })
+            }
+            outcome => {
+                let outcome = outcome.map(|said| match said {
+                    PoolReady::Line(line) => line,
+                    PoolReady::Ready(_) => "ready".to_owned(),
+                });
+                let pid = pidfd.pid();
+                let _ = pidfd.send_signal(libc::SIGKILL);
+                let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
+                let status = reap_child(pid);
+                runtime.remove_live_files(pid);
+                Err(start_failure(outcome, status, runtime))
+            }
+        }
+    }
+
+    /// Spawns a new worker process for `vm` and waits for its readiness line.
+    fn spawn_process(
+        &self,
+        vm: VmId,
+        restore: Option<&Path>,
+        runtime: &RuntimeDir,
+        lock: WorkerLock,
+        log: File,
+    ) -> Result<PidFd> {
+        let log_path = runtime.log_file();
         let log_err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
         let (ready_rx, ready_tx) = io::pipe().map_err(|e| Error::io("pipe", e))?;
         let ready_fd = ready_tx.as_raw_fd();
@@ -216,7 +319,7 @@ impl ProcessLauncher {
                 let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
                 let status = reap_child(pid);
                 runtime.remove_live_files(pid);
-                Err(start_failure(outcome, status, &runtime))
+                Err(start_failure(outcome, status, runtime))
             }
         }
     }
@@ -245,17 +348,27 @@ impl ProcessLauncher {
     }
     /// Supervises the worker `pidfd` and asks for its first report (which also reports a guest
     /// that stopped while nobody was connected).
+    /// A pool worker's socket pair (`channel`) becomes its control connection, and the report
+    /// it came with is its first.
     fn attach(
         &self,
         vm: VmId,
         pidfd: PidFd,
+        channel: Option<(UnixStream, Box<WorkerReport>)>,
         events: EventSink,
     ) -> Result<(Arc<Supervised>, Result<WorkerReport>)> {
         let runtime = self.store.runtime(vm);
         let supervised = Supervised::start(vm, pidfd, runtime, self.options.clone(), events)?;
-        let report = supervised
-            .client()
-            .and_then(|c| c.status(self.options.request_timeout));
+        let first = channel.and_then(|(channel, report)| {
+            // Without the pair the worker is still reachable through its control socket.
+            supervised.adopt(channel).ok().map(|()| *report)
+        });
+        let report = match first {
+            Some(report) => Ok(report),
+            None => supervised
+                .client()
+                .and_then(|c| c.status(self.options.request_timeout)),
+        };
         if let Ok(report) = &report {
             supervised.check_report(report);
         }
@@ -275,8 +388,11 @@ impl WorkerLauncher for ProcessLauncher {
             LaunchMode::Boot => None,
             LaunchMode::RestoreSaved { state_dir } => Some(state_dir.as_path()),
         };
-        let pidfd = self.spawn(vm.id, restore)?;
-        let (supervised, report) = self.attach(vm.id, pidfd, events)?;
+        let started = self.spawn(vm.id, restore);
+        // The pool (re)fills after the first launch, a moment after this one's worker was taken.
+        self.pool.fill();
+        let started = started?;
+        let (supervised, report) = self.attach(vm.id, started.pidfd, started.channel, events)?;
         match report {
             Ok(_) => Ok(Box::new(ProcessWorker::new(supervised))),
             Err(error) => {
@@ -307,7 +423,7 @@ impl WorkerLauncher for ProcessLauncher {
             return Ok(None);
         };
         let pid = pidfd.pid();
-        let (supervised, report) = self.attach(vm, pidfd, events)?;
+        let (supervised, report) = self.attach(vm, pidfd, None, events)?;
         if report.is_err() && supervised.process_gone() {
             supervised.abandon();
             runtime.remove_live_files(pid);
@@ -358,10 +474,71 @@ fn start_failure(
     Error::StartFailed { message }
 }
 
+/// A worker started for a VM: its pidfd and, for a pool worker, its control connection and the
+/// report it sent with its readiness.
+struct Started {
+    pidfd: PidFd,
+    channel: Option<(UnixStream, Box<WorkerReport>)>,
+}
+
+/// The pool a launcher with `options` keeps, starting workers as the launcher would.
+fn pool_for(
+    store: &StoreLayout,
+    program: &Path,
+    args: &[OsString],
+    options: &LauncherOptions,
+) -> WorkerPool {
+    WorkerPool::new(
+        PoolSpawner {
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            store: store.root().to_path_buf(),
+            confine: options.confine,
+        },
+        options.pool_size,
+    )
+}
+
+/// A pool worker's answer to its assignment.
+enum PoolReady {
+    /// Its guest runs; its first report.
+    Ready(Box<WorkerReport>),
+    /// What it said instead, as an exec'd worker's line (`error: …`).
+    Line(String),
+}
+
+/// A pool worker's answer to its assignment (errors as [`read_ready`] gives them).
+fn read_pool_ready(channel: &UnixStream, timeout: Duration) -> Result<PoolReady> {
+    channel
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| Error::io("pool socket", e))?;
+    let said = read_frame::<PoolMessage>(&mut &*channel);
+    channel
+        .set_read_timeout(None)
+        .map_err(|e| Error::io("pool socket", e))?;
+    match said {
+        Ok(Some(PoolMessage::Ready { report })) => Ok(PoolReady::Ready(report)),
+        Ok(Some(PoolMessage::Failed { reason })) => Ok(PoolReady::Line(format!("error: {reason}"))),
+        Ok(Some(PoolMessage::Idle)) => Ok(PoolReady::Line(
+            "error: pool worker answered idle".to_owned(),
+        )),
+        Ok(None) => Err(Error::Disconnected),
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(Error::Timeout(timeout))
+        }
+        Err(_) => Err(Error::Disconnected),
+    }
+}
+
 /// In the forked child, before exec: a session of its own (no terminal signals, survives the
-/// daemon), an empty signal mask, and the readiness pipe and the worker lock kept open across
-/// exec.
-fn prepare_child(keep: &[RawFd]) -> io::Result<()> {
+/// daemon), an empty signal mask, and the given descriptors (readiness pipe and worker lock, or a
+/// pool worker's socket pair) kept open across exec.
+pub(crate) fn prepare_child(keep: &[RawFd]) -> io::Result<()> {
     // SAFETY: setsid, sigemptyset, sigprocmask and fcntl are async-signal-safe and act only on
     // this (single-threaded, just forked) process and its own descriptors.
     unsafe {

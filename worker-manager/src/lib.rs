@@ -11,7 +11,11 @@
 //!   [--restore <DIR>]` in a session of its own, waits for it to report ready, connects to its
 //!   control socket, and supervises it — exit seen at once through a pidfd (also for workers
 //!   re-attached after a daemon restart, which are not its children), hangs through a heartbeat.
-//!   Every end reaches the service once, as a [`StopReason`](vmm_core::StopReason).
+//!   Every end reaches the service once, as a [`StopReason`](vmm_core::StopReason). It keeps
+//!   a small pool of workers started and idle ([`LauncherOptions::pool_size`]), so that a VM's
+//!   start does not wait for a process to be spawned: an idle worker gets the VM's lock and log
+//!   over a socket pair, confines itself for that VM and starts it as a spawned one does, and
+//!   the pair becomes its control connection; idle workers exit when their launcher goes away.
 //! - **Worker side** — [`worker::run`] is the whole life of a worker process: read the VM's
 //!   `config.json`, build or restore the partition, serve `control.sock` and `console.sock` in
 //!   `<store>/run/<GUID>/`, write the pid file, run the guest until told to save or turn off.
@@ -57,6 +61,7 @@ mod client;
 mod error;
 pub mod guest_agent;
 mod launcher;
+mod pool;
 mod process;
 pub mod protocol;
 mod runtime;

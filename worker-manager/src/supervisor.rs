@@ -134,16 +134,11 @@ impl Supervised {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(client));
         }
-        let weak: Weak<Supervised> = Arc::downgrade(self);
         let client = ControlClient::connect(
             &self.runtime.control_socket(),
             Some(self.vm),
             self.options.request_timeout,
-            move |notice| {
-                if let Some(supervised) = weak.upgrade() {
-                    supervised.on_notice(notice);
-                }
-            },
+            self.notice_handler(),
         )?;
         if client.pid() != self.pid() {
             return Err(Error::WrongWorker {
@@ -154,6 +149,27 @@ impl Supervised {
         let client = Arc::new(client);
         *slot = Some(Arc::clone(&client));
         Ok(client)
+    }
+
+    /// Makes a pool worker's socket pair, on which it just reported ready, the control
+    /// connection (see the `pool` module notes).
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        channel: std::os::unix::net::UnixStream,
+    ) -> Result<(), Error> {
+        let client = ControlClient::adopt(channel, self.vm, self.pid(), self.notice_handler())?;
+        *self.client.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(client));
+        Ok(())
+    }
+
+    /// What a control connection does with the worker's notices.
+    fn notice_handler(self: &Arc<Self>) -> impl Fn(Notice) + Send + 'static {
+        let weak: Weak<Supervised> = Arc::downgrade(self);
+        move |notice| {
+            if let Some(supervised) = weak.upgrade() {
+                supervised.on_notice(notice);
+            }
+        }
     }
 
     fn on_notice(&self, notice: Notice) {

@@ -60,9 +60,14 @@ impl WorkerLock {
         };
         // SAFETY: the parent passed this descriptor for this process alone; it is open (checked
         // above) and nothing else here owns it.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Self::from_file(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// In a pool worker: the lock its parent took and sent over the pool's socket pair.
+    /// `Ok(None)` when another process holds it.
+    pub(crate) fn from_file(file: File) -> io::Result<Option<Self>> {
         // Locking again through the same open file description succeeds at once when the
-        // inherited lock is really held; otherwise it takes it now or finds another holder.
+        // passed lock is really held; otherwise it takes it now or finds another holder.
         if lock_exclusive(file.as_raw_fd())? {
             Ok(Some(WorkerLock { file }))
         } else {

@@ -19,6 +19,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
@@ -177,10 +178,22 @@ fn describe(ruleset: RulesetStatus, kernel: LandlockStatus) -> String {
 /// Step 3: the syscall allowlist on every thread, plus `clone3` → `ENOSYS` so that thread
 /// creation goes through `clone`, whose flags the allowlist can check.
 pub(crate) fn install_seccomp() -> Result<(), ConfinementError> {
-    let [fallback, allowlist] = seccomp_programs()?;
-    seccompiler::apply_filter_all_threads(&fallback)?;
-    seccompiler::apply_filter_all_threads(&allowlist)?;
+    let [fallback, allowlist] = compiled_programs()?;
+    seccompiler::apply_filter_all_threads(fallback)?;
+    seccompiler::apply_filter_all_threads(allowlist)?;
     Ok(())
+}
+
+/// The filters of [`install_seccomp`], compiled once per process: a pool worker compiles them
+/// while it waits for its VM, so a start does not wait for it. The filters depend on nothing
+/// about the VM.
+pub(crate) fn compiled_programs() -> Result<&'static [BpfProgram; 2], ConfinementError> {
+    static PROGRAMS: OnceLock<[BpfProgram; 2]> = OnceLock::new();
+    if let Some(programs) = PROGRAMS.get() {
+        return Ok(programs);
+    }
+    let programs = seccomp_programs()?;
+    Ok(PROGRAMS.get_or_init(|| programs))
 }
 
 /// Installs a worker's seccomp filters on the calling thread only (and so on the threads it

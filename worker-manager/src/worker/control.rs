@@ -327,7 +327,29 @@ fn connection(stream: UnixStream, shared: &WorkerShared) -> Result<(), ProtocolE
             pid: shared.pid,
         },
     )?;
+    serve_parent(stream, reader, shared)
+}
+
+/// Serves a pool worker's socket pair as a connection whose handshake is done (the pair was
+/// private to the worker and the parent that spawned it from the start).
+pub(crate) fn adopt(stream: UnixStream, shared: &WorkerShared) {
+    let served = stream
+        .try_clone()
+        .map_err(ProtocolError::from)
+        .and_then(|reader| serve_parent(stream, BufReader::new(reader), shared));
+    if let Err(error) = served {
+        eprintln!("worker {}: control connection: {error}", shared.vm);
+    }
+}
+
+/// Answers a handshaken parent's requests until it disconnects.
+fn serve_parent(
+    stream: UnixStream,
+    mut reader: BufReader<UnixStream>,
+    shared: &WorkerShared,
+) -> Result<(), ProtocolError> {
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let peer = Arc::new(Peer {
         id: shared.next_peer.fetch_add(1, Ordering::Relaxed),
         writer: Mutex::new(stream),

@@ -19,7 +19,7 @@ use partition::{
     DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig,
     PartitionState,
 };
-use vmm_core::{BootSource, StopReason, VmConfig, error_chain, fault};
+use vmm_core::{BootSource, StopReason, VmConfig, VmId, error_chain, fault};
 
 use super::WorkerOptions;
 use super::agent::{self, AgentHandle, AgentJobs};
@@ -123,15 +123,23 @@ pub(crate) struct Machine {
 
 impl Machine {
     /// Builds or restores the partition, opens the sockets, starts the guest and writes the pid
-    /// file. On error nothing is left in the runtime folder but the log.
-    pub(crate) fn start(options: &WorkerOptions<'_>) -> Result<Self> {
+    /// file. On error nothing is left in the runtime folder but the log. `lock` is the VM's
+    /// `worker.lock` as a pool worker received it; an exec'd worker inherits it (or takes it).
+    pub(crate) fn start(
+        options: &WorkerOptions<'_>,
+        vm_id: VmId,
+        lock: Option<File>,
+    ) -> Result<Self> {
         let layout = StoreLayout::new(&options.store);
-        let runtime = layout.runtime(options.vm);
+        let runtime = layout.runtime(vm_id);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
-        let lock = WorkerLock::inherit_or_acquire(&runtime)
-            .map_err(|e| Error::io(runtime.lock_file(), e))?
-            .ok_or(Error::AlreadyRunning)?;
-        let vm = read_config(&layout, options)?;
+        let lock = match lock {
+            Some(file) => WorkerLock::from_file(file),
+            None => WorkerLock::inherit_or_acquire(&runtime),
+        }
+        .map_err(|e| Error::io(runtime.lock_file(), e))?
+        .ok_or(Error::AlreadyRunning)?;
+        let vm = read_config(&layout, vm_id)?;
         mark("config");
         let mut config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
         // Disks are opened (and locked) before the sandbox closes; Landlock then only needs
@@ -256,6 +264,22 @@ impl Machine {
             .map_err(|e| Error::io(pid_file, e))?;
         mark("pid");
         Ok(())
+    }
+
+    /// The worker's status now (what [`Request::Status`] answers).
+    pub(crate) fn report(&self) -> crate::protocol::WorkerReport {
+        self.shared.report()
+    }
+
+    /// Serves a pool worker's socket pair, on which it just reported ready, as a control
+    /// connection whose handshake is done (see the `pool` module notes).
+    pub(crate) fn adopt_parent(&self, channel: std::os::unix::net::UnixStream) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || control::adopt(channel, &shared))
+            .map(drop)
+            .map_err(Error::Thread)
     }
 
     /// Makes `partition` the running one: COM1 into the console log, memory and COM1 visible to
@@ -756,8 +780,8 @@ fn filesystem_view(
 }
 
 /// Reads and checks the VM's `config.json`.
-fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmConfig> {
-    let path = layout.config_path(options.vm);
+fn read_config(layout: &StoreLayout, vm_id: VmId) -> Result<VmConfig> {
+    let path = layout.config_path(vm_id);
     let config_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Config {
         path: path.clone(),
         source,
@@ -765,7 +789,7 @@ fn read_config(layout: &StoreLayout, options: &WorkerOptions<'_>) -> Result<VmCo
     let bytes = fs::read(&path).map_err(|e| config_error(Box::new(e)))?;
     let config: VmConfig = serde_json::from_slice(&bytes).map_err(|e| config_error(Box::new(e)))?;
     config.validate().map_err(|e| config_error(Box::new(e)))?;
-    if config.id != options.vm {
+    if config.id != vm_id {
         return Err(config_error(
             format!("it describes virtual machine {}", config.id).into(),
         ));

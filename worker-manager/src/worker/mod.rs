@@ -19,6 +19,7 @@ pub mod fence;
 mod machine;
 mod network;
 mod overlays;
+mod pool;
 pub mod start_trace;
 mod state_folder;
 mod syscalls;
@@ -49,8 +50,9 @@ pub const EXIT_START_FAILED: u8 = 2;
 /// What a worker process is asked to run.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions<'a> {
-    /// The virtual machine (its `config.json` is read from the store).
-    pub vm: VmId,
+    /// The virtual machine (its `config.json` is read from the store); `None` for a worker
+    /// started into the launcher's pool (`--pool`), which is told its VM later.
+    pub vm: Option<VmId>,
     /// The store's root folder.
     pub store: PathBuf,
     /// Restore the saved state in this folder (`state.json` + `memory.bin`) instead of booting.
@@ -65,8 +67,8 @@ pub struct WorkerOptions<'a> {
 
 impl<'a> WorkerOptions<'a> {
     /// Parses the worker command line `--vm <GUID> --store <DIR> [--restore <DIR>]
-    /// [--no-confinement]` (what [`ProcessLauncher`](crate::ProcessLauncher) appends to the
-    /// program's own arguments).
+    /// [--no-confinement]`, or `--pool --store <DIR> [--no-confinement]` for a pool worker (what
+    /// [`ProcessLauncher`](crate::ProcessLauncher) appends to the program's own arguments).
     pub fn from_args(
         args: impl IntoIterator<Item = OsString>,
         default_kernel: &'a [u8],
@@ -75,6 +77,7 @@ impl<'a> WorkerOptions<'a> {
         let mut store = None;
         let mut restore = None;
         let mut confine = true;
+        let mut pool = false;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -96,6 +99,7 @@ impl<'a> WorkerOptions<'a> {
                 Some("--store") => store = Some(PathBuf::from(value()?)),
                 Some("--restore") => restore = Some(PathBuf::from(value()?)),
                 Some("--no-confinement") => confine = false,
+                Some(crate::pool::POOL_FLAG) => pool = true,
                 _ => {
                     return Err(Error::Usage(format!(
                         "unexpected argument {}",
@@ -104,8 +108,18 @@ impl<'a> WorkerOptions<'a> {
                 }
             }
         }
+        let vm = match (vm, pool) {
+            (Some(_), true) => {
+                return Err(Error::Usage("--vm and --pool exclude each other".into()));
+            }
+            (None, false) => return Err(Error::Usage("--vm is required".into())),
+            (vm, _) => vm,
+        };
+        if pool && restore.is_some() {
+            return Err(Error::Usage("--restore needs --vm".into()));
+        }
         Ok(WorkerOptions {
-            vm: vm.ok_or_else(|| Error::Usage("--vm is required".into()))?,
+            vm,
             store: store.ok_or_else(|| Error::Usage("--store is required".into()))?,
             restore,
             default_kernel,
@@ -117,27 +131,24 @@ impl<'a> WorkerOptions<'a> {
 /// Runs a worker to the end: the process's exit code. Success means the guest was saved or turned
 /// off as asked; [`EXIT_START_FAILED`] that it never ran (the reason is on stderr and, when
 /// started by a [`ProcessLauncher`](crate::ProcessLauncher), sent to the parent).
+///
+/// A pool worker (`vm` is `None`) first warms up and waits for its VM (the `pool` module).
 pub fn run(options: WorkerOptions<'_>) -> ExitCode {
+    let Some(vm) = options.vm else {
+        return pool::run(options);
+    };
     start_trace::begin();
     unblock_signals();
     let ready = ReadyPipe::from_env();
     // Exactly what the parent meant to pass survives: stdio, the readiness pipe, the lock.
     confinement::close_inherited_fds(&[ready.raw_fd(), inherited_fd(LOCK_FD_ENV)]);
-    eprintln!(
-        "worker {}: pid {}, {}",
-        options.vm,
-        std::process::id(),
-        match &options.restore {
-            Some(dir) => format!("restoring {}", dir.display()),
-            None => "booting".to_owned(),
-        }
-    );
-    match machine::Machine::start(&options) {
+    log_start(vm, &options, "");
+    match machine::Machine::start(&options, vm, None) {
         Ok(machine) => {
             ready.send("ready");
             start_trace::mark("ready");
-            eprintln!("worker {}: guest running", options.vm);
-            start_trace::log(options.vm);
+            eprintln!("worker {vm}: guest running");
+            start_trace::log(vm);
             machine.serve()
         }
         Err(error) => {
@@ -149,10 +160,22 @@ pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     }
 }
 
+/// The worker log's first line.
+pub(crate) fn log_start(vm: VmId, options: &WorkerOptions<'_>, how: &str) {
+    eprintln!(
+        "worker {vm}: pid {}, {}{how}",
+        std::process::id(),
+        match &options.restore {
+            Some(dir) => format!("restoring {}", dir.display()),
+            None => "booting".to_owned(),
+        }
+    );
+}
+
 /// Clears the signal mask inherited from the parent: the partition kicks vCPU threads with a
 /// real-time signal, and a daemon that blocks SIGTERM for its own signal thread must not pass
 /// that on.
-fn unblock_signals() {
+pub(crate) fn unblock_signals() {
     // SAFETY: sigemptyset initialises the set; sigprocmask only reads it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -196,7 +219,7 @@ fn inherited_fd(variable: &str) -> i32 {
         .unwrap_or(-1)
 }
 
-fn fd_is_open(fd: i32) -> bool {
+pub(crate) fn fd_is_open(fd: i32) -> bool {
     // SAFETY: F_GETFD only queries the descriptor's flags.
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
@@ -216,7 +239,7 @@ mod tests {
 
         let options = WorkerOptions::from_args(line, b"elf").unwrap();
 
-        assert_eq!(options.vm, vm);
+        assert_eq!(options.vm, Some(vm));
         assert_eq!(options.store, PathBuf::from("/s"));
         assert_eq!(options.restore, Some(PathBuf::from("/r")));
     }

@@ -3,7 +3,8 @@
 //! Off unless [`START_TRACE_ENV`] is set in the worker's environment (a daemon's workers inherit
 //! it). Then the worker logs one line once it reported ready:
 //! `worker <GUID>: start trace: main=<ns> config=<ns> … ready=<ns>`, each value the
-//! `CLOCK_MONOTONIC` time in nanoseconds at which that step ended (`main`: when `run` began), a
+//! `CLOCK_MONOTONIC` time in nanoseconds at which that step ended (`main`: when `run` began;
+//! `assigned` instead for a pool worker: when it received its VM), a
 //! clock every process on the host shares, so a parent can place the steps next to its own.
 //! Steps are marked with `mark` from wherever they end, without threading a recorder through.
 
@@ -37,8 +38,13 @@ fn steps() -> std::sync::MutexGuard<'static, Option<Vec<(&'static str, u64)>>> {
 
 /// Starts the trace (recording `main` now) if [`START_TRACE_ENV`] is set.
 pub(crate) fn begin() {
+    begin_at("main");
+}
+
+/// Starts the trace with `step` (a pool worker's starts at `assigned`: when it received its VM).
+pub(crate) fn begin_at(step: &'static str) {
     if std::env::var_os(START_TRACE_ENV).is_some() {
-        *steps() = Some(vec![("main", monotonic_ns())]);
+        *steps() = Some(vec![(step, monotonic_ns())]);
     }
 }
 

@@ -49,6 +49,14 @@ impl Fixture {
             Vec::<String>::new(),
         )
         .with_options(options);
+        // As a daemon does once it is up: VMs then start on pool workers, as they do in use.
+        launcher.fill_pool();
+        if launcher.options().pool_size > 0 {
+            let deadline = Instant::now() + TIMEOUT;
+            while launcher.idle_workers().is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let (tx, events) = mpsc::channel();
         let sink = EventSink::new(VmId::new_random(), move |e| tx.send(e).is_ok());
         Fixture {

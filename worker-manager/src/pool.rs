@@ -1,0 +1,398 @@
+//! A pool of pre-started workers: processes already exec'd, with their runtime up, KVM's facts
+//! read and the seccomp filter compiled, each waiting for the VM it will run.
+//!
+//! Starting a worker process (fork, exec, the runtime's own start) costs a few milliseconds that a
+//! guest's start would otherwise wait for. The [`ProcessLauncher`](crate::ProcessLauncher) keeps
+//! up to [`LauncherOptions::pool_size`](crate::LauncherOptions::pool_size) such workers idle and
+//! hands a starting VM to one of them; the pool refills in the background a moment after.
+//!
+//! An idle worker is `program args… --pool --store <DIR> [--no-confinement]`, started like any
+//! worker (its own session, nothing inherited but stdio and its end of a socket pair named in
+//! [`POOL_FD_ENV`]). It confines nothing yet: it holds no VM's data and has no guest. Over the
+//! pair, in order:
+//! 1. worker → parent: [`PoolMessage::Idle`] once it is warm (or `Failed`, then it exits);
+//! 2. parent → worker: one byte carrying the VM's locked `worker.lock` (`SCM_RIGHTS`), one byte
+//!    carrying its `worker.log`, then an [`Assignment`] frame (the VM, the saved state to restore);
+//! 3. the worker starts exactly as an exec'd one does (config, disks, Landlock, partition,
+//!    sockets, seccomp, guest) and answers [`PoolMessage::Ready`] or `Failed`;
+//! 4. from then on the pair is a control connection like one made to `control.sock`, its
+//!    handshake already done: the socket pair is private to the two processes, and the parent
+//!    knows the worker's pid because it spawned it.
+//!
+//! An idle worker whose parent goes away (a daemon that exits, crashes or is killed) reads the
+//! end of its socket pair and exits: idle workers never outlive the daemon that started them,
+//! while assigned ones run on as every worker does.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_core::VmId;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::error::{Error, Result};
+use crate::process::{PidFd, reap_child};
+use crate::protocol::{ProtocolError, WorkerReport, read_frame, write_frame};
+
+/// Environment variable naming an idle worker's end of its socket pair.
+pub(crate) const POOL_FD_ENV: &str = "VMMS_WORKER_POOL_FD";
+
+/// The flag that makes a worker command line an idle pool worker's (instead of `--vm <GUID>`).
+pub(crate) const POOL_FLAG: &str = "--pool";
+
+/// How long a new pool worker may take to become idle.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after a worker was taken the pool starts its replacement: long enough that the
+/// replacement's exec does not compete with the taken worker's start on a small host, short enough
+/// that a second start soon after finds the pool full again.
+const REFILL_DELAY: Duration = Duration::from_millis(30);
+/// How often the refill thread looks for idle workers that died.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// Longest pause between attempts when pool workers fail to start.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What a pool worker tells its parent over the socket pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum PoolMessage {
+    /// Warm and waiting for an [`Assignment`].
+    Idle,
+    /// The assigned VM's guest runs; the pair is now a control connection. The worker's first
+    /// report comes with it, which saves the parent asking for it.
+    Ready {
+        /// The worker's status as it reported ready.
+        report: Box<WorkerReport>,
+    },
+    /// Warming up or starting the assigned VM failed; the worker exits.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The VM an idle worker is to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Assignment {
+    /// The virtual machine (its `config.json` is read from the store).
+    pub(crate) vm: VmId,
+    /// Restore the saved state in this folder instead of booting.
+    pub(crate) restore: Option<PathBuf>,
+}
+
+/// Sends `assignment` with the VM's locked `worker.lock` and its log to an idle worker.
+pub(crate) fn send_assignment(
+    channel: &UnixStream,
+    assignment: &Assignment,
+    lock: RawFd,
+    log: RawFd,
+) -> io::Result<()> {
+    for fd in [lock, log] {
+        let sent = channel
+            .send_with_fd(&[0u8][..], fd)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if sent != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "descriptor not sent",
+            ));
+        }
+    }
+    write_frame(&mut &*channel, assignment).map_err(frame_io)
+}
+
+/// In the idle worker: waits for the assignment. `Ok(None)` when the parent went away first.
+pub(crate) fn receive_assignment(
+    channel: &UnixStream,
+) -> io::Result<Option<(Assignment, std::fs::File, std::fs::File)>> {
+    let mut files = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let mut byte = [0u8; 1];
+        let (n, file) = channel
+            .recv_with_fd(&mut byte)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        files.push(file.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "assignment without descriptor")
+        })?);
+    }
+    let assignment = read_frame::<Assignment>(&mut &*channel)
+        .map_err(frame_io)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short"))?;
+    let log = files.pop();
+    let lock = files.pop();
+    match (lock, log) {
+        (Some(lock), Some(log)) => Ok(Some((assignment, lock, log))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors missing",
+        )),
+    }
+}
+
+fn frame_io(error: ProtocolError) -> io::Error {
+    match error {
+        ProtocolError::Io(io) => io,
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
+
+/// A started, warm worker waiting for its VM.
+#[derive(Debug)]
+pub(crate) struct IdleWorker {
+    pub(crate) pidfd: PidFd,
+    pub(crate) channel: UnixStream,
+}
+
+/// How pool workers are started.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSpawner {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<std::ffi::OsString>,
+    pub(crate) store: PathBuf,
+    pub(crate) confine: bool,
+}
+
+impl PoolSpawner {
+    /// Starts one pool worker and waits until it is idle.
+    fn spawn(&self) -> Result<IdleWorker> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+        let fd = theirs.as_raw_fd();
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .arg(POOL_FLAG)
+            .arg("--store")
+            .arg(&self.store);
+        if !self.confine {
+            command.arg("--no-confinement");
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env(POOL_FD_ENV, fd.to_string());
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
+        unsafe {
+            command.pre_exec(move || crate::launcher::prepare_child(&[fd]));
+        }
+        let spawned = command.spawn();
+        drop(theirs);
+        drop(command);
+        let child = spawned.map_err(|source| Error::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        drop(child);
+        let pidfd = PidFd::open(pid).map_err(|e| Error::io(format!("/proc/{pid}"), e))?;
+        let said = ours
+            .set_read_timeout(Some(IDLE_TIMEOUT))
+            .map_err(|e| Error::io("pool socket", e))
+            .and_then(|()| read_frame::<PoolMessage>(&mut &ours).map_err(Error::Protocol));
+        match said {
+            Ok(Some(PoolMessage::Idle)) => {
+                ours.set_read_timeout(None)
+                    .map_err(|e| Error::io("pool socket", e))?;
+                Ok(IdleWorker {
+                    pidfd,
+                    channel: ours,
+                })
+            }
+            other => {
+                let _ = pidfd.send_signal(libc::SIGKILL);
+                let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
+                reap_child(pid);
+                let message = match other {
+                    Ok(Some(PoolMessage::Failed { reason })) => reason,
+                    Ok(_) => "pool worker ended before it was idle".to_owned(),
+                    Err(error) => format!("pool worker: {}", vmm_core::error_chain(&error)),
+                };
+                Err(Error::StartFailed { message })
+            }
+        }
+    }
+}
+
+/// The idle workers and the thread that keeps their number up.
+#[derive(Debug)]
+pub(crate) struct WorkerPool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    spawner: PoolSpawner,
+    size: usize,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    idle: VecDeque<IdleWorker>,
+    /// The refill thread runs.
+    started: bool,
+    /// The pool is being dropped: the refill thread ends.
+    closed: bool,
+    /// No refill before this instant (a worker was just taken, or starting one failed).
+    not_before: Option<Instant>,
+    /// Pool workers that failed to start in a row.
+    failures: u32,
+    /// Why the last pool worker failed to start.
+    last_error: Option<String>,
+}
+
+impl WorkerPool {
+    /// A pool of `size` workers started by `spawner`; nothing is started before [`fill`].
+    ///
+    /// [`fill`]: Self::fill
+    pub(crate) fn new(spawner: PoolSpawner, size: usize) -> Self {
+        WorkerPool {
+            inner: Arc::new(PoolInner {
+                spawner,
+                size,
+                state: Mutex::new(PoolState::default()),
+                changed: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Starts the refill thread (once): the pool fills up in the background.
+    pub(crate) fn fill(&self) {
+        if self.inner.size == 0 {
+            return;
+        }
+        let mut state = self.inner.lock();
+        if state.started || state.closed {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("wm-pool".into())
+            .spawn(move || inner.refill());
+        // Without the thread there is no pool; launches spawn their workers themselves.
+        state.started = spawned.is_ok();
+    }
+
+    /// An idle worker, if one is there and alive; the pool refills after [`REFILL_DELAY`].
+    pub(crate) fn take(&self) -> Option<IdleWorker> {
+        let mut state = self.inner.lock();
+        while let Some(worker) = state.idle.pop_front() {
+            if worker.pidfd.has_exited() {
+                reap_child(worker.pidfd.pid());
+                continue;
+            }
+            state.not_before = Some(Instant::now() + REFILL_DELAY);
+            self.inner.changed.notify_all();
+            return Some(worker);
+        }
+        None
+    }
+
+    /// The pids of the idle workers.
+    pub(crate) fn idle_pids(&self) -> Vec<u32> {
+        self.inner
+            .lock()
+            .idle
+            .iter()
+            .map(|w| w.pidfd.pid())
+            .collect()
+    }
+
+    /// Why the last pool worker failed to start, while none has started since.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.inner.lock().last_error.clone()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        let idle: Vec<IdleWorker> = {
+            let mut state = self.inner.lock();
+            state.closed = true;
+            state.idle.drain(..).collect()
+        };
+        self.inner.changed.notify_all();
+        // Closing its socket pair is what ends an idle worker; reap it once it has gone.
+        for worker in idle {
+            let IdleWorker { pidfd, channel } = worker;
+            drop(channel);
+            let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
+            reap_child(pidfd.pid());
+        }
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The refill thread: keeps `size` workers idle, reaps the ones that die while idle, backs
+    /// off while workers fail to start.
+    fn refill(&self) {
+        loop {
+            {
+                let mut state = self.lock();
+                loop {
+                    if state.closed {
+                        return;
+                    }
+                    state.idle.retain(|worker| {
+                        if worker.pidfd.has_exited() {
+                            reap_child(worker.pidfd.pid());
+                            return false;
+                        }
+                        true
+                    });
+                    let now = Instant::now();
+                    let wait = match state.not_before {
+                        Some(at) if at > now => at - now,
+                        _ if state.idle.len() < self.size => break,
+                        _ => IDLE_CHECK,
+                    };
+                    state = self
+                        .changed
+                        .wait_timeout(state, wait)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+            let spawned = self.spawner.spawn();
+            let mut state = self.lock();
+            match spawned {
+                Ok(worker) if state.closed => {
+                    drop(state);
+                    let IdleWorker { pidfd, channel } = worker;
+                    drop(channel);
+                    let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
+                    reap_child(pidfd.pid());
+                    return;
+                }
+                Ok(worker) => {
+                    state.idle.push_back(worker);
+                    state.failures = 0;
+                    state.last_error = None;
+                    state.not_before = None;
+                }
+                Err(error) => {
+                    state.failures = state.failures.saturating_add(1);
+                    let backoff = Duration::from_millis(100)
+                        .saturating_mul(1 << state.failures.min(10))
+                        .min(MAX_BACKOFF);
+                    state.not_before = Some(Instant::now() + backoff);
+                    state.last_error = Some(vmm_core::error_chain(&error));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! A worker started into the launcher's pool (`--pool`): it warms up, says it is idle, waits for
+//! its VM, then starts that VM exactly as an exec'd worker does (see `crate::pool` for the
+//! exchange with the parent).
+//!
+//! While idle it holds nothing of any VM and runs no guest, so it is not confined yet: the
+//! confinement is the VM's (Landlock rules for that VM's folders and disks, then seccomp once the
+//! guest is set up) and goes on after the assignment, on the same single thread and in the same
+//! order as in an exec'd worker. Warming up creates no thread, so Landlock, which binds the
+//! calling thread and the threads it creates later, still covers the whole process.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use vmm_core::error_chain;
+
+use super::machine::Machine;
+use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
+use crate::pool::{POOL_FD_ENV, PoolMessage, receive_assignment};
+use crate::protocol::write_frame;
+
+/// The life of a pool worker: the process's exit code. An idle worker whose parent goes away
+/// exits with success: there was nothing to run.
+pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
+    super::unblock_signals();
+    let Some(channel) = channel_from_env() else {
+        eprintln!("error: {POOL_FD_ENV} names no open descriptor; --pool is for the launcher");
+        return ExitCode::from(EXIT_START_FAILED);
+    };
+    // Exactly what the parent meant to pass survives: stdio and the socket pair.
+    confinement::close_inherited_fds(&[channel.as_raw_fd()]);
+    if let Err(reason) = warm_up(options.confine) {
+        let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+        return ExitCode::from(EXIT_START_FAILED);
+    }
+    if write_frame(&mut &channel, &PoolMessage::Idle).is_err() {
+        return ExitCode::SUCCESS;
+    }
+    let (assignment, lock, log) = match receive_assignment(&channel) {
+        Ok(Some(received)) => received,
+        // The parent went away (or dropped its pool): nothing to run.
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(error) => {
+            let reason = format!("assignment: {error}");
+            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    start_trace::begin_at("assigned");
+    // From here on the worker writes to the VM's worker.log, as an exec'd one does.
+    if let Err(error) = redirect_output(&log) {
+        let reason = format!("worker.log: {error}");
+        let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+        return ExitCode::from(EXIT_START_FAILED);
+    }
+    drop(log);
+    let vm = assignment.vm;
+    let options = WorkerOptions {
+        vm: Some(vm),
+        restore: assignment.restore,
+        ..options
+    };
+    log_start(vm, &options, " (pool worker)");
+    match Machine::start(&options, vm, Some(lock)) {
+        Ok(machine) => {
+            let report = Box::new(machine.report());
+            let told = write_frame(&mut &channel, &PoolMessage::Ready { report });
+            start_trace::mark("ready");
+            eprintln!("worker {vm}: guest running");
+            start_trace::log(vm);
+            // A parent gone since is no reason to stop: the next one connects to control.sock.
+            if told.is_ok()
+                && let Err(error) = machine.adopt_parent(channel)
+            {
+                eprintln!("worker {vm}: pool connection: {}", error_chain(&error));
+            }
+            machine.serve()
+        }
+        Err(error) => {
+            let reason = error_chain(&error);
+            eprintln!("error: {reason}");
+            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
+/// (`/dev/kvm` opened, CPUID and vCPU limit read) and the compiled seccomp filters.
+fn warm_up(confine: bool) -> Result<(), String> {
+    partition::prepare_host().map_err(|e| error_chain(&e))?;
+    if confine {
+        confinement::compiled_programs().map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
+}
+
+/// The socket pair's end the launcher passed in [`POOL_FD_ENV`].
+fn channel_from_env() -> Option<UnixStream> {
+    let fd = std::env::var(POOL_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&fd| fd > 2 && fd_is_open(fd))?;
+    // SAFETY: the parent passed this descriptor for us alone; it is open (checked above) and
+    // nothing else in this process owns it.
+    Some(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Points stdout and stderr at the VM's `worker.log`.
+fn redirect_output(log: &File) -> io::Result<()> {
+    for target in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: dup2 only replaces descriptor `target` of this process with a copy of the log's.
+        if unsafe { libc::dup2(log.as_raw_fd(), target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The launcher's pool of pre-started workers: a VM starts on an idle worker, which runs it like
+//! any worker (console, confinement, control, turn-off), the pool refills behind it, and idle
+//! workers end with the launcher that started them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Console, Fixture, TIMEOUT};
+use vmm_core::{VmConfig, WorkerLauncher, WorkerStatus};
+use vmms_guest::protocol::BANNER;
+use worker_manager::LauncherOptions;
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.contains(") Z "))
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let idle = fixture.launcher.idle_workers();
+    let vm = fixture.small_vm("pooled");
+
+    let worker = fixture.boot(&vm);
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.id).console_socket());
+    console.wait_for(BANNER, 0);
+    let mut refilled = Vec::new();
+    wait_until("the pool has a new idle worker", || {
+        refilled = fixture.launcher.idle_workers();
+        !refilled.is_empty()
+    });
+    let report = fixture
+        .launcher
+        .report(vm.id, TIMEOUT)
+        .expect("attached")
+        .expect("report");
+
+    assert_eq!(idle, vec![worker.pid()], "the VM runs on the idle worker");
+    assert!(!refilled.contains(&worker.pid()));
+    assert_eq!(worker.status(), WorkerStatus::Running);
+    assert!(report.confinement.enabled && report.confinement.seccomp);
+    assert!(report.confinement.no_new_privs);
+    let log = fs::read_to_string(fixture.launcher.runtime_dir(vm.id).log_file()).unwrap();
+    assert!(log.contains("(pool worker)"), "{log}");
+    worker.turn_off().unwrap();
+    wait_until("the worker exits", || !alive(worker.pid()));
+}
+
+#[test]
+fn a_pool_worker_that_cannot_start_its_vm_says_why_and_the_next_start_works() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let mut broken = VmConfig::new("broken");
+    broken.memory_mib = 16;
+    broken.disks = vec![vmm_core::DiskConfig {
+        path: "missing.qcow2".into(),
+        read_only: false,
+    }];
+    fixture.define(&broken);
+    let good = fixture.small_vm("good");
+
+    let failed = fixture
+        .launcher
+        .launch(&broken, vmm_core::LaunchMode::Boot, fixture.sink())
+        .map(|_| ())
+        .expect_err("the start fails");
+    wait_until("the pool refills", || {
+        !fixture.launcher.idle_workers().is_empty()
+    });
+    let worker = fixture.boot(&good);
+
+    let why = vmm_core::error_chain(&failed);
+    assert!(why.contains("missing.qcow2"), "{why}");
+    assert_eq!(worker.status(), WorkerStatus::Running);
+    worker.turn_off().unwrap();
+}
+
+#[test]
+fn idle_pool_workers_exit_when_their_launcher_goes_away() {
+    require_kvm!();
+    let fixture = Fixture::with_options(LauncherOptions {
+        pool_size: 2,
+        ..LauncherOptions::default()
+    });
+    wait_until("two workers are idle", || {
+        fixture.launcher.idle_workers().len() == 2
+    });
+    let idle = fixture.launcher.idle_workers();
+
+    drop(fixture);
+
+    for pid in idle {
+        wait_until("the idle worker exits", || !alive(pid));
+    }
+}
+
+#[test]
+fn pool_size_zero_starts_no_idle_worker() {
+    require_kvm!();
+    let fixture = Fixture::with_options(LauncherOptions {
+        pool_size: 0,
+        ..LauncherOptions::default()
+    });
+    let vm = fixture.small_vm("unpooled");
+
+    let worker = fixture.boot(&vm);
+
+    assert!(fixture.launcher.idle_workers().is_empty());
+    assert!(fixture.launcher.pool_error().is_none());
+    assert_eq!(worker.status(), WorkerStatus::Running);
+    worker.turn_off().unwrap();
+}
