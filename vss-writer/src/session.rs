@@ -490,12 +490,8 @@ struct Base {
 impl Base {
     /// The last backup's set, if it is still there and is the one recorded.
     fn open(set: &Path, last: &LastBackup) -> std::result::Result<Base, String> {
-        let chain = crate::read_chain(&last.set).map_err(|e| {
-            format!(
-                "the last backup's set cannot be read: {}",
-                error_chain(&e)
-            )
-        })?;
+        let chain = crate::read_chain(&last.set)
+            .map_err(|e| format!("the last backup's set cannot be read: {}", error_chain(&e)))?;
         let depth = chain.len();
         let Some((_, manifest)) = chain.into_iter().next() else {
             return Err("the last backup's set holds nothing".into());
