@@ -13,10 +13,9 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,6 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use vmm_core::backup::{BackupReport, BackupRequest};
 use vmm_core::{DiskConfig, RequestedState, VirtualSystemManagementService, VmConfig, VmId};
-use worker_manager::worker::{self, WorkerOptions};
 use worker_manager::{ProcessLauncher, StoreLayout};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -33,15 +31,12 @@ const DISK_MIB: u64 = 64;
 /// incremental's 256.
 const RECORDS: u64 = 15 * 1024;
 
+#[path = "common/worker_process.rs"]
+mod worker_process;
+
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(OsStr::new("worker")) {
-        let options = WorkerOptions::from_args(args, vmms::guest::ELF).expect("worker arguments");
-        return worker::run(options);
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is not available on this host");
-        return ExitCode::SUCCESS;
+    if let Some(code) = worker_process::run_worker_or_skip() {
+        return code;
     }
     let mut criterion = Criterion::default().configure_from_args();
     let service = Service::new();

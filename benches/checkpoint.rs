@@ -14,7 +14,6 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -29,7 +28,7 @@ use vmm_core::{
     CheckpointReport, CheckpointRequest, DiskConfig, DiskOverlay, EventSink, LaunchMode, VmConfig,
     Worker, WorkerLauncher,
 };
-use worker_manager::worker::{self, WorkerOptions};
+use worker_manager::worker;
 use worker_manager::{LauncherOptions, MemoryManifest, ProcessLauncher, StoreLayout};
 
 const SIZES_MIB: [u64; 3] = [64, 256, 1024];
@@ -37,15 +36,12 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// Pages dirtied between the two checkpoints of the delta figures (10 MiB).
 const DIRTY_PAGES: u64 = 2560;
 
+#[path = "common/worker_process.rs"]
+mod worker_process;
+
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(OsStr::new("worker")) {
-        let options = WorkerOptions::from_args(args, vmms::guest::ELF).expect("worker arguments");
-        return worker::run(options);
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is not available on this host");
-        return ExitCode::SUCCESS;
+    if let Some(code) = worker_process::run_worker_or_skip() {
+        return code;
     }
     let measuring = std::env::args().any(|a| a == "--bench");
     let mut criterion = Criterion::default().configure_from_args();

@@ -11,10 +11,8 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,21 +20,17 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use vmm_core::checkpoint::{CheckpointType, CreateRequest};
 use vmm_core::{JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId};
-use worker_manager::worker::{self, WorkerOptions};
 use worker_manager::{ProcessLauncher, StoreLayout};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 const SIZES_MIB: [u64; 3] = [64, 256, 1024];
 
+#[path = "common/worker_process.rs"]
+mod worker_process;
+
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(OsStr::new("worker")) {
-        let options = WorkerOptions::from_args(args, vmms::guest::ELF).expect("worker arguments");
-        return worker::run(options);
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is not available on this host");
-        return ExitCode::SUCCESS;
+    if let Some(code) = worker_process::run_worker_or_skip() {
+        return code;
     }
     let mut criterion = Criterion::default().configure_from_args();
     restore_to_first_byte(&mut criterion);

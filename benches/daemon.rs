@@ -16,7 +16,6 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -30,7 +29,7 @@ use vmm_core::{
     EnabledState, JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId,
 };
 use worker_manager::worker::start_trace::{START_TRACE_ENV, START_TRACE_MARKER, monotonic_ns};
-use worker_manager::worker::{self, WorkerOptions};
+
 use worker_manager::{LauncherOptions, ProcessLauncher, StoreLayout};
 
 #[path = "common/micro_guest.rs"]
@@ -39,15 +38,12 @@ mod micro_guest;
 const MEMORY_MIB: u64 = 16;
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
 
+#[path = "common/worker_process.rs"]
+mod worker_process;
+
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(OsStr::new("worker")) {
-        let options = WorkerOptions::from_args(args, vmms::guest::ELF).expect("worker arguments");
-        return worker::run(options);
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is not available on this host");
-        return ExitCode::SUCCESS;
+    if let Some(code) = worker_process::run_worker_or_skip() {
+        return code;
     }
     // `cargo bench` passes --bench; test runners list (--list) or smoke-test the benches without it,
     // and the one-shot figures below are measurements, not tests.
