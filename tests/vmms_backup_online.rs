@@ -36,9 +36,12 @@ fn disk0(daemon: &Daemon, target: &str) -> PathBuf {
 
 /// Records the guest has written, from its worker's report.
 fn records(daemon: &Daemon, target: &str) -> u64 {
-    daemon.worker_report(target)["test_guest"]["records"]
-        .as_u64()
-        .expect("records in the worker report")
+    let mut records = None;
+    wait_until(&format!("{target}'s guest publishes its records"), || {
+        records = daemon.worker_report(target)["test_guest"]["records"].as_u64();
+        records.is_some()
+    });
+    records.expect("records in the worker report")
 }
 
 /// The valid records at the start of `image` (any format, read through its chain), and

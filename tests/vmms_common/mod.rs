@@ -467,9 +467,14 @@ impl Daemon {
 
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
-        self.worker_report(target)["test_guest"]["counter"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no guest counter in {target}'s report"))
+        // A worker just started (a pooled one reports as soon as it is ready) may answer before
+        // the guest has published its status block: ask again until the counter is there.
+        let mut counter = None;
+        wait_until(&format!("{target}'s guest publishes its counter"), || {
+            counter = self.worker_report(target)["test_guest"]["counter"].as_u64();
+            counter.is_some()
+        });
+        counter.unwrap_or_else(|| panic!("no guest counter in {target}'s report"))
     }
 
     /// The live report of `target`'s worker. `get-vm` leaves it out when the worker does not

@@ -26,7 +26,8 @@ fn associators_of_with_classdefsonly_returns_the_associated_classes() {
         panic!("classes expected, got {answer:?}");
     };
     let names: Vec<&str> = classes.iter().map(|c| c.name).collect();
-    assert_eq!(names, ["Msvm_VirtualSystemSettingData"]);
+    // The VM's settings (Msvm_SettingsDefineState) and its boot loader (Msvm_SystemBIOS).
+    assert_eq!(names, ["Msvm_VirtualSystemSettingData", "Msvm_BIOSElement"]);
 }
 
 #[test]
