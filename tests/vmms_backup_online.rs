@@ -310,8 +310,11 @@ fn worker_killed_mid_backup_leaves_its_writes_on_the_disk_and_the_vm_restarts() 
     daemon.ok(&["stop-vm", "w", "--turn-off"]);
     daemon.wait_state("w", 3);
     let (on_disk, _) = records_in(&disk0(&daemon, "w"));
+    // The guest counts a batch once written and flushes it after: a kill in between may lose
+    // that one unflushed batch (a write cache's right), never a flushed record.
+    let flushed = written_before_kill.saturating_sub(vmms_guest::protocol::WRITELOOP_BATCH);
     assert!(
-        on_disk >= written_before_kill,
+        on_disk >= flushed,
         "{on_disk} records on disk, {written_before_kill} written before the kill"
     );
 }
