@@ -20,9 +20,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A disk image could not be opened, read or written.
-    #[error("disk image")]
-    Disk(#[from] snapshot::Error),
+    /// A disk image or a file of the VM's folder could not be opened, read, written or
+    /// removed (the snapshot crate's images and durable file operations).
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     /// A disk image read or write failed inside an opened image.
     #[error("{op} {path} at offset {offset}")]
     DiskIo {

@@ -53,7 +53,7 @@ impl SessionJournal {
 
     /// Ends the session's record.
     pub fn clear(vm_dir: &Path) -> Result<()> {
-        remove(&vm_dir.join(SESSION_FILE))
+        Ok(snapshot::durable::remove_file(&vm_dir.join(SESSION_FILE))?)
     }
 }
 
@@ -71,7 +71,9 @@ impl LastBackup {
 
     /// Forgets the last backup (its reference no longer describes the disks).
     pub fn clear(vm_dir: &Path) -> Result<()> {
-        remove(&vm_dir.join(REFERENCE_FILE))
+        Ok(snapshot::durable::remove_file(
+            &vm_dir.join(REFERENCE_FILE),
+        )?)
     }
 }
 
@@ -92,27 +94,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::Io {
             op: "read",
-            path: path.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
-fn remove(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            if let Some(parent) = path.parent() {
-                vmm_core::atomic_file::sync_dir(parent).map_err(|e| Error::Io {
-                    op: "sync",
-                    path: parent.to_path_buf(),
-                    source: e,
-                })?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
-            op: "remove",
             path: path.to_path_buf(),
             source: e,
         }),
