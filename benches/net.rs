@@ -14,12 +14,10 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -27,57 +25,15 @@ use partition::{KernelImage, MacAddress, NicConfig, Partition, PartitionConfig};
 use vmms_guest::protocol::PROMPT;
 use vswitch::{SwitchRequest, VirtualSwitches};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+#[path = "common/paired.rs"]
+mod paired;
+use paired::{CONSOLE_TIMEOUT as TIMEOUT, Console, ConsoleSink};
+
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const UDP_PORT: u16 = 6000;
 const UDP_COUNT: u64 = 4000;
 const UDP_SIZE: usize = 1024;
 const PINGS_PER_ROUND: usize = 200;
-
-/// Console output, shared with the thread or serial sink that fills it.
-#[derive(Default)]
-struct Console {
-    bytes: Mutex<Vec<u8>>,
-    changed: Condvar,
-}
-
-impl Console {
-    fn push(&self, data: &[u8]) {
-        self.bytes.lock().unwrap().extend_from_slice(data);
-        self.changed.notify_all();
-    }
-
-    fn len(&self) -> usize {
-        self.bytes.lock().unwrap().len()
-    }
-
-    fn wait_for(&self, needle: &str, from: usize) -> usize {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut bytes = self.bytes.lock().unwrap();
-        loop {
-            let text = String::from_utf8_lossy(bytes.get(from..).unwrap_or_default());
-            if let Some(at) = text.find(needle) {
-                return from + at + needle.len();
-            }
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("timed out waiting for {needle:?}:\n{text}"));
-            bytes = self.changed.wait_timeout(bytes, left).unwrap().0;
-        }
-    }
-}
-
-struct Sink(Arc<Console>);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.push(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A test guest with a NIC, under either VMM.
 trait NetGuest {
@@ -101,7 +57,8 @@ impl Ours {
         config.nics.push(NicConfig::new(mac, tap));
         let mut vm = Partition::new(config).unwrap();
         let console = Arc::new(Console::default());
-        vm.com1().set_sink(Box::new(Sink(Arc::clone(&console))));
+        vm.com1()
+            .set_sink(Box::new(ConsoleSink(Arc::clone(&console))));
         vm.resume().unwrap();
         console.wait_for(PROMPT, 0);
         Self { vm, console, ip }
@@ -124,8 +81,7 @@ impl NetGuest for Ours {
 }
 
 struct Firecracker {
-    child: Child,
-    console: Arc<Console>,
+    vm: paired::Firecracker,
     ip: Ipv4Addr,
     _dir: tempfile::TempDir,
 }
@@ -148,56 +104,18 @@ impl Firecracker {
             }],
             "machine-config": { "vcpu_count": 1, "mem_size_mib": 64 },
         });
-        let config_path = dir.path().join("config.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let mut child = Command::new(binary)
-            .arg("--no-api")
-            .arg("--config-file")
-            .arg(&config_path)
-            .arg("--log-path")
-            .arg("/dev/null")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start firecracker");
-        let console = Arc::new(Console::default());
-        let mut stdout = child.stdout.take().unwrap();
-        let sink = Arc::clone(&console);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.push(&buf[..n]);
-            }
-        });
-        console.wait_for(PROMPT, 0);
-        Self {
-            child,
-            console,
-            ip,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Firecracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let vm = paired::Firecracker::start(binary, &config, dir.path());
+        vm.console.wait_for(PROMPT, 0);
+        Self { vm, ip, _dir: dir }
     }
 }
 
 impl NetGuest for Firecracker {
     fn console(&self) -> &Console {
-        &self.console
+        &self.vm.console
     }
     fn type_line(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
-        stdin.flush().unwrap();
+        self.vm.type_line(line);
     }
     fn ip(&self) -> Ipv4Addr {
         self.ip

@@ -9,16 +9,18 @@
 //! With `VMMS_FIRECRACKER=<path to a firecracker binary>` the bench then runs the same guest and
 //! workload under Firecracker and under the partition in interleaved rounds (`VMMS_PAIRED_ROUNDS`,
 //! default 9) and prints both medians and their ratio: the side-by-side figure of issue 16.
-//! `VMMS_FIRECRACKER_CACHE` picks Firecracker's drive cache type (`Unsafe`, its default: FLUSH not
-//! offered and never synced; or `Writeback`: FLUSH offered and honoured, as the partition does).
+//! `VMMS_FIRECRACKER_CACHE` lists Firecracker's drive cache types to run (default
+//! `Writeback,Unsafe`): `Writeback` offers FLUSH and honours it by syncing the file, as the
+//! partition does, so it is the like-for-like baseline; `Unsafe`, Firecracker's default, does
+//! not offer FLUSH, so the guest's final flush costs it nothing and its data is not durable.
+//!
+//! Run it optimized, as Firecracker is built: `cargo bench -p partition --bench blk_write`.
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
@@ -27,7 +29,10 @@ use partition::{DiskConfig, DiskIo, KernelImage, Partition, PartitionConfig};
 use vm_memory::Bytes;
 use vmms_guest::protocol::PROMPT;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+#[path = "../../benches/common/paired.rs"]
+mod paired;
+use paired::{CONSOLE_TIMEOUT as TIMEOUT, Console, ConsoleSink, Firecracker};
+
 const MEMORY_MIB: u64 = 32;
 const DISK_BYTES: u64 = 64 << 20;
 /// Records of the side-by-side workload (issue 16).
@@ -105,59 +110,6 @@ impl BlockBackend for NullDisk {
     }
 }
 
-/// Everything a guest printed, with a condition variable so waiting costs no polling delay.
-#[derive(Default)]
-struct Console {
-    text: Mutex<Vec<u8>>,
-    grew: Condvar,
-}
-
-impl Console {
-    fn push(&self, bytes: &[u8]) {
-        self.text.lock().unwrap().extend_from_slice(bytes);
-        self.grew.notify_all();
-    }
-
-    fn len(&self) -> usize {
-        self.text.lock().unwrap().len()
-    }
-
-    /// Waits until `needle` appears at or after `from`; returns the offset just past it.
-    fn wait_for(&self, needle: &str, from: usize) -> usize {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut text = self.text.lock().unwrap();
-        loop {
-            if let Some(at) = text
-                .get(from..)
-                .and_then(|t| t.windows(needle.len()).position(|w| w == needle.as_bytes()))
-            {
-                return from + at + needle.len();
-            }
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "timed out waiting for {needle:?}; output:\n{}",
-                        String::from_utf8_lossy(&text)
-                    )
-                });
-            text = self.grew.wait_timeout(text, left).unwrap().0;
-        }
-    }
-}
-
-struct ConsoleSink(Arc<Console>);
-
-impl Write for ConsoleSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.push(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn disk_dir() -> tempfile::TempDir {
     match std::env::var_os("VMMS_BENCH_DISK_DIR") {
         Some(dir) => tempfile::tempdir_in(dir).unwrap(),
@@ -210,75 +162,27 @@ fn bench_write(c: &mut Criterion) {
     group.finish();
 }
 
-/// A Firecracker process running the test guest over a raw disk, COM1 on its stdin/stdout.
-struct Firecracker {
-    child: Child,
-    console: Arc<Console>,
-    _dir: tempfile::TempDir,
-}
-
-impl Firecracker {
-    fn start(binary: &Path, kernel: &Path, cache: &str) -> Self {
-        let dir = disk_dir();
-        let disk = raw_image(dir.path(), DISK_BYTES);
-        let config = serde_json::json!({
-            "boot-source": { "kernel_image_path": kernel, "boot_args": "console=ttyS0" },
-            "drives": [{
-                "drive_id": "disk0",
-                "path_on_host": disk,
-                "is_root_device": false,
-                "is_read_only": false,
-                "cache_type": cache,
-            }],
-            "machine-config": { "vcpu_count": 1, "mem_size_mib": MEMORY_MIB },
-        });
-        let config_path = dir.path().join("config.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let mut child = Command::new(binary)
-            .arg("--no-api")
-            .arg("--config-file")
-            .arg(&config_path)
-            .arg("--log-path")
-            .arg("/dev/null")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start firecracker");
-        let console = Arc::new(Console::default());
-        let mut stdout = child.stdout.take().unwrap();
-        let sink = Arc::clone(&console);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.push(&buf[..n]);
-            }
-        });
-        Self {
-            child,
-            console,
-            _dir: dir,
-        }
-    }
-
-    fn round(mut self, records: u64) -> Duration {
-        let ready = self.console.wait_for(PROMPT, 0);
-        let stdin = self.child.stdin.as_mut().unwrap();
-        let start = Instant::now();
-        stdin
-            .write_all(format!("write {records}\r").as_bytes())
-            .unwrap();
-        stdin.flush().unwrap();
-        self.console.wait_for(&reply(records), ready);
-        let elapsed = start.elapsed();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        assert!(self.console.len() > ready);
-        elapsed
-    }
+/// Firecracker running the test guest over a fresh raw disk with the drive cache type `cache`.
+fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, records: u64) -> Duration {
+    let dir = disk_dir();
+    let disk = raw_image(dir.path(), DISK_BYTES);
+    let config = serde_json::json!({
+        "boot-source": { "kernel_image_path": kernel, "boot_args": "console=ttyS0" },
+        "drives": [{
+            "drive_id": "disk0",
+            "path_on_host": disk,
+            "is_root_device": false,
+            "is_read_only": false,
+            "cache_type": cache,
+        }],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": MEMORY_MIB },
+    });
+    let mut vm = Firecracker::start(binary, &config, dir.path());
+    let ready = vm.console.wait_for(PROMPT, 0);
+    let start = Instant::now();
+    vm.type_line(&format!("write {records}"));
+    vm.console.wait_for(&reply(records), ready);
+    start.elapsed()
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -290,46 +194,69 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Interleaved rounds of the same workload under Firecracker and the partition; prints medians.
+/// Interleaved rounds of the same workload under Firecracker (once per drive cache type) and
+/// the partition (once per backend case); prints the medians and each case's ratio to each
+/// Firecracker configuration.
 fn paired_with_firecracker(binary: &Path) {
     let rounds: usize = std::env::var("VMMS_PAIRED_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(9);
-    let cache = std::env::var("VMMS_FIRECRACKER_CACHE").unwrap_or_else(|_| "Unsafe".into());
+    let caches: Vec<String> = std::env::var("VMMS_FIRECRACKER_CACHE")
+        .unwrap_or_else(|_| "Writeback,Unsafe".into())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     let kernel_dir = tempfile::tempdir().unwrap();
     let kernel = kernel_dir.path().join("vmms-guest.elf");
     std::fs::write(&kernel, vmms_guest::ELF).unwrap();
     let cases = backend_cases();
-    let mut theirs = Vec::new();
+    let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); caches.len()];
     let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
-        theirs.push(Firecracker::start(binary, &kernel, &cache).round(PAIRED_RECORDS));
+        for (cache, times) in caches.iter().zip(&mut theirs) {
+            times.push(firecracker_round(binary, &kernel, cache, PAIRED_RECORDS));
+        }
         for (case, times) in cases.iter().zip(&mut ours) {
             times.push(partition_round(case, PAIRED_RECORDS));
         }
     }
     println!(
-        "write {PAIRED_RECORDS}, {rounds} interleaved rounds: firecracker ({cache}) {:.1} ms",
-        millis(median(theirs.clone()))
+        "write {PAIRED_RECORDS}, {rounds} interleaved rounds (medians; ratio per-round range)"
     );
-    for (case, times) in cases.iter().zip(ours) {
-        let ratios: Vec<f64> = times
-            .iter()
-            .zip(&theirs)
-            .map(|(o, t)| o.as_secs_f64() / t.as_secs_f64())
-            .collect();
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-        let (o, t) = (median(times), median(theirs.clone()));
+    for (cache, times) in caches.iter().zip(&theirs) {
         println!(
-            "  partition {:<16} {:.1} ms, ratio {:.2} (per-round {lo:.2}-{hi:.2})",
-            case.name,
-            millis(o),
-            o.as_secs_f64() / t.as_secs_f64(),
+            "  firecracker {cache:<16} {:.1} ms",
+            millis(median(times.clone()))
         );
     }
+    for (case, times) in cases.iter().zip(&ours) {
+        let ratios: Vec<String> = caches
+            .iter()
+            .zip(&theirs)
+            .map(|(cache, base)| format!("{cache} {}", ratio(times, base)))
+            .collect();
+        println!(
+            "  partition   {:<16} {:.1} ms; vs firecracker {}",
+            case.name,
+            millis(median(times.clone())),
+            ratios.join(", ")
+        );
+    }
+}
+
+/// The ratio of the medians of `ours` to `theirs`, with the range of the per-round ratios.
+fn ratio(ours: &[Duration], theirs: &[Duration]) -> String {
+    let per_round: Vec<f64> = ours
+        .iter()
+        .zip(theirs)
+        .map(|(o, t)| o.as_secs_f64() / t.as_secs_f64())
+        .collect();
+    let (lo, hi) = per_round
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let medians = median(ours.to_vec()).as_secs_f64() / median(theirs.to_vec()).as_secs_f64();
+    format!("{medians:.2} ({lo:.2}-{hi:.2})")
 }
 
 criterion_group!(benches, bench_write);
