@@ -27,6 +27,7 @@ mod serial;
 mod shell;
 mod status;
 mod virtio_blk;
+mod virtio_mmio;
 mod virtio_net;
 
 use core::panic::PanicInfo;
@@ -136,7 +137,7 @@ fn open_disk(
     if !virtio_blk::window_usable(device.base, device.size) || zero_page.overlaps_ram(window) {
         serial.write_line(format_args!(
             "{DISK_LINE_PREFIX}{ERROR_PREFIX}{}",
-            virtio_blk::ProbeError::BadWindow
+            virtio_mmio::ProbeError::BadWindow
         ));
         return None;
     }
@@ -182,7 +183,7 @@ fn device_id(zero_page: &ZeroPage<'_>, device: &cmdline::VirtioMmioDevice) -> Op
     // SAFETY: the window lies in the identity map and is not RAM (checked above); this `Mmio`
     // lives only for the read, before any driver takes the window.
     let regs = unsafe { io::Mmio::new(device.base, device.size) };
-    Some(VirtioNet::device_id(&regs))
+    Some(virtio_mmio::device_id(&regs))
 }
 
 /// Brings up the first virtio-net device on the command line with the address of `ip=`,

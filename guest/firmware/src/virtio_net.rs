@@ -11,44 +11,17 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, Ordering, fence};
 
 use crate::io::{Mmio, rdtsc};
-use crate::virtio_blk::ProbeError;
+use crate::virtio_mmio::{
+    CONFIG, DESC_F_WRITE, Descriptor, F_VERSION_1, ProbeError, QUEUE_NOTIFY, STATUS, STATUS_FAILED,
+    SplitRing, driver_ok, expect_device, negotiate, setup_queue,
+};
 
-const MAGIC_VALUE: usize = 0x000;
-const VERSION: usize = 0x004;
-const DEVICE_ID: usize = 0x008;
-const DEVICE_FEATURES: usize = 0x010;
-const DEVICE_FEATURES_SEL: usize = 0x014;
-const DRIVER_FEATURES: usize = 0x020;
-const DRIVER_FEATURES_SEL: usize = 0x024;
-const QUEUE_SEL: usize = 0x030;
-const QUEUE_NUM_MAX: usize = 0x034;
-const QUEUE_NUM: usize = 0x038;
-const QUEUE_READY: usize = 0x044;
-const QUEUE_NOTIFY: usize = 0x050;
-const STATUS: usize = 0x070;
-const QUEUE_DESC_LOW: usize = 0x080;
-const QUEUE_DESC_HIGH: usize = 0x084;
-const QUEUE_DRIVER_LOW: usize = 0x090;
-const QUEUE_DRIVER_HIGH: usize = 0x094;
-const QUEUE_DEVICE_LOW: usize = 0x0a0;
-const QUEUE_DEVICE_HIGH: usize = 0x0a4;
-const CONFIG_MAC: usize = 0x100;
-
-const MMIO_MAGIC: u32 = 0x7472_6976;
+/// `struct virtio_net_config::mac`.
+const CONFIG_MAC: usize = CONFIG;
 /// virtio device ID of a network card.
 pub const DEVICE_ID_NET: u32 = 1;
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 128;
-
 const F_MAC: u64 = 1 << 5;
-const F_VERSION_1: u64 = 1 << 32;
-
-const DESC_F_WRITE: u16 = 2;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Entries of each queue. 32 receive buffers of [`BUFFER_SIZE`] make 128 KiB posted: devices
 /// that read their TAP only with room for a 64 KiB frame posted (Firecracker) serve it too.
@@ -66,51 +39,12 @@ const TX_TIMEOUT_TICKS: u64 = 1 << 34;
 const RX: usize = 0;
 const TX: usize = 1;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Descriptor {
-    address: u64,
-    length: u32,
-    flags: u16,
-    next: u16,
-}
-
-#[repr(C)]
-struct AvailRing {
-    flags: u16,
-    index: u16,
-    ring: [u16; QUEUE_SIZE],
-    used_event: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UsedElement {
-    id: u32,
-    length: u32,
-}
-
-#[repr(C)]
-struct UsedRing {
-    flags: u16,
-    index: u16,
-    ring: [UsedElement; QUEUE_SIZE],
-    avail_event: u16,
-}
-
-#[repr(C, align(4096))]
-struct Ring {
-    descriptors: [Descriptor; QUEUE_SIZE],
-    avail: AvailRing,
-    used: UsedRing,
-}
-
 #[repr(C, align(4096))]
 struct Buffers([[u8; BUFFER_SIZE]; QUEUE_SIZE]);
 
 #[repr(C, align(4096))]
 struct Dma {
-    rings: [Ring; 2],
+    rings: [SplitRing<QUEUE_SIZE>; 2],
     buffers: [Buffers; 2],
 }
 
@@ -119,32 +53,10 @@ struct DmaArea(UnsafeCell<Dma>);
 // SAFETY: handed out once (`DMA_TAKEN`) to the single driver instance; the guest has no threads.
 unsafe impl Sync for DmaArea {}
 
-const NO_DESCRIPTOR: Descriptor = Descriptor {
-    address: 0,
-    length: 0,
-    flags: 0,
-    next: 0,
-};
-const NO_ELEMENT: UsedElement = UsedElement { id: 0, length: 0 };
-const EMPTY_RING: Ring = Ring {
-    descriptors: [NO_DESCRIPTOR; QUEUE_SIZE],
-    avail: AvailRing {
-        flags: 0,
-        index: 0,
-        ring: [0; QUEUE_SIZE],
-        used_event: 0,
-    },
-    used: UsedRing {
-        flags: 0,
-        index: 0,
-        ring: [NO_ELEMENT; QUEUE_SIZE],
-        avail_event: 0,
-    },
-};
 const EMPTY_BUFFERS: Buffers = Buffers([[0; BUFFER_SIZE]; QUEUE_SIZE]);
 
 static DMA: DmaArea = DmaArea(UnsafeCell::new(Dma {
-    rings: [EMPTY_RING, EMPTY_RING],
+    rings: [SplitRing::EMPTY, SplitRing::EMPTY],
     buffers: [EMPTY_BUFFERS, EMPTY_BUFFERS],
 }));
 static DMA_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -171,22 +83,9 @@ pub struct VirtioNet {
 }
 
 impl VirtioNet {
-    /// Reads the device ID in `regs` (0 if the window is not virtio-mmio version 2).
-    pub fn device_id(regs: &Mmio) -> u32 {
-        if regs.read32(MAGIC_VALUE) != MMIO_MAGIC || regs.read32(VERSION) != 2 {
-            return 0;
-        }
-        regs.read32(DEVICE_ID)
-    }
-
     /// Brings up the network device in `regs` (a window the caller checked).
     pub fn probe(regs: Mmio) -> Result<Self, ProbeError> {
-        if regs.read32(MAGIC_VALUE) != MMIO_MAGIC {
-            return Err(ProbeError::NotVirtio);
-        }
-        if Self::device_id(&regs) != DEVICE_ID_NET {
-            return Err(ProbeError::NotBlock(regs.read32(DEVICE_ID)));
-        }
+        expect_device(&regs, DEVICE_ID_NET)?;
         if DMA_TAKEN.swap(true, Ordering::AcqRel) {
             return Err(ProbeError::Busy);
         }
@@ -213,38 +112,20 @@ impl VirtioNet {
 
     fn initialise(&mut self) -> Result<(), ProbeError> {
         let regs = &self.regs;
-        regs.write32(STATUS, 0);
-        while regs.read32(STATUS) != 0 {
-            core::hint::spin_loop();
-        }
-        regs.write32(STATUS, STATUS_ACKNOWLEDGE);
-        regs.write32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        regs.write32(DEVICE_FEATURES_SEL, 0);
-        let low = regs.read32(DEVICE_FEATURES);
-        regs.write32(DEVICE_FEATURES_SEL, 1);
-        let offered = (u64::from(regs.read32(DEVICE_FEATURES)) << 32) | u64::from(low);
-        if offered & F_VERSION_1 == 0 {
-            return Err(ProbeError::NotModern);
-        }
-        let accepted = offered & (F_VERSION_1 | F_MAC);
-        regs.write32(DRIVER_FEATURES_SEL, 0);
-        regs.write32(DRIVER_FEATURES, accepted as u32);
-        regs.write32(DRIVER_FEATURES_SEL, 1);
-        regs.write32(DRIVER_FEATURES, (accepted >> 32) as u32);
-        regs.write32(
-            STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        if regs.read32(STATUS) & STATUS_FEATURES_OK == 0 {
-            return Err(ProbeError::FeaturesRejected);
-        }
+        let accepted = negotiate(regs, F_VERSION_1 | F_MAC)?;
         if accepted & F_MAC != 0 {
             let low = regs.read32(CONFIG_MAC).to_le_bytes();
             let high = regs.read32(CONFIG_MAC + 4).to_le_bytes();
             self.mac = [low[0], low[1], low[2], low[3], high[0], high[1]];
         }
         for queue in [RX, TX] {
-            self.setup_queue(queue)?;
+            // SAFETY: the ring is the driver's own, in its static DMA area; nothing is in flight.
+            let size =
+                unsafe { setup_queue(regs, queue as u32, addr_of_mut!((*self.dma).rings[queue]))? };
+            // The slots are used round robin modulo QUEUE_SIZE: a smaller queue would not do.
+            if usize::from(size) != QUEUE_SIZE {
+                return Err(ProbeError::QueueUnavailable);
+            }
         }
         // Every receive buffer goes to the device before it starts.
         let dma = self.dma;
@@ -273,45 +154,8 @@ impl VirtioNet {
                 self.rx_next_avail,
             )
         };
-        let regs = &self.regs;
-        regs.write32(
-            STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
-        regs.write32(QUEUE_NOTIFY, RX as u32);
-        Ok(())
-    }
-
-    fn setup_queue(&mut self, queue: usize) -> Result<(), ProbeError> {
-        let regs = &self.regs;
-        regs.write32(QUEUE_SEL, queue as u32);
-        let max = regs.read32(QUEUE_NUM_MAX) as usize;
-        if max < QUEUE_SIZE || regs.read32(QUEUE_READY) != 0 {
-            return Err(ProbeError::QueueUnavailable);
-        }
-        regs.write32(QUEUE_NUM, QUEUE_SIZE as u32);
-        let dma = self.dma;
-        // SAFETY: the polling guest wants no interrupts; field addresses inside the DMA area.
-        let (descriptors, avail, used) = unsafe {
-            write_volatile(
-                addr_of_mut!((*dma).rings[queue].avail.flags),
-                AVAIL_F_NO_INTERRUPT,
-            );
-            (
-                addr_of!((*dma).rings[queue].descriptors) as u64,
-                addr_of!((*dma).rings[queue].avail) as u64,
-                addr_of!((*dma).rings[queue].used) as u64,
-            )
-        };
-        for (low, high, address) in [
-            (QUEUE_DESC_LOW, QUEUE_DESC_HIGH, descriptors),
-            (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, avail),
-            (QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, used),
-        ] {
-            regs.write32(low, address as u32);
-            regs.write32(high, (address >> 32) as u32);
-        }
-        regs.write32(QUEUE_READY, 1);
+        driver_ok(&self.regs);
+        self.regs.write32(QUEUE_NOTIFY, RX as u32);
         Ok(())
     }
 
