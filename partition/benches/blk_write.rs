@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
-use partition::block::{BlockBackend, GuestBuffer};
+use partition::block::{BlockBackend, GuestBuffer, RawImage};
 use partition::{DiskConfig, DiskIo, KernelImage, Partition, PartitionConfig};
 use vm_memory::Bytes;
 use vmms_guest::protocol::PROMPT;
@@ -69,6 +69,14 @@ fn backend_cases() -> Vec<BackendCase> {
             attach: |path| DiskConfig::with_backend(path, Arc::new(NullDisk)),
         },
         BackendCase {
+            name: "raw_no_flush",
+            prepare: raw_image,
+            attach: |path| {
+                let image = RawImage::open(path, false).unwrap();
+                DiskConfig::with_backend(path, Arc::new(NoFlush(image)))
+            },
+        },
+        BackendCase {
             name: "raw_synchronous",
             prepare: raw_image,
             attach: |path| DiskConfig {
@@ -77,6 +85,29 @@ fn backend_cases() -> Vec<BackendCase> {
             },
         },
     ]
+}
+
+/// A raw image whose FLUSH returns at once: the partition's counterpart of Firecracker's
+/// `Unsafe` cache type (which offers no FLUSH), for a like-for-like pair with it.
+#[derive(Debug)]
+struct NoFlush(RawImage);
+
+impl BlockBackend for NoFlush {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn read_at(&self, offset: u64, buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &GuestBuffer<'_>) -> std::io::Result<()> {
+        self.0.write_at(offset, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A disk that keeps nothing: reads zeros, discards writes. The workload's floor: the guest's own
