@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use common::ThreadLauncher;
 use vmm_core::checkpoint::{
     Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CheckpointType, Consistency,
-    CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCheckpoint,
+    CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCapture, RunningCheckpoint,
     VirtualSystemSnapshotService,
 };
 use vmm_core::{
@@ -43,6 +43,7 @@ fn checkpoint(request: &CreateRequest) -> Checkpoint {
         requested_type: request.checkpoint_type,
         consistency: Consistency::Off,
         has_saved_state: false,
+        quiesce_failure: None,
     }
 }
 
@@ -60,6 +61,7 @@ impl VirtualSystemSnapshotService for Recording {
         &self,
         _vm_dir: &Path,
         _request: &CreateRequest,
+        _capture: &RunningCapture,
     ) -> Result<RunningCheckpoint, CheckpointError> {
         self.called("prepare");
         Err(CheckpointError::InvalidState("not in this test".into()))
