@@ -334,3 +334,42 @@ fn daemon_killed_while_the_guest_is_frozen_leaves_no_checkpoint_and_the_guest_th
 fn daemon_killed_after_the_worker_committed_finds_the_production_checkpoint_whole() {
     daemon_killed_at("checkpoint.after-worker", true);
 }
+
+#[test]
+fn a_freeze_thawed_at_its_hold_limit_before_the_switch_falls_back_or_fails() {
+    // The daemon dawdles inside the frozen window past the worker's 10 s hold limit.
+    let daemon = Daemon::start_with(
+        &[],
+        &[("VMMS_FAULT", "checkpoint.production-frozen:delay=12000")],
+    );
+    busy_vm(&daemon, "slow");
+    let files_before = files(&daemon, "slow");
+
+    let refused = checkpoint(&daemon, "slow", "only", "production-only");
+
+    let refusal = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "production-only succeeded");
+    assert!(
+        refusal.contains("32775") && refusal.contains("were not frozen"),
+        "{refusal}"
+    );
+    assert_eq!(files(&daemon, "slow"), files_before, "nothing was made");
+    let at_refusal = records(&daemon, "slow");
+    wait_until("the thawed guest writes", || {
+        records(&daemon, "slow") > at_refusal + 5
+    });
+
+    let fell_back = checkpoint(&daemon, "slow", "prod", "production");
+
+    assert!(fell_back.status.success(), "{fell_back:?}");
+    let cp = node(&daemon, "slow", "prod");
+    assert_eq!(cp["consistency"], "standard-fallback", "{cp}");
+    assert_eq!(cp["has_saved_state"], true, "{cp}");
+    let reason = cp["quiesce_failure"].as_str().unwrap_or("");
+    assert!(reason.contains("were not frozen"), "{cp}");
+    assert_eq!(daemon.vm("slow")["enabled_state"], 2);
+    let after = records(&daemon, "slow");
+    wait_until("the guest writes on", || {
+        records(&daemon, "slow") > after + 5
+    });
+}

@@ -572,6 +572,27 @@ mod tests {
     }
 
     #[test]
+    fn a_node_written_before_production_checkpoints_still_reads() {
+        let old = r#"{"id":"6f1c2a52-3a63-4d7e-9c3e-0f4a8d5b2e11","name":"a","parent":null,
+            "created":{"secs_since_epoch":0,"nanos_since_epoch":0},
+            "requested_type":"Production","consistency":"StandardFallback",
+            "has_saved_state":true}"#;
+
+        let node: Checkpoint = serde_json::from_str(old).expect("an old node reads");
+        let production = Checkpoint {
+            consistency: Consistency::Production,
+            has_saved_state: false,
+            ..node.clone()
+        };
+        let written = serde_json::to_string(&production).expect("json");
+        let back: Checkpoint = serde_json::from_str(&written).expect("round trip");
+
+        assert_eq!(node.quiesce_failure, None);
+        assert_eq!(back, production);
+        assert!(!written.contains("quiesce_failure"), "{written}");
+    }
+
+    #[test]
     fn checkpoint_type_parses_cli_words() {
         let parsed: Vec<_> = ["standard", "production", "production-only"]
             .iter()
