@@ -523,24 +523,17 @@ fn take_frozen(
     worker: &dyn Worker,
     frozen: FrozenGuest<'_>,
 ) -> Result<Result<Checkpoint, String>, Failure> {
-    // On an error `frozen` is dropped, which thaws the guest.
+    // Dropping `frozen` thaws the guest: on an error here, or once the worker answered.
     let running =
         service.prepare_running_snapshot(vm_dir, request, &RunningCapture::FrozenDisks)?;
     fault::point("checkpoint.before-worker");
     fault::point("checkpoint.production-frozen");
     let taken = worker.checkpoint(&running.request);
-    let window = frozen.thaw();
+    drop(frozen);
     fault::point("checkpoint.after-worker");
     let finished = service.finish_running_snapshot(vm_dir, &running);
     match (taken, finished) {
-        (Ok(report), Ok(checkpoint)) => {
-            eprintln!(
-                "vmms: production checkpoint {}: guest frozen {window:?}, paused {:?}",
-                checkpoint.id, report.pause
-            );
-            Ok(Ok(checkpoint))
-        }
-        (Err(_), Ok(checkpoint)) => Ok(Ok(checkpoint)),
+        (_, Ok(checkpoint)) => Ok(Ok(checkpoint)),
         (Err(error @ (WorkerError::InvalidState { .. } | WorkerError::Refused { .. })), Err(_)) => {
             Ok(Err(format!(
                 "the disks could not be switched while the guest was frozen: {}",

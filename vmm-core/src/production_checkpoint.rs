@@ -6,7 +6,7 @@
 //! A frozen guest is never left frozen: [`FrozenGuest`] thaws it on every path, and the worker
 //! thaws it by itself at the hold limit should the service die inside the window.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error_chain;
 use crate::worker::{Worker, WorkerError, WorkerStatus};
@@ -27,31 +27,16 @@ pub(crate) enum Quiesce<'a> {
     NotQuiesced(String),
 }
 
-/// A guest frozen by its agent: thawed when dropped (a failed thaw is covered by the worker's
-/// hold limit).
+/// A guest frozen by its agent: thawed when dropped. A thaw that fails (or a service that dies
+/// before it) is covered by the worker's hold limit, which thaws the guest by itself.
 #[derive(Debug)]
 pub(crate) struct FrozenGuest<'a> {
     worker: &'a dyn Worker,
-    since: Instant,
-}
-
-impl FrozenGuest<'_> {
-    /// Thaws the guest now; returns how long it was frozen (from the freeze request).
-    pub(crate) fn thaw(self) -> Duration {
-        // Drop does the work.
-        self.since.elapsed()
-    }
 }
 
 impl Drop for FrozenGuest<'_> {
     fn drop(&mut self) {
-        if let Err(error) = self.worker.thaw_guest(THAW_TIMEOUT) {
-            eprintln!(
-                "vmms: thaw after a production checkpoint failed (the worker's hold limit \
-                 thaws the guest): {}",
-                error_chain(&error)
-            );
-        }
+        let _ = self.worker.thaw_guest(THAW_TIMEOUT);
     }
 }
 
@@ -73,9 +58,8 @@ pub(crate) fn quiesce(worker: &dyn Worker) -> Result<Quiesce<'_>, WorkerError> {
             )));
         }
     }
-    let since = Instant::now();
     match worker.freeze_guest(FREEZE_LIMIT, FREEZE_LIMIT) {
-        Ok(_) => Ok(Quiesce::Frozen(FrozenGuest { worker, since })),
+        Ok(_) => Ok(Quiesce::Frozen(FrozenGuest { worker })),
         Err(WorkerError::Gone) => Err(WorkerError::Gone),
         Err(error) => Ok(Quiesce::NotQuiesced(format!(
             "the guest agent did not freeze the guest: {}",
