@@ -373,3 +373,35 @@ fn a_freeze_thawed_at_its_hold_limit_before_the_switch_falls_back_or_fails() {
         records(&daemon, "slow") > after + 5
     });
 }
+
+#[test]
+fn a_paused_guest_cannot_be_quiesced_so_production_falls_back_and_it_stays_paused() {
+    let daemon = Daemon::start();
+    daemon.new_vm("p", &["--new-disk", "8M", "--recovery", "none"]);
+    daemon.ok(&["start-vm", "p"]);
+    daemon.console_command("p", "write 3", "wrote 3 records, total 3");
+    daemon.ok(&["suspend-vm", "p"]);
+    let paused = daemon.vm("p")["enabled_state"].clone();
+
+    let refused = checkpoint(&daemon, "p", "only", "production-only");
+    let fell_back = checkpoint(&daemon, "p", "prod", "production");
+
+    let refusal = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        refusal.contains("32775") && refusal.contains("paused"),
+        "{refusal}"
+    );
+    assert!(fell_back.status.success(), "{fell_back:?}");
+    let cp = node(&daemon, "p", "prod");
+    assert_eq!(cp["consistency"], "standard-fallback", "{cp}");
+    assert!(
+        cp["quiesce_failure"]
+            .as_str()
+            .unwrap_or("")
+            .contains("paused"),
+        "{cp}"
+    );
+    assert_eq!(daemon.vm("p")["enabled_state"], paused, "still paused");
+    daemon.ok(&["resume-vm", "p"]);
+    daemon.console_command("p", "write 1", "wrote 1 records, total 4");
+}
