@@ -146,6 +146,7 @@ impl Running {
             state_dir: checkpoints.join(format!("cp{}", self.next)),
             parent_state_dir: parent.map(Path::to_path_buf),
             overlays,
+            content: vmm_core::CheckpointContent::SavedState,
         }
     }
 

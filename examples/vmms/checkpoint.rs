@@ -125,8 +125,15 @@ pub struct CheckpointView {
     /// `standard`, `production` or `production-only` (what was asked for).
     #[serde(rename = "type")]
     pub kind: String,
-    /// What was taken: `off`, `saved-state` or `standard-fallback`.
+    /// What was taken: `off`, `saved-state`, `standard-fallback` or `production`
+    /// (application-consistent disks, no saved state).
     pub consistency: String,
+    /// Whether it holds a saved state (applying it leaves the VM Saved, else Off).
+    #[serde(default)]
+    pub has_saved_state: bool,
+    /// For `standard-fallback`: why the guest could not be quiesced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce_failure: Option<String>,
     pub created: SystemTime,
     /// Whether "Now" descends from this checkpoint (it or one of its children is "Now"'s
     /// parent chain).
@@ -182,8 +189,11 @@ fn view(c: &Checkpoint, now_descends: bool, is_now_parent: bool) -> CheckpointVi
             Consistency::Off => "off",
             Consistency::SavedState => "saved-state",
             Consistency::StandardFallback => "standard-fallback",
+            Consistency::Production => "production",
         }
         .into(),
+        has_saved_state: c.has_saved_state,
+        quiesce_failure: c.quiesce_failure.clone(),
         created: c.created,
         now_descends,
         is_now_parent,
@@ -398,6 +408,10 @@ pub fn run(store: &std::path::Path, output: Output, verb: CheckpointVerb) -> Res
                             job.error_description
                                 .unwrap_or_else(|| describe_code(job.error_code).into()),
                         )));
+                    }
+                    // CompletedWithWarnings: e.g. a production checkpoint taken as standard.
+                    if let Some(warning) = job.error_description {
+                        eprintln!("warning: {warning}");
                     }
                     Ok(())
                 }

@@ -114,8 +114,9 @@ pub enum Error {
         /// What the operation needs.
         needed: &'static str,
     },
-    /// A production-only checkpoint was asked for; guest quiescing is not available yet.
-    #[error("production checkpoints need guest quiescing, which is not available")]
+    /// A production-only checkpoint was asked for where the guest cannot be quiesced (a Saved
+    /// VM; a running one whose agent did not freeze it).
+    #[error("a production-only checkpoint needs the guest quiescing through its running agent")]
     ProductionUnavailable,
     /// A checkpoint name is empty, too long or has control characters.
     #[error("invalid checkpoint name: {0}")]

@@ -55,10 +55,10 @@ pub use ops::delete::{delete_checkpoint, delete_checkpoint_tree};
 pub use ops::export::{ExportMode, ImportMode, export_vm, import_vm};
 pub use ops::recover::{Recovery, recover};
 pub use ops::running::{
-    finish as finish_running_checkpoint, prepare as prepare_running_checkpoint,
+    DISKS_SWITCHED, finish as finish_running_checkpoint, prepare as prepare_running_checkpoint,
 };
 pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use rebase::{rebase_onto_grandparent, set_backing_file};
 pub use service::{FolderSnapshotService, rename_checkpoint};
 pub use tree::{Checkpoint, CheckpointId, CheckpointTree, CheckpointType, Consistency};
-pub use vmm_core::checkpoint::{RunningCheckpoint, VirtualSystemSnapshotService};
+pub use vmm_core::checkpoint::{RunningCapture, RunningCheckpoint, VirtualSystemSnapshotService};

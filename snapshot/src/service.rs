@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use vmm_core::checkpoint::{
-    CheckpointError, CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCheckpoint,
-    VirtualSystemSnapshotService,
+    CheckpointError, CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCapture,
+    RunningCheckpoint, VirtualSystemSnapshotService,
 };
 use vmm_core::{VmId, fault::point as fault_point};
 
@@ -42,8 +42,9 @@ impl VirtualSystemSnapshotService for FolderSnapshotService {
         &self,
         vm_dir: &Path,
         request: &CreateRequest,
+        capture: &RunningCapture,
     ) -> Result<RunningCheckpoint, CheckpointError> {
-        Ok(running::prepare(&VmFolder::new(vm_dir), request)?)
+        Ok(running::prepare(&VmFolder::new(vm_dir), request, capture)?)
     }
 
     fn finish_running_snapshot(

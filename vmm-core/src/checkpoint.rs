@@ -97,6 +97,10 @@ pub enum Consistency {
     SavedState,
     /// Production asked for, standard taken (the guest could not be quiesced).
     StandardFallback,
+    /// Production: the guest's integration agent froze its file systems while the disks were
+    /// switched (application-consistent disks); no memory or device state, so applying it
+    /// leaves the VM Off and it boots from these disks.
+    Production,
 }
 
 /// One node of the tree.
@@ -116,6 +120,10 @@ pub struct Checkpoint {
     pub consistency: Consistency,
     /// Whether the checkpoint holds a saved state (applying it leaves the VM Saved).
     pub has_saved_state: bool,
+    /// Why a production checkpoint of a running VM was taken as a standard one
+    /// ([`Consistency::StandardFallback`]): what stopped the guest from being quiesced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce_failure: Option<String>,
 }
 
 /// A VM's checkpoints and its "Now" position (`Msvm_MostCurrentSnapshotInBranch`).
@@ -253,6 +261,20 @@ pub struct CreateRequest {
     pub checkpoint_type: CheckpointType,
 }
 
+/// How a running VM's checkpoint is taken, as the service decided after asking the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunningCapture {
+    /// Memory, device state and disks (standard). For a production checkpoint this is the
+    /// fallback, and `quiesce_failure` says why the guest could not be quiesced.
+    SavedState {
+        /// Why a production checkpoint fell back to standard; `None` for a standard one.
+        quiesce_failure: Option<String>,
+    },
+    /// The disks only, switched while the guest's agent holds its file systems frozen
+    /// (production, application-consistent).
+    FrozenDisks,
+}
+
 /// A checkpoint of a running VM between its two halves: prepared (journaled, folders made) and
 /// waiting for the worker to take it, then finished by
 /// [`VirtualSystemSnapshotService::finish_running_snapshot`].
@@ -378,11 +400,13 @@ pub trait VirtualSystemSnapshotService: Send + Sync + fmt::Debug {
     ) -> Result<Checkpoint, CheckpointError>;
 
     /// CreateSnapshot of a running VM, first half: records the operation and names the folder
-    /// and overlays the worker is to fill and create.
+    /// and overlays the worker is to fill and create, for a checkpoint taken as `capture` says
+    /// (the service has frozen the guest already for [`RunningCapture::FrozenDisks`]).
     fn prepare_running_snapshot(
         &self,
         vm_dir: &Path,
         request: &CreateRequest,
+        capture: &RunningCapture,
     ) -> Result<RunningCheckpoint, CheckpointError>;
 
     /// Second half, after the worker answered (whatever it answered): the checkpoint joins the
@@ -469,6 +493,7 @@ mod tests {
             requested_type: CheckpointType::Standard,
             consistency: Consistency::Off,
             has_saved_state: false,
+            quiesce_failure: None,
         }
     }
 
@@ -544,6 +569,27 @@ mod tests {
         let found = tree.find("x");
 
         assert!(matches!(found, Err(CheckpointError::AmbiguousName(_))));
+    }
+
+    #[test]
+    fn a_node_written_before_production_checkpoints_still_reads() {
+        let old = r#"{"id":"6f1c2a52-3a63-4d7e-9c3e-0f4a8d5b2e11","name":"a","parent":null,
+            "created":{"secs_since_epoch":0,"nanos_since_epoch":0},
+            "requested_type":"Production","consistency":"StandardFallback",
+            "has_saved_state":true}"#;
+
+        let node: Checkpoint = serde_json::from_str(old).expect("an old node reads");
+        let production = Checkpoint {
+            consistency: Consistency::Production,
+            has_saved_state: false,
+            ..node.clone()
+        };
+        let written = serde_json::to_string(&production).expect("json");
+        let back: Checkpoint = serde_json::from_str(&written).expect("round trip");
+
+        assert_eq!(node.quiesce_failure, None);
+        assert_eq!(back, production);
+        assert!(!written.contains("quiesce_failure"), "{written}");
     }
 
     #[test]

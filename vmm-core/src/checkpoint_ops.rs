@@ -14,13 +14,15 @@ use std::thread;
 
 use crate::catalog::VmRecord;
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CreateRequest, ExportMode,
-    ImportMode, Progress, ProgressCounter, Recovery, VirtualSystemSnapshotService,
+    Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CheckpointType, CreateRequest,
+    ExportMode, ImportMode, Progress, ProgressCounter, Recovery, RunningCapture,
+    VirtualSystemSnapshotService,
 };
 use crate::config::VmId;
 use crate::error::{Error, error_chain};
 use crate::event::EventKind;
 use crate::job::{JobId, JobKind, JobOutcome, JobTable};
+use crate::production_checkpoint::{self, FrozenGuest, Quiesce};
 use crate::return_code::checkpoint_code;
 use crate::service::{Inner, VirtualSystemManagementService};
 use crate::state::{EnabledState, RequestedState, ReturnCode};
@@ -358,8 +360,15 @@ impl From<CheckpointError> for Failure {
     }
 }
 
-/// The slow part, with no lock held. Returns the event that announces what changed.
-fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<EventKind>, Failure> {
+/// What a job did: the event that announces what changed, and a warning when it did not
+/// quite do what was asked (a production checkpoint taken as standard).
+struct Done {
+    event: Option<EventKind>,
+    warning: Option<String>,
+}
+
+/// The slow part, with no lock held.
+fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Done, Failure> {
     // In a cluster only the VM's owner may change its files (an export only reads them).
     if !matches!(work, Work::Export { .. }) {
         inner.store.guard(vm).map_err(|error| Failure {
@@ -380,6 +389,7 @@ fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<Ev
         counter: ProgressCounter::default(),
         shown: 0,
     };
+    let mut warning = None;
     let event = match work {
         Work::Create {
             request,
@@ -395,8 +405,9 @@ fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<Ev
             worker: Some(worker),
         } => {
             let taken = create_running(service.as_ref(), &vm_dir, request, worker.as_ref())?;
+            warning = taken.warning;
             Some(EventKind::CheckpointCreated {
-                checkpoint: taken.id,
+                checkpoint: taken.checkpoint.id,
             })
         }
         Work::Apply { checkpoint, .. } => {
@@ -428,32 +439,120 @@ fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Option<Ev
             None
         }
     };
-    Ok(event)
+    Ok(Done { event, warning })
 }
 
-/// A running VM's checkpoint: prepared by the snapshot service, taken by the worker, finished
-/// by the snapshot service whatever the worker answered (it decides by the worker's commit).
+/// A running VM's checkpoint as it was taken, and why a production one fell back to standard.
+struct Taken {
+    checkpoint: Checkpoint,
+    warning: Option<String>,
+}
+
+/// A running VM's checkpoint. Standard: prepared by the snapshot service, taken by the worker
+/// (memory, devices, disks), finished by the snapshot service whatever the worker answered (it
+/// decides by the worker's commit). Production: the guest is quiesced first and only its disks
+/// are switched while it is frozen; a guest that cannot be quiesced gets a standard checkpoint
+/// (type 3) or none (type 4, 32775, nothing changed).
 fn create_running(
     service: &dyn VirtualSystemSnapshotService,
     vm_dir: &Path,
     request: &CreateRequest,
     worker: &dyn Worker,
-) -> Result<Checkpoint, Failure> {
-    let running = service.prepare_running_snapshot(vm_dir, request)?;
+) -> Result<Taken, Failure> {
+    let quiesce_failure = match request.checkpoint_type {
+        CheckpointType::Standard => None,
+        CheckpointType::Production | CheckpointType::ProductionOnly => {
+            let quiesced = production_checkpoint::quiesce(worker).map_err(|e| not_taken(&e))?;
+            match quiesced {
+                Quiesce::Frozen(frozen) => {
+                    match take_frozen(service, vm_dir, request, worker, frozen)? {
+                        Ok(checkpoint) => {
+                            return Ok(Taken {
+                                checkpoint,
+                                warning: None,
+                            });
+                        }
+                        Err(reason) => Some(reason),
+                    }
+                }
+                Quiesce::NotQuiesced(reason) => Some(reason),
+            }
+        }
+    };
+    if let Some(reason) = &quiesce_failure
+        && request.checkpoint_type == CheckpointType::ProductionOnly
+    {
+        return Err(Failure {
+            code: ReturnCode::InvalidState,
+            description: format!(
+                "production-only checkpoint not taken: quiescing the guest failed: {reason}"
+            ),
+        });
+    }
+    let capture = RunningCapture::SavedState {
+        quiesce_failure: quiesce_failure.clone(),
+    };
+    let running = service.prepare_running_snapshot(vm_dir, request, &capture)?;
     fault::point("checkpoint.before-worker");
     let taken = worker.checkpoint(&running.request);
     fault::point("checkpoint.after-worker");
     let finished = service.finish_running_snapshot(vm_dir, &running);
-    match (taken, finished) {
-        (_, Ok(checkpoint)) => Ok(checkpoint),
-        (Err(error), Err(_)) => Err(Failure {
-            code: worker_code(&error),
-            description: format!(
-                "the worker did not take the checkpoint: {}",
-                error_chain(&error)
-            ),
+    let checkpoint = match (taken, finished) {
+        (_, Ok(checkpoint)) => checkpoint,
+        (Err(error), Err(_)) => return Err(not_taken(&error)),
+        (Ok(_), Err(error)) => return Err(error.into()),
+    };
+    Ok(Taken {
+        checkpoint,
+        warning: quiesce_failure.map(|reason| {
+            format!(
+                "production checkpoint taken as a standard one (with saved state): quiescing \
+                 the guest failed: {reason}"
+            )
         }),
+    })
+}
+
+/// The production half: the disks switched while `frozen`, then the guest thawed. `Ok(Err)`
+/// says why the disks were not switched inside the freeze (nothing was kept: the caller may
+/// fall back to a standard checkpoint).
+fn take_frozen(
+    service: &dyn VirtualSystemSnapshotService,
+    vm_dir: &Path,
+    request: &CreateRequest,
+    worker: &dyn Worker,
+    frozen: FrozenGuest<'_>,
+) -> Result<Result<Checkpoint, String>, Failure> {
+    // Dropping `frozen` thaws the guest: on an error here, or once the worker answered.
+    let running =
+        service.prepare_running_snapshot(vm_dir, request, &RunningCapture::FrozenDisks)?;
+    fault::point("checkpoint.before-worker");
+    fault::point("checkpoint.production-frozen");
+    let taken = worker.checkpoint(&running.request);
+    drop(frozen);
+    fault::point("checkpoint.after-worker");
+    let finished = service.finish_running_snapshot(vm_dir, &running);
+    match (taken, finished) {
+        (_, Ok(checkpoint)) => Ok(Ok(checkpoint)),
+        (Err(error @ (WorkerError::InvalidState { .. } | WorkerError::Refused { .. })), Err(_)) => {
+            Ok(Err(format!(
+                "the disks could not be switched while the guest was frozen: {}",
+                error_chain(&error)
+            )))
+        }
+        (Err(error), Err(_)) => Err(not_taken(&error)),
         (Ok(_), Err(error)) => Err(error.into()),
+    }
+}
+
+/// The worker did not take the checkpoint.
+fn not_taken(error: &WorkerError) -> Failure {
+    Failure {
+        code: worker_code(error),
+        description: format!(
+            "the worker did not take the checkpoint: {}",
+            error_chain(error)
+        ),
     }
 }
 
@@ -468,13 +567,7 @@ fn worker_code(error: &WorkerError) -> ReturnCode {
 
 /// Settles the record after the job: the config may name new disk layers, apply changes the
 /// state; ends the job and releases the VM (catalog locked inside).
-fn finish(
-    inner: &Arc<Inner>,
-    vm: VmId,
-    job: JobId,
-    work: &Work,
-    result: Result<Option<EventKind>, Failure>,
-) {
+fn finish(inner: &Arc<Inner>, vm: VmId, job: JobId, work: &Work, result: Result<Done, Failure>) {
     let config = inner.store.read_config(vm);
     let saved = inner.store.has_saved_state(vm);
     let mut catalog = inner.lock_catalog();
@@ -499,10 +592,17 @@ fn finish(
         };
         record.set_state(state, events);
     }
-    if let Ok(Some(event)) = &result {
+    if let Ok(Done {
+        event: Some(event), ..
+    }) = &result
+    {
         events.publish(vm, event.clone());
     }
     let outcome = match &result {
+        Ok(Done {
+            warning: Some(warning),
+            ..
+        }) => JobOutcome::CompletedWithWarnings(warning.clone()),
         Ok(_) => JobOutcome::Completed,
         Err(failure) => JobOutcome::Failed(failure.code.code(), failure.description.clone()),
     };

@@ -94,6 +94,7 @@ pub mod integration;
 mod job;
 mod operation;
 mod ownership;
+mod production_checkpoint;
 mod return_code;
 mod service;
 mod state;
@@ -124,6 +125,6 @@ pub use state::{
 };
 pub use store::Store;
 pub use worker::{
-    CheckpointReport, CheckpointRequest, DiskOverlay, EventSink, LaunchMode, StopReason, Worker,
-    WorkerError, WorkerEvent, WorkerLauncher, WorkerStatus,
+    CheckpointContent, CheckpointReport, CheckpointRequest, DiskOverlay, EventSink, LaunchMode,
+    StopReason, Worker, WorkerError, WorkerEvent, WorkerLauncher, WorkerStatus,
 };

@@ -240,6 +240,24 @@ pub struct CheckpointRequest {
     /// The new overlay of each writable disk, created by the worker on top of the disk's current
     /// image inside the pause; the guest continues on it.
     pub overlays: Vec<DiskOverlay>,
+    /// What is captured besides the disks.
+    #[serde(default)]
+    pub content: CheckpointContent,
+}
+
+/// What a running checkpoint captures ([`CheckpointRequest::content`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckpointContent {
+    /// Memory, device and vCPU state with the disks (a standard checkpoint).
+    #[default]
+    SavedState,
+    /// The disks only, for a production checkpoint: the guest's file systems are frozen by its
+    /// integration agent ([`Worker::freeze_guest`]). The worker refuses
+    /// ([`WorkerError::InvalidState`]) unless a freeze it relayed is held, and commits only if it
+    /// is still held once the disks are switched, inside the pause (no thaw was sent, not even at
+    /// the hold limit). Nothing is written to `staging`: committing it (the same rename to
+    /// `state_dir`) is only the commit point.
+    FrozenDisks,
 }
 
 /// One disk's new top layer in a [`CheckpointRequest`].

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use common::ThreadLauncher;
 use vmm_core::checkpoint::{
     Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CheckpointType, Consistency,
-    CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCheckpoint,
+    CreateRequest, ExportMode, ImportMode, Progress, Recovery, RunningCapture, RunningCheckpoint,
     VirtualSystemSnapshotService,
 };
 use vmm_core::{
@@ -43,6 +43,7 @@ fn checkpoint(request: &CreateRequest) -> Checkpoint {
         requested_type: request.checkpoint_type,
         consistency: Consistency::Off,
         has_saved_state: false,
+        quiesce_failure: None,
     }
 }
 
@@ -60,6 +61,7 @@ impl VirtualSystemSnapshotService for Recording {
         &self,
         _vm_dir: &Path,
         _request: &CreateRequest,
+        _capture: &RunningCapture,
     ) -> Result<RunningCheckpoint, CheckpointError> {
         self.called("prepare");
         Err(CheckpointError::InvalidState("not in this test".into()))
@@ -208,4 +210,44 @@ fn a_node_that_does_not_own_the_vm_changes_none_of_its_checkpoints() {
     );
     assert!(disk.is_err());
     assert!(recording.calls().is_empty(), "{:?}", recording.calls());
+}
+
+fn of_type(name: &str, checkpoint_type: CheckpointType) -> CreateRequest {
+    CreateRequest {
+        name: Some(name.into()),
+        checkpoint_type,
+    }
+}
+
+#[test]
+fn production_only_of_a_running_guest_that_cannot_be_quiesced_fails_before_anything_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = common::open(dir.path(), &launcher);
+    let recording = Arc::new(Recording::default());
+    vmms.set_snapshot_service(recording.clone());
+    let vm = vmms.define_system(VmConfig::new("mute")).expect("define");
+    common::change(&vmms, vm, vmm_core::RequestedState::Start);
+
+    let (_, only) = vmms
+        .create_snapshot(vm, of_type("only", CheckpointType::ProductionOnly))
+        .expect("begun");
+    let only = vmms
+        .wait_for_job(only.expect("job"), Duration::from_secs(10))
+        .expect("job ends");
+    let calls_after_only = recording.calls();
+    let (_, fallback) = vmms
+        .create_snapshot(vm, of_type("prod", CheckpointType::Production))
+        .expect("begun");
+    vmms.wait_for_job(fallback.expect("job"), Duration::from_secs(10))
+        .expect("job ends");
+
+    // The test launcher's workers have no integration channel: no agent can freeze the guest.
+    assert_eq!(only.state, JobState::Exception);
+    assert_eq!(only.error_code, 32775);
+    let why = only.error_description.unwrap_or_default();
+    assert!(why.contains("quiescing the guest failed"), "{why}");
+    assert!(calls_after_only.is_empty(), "{calls_after_only:?}");
+    assert_eq!(recording.calls(), ["prepare"], "production falls back");
+    assert_eq!(common::state_of(&vmms, vm), vmm_core::EnabledState::Running);
 }

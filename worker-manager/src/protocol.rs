@@ -24,7 +24,7 @@ use vmm_core::{CheckpointReport, CheckpointRequest, StopReason, VmId};
 
 /// Version of this protocol. A worker refuses a parent speaking another one (an upgraded daemon
 /// finding an old worker sees the refusal and can say so, instead of misreading its frames).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame body accepted, in bytes. Control messages are small; this only bounds what a
 /// confused or hostile peer can make the other side allocate.
@@ -78,7 +78,9 @@ pub enum Request {
     Reset,
     /// Take a checkpoint of the running (or paused) guest: pre-copy memory while it runs, switch
     /// its disks to new overlays and commit the state in one short pause, and leave it in the
-    /// run state it was in ([`vmm_core::Worker::checkpoint`]). Answered by
+    /// run state it was in ([`vmm_core::Worker::checkpoint`]); or, for a production checkpoint
+    /// ([`vmm_core::CheckpointContent::FrozenDisks`], protocol 5), only switch the disks while
+    /// the guest's agent holds it frozen. Answered by
     /// [`Reply::Checkpoint`]; refused with [`FailureKind::InvalidState`] unless the guest is
     /// running or paused.
     Checkpoint(CheckpointRequest),
@@ -636,8 +638,9 @@ mod tests {
                 "[^\0]{0,40}",
                 proptest::option::of("[^\0]{0,40}"),
                 proptest::collection::vec((0usize..8, "[^\0]{0,40}"), 0..3),
+                any::<bool>(),
             )
-                .prop_map(|(a, b, parent, overlays)| {
+                .prop_map(|(a, b, parent, overlays, frozen)| {
                     Request::Checkpoint(CheckpointRequest {
                         staging: a.into(),
                         state_dir: b.into(),
@@ -649,6 +652,11 @@ mod tests {
                                 path: path.into(),
                             })
                             .collect(),
+                        content: if frozen {
+                            vmm_core::CheckpointContent::FrozenDisks
+                        } else {
+                            vmm_core::CheckpointContent::SavedState
+                        },
                     })
                 }),
         ]

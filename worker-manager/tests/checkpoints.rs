@@ -62,6 +62,7 @@ impl Vm {
                 disk: 0,
                 path: self.disk(&format!("disk0-{name}.qcow2")),
             }],
+            content: vmm_core::CheckpointContent::SavedState,
         }
     }
 

@@ -110,6 +110,7 @@ pub(crate) fn new_node(
         requested_type: request.checkpoint_type,
         consistency,
         has_saved_state,
+        quiesce_failure: None,
     })
 }
 

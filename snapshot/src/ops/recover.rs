@@ -63,14 +63,14 @@ pub fn recover(vm_dir: &Path) -> Result<Recovery> {
             return Ok(Recovery::RolledForward(name));
         }
         (
-            _,
+            stage,
             Operation::CreateRunning {
                 checkpoint,
                 new_layers,
                 new_config,
             },
         ) => {
-            if super::running::recover(&folder, &checkpoint, &new_layers, &new_config)? {
+            if super::running::recover(&folder, stage, &checkpoint, &new_layers, &new_config)? {
                 return Ok(Recovery::RolledForward(name));
             }
         }

@@ -9,14 +9,20 @@
 //! its data. A crashed service finds the journal and decides the same way in [`recover`]; it
 //! first waits for a worker that is still taking the checkpoint, which holds an exclusive `flock`
 //! on its staging folder until it has committed or given up.
+//!
+//! A production checkpoint ([`RunningCapture::FrozenDisks`]) captures no state: the worker
+//! commits its empty staging folder by renaming it to [`DISKS_SWITCHED`] instead of `state/`,
+//! the same commit point under a name that no saved-state reader takes for a state. Once the
+//! journal says `Committed`, recovery rolls forward without looking at the marker again (the
+//! roll-forward removes it).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmm_core::checkpoint::RunningCheckpoint;
-use vmm_core::{CheckpointRequest, DiskOverlay};
+use vmm_core::checkpoint::{RunningCapture, RunningCheckpoint};
+use vmm_core::{CheckpointContent, CheckpointRequest, DiskOverlay};
 
 use crate::durable::{create_dir_all, remove_dir_all, remove_file, rename};
 use crate::error::{Error, Result};
@@ -30,22 +36,53 @@ use vmm_core::fault::point as fault_point;
 /// The worker's staging folder inside the checkpoint's staging folder.
 const WORKER_STAGING: &str = "state.saving";
 
+/// What the worker renames its (empty) staging folder to when it commits a production
+/// checkpoint: the disks were switched while the guest was frozen.
+pub const DISKS_SWITCHED: &str = "disks.switched";
+
 /// How long recovery waits for a worker still taking a checkpoint (its pre-copy of a large
 /// guest under load, then the pause).
 const WORKER_WAIT: Duration = Duration::from_secs(300);
 
-/// Journals a running checkpoint of the VM in `folder` and returns what the worker must do.
-pub fn prepare(folder: &VmFolder, request: &CreateRequest) -> Result<RunningCheckpoint> {
+/// Journals a running checkpoint of the VM in `folder`, taken as `capture` says, and returns
+/// what the worker must do.
+pub fn prepare(
+    folder: &VmFolder,
+    request: &CreateRequest,
+    capture: &RunningCapture,
+) -> Result<RunningCheckpoint> {
     begin(folder)?;
     let tree = folder.tree()?;
     let config = folder.config()?;
     let disks = folder.disks(&config, &folder.config_path())?;
-    let consistency = match request.checkpoint_type {
-        CheckpointType::ProductionOnly => return Err(Error::ProductionUnavailable),
-        CheckpointType::Production => Consistency::StandardFallback,
-        CheckpointType::Standard => Consistency::SavedState,
+    let (consistency, content) = match (request.checkpoint_type, capture) {
+        (CheckpointType::Standard, RunningCapture::FrozenDisks) => {
+            return Err(Error::Service(vmm_core::CheckpointError::InvalidParameter(
+                "a standard checkpoint captures the guest's memory, not only its disks".into(),
+            )));
+        }
+        (CheckpointType::ProductionOnly, RunningCapture::SavedState { .. }) => {
+            return Err(Error::ProductionUnavailable);
+        }
+        (_, RunningCapture::FrozenDisks) => {
+            (Consistency::Production, CheckpointContent::FrozenDisks)
+        }
+        (CheckpointType::Production, RunningCapture::SavedState { .. }) => {
+            (Consistency::StandardFallback, CheckpointContent::SavedState)
+        }
+        (CheckpointType::Standard, RunningCapture::SavedState { .. }) => {
+            (Consistency::SavedState, CheckpointContent::SavedState)
+        }
     };
-    let checkpoint = super::create::new_node(&tree, &config, request, consistency, true)?;
+    let with_state = content == CheckpointContent::SavedState;
+    let mut checkpoint = super::create::new_node(&tree, &config, request, consistency, with_state)?;
+    if let RunningCapture::SavedState {
+        quiesce_failure: Some(reason),
+    } = capture
+        && consistency == Consistency::StandardFallback
+    {
+        checkpoint.quiesce_failure = Some(reason.clone());
+    }
     let mut live_paths = Vec::new();
     let mut overlays = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
@@ -90,15 +127,20 @@ pub fn prepare(folder: &VmFolder, request: &CreateRequest) -> Result<RunningChec
     let parent_state_dir = tree
         .now
         .and_then(|id| tree.get(id))
-        .filter(|parent| parent.has_saved_state)
+        .filter(|parent| parent.has_saved_state && with_state)
         .map(|parent| folder.checkpoint_dir(parent.id).join(STATE_DIR));
+    let state_dir = match content {
+        CheckpointContent::SavedState => staging.join(STATE_DIR),
+        CheckpointContent::FrozenDisks => staging.join(DISKS_SWITCHED),
+    };
     Ok(RunningCheckpoint {
         checkpoint,
         request: CheckpointRequest {
             staging: staging.join(WORKER_STAGING),
-            state_dir: staging.join(STATE_DIR),
+            state_dir,
             parent_state_dir,
             overlays,
+            content,
         },
     })
 }
@@ -120,7 +162,7 @@ pub fn finish(folder: &VmFolder, running: &RunningCheckpoint) -> Result<Checkpoi
     if checkpoint.id != running.checkpoint.id {
         return Err(Error::RecoveryNeeded("running create".into()));
     }
-    if committed(folder, checkpoint.id) {
+    if entry.stage == Stage::Committed || committed(folder, checkpoint.id) {
         roll_forward(folder, &checkpoint, &new_layers, &new_config)?;
         Ok(checkpoint)
     } else {
@@ -129,14 +171,20 @@ pub fn finish(folder: &VmFolder, running: &RunningCheckpoint) -> Result<Checkpoi
     }
 }
 
-/// Recovery of an interrupted running create (either stage): waits for the worker, then
-/// decides by the commit point. Returns whether it rolled forward.
+/// Recovery of an interrupted running create: a committed one is finished; a prepared one
+/// waits for the worker, then is decided by the commit point. Returns whether it rolled
+/// forward.
 pub(crate) fn recover(
     folder: &VmFolder,
+    stage: Stage,
     checkpoint: &Checkpoint,
     new_layers: &[PathBuf],
     new_config: &serde_json::Value,
 ) -> Result<bool> {
+    if stage == Stage::Committed {
+        roll_forward(folder, checkpoint, new_layers, new_config)?;
+        return Ok(true);
+    }
     wait_for_worker(folder, checkpoint.id)?;
     if committed(folder, checkpoint.id) {
         roll_forward(folder, checkpoint, new_layers, new_config)?;
@@ -147,11 +195,15 @@ pub(crate) fn recover(
     }
 }
 
-/// Whether the worker committed: its state folder is in the staging folder, or the staging
-/// folder was already moved into place by an earlier roll-forward.
+/// Whether the worker committed: its state folder (or a production checkpoint's marker) is in
+/// the staging folder, or the staging folder was already moved into place by an earlier
+/// roll-forward.
 fn committed(folder: &VmFolder, id: CheckpointId) -> bool {
-    folder.checkpoint_staging_dir(id).join(STATE_DIR).is_dir()
-        || folder.checkpoint_dir(id).join(STATE_DIR).is_dir()
+    let staging = folder.checkpoint_staging_dir(id);
+    let target = folder.checkpoint_dir(id);
+    [STATE_DIR, DISKS_SWITCHED]
+        .iter()
+        .any(|name| staging.join(name).is_dir() || target.join(name).is_dir())
 }
 
 /// Blocks until no worker holds the staging folder's lock (a worker still taking the
@@ -159,7 +211,11 @@ fn committed(folder: &VmFolder, id: CheckpointId) -> bool {
 fn wait_for_worker(folder: &VmFolder, id: CheckpointId) -> Result<()> {
     let staging = folder.checkpoint_staging_dir(id);
     // The worker locks its own folder, which it renames to `state` when it commits.
-    let candidates = [staging.join(STATE_DIR), staging.join(WORKER_STAGING)];
+    let candidates = [
+        staging.join(STATE_DIR),
+        staging.join(DISKS_SWITCHED),
+        staging.join(WORKER_STAGING),
+    ];
     let Some(dir) = candidates.iter().find_map(|p| File::open(p).ok()) else {
         return Ok(());
     };
@@ -205,6 +261,8 @@ fn roll_forward(
         rename(&staging, &target)?;
     }
     fault_point("snapshot.running-folder");
+    // A production checkpoint's marker has served: the journal says committed.
+    remove_dir_all(&target.join(DISKS_SWITCHED))?;
     super::create::finish(folder, checkpoint, new_config)
 }
 

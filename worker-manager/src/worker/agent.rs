@@ -74,6 +74,9 @@ struct Channel {
     last_nudge: Mutex<Option<Instant>>,
     /// A freeze may be in effect (asked for, not yet thawed nor past its hold limit).
     may_be_frozen: AtomicBool,
+    /// The guest answered a freeze and no thaw has been sent since (cleared before any thaw
+    /// goes out, the hold limit's included): its file systems are quiescent right now.
+    freeze_held: AtomicBool,
 }
 
 /// The handle the other worker threads hold.
@@ -111,6 +114,12 @@ impl AgentHandle {
     /// Whether the guest's file systems may be frozen by a freeze this worker relayed.
     pub(crate) fn may_be_frozen(&self) -> bool {
         self.channel.may_be_frozen.load(Ordering::Acquire)
+    }
+
+    /// Whether the guest acknowledged a freeze this worker relayed and no thaw was sent since:
+    /// what a production checkpoint checks, with the guest paused, before it commits.
+    pub(crate) fn freeze_held(&self) -> bool {
+        self.channel.freeze_held.load(Ordering::Acquire)
     }
 
     /// The heartbeat's last finding (`None` while no guest runs).
@@ -226,6 +235,12 @@ impl Integration {
             .may_be_frozen
             .store(self.hold_until.is_some(), Ordering::Release);
     }
+
+    /// Records whether an acknowledged freeze is held: set once the guest answers a freeze,
+    /// cleared before any thaw is sent.
+    fn set_freeze_held(&self, held: bool) {
+        self.channel.freeze_held.store(held, Ordering::Release);
+    }
 }
 
 /// The agent thread: runs until every handle is gone.
@@ -289,6 +304,7 @@ impl Integration {
         if self.client.transport_mut().guest_changed() {
             self.client.invalidate();
             self.hold_until = None;
+            self.set_freeze_held(false);
         }
     }
 
@@ -328,6 +344,7 @@ impl Integration {
                 hold_limit,
             } => self.freeze(reply_timeout, hold_limit),
             GuestAgentRequest::Thaw { timeout } => {
+                self.channel.freeze_held.store(false, Ordering::Release);
                 let count = client.fsfreeze_thaw(timeout).map_err(|e| failure(&e))?;
                 self.hold_until = None;
                 self.publish_hold();
@@ -349,6 +366,7 @@ impl Integration {
         self.publish_hold();
         match self.client.fsfreeze_freeze(reply_timeout) {
             Ok(count) => {
+                self.set_freeze_held(true);
                 eprintln!(
                     "worker {}: guest froze {count} file system(s), held at most {hold_limit:?}",
                     self.shared.vm()
@@ -356,6 +374,7 @@ impl Integration {
                 Ok(GuestAgentReply::Count(count))
             }
             Err(error @ (AgentError::Timeout { .. } | AgentError::Io(_))) => {
+                self.set_freeze_held(false);
                 if self.client.fsfreeze_thaw(reply_timeout).is_ok() {
                     self.hold_until = previous;
                 }
@@ -387,6 +406,7 @@ impl Integration {
             };
             return;
         }
+        self.set_freeze_held(false);
         match self.client.fsfreeze_thaw(HOLD_THAW_TIMEOUT) {
             Ok(count) => {
                 self.hold_until = None;

@@ -90,12 +90,12 @@ struct MemoryPlan {
 
 /// An exclusive `flock` on the staging folder for as long as the checkpoint is being taken. The
 /// folder is renamed to `state_dir` at the commit; the lock stays on it (the same inode).
-struct StagingLock {
+pub(crate) struct StagingLock {
     _folder: File,
 }
 
 impl StagingLock {
-    fn take(staging: &Path) -> Result<Self, Failure> {
+    pub(crate) fn take(staging: &Path) -> Result<Self, Failure> {
         let folder = File::open(staging).map_err(|e| io_failure("open the staging folder", e))?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -265,7 +265,10 @@ fn final_copy(
 
 /// Refuses a request that names a disk that is not there, read-only or listed twice, an overlay
 /// or state folder that already exists, or a staging folder that does not.
-fn check_request(config: &PartitionConfig, request: &CheckpointRequest) -> Result<(), Failure> {
+pub(crate) fn check_request(
+    config: &PartitionConfig,
+    request: &CheckpointRequest,
+) -> Result<(), Failure> {
     if !request.staging.is_dir() {
         return Err(Failure::failed(format!(
             "staging folder {} does not exist",

@@ -19,7 +19,7 @@ use partition::{
     DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig,
     PartitionState,
 };
-use vmm_core::{BootSource, StopReason, VmConfig, VmId, error_chain, fault};
+use vmm_core::{BootSource, CheckpointContent, StopReason, VmConfig, VmId, error_chain, fault};
 
 use super::WorkerOptions;
 use super::agent::{self, AgentHandle, AgentJobs};
@@ -31,6 +31,7 @@ use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
 use super::fence;
+use super::frozen_checkpoint;
 use super::start_trace::mark;
 use super::state_folder;
 use crate::error::{Error, Result};
@@ -548,7 +549,11 @@ impl Machine {
         &mut self,
         request: &vmm_core::CheckpointRequest,
     ) -> std::result::Result<Reply, Failure> {
-        self.no_backup_pending()?;
+        match request.content {
+            CheckpointContent::SavedState => self.no_backup_pending()?,
+            // Its point is a frozen guest: the freeze is checked inside the pause instead.
+            CheckpointContent::FrozenDisks => self.no_backup_overlays()?,
+        }
         match self.shared.state() {
             GuestState::Running | GuestState::Paused => {}
             other => {
@@ -557,11 +562,21 @@ impl Machine {
                 )));
             }
         }
+        let shared = Arc::clone(&self.shared);
         let Some(partition) = &mut self.partition else {
             return Err(Failure::invalid_state("guest is not running"));
         };
-        let result =
-            checkpoint::checkpoint(partition, &mut self.config, &mut self.tracking, request);
+        let result = match request.content {
+            CheckpointContent::SavedState => {
+                checkpoint::checkpoint(partition, &mut self.config, &mut self.tracking, request)
+            }
+            CheckpointContent::FrozenDisks => {
+                let agent = shared.agent();
+                frozen_checkpoint::frozen_disks(partition, &mut self.config, request, &|| {
+                    agent.freeze_held()
+                })
+            }
+        };
         if let partition::RunState::Stopped(exit) = partition.run_state().clone() {
             self.guest_stopped(&exit);
         }
@@ -683,15 +698,21 @@ impl Machine {
     /// Refuses an operation that would carry a backup's unmerged overlays into saved state or a
     /// checkpoint.
     fn no_backup_pending(&self) -> std::result::Result<(), Failure> {
-        if !self.backup.is_empty() {
-            return Err(Failure::invalid_state(
-                "a backup's overlays are not merged yet",
-            ));
-        }
+        self.no_backup_overlays()?;
         // A state captured while frozen would come back frozen, with no hold limit to end it.
         if self.shared.agent().may_be_frozen() {
             return Err(Failure::invalid_state(
                 "the guest's file systems are frozen for a backup",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses an operation that would carry a backup's unmerged overlays into a checkpoint.
+    fn no_backup_overlays(&self) -> std::result::Result<(), Failure> {
+        if !self.backup.is_empty() {
+            return Err(Failure::invalid_state(
+                "a backup's overlays are not merged yet",
             ));
         }
         Ok(())

@@ -16,6 +16,7 @@ mod console;
 mod control;
 mod disks;
 pub mod fence;
+mod frozen_checkpoint;
 mod machine;
 mod network;
 mod overlays;
