@@ -15,11 +15,11 @@ use crate::backup::{
     VirtualSystemBackupService,
 };
 use crate::catalog::VmRecord;
-use crate::checkpoint::{NoProgress, Progress};
+use crate::checkpoint::NoProgress;
 use crate::config::VmId;
 use crate::error::{Error, error_chain};
 use crate::event::EventKind;
-use crate::job::{JobId, JobKind, JobOutcome};
+use crate::job::{JobId, JobKind, JobOutcome, JobProgress};
 use crate::return_code::backup_code;
 use crate::service::{Inner, VirtualSystemManagementService};
 use crate::state::{EnabledState, ReturnCode};
@@ -141,33 +141,6 @@ fn backup_service(inner: &Inner) -> crate::Result<Arc<dyn VirtualSystemBackupSer
     inner.backups.get().cloned().ok_or(Error::NoBackupService)
 }
 
-/// A job's byte counts and `PercentComplete`, fed by the backup service.
-struct JobProgress<'a> {
-    inner: &'a Inner,
-    job: JobId,
-    processed: u64,
-    total: u64,
-}
-
-impl Progress for JobProgress<'_> {
-    fn add_total(&mut self, bytes: u64) {
-        self.total = self.total.saturating_add(bytes);
-        self.show();
-    }
-    fn advance(&mut self, bytes: u64) {
-        self.processed = self.processed.saturating_add(bytes);
-        self.show();
-    }
-}
-
-impl JobProgress<'_> {
-    fn show(&self) {
-        self.inner
-            .jobs
-            .set_bytes(self.job, self.processed, self.total);
-    }
-}
-
 /// Claims the VM and runs the session as a job on its own thread (catalog locked).
 fn begin(
     inner: &Arc<Inner>,
@@ -224,12 +197,7 @@ fn execute(
     // In a cluster only the VM's owner may change its files; a backup switches its disks.
     inner.store.guard(vm).map_err(failed)?;
     let service = backup_service(inner).map_err(failed)?;
-    let mut progress = JobProgress {
-        inner,
-        job,
-        processed: 0,
-        total: 0,
-    };
+    let mut progress = JobProgress::new(&inner.jobs, job);
     service
         .backup(
             &inner.store.vm_dir(vm),

@@ -15,13 +15,12 @@ use std::thread;
 use crate::catalog::VmRecord;
 use crate::checkpoint::{
     Checkpoint, CheckpointError, CheckpointId, CheckpointTree, CheckpointType, CreateRequest,
-    ExportMode, ImportMode, Progress, ProgressCounter, Recovery, RunningCapture,
-    VirtualSystemSnapshotService,
+    ExportMode, ImportMode, Recovery, RunningCapture, VirtualSystemSnapshotService,
 };
 use crate::config::VmId;
 use crate::error::{Error, error_chain};
 use crate::event::EventKind;
-use crate::job::{JobId, JobKind, JobOutcome, JobTable};
+use crate::job::{JobId, JobKind, JobOutcome, JobProgress};
 use crate::production_checkpoint::{self, FrozenGuest, Quiesce};
 use crate::return_code::checkpoint_code;
 use crate::service::{Inner, VirtualSystemManagementService};
@@ -50,35 +49,6 @@ enum Work {
         target: PathBuf,
         mode: ExportMode,
     },
-}
-
-/// A job's `PercentComplete`, fed by the snapshot service's byte counts.
-struct JobProgress<'a> {
-    jobs: &'a JobTable,
-    job: JobId,
-    counter: ProgressCounter,
-    shown: u8,
-}
-
-impl Progress for JobProgress<'_> {
-    fn add_total(&mut self, bytes: u64) {
-        self.counter.add_total(bytes);
-        self.show();
-    }
-    fn advance(&mut self, bytes: u64) {
-        self.counter.advance(bytes);
-        self.show();
-    }
-}
-
-impl JobProgress<'_> {
-    fn show(&mut self) {
-        let percent = self.counter.percent();
-        if percent != self.shown {
-            self.shown = percent;
-            self.jobs.set_progress(self.job, percent);
-        }
-    }
 }
 
 impl VirtualSystemManagementService {
@@ -383,12 +353,7 @@ fn execute(inner: &Inner, vm: VmId, job: JobId, work: &Work) -> Result<Done, Fai
         });
     };
     let vm_dir = inner.store.vm_dir(vm);
-    let mut progress = JobProgress {
-        jobs: &inner.jobs,
-        job,
-        counter: ProgressCounter::default(),
-        shown: 0,
-    };
+    let mut progress = JobProgress::new(&inner.jobs, job);
     let mut warning = None;
     let event = match work {
         Work::Create {

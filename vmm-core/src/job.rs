@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
+use crate::checkpoint::Progress;
 use crate::config::VmId;
 use crate::error::{Error, Result};
 use crate::state::RequestedState;
@@ -335,17 +336,8 @@ impl JobTable {
         Some(snapshot)
     }
 
-    /// Sets a running job's `PercentComplete` (below 100: only finishing completes a job).
-    pub(crate) fn set_progress(&self, id: JobId, percent: u8) {
-        let mut jobs = self.lock();
-        if let Some(record) = jobs.get_mut(&id)
-            && record.ended.is_none()
-        {
-            record.job.percent_complete = percent.min(99);
-        }
-    }
-
-    /// Records a data-moving job's byte counts (and the percentage they make).
+    /// Records a data-moving job's byte counts and the `PercentComplete` they make (below 100:
+    /// only finishing completes a job).
     pub(crate) fn set_bytes(&self, id: JobId, processed: u64, total: u64) {
         let mut jobs = self.lock();
         if let Some(record) = jobs.get_mut(&id)
@@ -393,6 +385,38 @@ impl JobTable {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+}
+
+/// A job's progress as a service reports it ([`Progress`]): its byte counts, and the
+/// `PercentComplete` they make, kept in the job table for `get-job` and WMI.
+pub(crate) struct JobProgress<'a> {
+    jobs: &'a JobTable,
+    job: JobId,
+    processed: u64,
+    total: u64,
+}
+
+impl<'a> JobProgress<'a> {
+    /// Progress of `job`, nothing announced yet.
+    pub(crate) fn new(jobs: &'a JobTable, job: JobId) -> Self {
+        Self {
+            jobs,
+            job,
+            processed: 0,
+            total: 0,
+        }
+    }
+}
+
+impl Progress for JobProgress<'_> {
+    fn add_total(&mut self, bytes: u64) {
+        self.total = self.total.saturating_add(bytes);
+        self.jobs.set_bytes(self.job, self.processed, self.total);
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.processed = self.processed.saturating_add(bytes);
+        self.jobs.set_bytes(self.job, self.processed, self.total);
     }
 }
 
