@@ -1,6 +1,8 @@
 //! virtio-blk end to end: the test guest's `write N` (N sequential 4 KiB records, sixteen to a
 //! 64 KiB request, then one flush; the guest polls for completions), timed from typing the command
 //! to the guest's `wrote N records`, through a partition with each disk backend and I/O mode.
+//! `write N 1` is the same with one record to a request: N 4 KiB requests, where the cost of
+//! each notification and completion shows rather than the guest's own work on the records.
 //!
 //! Each iteration boots a fresh guest on a fresh sparse disk (not timed), so every run appends to
 //! an empty log. Disks live in `VMMS_BENCH_DISK_DIR` (default: the system temp folder, so the
@@ -35,8 +37,45 @@ use paired::{CONSOLE_TIMEOUT as TIMEOUT, Console, ConsoleSink, Firecracker};
 
 const MEMORY_MIB: u64 = 32;
 const DISK_BYTES: u64 = 64 << 20;
-/// Records of the side-by-side workload (issue 16).
+/// Records of the side-by-side workloads (issue 16).
 const PAIRED_RECORDS: u64 = 3000;
+
+/// One `write` command: how many records, and how many to a request (`None`: the guest's
+/// largest request, 16).
+#[derive(Clone, Copy)]
+struct Workload {
+    records: u64,
+    per_request: Option<u64>,
+}
+
+impl Workload {
+    const fn batched(records: u64) -> Self {
+        Self {
+            records,
+            per_request: None,
+        }
+    }
+
+    fn command(&self) -> String {
+        match self.per_request {
+            None => format!("write {}", self.records),
+            Some(n) => format!("write {} {n}", self.records),
+        }
+    }
+
+    fn reply(&self) -> String {
+        format!("wrote {} records", self.records)
+    }
+}
+
+/// The side-by-side workloads: 64 KiB requests (188 of them), then 4 KiB requests (3,000).
+const PAIRED: [Workload; 2] = [
+    Workload::batched(PAIRED_RECORDS),
+    Workload {
+        records: PAIRED_RECORDS,
+        per_request: Some(1),
+    },
+];
 
 /// A disk backend (and I/O mode) the bench runs the guest on: a name and how to attach an image.
 ///
@@ -148,12 +187,8 @@ fn disk_dir() -> tempfile::TempDir {
     }
 }
 
-fn reply(records: u64) -> String {
-    format!("wrote {records} records")
-}
-
-/// One timed `write records` on a freshly booted partition over `disk`.
-fn partition_round(case: &BackendCase, records: u64) -> Duration {
+/// One timed `workload` on a freshly booted partition over `disk`.
+fn partition_round(case: &BackendCase, workload: Workload) -> Duration {
     let dir = disk_dir();
     let path = (case.prepare)(dir.path(), DISK_BYTES);
     let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::from(vmms_guest::ELF)), "");
@@ -168,9 +203,9 @@ fn partition_round(case: &BackendCase, records: u64) -> Duration {
 
     let start = Instant::now();
     vm.com1()
-        .send_all(format!("write {records}\r").as_bytes(), TIMEOUT)
+        .send_all(format!("{}\r", workload.command()).as_bytes(), TIMEOUT)
         .unwrap();
-    console.wait_for(&reply(records), ready);
+    console.wait_for(&workload.reply(), ready);
     let elapsed = start.elapsed();
 
     vm.stop();
@@ -184,9 +219,10 @@ fn bench_write(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(20))
         .warm_up_time(Duration::from_secs(2));
     for case in backend_cases() {
-        for records in [100u64, PAIRED_RECORDS] {
-            group.bench_function(format!("{}/write_{records}", case.name), |b| {
-                b.iter_custom(|iters| (0..iters).map(|_| partition_round(&case, records)).sum())
+        for workload in [Workload::batched(100), PAIRED[0], PAIRED[1]] {
+            let name = workload.command().replace(' ', "_");
+            group.bench_function(format!("{}/{name}", case.name), |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| partition_round(&case, workload)).sum())
             });
         }
     }
@@ -194,7 +230,7 @@ fn bench_write(c: &mut Criterion) {
 }
 
 /// Firecracker running the test guest over a fresh raw disk with the drive cache type `cache`.
-fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, records: u64) -> Duration {
+fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, workload: Workload) -> Duration {
     let dir = disk_dir();
     let disk = raw_image(dir.path(), DISK_BYTES);
     let config = serde_json::json!({
@@ -211,8 +247,8 @@ fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, records: u64) ->
     let mut vm = Firecracker::start(binary, &config, dir.path());
     let ready = vm.console.wait_for(PROMPT, 0);
     let start = Instant::now();
-    vm.type_line(&format!("write {records}"));
-    vm.console.wait_for(&reply(records), ready);
+    vm.type_line(&workload.command());
+    vm.console.wait_for(&workload.reply(), ready);
     start.elapsed()
 }
 
@@ -225,9 +261,9 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Interleaved rounds of the same workload under Firecracker (once per drive cache type) and
-/// the partition (once per backend case); prints the medians and each case's ratio to each
-/// Firecracker configuration.
+/// For each side-by-side workload, interleaved rounds under Firecracker (once per drive cache
+/// type) and the partition (once per backend case); prints the medians and each case's ratio to
+/// each Firecracker configuration.
 fn paired_with_firecracker(binary: &Path) {
     let rounds: usize = std::env::var("VMMS_PAIRED_ROUNDS")
         .ok()
@@ -242,37 +278,40 @@ fn paired_with_firecracker(binary: &Path) {
     let kernel = kernel_dir.path().join("vmms-guest.elf");
     std::fs::write(&kernel, vmms_guest::ELF).unwrap();
     let cases = backend_cases();
-    let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); caches.len()];
-    let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
-    for _ in 0..rounds {
-        for (cache, times) in caches.iter().zip(&mut theirs) {
-            times.push(firecracker_round(binary, &kernel, cache, PAIRED_RECORDS));
+    for workload in PAIRED {
+        let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); caches.len()];
+        let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+        for _ in 0..rounds {
+            for (cache, times) in caches.iter().zip(&mut theirs) {
+                times.push(firecracker_round(binary, &kernel, cache, workload));
+            }
+            for (case, times) in cases.iter().zip(&mut ours) {
+                times.push(partition_round(case, workload));
+            }
         }
-        for (case, times) in cases.iter().zip(&mut ours) {
-            times.push(partition_round(case, PAIRED_RECORDS));
+        println!(
+            "{}, {rounds} interleaved rounds (medians; ratio per-round range)",
+            workload.command()
+        );
+        for (cache, times) in caches.iter().zip(&theirs) {
+            println!(
+                "  firecracker {cache:<16} {:.1} ms",
+                millis(median(times.clone()))
+            );
         }
-    }
-    println!(
-        "write {PAIRED_RECORDS}, {rounds} interleaved rounds (medians; ratio per-round range)"
-    );
-    for (cache, times) in caches.iter().zip(&theirs) {
-        println!(
-            "  firecracker {cache:<16} {:.1} ms",
-            millis(median(times.clone()))
-        );
-    }
-    for (case, times) in cases.iter().zip(&ours) {
-        let ratios: Vec<String> = caches
-            .iter()
-            .zip(&theirs)
-            .map(|(cache, base)| format!("{cache} {}", ratio(times, base)))
-            .collect();
-        println!(
-            "  partition   {:<16} {:.1} ms; vs firecracker {}",
-            case.name,
-            millis(median(times.clone())),
-            ratios.join(", ")
-        );
+        for (case, times) in cases.iter().zip(&ours) {
+            let ratios: Vec<String> = caches
+                .iter()
+                .zip(&theirs)
+                .map(|(cache, base)| format!("{cache} {}", ratio(times, base)))
+                .collect();
+            println!(
+                "  partition   {:<16} {:.1} ms; vs firecracker {}",
+                case.name,
+                millis(median(times.clone())),
+                ratios.join(", ")
+            );
+        }
     }
 }
 

@@ -87,8 +87,14 @@ pub enum Command<'a> {
     Echo(&'a str),
     /// `status`.
     Status,
-    /// `write <n>`: append `n` records to the disk.
-    Write(u64),
+    /// `write <n> [per-request]`: append `n` records to the disk, `per-request` records to a
+    /// request (default: as many as one request carries).
+    Write {
+        /// Records to append.
+        count: u64,
+        /// Records per request, when given.
+        per_request: Option<u64>,
+    },
     /// `dirty <n>`: touch `n` pages.
     Dirty(u64),
     /// `writeloop`: keep appending records, one batch per main-loop pass, until `stop`.
@@ -144,7 +150,7 @@ impl<'a> Command<'a> {
             "" => Self::Empty,
             "echo" => Self::Echo(argument),
             "status" => Self::Status,
-            "write" => number(Self::Write),
+            "write" => parse_write(argument).unwrap_or(Self::BadNumber(argument)),
             "dirty" => number(Self::Dirty),
             "writeloop" => Self::WriteLoop,
             "stop" => Self::Stop,
@@ -186,6 +192,19 @@ fn parse_ping(argument: &str) -> Option<Command<'_>> {
         .next()
         .is_none()
         .then_some(Command::Ping { ip, count })
+}
+
+fn parse_write(argument: &str) -> Option<Command<'_>> {
+    let mut words = argument.split_ascii_whitespace();
+    let count = parse_decimal(words.next()?)?;
+    let per_request = match words.next() {
+        None => None,
+        Some(word) => Some(parse_decimal::<u64>(word).filter(|&n| n > 0)?),
+    };
+    words
+        .next()
+        .is_none()
+        .then_some(Command::Write { count, per_request })
 }
 
 fn parse_decimal<T: core::str::FromStr>(word: &str) -> Option<T> {
@@ -283,7 +302,24 @@ mod tests {
 
     #[test]
     fn write_takes_a_decimal_count() {
-        assert_eq!(Command::parse("write 42"), Command::Write(42));
+        assert_eq!(
+            Command::parse("write 42"),
+            Command::Write {
+                count: 42,
+                per_request: None
+            }
+        );
+    }
+
+    #[test]
+    fn write_takes_records_per_request() {
+        assert_eq!(
+            Command::parse("write 3000 1"),
+            Command::Write {
+                count: 3000,
+                per_request: Some(1)
+            }
+        );
     }
 
     #[test]
@@ -293,7 +329,9 @@ mod tests {
 
     #[test]
     fn write_with_trailing_words_is_bad_number() {
-        assert_eq!(Command::parse("write 3 4"), Command::BadNumber("3 4"));
+        assert_eq!(Command::parse("write 3 4 5"), Command::BadNumber("3 4 5"));
+        assert_eq!(Command::parse("write 3 x"), Command::BadNumber("3 x"));
+        assert_eq!(Command::parse("write 3 0"), Command::BadNumber("3 0"));
     }
 
     #[test]

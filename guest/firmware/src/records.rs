@@ -76,9 +76,10 @@ impl RecordLog {
         self.disk.capacity()
     }
 
-    /// Appends `count` records, then flushes; returns the new record count. The status block
-    /// follows each completed request, so the host never sees more records than the disk holds.
-    pub fn append(&mut self, count: u64) -> Result<u64, AppendError> {
+    /// Appends `count` records, at most `per_request` to a request (and never more than one
+    /// request carries), then flushes; returns the new record count. The status block follows
+    /// each completed request, so the host never sees more records than the disk holds.
+    pub fn append(&mut self, count: u64, per_request: u64) -> Result<u64, AppendError> {
         if self.disk.read_only() {
             return Err(AppendError::ReadOnly);
         }
@@ -88,7 +89,9 @@ impl RecordLog {
             .filter(|&end| end <= self.capacity)
             .ok_or(AppendError::DiskFull)?;
         while self.next < end {
-            let batch = (end - self.next).min(RECORDS_PER_REQUEST as u64);
+            let batch = (end - self.next)
+                .min(RECORDS_PER_REQUEST as u64)
+                .min(per_request.max(1));
             let first = self.next;
             // `batch` is at most RECORDS_PER_REQUEST, so the length fits the DMA buffer.
             self.disk

@@ -16,7 +16,7 @@ use crate::records::RecordLog;
 use crate::serial::Serial;
 use crate::status;
 
-const HELP: &str = "commands: echo <text>, status, write <n>, writeloop, stop, dirty <n>, udp <ip> <port> <n> [size], ping <ip> <n>, halt, reboot, help (COM2: guest agent)";
+const HELP: &str = "commands: echo <text>, status, write <n> [per-request], writeloop, stop, dirty <n>, udp <ip> <port> <n> [size], ping <ip> <n>, halt, reboot, help (COM2: guest agent)";
 /// Bytes of agent input taken per main-loop pass at most (the receive FIFO holds 64).
 const AGENT_BYTES_PER_PASS: usize = 64;
 const PAGE_SIZE: u64 = 4096;
@@ -223,7 +223,7 @@ impl Machine {
             return false;
         }
         let result = match self.log.as_mut() {
-            Some(log) => log.append(WRITELOOP_BATCH).map(drop),
+            Some(log) => log.append(WRITELOOP_BATCH, u64::MAX).map(drop),
             None => return false,
         };
         if let Err(error) = result {
@@ -265,7 +265,7 @@ impl Machine {
                     u8::from(self.writeloop)
                 ));
             }
-            Command::Write(_) if self.frozen => {
+            Command::Write { .. } if self.frozen => {
                 serial.write_line(format_args!("{ERROR_PREFIX}frozen"))
             }
             Command::WriteLoop => match &self.log {
@@ -282,7 +282,11 @@ impl Machine {
                 serial.write_line(format_args!("writeloop stopped, total {}", self.records()));
             }
             Command::Stop => serial.write_line(format_args!("writeloop is not running")),
-            Command::Write(count) => match self.log.as_mut().map(|log| log.append(count)) {
+            Command::Write { count, per_request } => match self
+                .log
+                .as_mut()
+                .map(|log| log.append(count, per_request.unwrap_or(u64::MAX)))
+            {
                 Some(Ok(total)) => {
                     serial.write_line(format_args!("wrote {count} records, total {total}"))
                 }
