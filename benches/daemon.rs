@@ -237,42 +237,79 @@ fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     let log = loop {
         let log = std::fs::read_to_string(&path).unwrap_or_default();
-        if log.contains(START_TRACE_MARKER) {
+        if log.contains(START_TRACE_MARKER) && log.contains(" ready=") {
             break log;
         }
         assert!(Instant::now() < deadline, "the worker logs its start trace");
         std::thread::sleep(Duration::from_millis(1));
     };
-    let line = log
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once(START_TRACE_MARKER).map(|(_, steps)| steps))
-        .expect("the worker logs its start trace");
-    line.split_whitespace()
+    // The steps up to ready, and the guest's first byte on a line of its own.
+    log.lines()
+        .filter_map(|l| l.split_once(START_TRACE_MARKER).map(|(_, steps)| steps))
+        .flat_map(str::split_whitespace)
         .filter_map(|step| step.split_once('='))
         .map(|(name, ns)| (name.to_owned(), ns.parse().unwrap()))
         .collect()
 }
 
-/// The micro guest's first byte, in-process: `Partition::new` → resume → first COM1 byte.
-fn in_process_start(kernel: &Arc<[u8]>) -> Duration {
+/// The micro guest's first byte, in-process: `Partition::new` → resume → first COM1 byte; the
+/// total and its three steps.
+fn in_process_start(kernel: &Arc<[u8]>) -> (Duration, Vec<(String, u64)>) {
     let start = Instant::now();
     let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::clone(kernel)), "");
     config.memory_mib = MEMORY_MIB;
     let mut partition = Partition::new(config).unwrap();
+    let created = Instant::now();
     let sink = FirstByte::default();
     partition.com1().set_sink(Box::new(sink.clone()));
     partition.resume().unwrap();
+    let resumed = Instant::now();
     sink.wait();
     let elapsed = start.elapsed();
     partition.stop();
-    elapsed
+    let ns = |d: Duration| d.as_nanos() as u64;
+    let steps = vec![
+        ("Partition::new".to_owned(), ns(created - start)),
+        ("resume (vCPU threads)".to_owned(), ns(resumed - created)),
+        (
+            "resume → first COM1 byte at the sink".to_owned(),
+            ns(elapsed.saturating_sub(resumed - start)),
+        ),
+    ];
+    (elapsed, steps)
 }
 
-/// One start of `vm` through the service, to the first byte read from its console: the total
-/// and its steps (name, nanoseconds), the worker's own from its start trace.
-fn service_start(daemon: &Daemon, vm: VmId) -> (Duration, Vec<(String, u64)>) {
+/// The service's steps this process passed (`vmm_core::fault` points), with their
+/// `CLOCK_MONOTONIC` times, since the last [`take_service_steps`].
+static SERVICE_STEPS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+fn record_service_step(name: &str) {
+    let at = monotonic_ns();
+    SERVICE_STEPS
+        .lock()
+        .unwrap()
+        .push((format!("service {name}"), at));
+}
+
+fn take_service_steps() -> Vec<(String, u64)> {
+    std::mem::take(&mut *SERVICE_STEPS.lock().unwrap())
+}
+
+/// One start through the service: to the first byte a client reads from the console (after
+/// the start's job completed, as `vmms start-vm` then `vmms console` do), and to the guest's
+/// first byte reaching the worker's console (the end point of the in-process start: the
+/// partition's COM1 sink).
+struct ServiceStart {
+    client_first_byte: Duration,
+    worker_first_byte: Duration,
+    /// Step to step in time order (service, worker and client steps on one clock).
+    steps: Vec<(String, u64)>,
+}
+
+/// One start of `vm` through the service (see [`ServiceStart`]).
+fn service_start(daemon: &Daemon, vm: VmId) -> ServiceStart {
     daemon.wait_pool_full();
+    take_service_steps();
     let start = monotonic_ns();
     daemon.change(vm, RequestedState::Start);
     let job_done = monotonic_ns();
@@ -282,26 +319,36 @@ fn service_start(daemon: &Daemon, vm: VmId) -> (Duration, Vec<(String, u64)>) {
     console.read_exact(&mut byte).unwrap();
     let first_byte = monotonic_ns();
     let trace = start_trace(daemon, vm);
+    let service = take_service_steps();
     daemon.change(vm, RequestedState::TurnOff);
 
-    let mut steps = Vec::new();
-    let mut previous = ("service: start-vm".to_owned(), start);
-    for (step, at) in &trace {
-        let name = if step == "main" || step == "assigned" {
-            format!("{} → worker {step}", previous.0)
-        } else {
-            format!("worker: {} → {step}", previous.0)
-        };
-        steps.push((name, at.saturating_sub(previous.1)));
-        previous = (step.clone(), *at);
+    let mut events = vec![("client start-vm".to_owned(), start)];
+    events.extend(service);
+    events.extend(
+        trace
+            .iter()
+            .map(|(step, at)| (format!("worker {step}"), *at)),
+    );
+    events.push(("client job completed".to_owned(), job_done));
+    events.push(("client console connected".to_owned(), connected));
+    events.push(("client first byte read".to_owned(), first_byte));
+    events.sort_by_key(|(_, at)| *at);
+    let worker_first_byte = trace
+        .iter()
+        .find(|(step, _)| step == "first_byte")
+        .map_or(first_byte, |(_, at)| *at);
+    let steps = events
+        .windows(2)
+        .map(|pair| {
+            let ((from, t0), (to, t1)) = (&pair[0], &pair[1]);
+            (format!("{from} → {to}"), t1.saturating_sub(*t0))
+        })
+        .collect();
+    ServiceStart {
+        client_first_byte: Duration::from_nanos(first_byte - start),
+        worker_first_byte: Duration::from_nanos(worker_first_byte.saturating_sub(start)),
+        steps,
     }
-    steps.push((
-        "service: ready → job completed (attach, status)".to_owned(),
-        job_done.saturating_sub(previous.1),
-    ));
-    steps.push(("client: console connect".to_owned(), connected - job_done));
-    steps.push(("client: first byte read".to_owned(), first_byte - connected));
-    (Duration::from_nanos(first_byte - start), steps)
 }
 
 /// Medians of named spans gathered over rounds, in first-seen order.
@@ -322,9 +369,10 @@ impl Spans {
         for (name, values) in &mut self.0 {
             values.sort_unstable();
             println!(
-                "  {name:>58}: median {:7.3} ms (min {:.3})",
+                "  {name:>64}: median {:7.3} ms (min {:.3}, {} rounds)",
                 values[values.len() / 2] as f64 / 1e6,
-                values[0] as f64 / 1e6
+                values[0] as f64 / 1e6,
+                values.len()
             );
         }
     }
@@ -349,6 +397,7 @@ fn paired_starts() {
     std::fs::write(&kernel, &*kernel_bytes).unwrap();
     let pooled_vm = pooled.define_kernel("micro", &kernel);
     let spawned_vm = spawned.define_kernel("micro", &kernel);
+    vmm_core::fault::observe(record_service_step);
     // Warm the page cache and the service's first-use paths.
     in_process_start(&kernel_bytes);
     service_start(&pooled, pooled_vm);
@@ -356,6 +405,9 @@ fn paired_starts() {
 
     let (mut in_process, mut pool_ms, mut spawn_ms) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pool_ratio, mut spawn_ratio) = (Vec::new(), Vec::new());
+    // The same end point as in-process: the guest's first byte at the worker's console.
+    let (mut pool_worker_ms, mut pool_worker_ratio) = (Vec::new(), Vec::new());
+    let mut in_process_steps = Spans::default();
     // The service marks a started VM durably (`running` in its folder: write, fsync, rename,
     // fsync the folder) before the start's job completes; what that costs on this disk.
     let mut marker_ms = Vec::new();
@@ -363,11 +415,18 @@ fn paired_starts() {
     let (mut pool_steps, mut spawn_steps) = (Spans::default(), Spans::default());
     println!("load average before: {}", load_average());
     for _ in 0..rounds {
-        let base = in_process_start(&kernel_bytes).as_secs_f64();
-        let (pool, steps) = service_start(&pooled, pooled_vm);
-        pool_steps.add(steps);
-        let (spawn, steps) = service_start(&spawned, spawned_vm);
-        spawn_steps.add(steps);
+        let (base, steps) = in_process_start(&kernel_bytes);
+        let base = base.as_secs_f64();
+        in_process_steps.add(steps);
+        let pooled_start = service_start(&pooled, pooled_vm);
+        pool_steps.add(pooled_start.steps);
+        let pool = pooled_start.client_first_byte;
+        let pool_worker = pooled_start.worker_first_byte.as_secs_f64();
+        pool_worker_ms.push(pool_worker * 1e3);
+        pool_worker_ratio.push(pool_worker / base);
+        let spawned_start = service_start(&spawned, spawned_vm);
+        spawn_steps.add(spawned_start.steps);
+        let spawn = spawned_start.client_first_byte;
         let before = Instant::now();
         vmm_core::atomic_file::write_atomic(&marker, b"").unwrap();
         marker_ms.push(before.elapsed().as_secs_f64() * 1e3);
@@ -392,9 +451,17 @@ fn paired_starts() {
         median(&mut spawn_ratio),
     );
     println!(
+        "to the guest's first byte at the worker's console (the in-process end point): \
+         service + pool worker median {:.3} ms, per-round ratio {:.2}",
+        median(&mut pool_worker_ms),
+        median(&mut pool_worker_ratio),
+    );
+    println!(
         "of which the service's durable `running` marker (write_atomic on this disk): median {:.3} ms",
         median(&mut marker_ms)
     );
+    println!("steps of an in-process start:");
+    in_process_steps.print();
     println!("steps of a start on a pool worker:");
     pool_steps.print();
     println!("steps of a start on a spawned worker:");

@@ -317,6 +317,7 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
                 }
             }
             mark_running(inner, vm, true);
+            fault::point("start.after-marker");
             Ok(Done::Launched(worker))
         }
         Step::Pause(worker) => call(worker.pause(), "pause failed"),

@@ -195,6 +195,7 @@ impl ProcessLauncher {
                 _ => e,
             })
             .map_err(|e| Error::io(&log_path, e))?;
+        fault::point("launch.locked");
         if let Some(idle) = self.pool.take() {
             let assignment = Assignment {
                 vm,
@@ -393,6 +394,7 @@ impl WorkerLauncher for ProcessLauncher {
         self.pool.fill();
         let started = started?;
         let (supervised, report) = self.attach(vm.id, started.pidfd, started.channel, events)?;
+        fault::point("launch.attached");
         match report {
             Ok(_) => Ok(Box::new(ProcessWorker::new(supervised))),
             Err(error) => {

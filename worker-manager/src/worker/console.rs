@@ -111,6 +111,7 @@ impl ConsoleSink {
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.push(buf);
+        super::start_trace::first_output();
         Ok(buf.len())
     }
 

@@ -156,6 +156,7 @@ impl Machine {
             vm.id,
             vm.boot == BootSource::TestGuest,
         )?;
+        mark("network");
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
@@ -167,7 +168,9 @@ impl Machine {
                 ..Confinement::default()
             }
         };
+        mark("landlock");
         fence::watch(layout.vm_dir(vm.id).join(vmm_core::FENCE_FILE)).map_err(Error::Thread)?;
+        mark("fence");
         let (partition, restored_state) = match &options.restore {
             Some(dir) => restore(config.clone(), dir)?,
             None => (Partition::new(config.clone())?, None),
@@ -176,6 +179,7 @@ impl Machine {
         let vm_dir = layout.vm_dir(vm.id);
         let change_tracking =
             ChangeTracking::start(&vm_dir, &partition).map_err(|e| Error::io(vm_dir, e))?;
+        mark("tracking");
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
@@ -215,6 +219,7 @@ impl Machine {
     fn open_and_run(&mut self, partition: Partition, restored_from: Option<&Path>) -> Result<()> {
         let control = bind(&self.runtime.control_socket())?;
         let console_listener = bind(&self.runtime.console_socket())?;
+        mark("bind");
         if let Some(dir) = restored_from {
             // From here on the guest lives in this process only: the saved state must be gone
             // before anyone can see this worker run, or a crash of the service could have the
@@ -241,6 +246,7 @@ impl Machine {
                 .spawn(move || agent::serve(jobs, shared))
                 .map_err(Error::Thread)?;
         }
+        mark("threads");
         if self.confine {
             // Set-up is over: from the first KVM_RUN on, only the allowlist.
             confinement::install_seccomp()?;
@@ -252,7 +258,7 @@ impl Machine {
             );
             confinement::start_test_escape(&self.vm_name);
         }
-        mark("sockets");
+        mark("seccomp");
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }

@@ -63,6 +63,7 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         ..options
     };
     log_start(vm, &options, " (pool worker)");
+    start_trace::mark("log");
     match Machine::start(&options, vm, Some(lock)) {
         Ok(machine) => {
             let report = Box::new(machine.report());
