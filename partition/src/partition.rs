@@ -26,13 +26,13 @@ use crate::exit::ExitReason;
 use crate::host;
 use crate::layout::{
     CMOS_PORT, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, I8042_DATA_PORT, IDLE_PORT,
-    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE,
-    VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{
     self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_layers, ram_ranges,
     register_memory,
 };
+use crate::shell::VmShell;
 use crate::software_kvm;
 use crate::state::{
     DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm,
@@ -66,6 +66,8 @@ struct ExtraDevices {
 pub struct PartitionBuilder {
     config: PartitionConfig,
     extra: ExtraDevices,
+    /// A VM created ahead, to build into instead of creating one.
+    shell: Option<VmShell>,
 }
 
 impl std::fmt::Debug for PartitionBuilder {
@@ -88,6 +90,13 @@ impl PartitionBuilder {
     /// Adds a device answering MMIO in `[base, base + len)` (which should lie in the MMIO gap).
     pub fn mmio_device(mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Self {
         self.extra.mmio.push((base, len, device));
+        self
+    }
+
+    /// Builds into `shell`, a VM created ahead of time, instead of creating a VM (see
+    /// [`VmShell`]): what is left of the VM's set-up depends on the configuration.
+    pub fn shell(mut self, shell: VmShell) -> Self {
+        self.shell = Some(shell);
         self
     }
 
@@ -121,7 +130,8 @@ impl PartitionBuilder {
                 .collect(),
         };
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
-        let partition = Partition::assemble_with(self.config, self.extra, memory, ranges, None)?;
+        let partition =
+            Partition::assemble_with(self.config, self.extra, self.shell, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
@@ -165,8 +175,14 @@ impl PartitionBuilder {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_layers(base, deltas, &ranges)?;
-        let mut partition =
-            Partition::assemble_with(self.config, self.extra, memory, ranges, Some(state))?;
+        let mut partition = Partition::assemble_with(
+            self.config,
+            self.extra,
+            self.shell,
+            memory,
+            ranges,
+            Some(state),
+        )?;
         partition.image_layers = std::iter::once(base)
             .chain(deltas)
             .map(|file| file.try_clone().map_err(Error::MemoryFile))
@@ -348,7 +364,8 @@ fn attach_disk(
     })
 }
 
-/// Creates the KVM VM for `memory`: memory slots, then the in-kernel irqchip and PIT.
+/// Creates the KVM VM for `memory` (or takes `shell`'s, created ahead with its TSS and
+/// identity-map addresses set): memory slots, then the in-kernel irqchip and PIT.
 ///
 /// The order keeps every ioctl off SRCU grace periods that an earlier one started. A memory-slot
 /// change (`KVM_SET_USER_MEMORY_REGION`) ends by waiting for a grace period on the VM's SRCU
@@ -364,15 +381,20 @@ fn attach_disk(
 /// irqchip support via KVM_CREATE_IRQCHIP"; the `KVM_SET_TSS_ADDR` region "must not conflict with
 /// any memory slot" (it lies in the MMIO gap) and `KVM_SET_IDENTITY_MAP_ADDR` "fails if any VCPU
 /// has already been created". crosvm, on Intel and AMD hardware, also registers all guest memory
-/// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards.
-fn create_vm(memory: &PartitionMemory, dirty_log: bool) -> Result<VmHandle> {
-    let vm = host::kvm()?.create_vm().map_err(Error::Kvm)?;
-    let vm = VmHandle::new(vm, memory.clone());
+/// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards. The TSS and
+/// identity-map addresses are set in the shell, before the memory slots, as QEMU does (see
+/// [`VmShell`]).
+fn create_vm(
+    shell: Option<VmShell>,
+    memory: &PartitionMemory,
+    dirty_log: bool,
+) -> Result<VmHandle> {
+    let shell = match shell {
+        Some(shell) => shell,
+        None => VmShell::create()?,
+    };
+    let vm = VmHandle::new(shell.into_vm(), memory.clone());
     register_memory(&vm, memory, dirty_log)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(Error::Kvm)?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(Error::Kvm)?;
     vm.create_irq_chip().map_err(Error::Kvm)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
@@ -408,6 +430,7 @@ impl Partition {
         PartitionBuilder {
             config,
             extra: ExtraDevices::default(),
+            shell: None,
         }
     }
 
@@ -421,11 +444,12 @@ impl Partition {
     fn assemble_with(
         config: PartitionConfig,
         extra: ExtraDevices,
+        shell: Option<VmShell>,
         memory: PartitionMemory,
         ranges: Vec<RamRange>,
         saved: Option<&PartitionState>,
     ) -> Result<Self> {
-        let vm = create_vm(&memory, config.dirty_log)?;
+        let vm = create_vm(shell, &memory, config.dirty_log)?;
         let parked = create_vcpus(&vm, config.vcpus)?;
 
         let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;

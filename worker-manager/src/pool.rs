@@ -1,5 +1,6 @@
 //! A pool of pre-started workers: processes already exec'd, with their runtime up, KVM's facts
-//! read and the seccomp filter compiled, each waiting for the VM it will run.
+//! read, the seccomp filter compiled and an empty KVM VM created (a `partition::VmShell`), each
+//! waiting for the VM it will run.
 //!
 //! Starting a worker process (fork, exec, the runtime's own start) costs a few milliseconds that a
 //! guest's start would otherwise wait for. The [`ProcessLauncher`](crate::ProcessLauncher) keeps

@@ -61,6 +61,50 @@ fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
     wait_until("the worker exits", || !alive(worker.pid()));
 }
 
+/// The size in KiB of each mapping of process `pid`.
+fn mapping_sizes_kib(pid: u32) -> Vec<u64> {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Size:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_pool_worker_builds_the_vm_it_created_while_idle_to_the_assigned_config() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let idle = fixture.launcher.idle_workers();
+    let mut config = VmConfig::new("sized");
+    config.memory_mib = 48;
+    config.vcpus = 2;
+    fixture.define(&config);
+
+    let worker = fixture.boot(&config);
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(config.id).console_socket());
+    console.wait_for(BANNER, 0);
+    let mut counted = 0;
+    wait_until("the guest counts", || {
+        counted = common::counter(&fixture.launcher, config.id);
+        counted > 0
+    });
+    let log = fs::read_to_string(fixture.launcher.runtime_dir(config.id).log_file()).unwrap();
+
+    assert_eq!(idle, vec![worker.pid()], "the VM runs on the idle worker");
+    assert!(
+        log.contains("building into the VM created while idle"),
+        "{log}"
+    );
+    assert!(
+        mapping_sizes_kib(worker.pid()).contains(&(48 << 10)),
+        "the guest's memory is the assigned VM's 48 MiB"
+    );
+    assert!(counted > 0);
+    worker.turn_off().unwrap();
+    wait_until("the worker exits", || !alive(worker.pid()));
+}
+
 #[test]
 fn a_pool_worker_that_cannot_start_its_vm_says_why_and_the_next_start_works() {
     require_kvm!();
