@@ -302,7 +302,8 @@ fn take_service_steps() -> Vec<(String, u64)> {
 struct ServiceStart {
     client_first_byte: Duration,
     worker_first_byte: Duration,
-    /// Step to step in time order (service, worker and client steps on one clock).
+    /// When each step ended, in nanoseconds after the client's request (service, worker and
+    /// client steps on one clock).
     steps: Vec<(String, u64)>,
 }
 
@@ -322,8 +323,7 @@ fn service_start(daemon: &Daemon, vm: VmId) -> ServiceStart {
     let service = take_service_steps();
     daemon.change(vm, RequestedState::TurnOff);
 
-    let mut events = vec![("client start-vm".to_owned(), start)];
-    events.extend(service);
+    let mut events = service;
     events.extend(
         trace
             .iter()
@@ -332,22 +332,76 @@ fn service_start(daemon: &Daemon, vm: VmId) -> ServiceStart {
     events.push(("client job completed".to_owned(), job_done));
     events.push(("client console connected".to_owned(), connected));
     events.push(("client first byte read".to_owned(), first_byte));
-    events.sort_by_key(|(_, at)| *at);
     let worker_first_byte = trace
         .iter()
         .find(|(step, _)| step == "first_byte")
         .map_or(first_byte, |(_, at)| *at);
     let steps = events
-        .windows(2)
-        .map(|pair| {
-            let ((from, t0), (to, t1)) = (&pair[0], &pair[1]);
-            (format!("{from} → {to}"), t1.saturating_sub(*t0))
-        })
+        .into_iter()
+        .map(|(name, at)| (name, at.saturating_sub(start)))
         .collect();
     ServiceStart {
         client_first_byte: Duration::from_nanos(first_byte - start),
         worker_first_byte: Duration::from_nanos(worker_first_byte.saturating_sub(start)),
         steps,
+    }
+}
+
+/// When each step of a start ended (nanoseconds after its request), gathered over rounds.
+#[derive(Default)]
+struct Timeline(Vec<Vec<(String, u64)>>);
+
+impl Timeline {
+    fn add(&mut self, steps: Vec<(String, u64)>) {
+        self.0.push(steps);
+    }
+
+    /// The steps in the order of their median end, each with that median and the median of
+    /// its distance from the step before (per round, so concurrent steps can be negative).
+    fn print(&self) {
+        let at = |round: &[(String, u64)], name: &str| {
+            round
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| *t as i64)
+        };
+        let mut names: Vec<String> = Vec::new();
+        for round in &self.0 {
+            for (name, _) in round {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        let median_of = |mut values: Vec<i64>| {
+            values.sort_unstable();
+            values.get(values.len() / 2).copied().unwrap_or(0)
+        };
+        let mut ordered: Vec<(String, i64)> = names
+            .into_iter()
+            .map(|name| {
+                let ends = self.0.iter().filter_map(|r| at(r, &name)).collect();
+                (name, median_of(ends))
+            })
+            .collect();
+        ordered.sort_by_key(|(_, end)| *end);
+        let mut previous: Option<&str> = None;
+        for (name, end) in &ordered {
+            let since = previous.map_or(*end, |before| {
+                median_of(
+                    self.0
+                        .iter()
+                        .filter_map(|r| Some(at(r, name)? - at(r, before)?))
+                        .collect(),
+                )
+            });
+            println!(
+                "  {name:>34}: at {:7.3} ms, {:+7.3} ms after the step above",
+                *end as f64 / 1e6,
+                since as f64 / 1e6
+            );
+            previous = Some(name);
+        }
     }
 }
 
@@ -369,7 +423,7 @@ impl Spans {
         for (name, values) in &mut self.0 {
             values.sort_unstable();
             println!(
-                "  {name:>64}: median {:7.3} ms (min {:.3}, {} rounds)",
+                "  {name:>40}: median {:7.3} ms (min {:.3}, {} rounds)",
                 values[values.len() / 2] as f64 / 1e6,
                 values[0] as f64 / 1e6,
                 values.len()
@@ -412,7 +466,7 @@ fn paired_starts() {
     // fsync the folder) before the start's job completes; what that costs on this disk.
     let mut marker_ms = Vec::new();
     let marker = pooled.store.join("marker-probe");
-    let (mut pool_steps, mut spawn_steps) = (Spans::default(), Spans::default());
+    let (mut pool_steps, mut spawn_steps) = (Timeline::default(), Timeline::default());
     println!("load average before: {}", load_average());
     for _ in 0..rounds {
         let (base, steps) = in_process_start(&kernel_bytes);
