@@ -48,5 +48,5 @@ pub use error::{Error, Result};
 pub use exit::ExitReason;
 pub use host::prepare as prepare_host;
 pub use partition::{Partition, PartitionBuilder, RunState};
-pub use shell::VmShell;
+pub use shell::{VmShape, VmShell};
 pub use state::PartitionState;

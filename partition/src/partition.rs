@@ -32,7 +32,7 @@ use crate::memory::{
     self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_layers, ram_ranges,
     register_memory,
 };
-use crate::shell::VmShell;
+use crate::shell::{Adopted, BuiltOut, VmShape, VmShell, bare_vm};
 use crate::software_kvm;
 use crate::state::{
     DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm,
@@ -94,7 +94,9 @@ impl PartitionBuilder {
     }
 
     /// Builds into `shell`, a VM created ahead of time, instead of creating a VM (see
-    /// [`VmShell`]): what is left of the VM's set-up depends on the configuration.
+    /// [`VmShell`]): what is left of the VM's set-up depends on the configuration. A shell built
+    /// out to another shape than the configuration's (or, for a restore, built out at all) is
+    /// dropped and a fresh VM created.
     pub fn shell(mut self, shell: VmShell) -> Self {
         self.shell = Some(shell);
         self
@@ -104,7 +106,12 @@ impl PartitionBuilder {
     pub fn build(self) -> Result<Partition> {
         self.config.validate(host::max_vcpus()?)?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
-        let memory = create_memory(&ranges)?;
+        let shape = VmShape::of(&self.config);
+        let adopted = self.shell.and_then(|shell| shell.take(Some(shape)));
+        let memory = match &adopted {
+            Some(Adopted::BuiltOut(built)) => built.memory.clone(),
+            _ => create_memory(&ranges)?,
+        };
         let mut cmdline = self.config.boot.cmdline.clone();
         let windows = self.config.disks.len() + self.config.nics.len();
         for index in 0..windows {
@@ -131,7 +138,7 @@ impl PartitionBuilder {
         };
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
         let partition =
-            Partition::assemble_with(self.config, self.extra, self.shell, memory, ranges, None)?;
+            Partition::assemble_with(self.config, self.extra, adopted, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
@@ -175,10 +182,13 @@ impl PartitionBuilder {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_layers(base, deltas, &ranges)?;
+        // Memory mapped from the images: a shell built out around memory of its own cannot
+        // serve (it is dropped); a bare one can.
+        let adopted = self.shell.and_then(|shell| shell.take(None));
         let mut partition = Partition::assemble_with(
             self.config,
             self.extra,
-            self.shell,
+            adopted,
             memory,
             ranges,
             Some(state),
@@ -384,16 +394,16 @@ fn attach_disk(
 /// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards. The TSS and
 /// identity-map addresses are set in the shell, before the memory slots, as QEMU does (see
 /// [`VmShell`]).
-fn create_vm(
-    shell: Option<VmShell>,
+pub(crate) fn create_vm(
+    bare: Option<VmFd>,
     memory: &PartitionMemory,
     dirty_log: bool,
 ) -> Result<VmHandle> {
-    let shell = match shell {
-        Some(shell) => shell,
-        None => VmShell::create()?,
+    let bare = match bare {
+        Some(vm) => vm,
+        None => bare_vm()?,
     };
-    let vm = VmHandle::new(shell.into_vm(), memory.clone());
+    let vm = VmHandle::new(bare, memory.clone());
     register_memory(&vm, memory, dirty_log)?;
     vm.create_irq_chip().map_err(Error::Kvm)?;
     let pit = kvm_pit_config {
@@ -405,7 +415,7 @@ fn create_vm(
 }
 
 /// Creates `count` vCPUs with their CPUID, reset MSRs and local APIC wiring.
-fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<Vcpu>> {
+pub(crate) fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<Vcpu>> {
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
         let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
@@ -444,13 +454,27 @@ impl Partition {
     fn assemble_with(
         config: PartitionConfig,
         extra: ExtraDevices,
-        shell: Option<VmShell>,
+        adopted: Option<Adopted>,
         memory: PartitionMemory,
         ranges: Vec<RamRange>,
         saved: Option<&PartitionState>,
     ) -> Result<Self> {
-        let vm = create_vm(shell, &memory, config.dirty_log)?;
-        let parked = create_vcpus(&vm, config.vcpus)?;
+        let (vm, parked) = match adopted {
+            Some(Adopted::BuiltOut(built)) => {
+                let BuiltOut { vcpus, vm, .. } = *built;
+                (vm, vcpus)
+            }
+            Some(Adopted::Bare(bare)) => {
+                let vm = create_vm(Some(bare), &memory, config.dirty_log)?;
+                let parked = create_vcpus(&vm, config.vcpus)?;
+                (vm, parked)
+            }
+            None => {
+                let vm = create_vm(None, &memory, config.dirty_log)?;
+                let parked = create_vcpus(&vm, config.vcpus)?;
+                (vm, parked)
+            }
+        };
 
         let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let control = Arc::new(RunControl::notifying(

@@ -389,6 +389,8 @@ impl WorkerLauncher for ProcessLauncher {
             LaunchMode::Boot => None,
             LaunchMode::RestoreSaved { state_dir } => Some(state_dir.as_path()),
         };
+        // The replacement for the worker this launch takes prepares for a VM like this one.
+        self.pool.expect_shape(vm.memory_mib, vm.vcpus);
         let started = self.spawn(vm.id, restore);
         // The pool (re)fills after the first launch, a moment after this one's worker was taken.
         self.pool.fill();
@@ -496,6 +498,7 @@ fn pool_for(
             args: args.to_vec(),
             store: store.root().to_path_buf(),
             confine: options.confine,
+            shape: Default::default(),
         },
         options.pool_size,
     )

@@ -15,12 +15,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use partition::VmShell;
+use partition::{VmShape, VmShell};
 use vmm_core::error_chain;
 
 use super::machine::Machine;
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
-use crate::pool::{POOL_FD_ENV, PoolMessage, receive_assignment};
+use crate::pool::{POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment};
 use crate::protocol::write_frame;
 
 /// The life of a pool worker: the process's exit code. An idle worker whose parent goes away
@@ -33,7 +33,16 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     };
     // Exactly what the parent meant to pass survives: stdio and the socket pair.
     confinement::close_inherited_fds(&[channel.as_raw_fd()]);
-    let shell = match warm_up(options.confine) {
+    let shape = std::env::var(POOL_SHAPE_ENV)
+        .ok()
+        .and_then(|value| parse_shape(&value))
+        .map(|(memory_mib, vcpus)| VmShape {
+            memory_mib,
+            vcpus,
+            // A worker's partitions always log dirty pages (see `Machine::start`).
+            dirty_log: true,
+        });
+    let shell = match warm_up(options.confine, shape) {
         Ok(shell) => shell,
         Err(reason) => {
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
@@ -68,7 +77,13 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         ..options
     };
     log_start(vm, &options, " (pool worker)");
-    eprintln!("worker {vm}: building into the VM created while idle");
+    match shell.shape() {
+        Some(shape) => eprintln!(
+            "worker {vm}: building into the VM created while idle, built out to {} MiB, {} vCPUs",
+            shape.memory_mib, shape.vcpus
+        ),
+        None => eprintln!("worker {vm}: building into the VM created while idle"),
+    }
     start_trace::mark("log");
     match Machine::start(&options, vm, Some(lock), Some(shell)) {
         Ok(machine) => {
@@ -96,14 +111,21 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
 /// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filters, and the VM
-/// itself, created empty (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a
-/// millisecond) for the partition to be built into once the VM's configuration is known.
-fn warm_up(confine: bool) -> Result<VmShell, String> {
+/// itself (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
+/// partition to be built into once the VM's configuration is known. Given the likely `shape`,
+/// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
+fn warm_up(confine: bool, shape: Option<VmShape>) -> Result<VmShell, String> {
     partition::prepare_host().map_err(|e| error_chain(&e))?;
     if confine {
         confinement::compiled_programs().map_err(|e| error_chain(&e))?;
     }
-    VmShell::create().map_err(|e| error_chain(&e))
+    let built_out = shape.map(VmShell::create_for);
+    match built_out {
+        Some(Ok(shell)) => Ok(shell),
+        // A shape this host cannot build (too many vCPUs, too much memory to map): the VM
+        // will not fit it either, and a bare VM serves any.
+        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e)),
+    }
 }
 
 /// The socket pair's end the launcher passed in [`POOL_FD_ENV`].
