@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use partition::{KernelImage, Partition, PartitionConfig};
+use partition::{KernelImage, Partition, PartitionConfig, VmShape, VmShell};
 use vmm_core::{
     EnabledState, JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId,
 };
@@ -307,6 +307,23 @@ struct ServiceStart {
     steps: Vec<(String, u64)>,
 }
 
+/// The in-process start of a partition built into a shell built out ahead (untimed) to its
+/// shape, as a pool worker's is: the floor for a start that does its VM set-up ahead.
+fn in_process_prebuilt_start(kernel: &Arc<[u8]>) -> Duration {
+    let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::clone(kernel)), "");
+    config.memory_mib = MEMORY_MIB;
+    let shell = VmShell::create_for(VmShape::of(&config)).unwrap();
+    let start = Instant::now();
+    let mut partition = Partition::builder(config).shell(shell).build().unwrap();
+    let sink = FirstByte::default();
+    partition.com1().set_sink(Box::new(sink.clone()));
+    partition.resume().unwrap();
+    sink.wait();
+    let elapsed = start.elapsed();
+    partition.stop();
+    elapsed
+}
+
 /// One start of `vm` through the service (see [`ServiceStart`]).
 fn service_start(daemon: &Daemon, vm: VmId) -> ServiceStart {
     daemon.wait_pool_full();
@@ -462,6 +479,8 @@ fn paired_starts() {
     // The same end point as in-process: the guest's first byte at the worker's console.
     let (mut pool_worker_ms, mut pool_worker_ratio) = (Vec::new(), Vec::new());
     let mut in_process_steps = Spans::default();
+    // In-process into a shell built out ahead: what the pool worker's own partition step costs.
+    let mut prebuilt_ms = Vec::new();
     // The service marks a started VM durably (`running` in its folder: write, fsync, rename,
     // fsync the folder) before the start's job completes; what that costs on this disk.
     let mut marker_ms = Vec::new();
@@ -472,6 +491,8 @@ fn paired_starts() {
         let (base, steps) = in_process_start(&kernel_bytes);
         let base = base.as_secs_f64();
         in_process_steps.add(steps);
+        let prebuilt = in_process_prebuilt_start(&kernel_bytes).as_secs_f64();
+        prebuilt_ms.push(prebuilt * 1e3);
         let pooled_start = service_start(&pooled, pooled_vm);
         pool_steps.add(pooled_start.steps);
         let pool = pooled_start.client_first_byte;
@@ -505,6 +526,11 @@ fn paired_starts() {
         median(&mut spawn_ratio),
     );
     println!(
+        "in-process into a shell built out ahead (the pool worker's partition path, no service): \
+         median {:.3} ms",
+        median(&mut prebuilt_ms)
+    );
+    println!(
         "to the guest's first byte at the worker's console (the in-process end point): \
          service + pool worker median {:.3} ms, per-round ratio {:.2}",
         median(&mut pool_worker_ms),
@@ -520,6 +546,7 @@ fn paired_starts() {
     pool_steps.print();
     println!("steps of a start on a spawned worker:");
     spawn_steps.print();
+    pooled.wait_pool_full();
     for pid in pooled.launcher.idle_workers() {
         println!(
             "idle pool worker {pid}: VmRSS {} KiB, Pss {} KiB, Private {} KiB",
