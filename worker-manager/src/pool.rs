@@ -274,27 +274,6 @@ struct PoolState {
     last_error: Option<String>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn shape_value_reads_back() {
-        assert_eq!(parse_shape(&shape_value(48, 2)), Some((48, 2)));
-        assert_eq!(parse_shape("48"), None);
-        assert_eq!(parse_shape("x2"), None);
-        assert_eq!(parse_shape("48x999"), None);
-    }
-
-    proptest! {
-        #[test]
-        fn any_shape_value_parses_without_panicking(value in ".{0,40}") {
-            let _ = parse_shape(&value);
-        }
-    }
-}
-
 impl WorkerPool {
     /// A pool of `size` workers started by `spawner`; nothing is started before [`fill`].
     ///
@@ -448,6 +427,27 @@ impl PoolInner {
                     state.last_error = Some(vmm_core::error_chain(&error));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn shape_value_reads_back() {
+        assert_eq!(parse_shape(&shape_value(48, 2)), Some((48, 2)));
+        assert_eq!(parse_shape("48"), None);
+        assert_eq!(parse_shape("x2"), None);
+        assert_eq!(parse_shape("48x999"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_shape_value_parses_without_panicking(value in ".{0,40}") {
+            let _ = parse_shape(&value);
         }
     }
 }
