@@ -10,7 +10,7 @@
 //!
 //! The guest's first console byte usually comes after the worker reported ready, so it gets a
 //! line of its own, `worker: start trace: first_byte=<ns>`, written once by the vCPU thread that
-//! saw it ([`first_output`]: one relaxed atomic load per console write while tracing is off).
+//! saw it (`first_output`: one relaxed atomic load per console write while tracing is off).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
