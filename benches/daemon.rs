@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use partition::{KernelImage, Partition, PartitionConfig};
+use partition::{KernelImage, Partition, PartitionConfig, VmShape, VmShell};
 use vmm_core::{
     EnabledState, JobState, RequestedState, VirtualSystemManagementService, VmConfig, VmId,
 };
@@ -237,29 +237,84 @@ fn start_trace(daemon: &Daemon, vm: VmId) -> Vec<(String, u64)> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     let log = loop {
         let log = std::fs::read_to_string(&path).unwrap_or_default();
-        if log.contains(START_TRACE_MARKER) {
+        if log.contains(START_TRACE_MARKER) && log.contains(" ready=") {
             break log;
         }
         assert!(Instant::now() < deadline, "the worker logs its start trace");
         std::thread::sleep(Duration::from_millis(1));
     };
-    let line = log
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once(START_TRACE_MARKER).map(|(_, steps)| steps))
-        .expect("the worker logs its start trace");
-    line.split_whitespace()
+    // The steps up to ready, and the guest's first byte on a line of its own.
+    log.lines()
+        .filter_map(|l| l.split_once(START_TRACE_MARKER).map(|(_, steps)| steps))
+        .flat_map(str::split_whitespace)
         .filter_map(|step| step.split_once('='))
         .map(|(name, ns)| (name.to_owned(), ns.parse().unwrap()))
         .collect()
 }
 
-/// The micro guest's first byte, in-process: `Partition::new` → resume → first COM1 byte.
-fn in_process_start(kernel: &Arc<[u8]>) -> Duration {
+/// The micro guest's first byte, in-process: `Partition::new` → resume → first COM1 byte; the
+/// total and its three steps.
+fn in_process_start(kernel: &Arc<[u8]>) -> (Duration, Vec<(String, u64)>) {
     let start = Instant::now();
     let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::clone(kernel)), "");
     config.memory_mib = MEMORY_MIB;
     let mut partition = Partition::new(config).unwrap();
+    let created = Instant::now();
+    let sink = FirstByte::default();
+    partition.com1().set_sink(Box::new(sink.clone()));
+    partition.resume().unwrap();
+    let resumed = Instant::now();
+    sink.wait();
+    let elapsed = start.elapsed();
+    partition.stop();
+    let ns = |d: Duration| d.as_nanos() as u64;
+    let steps = vec![
+        ("Partition::new".to_owned(), ns(created - start)),
+        ("resume (vCPU threads)".to_owned(), ns(resumed - created)),
+        (
+            "resume → first COM1 byte at the sink".to_owned(),
+            ns(elapsed.saturating_sub(resumed - start)),
+        ),
+    ];
+    (elapsed, steps)
+}
+
+/// The service's steps this process passed (`vmm_core::fault` points), with their
+/// `CLOCK_MONOTONIC` times, since the last [`take_service_steps`].
+static SERVICE_STEPS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+fn record_service_step(name: &str) {
+    let at = monotonic_ns();
+    SERVICE_STEPS
+        .lock()
+        .unwrap()
+        .push((format!("service {name}"), at));
+}
+
+fn take_service_steps() -> Vec<(String, u64)> {
+    std::mem::take(&mut *SERVICE_STEPS.lock().unwrap())
+}
+
+/// One start through the service: to the first byte a client reads from the console (after
+/// the start's job completed, as `vmms start-vm` then `vmms console` do), and to the guest's
+/// first byte reaching the worker's console (the end point of the in-process start: the
+/// partition's COM1 sink).
+struct ServiceStart {
+    client_first_byte: Duration,
+    worker_first_byte: Duration,
+    /// When each step ended, in nanoseconds after the client's request (service, worker and
+    /// client steps on one clock).
+    steps: Vec<(String, u64)>,
+}
+
+/// The in-process start of a partition built into a shell built out ahead (untimed) to its
+/// shape, as a pool worker's is: the floor for a start that does its VM set-up ahead.
+fn in_process_prebuilt_start(kernel: &Arc<[u8]>) -> Duration {
+    let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::clone(kernel)), "");
+    config.memory_mib = MEMORY_MIB;
+    let shell = VmShell::create_for(VmShape::of(&config)).unwrap();
+    let start = Instant::now();
+    let mut partition = Partition::builder(config).shell(shell).build().unwrap();
     let sink = FirstByte::default();
     partition.com1().set_sink(Box::new(sink.clone()));
     partition.resume().unwrap();
@@ -269,10 +324,10 @@ fn in_process_start(kernel: &Arc<[u8]>) -> Duration {
     elapsed
 }
 
-/// One start of `vm` through the service, to the first byte read from its console: the total
-/// and its steps (name, nanoseconds), the worker's own from its start trace.
-fn service_start(daemon: &Daemon, vm: VmId) -> (Duration, Vec<(String, u64)>) {
+/// One start of `vm` through the service (see [`ServiceStart`]).
+fn service_start(daemon: &Daemon, vm: VmId) -> ServiceStart {
     daemon.wait_pool_full();
+    take_service_steps();
     let start = monotonic_ns();
     daemon.change(vm, RequestedState::Start);
     let job_done = monotonic_ns();
@@ -282,26 +337,89 @@ fn service_start(daemon: &Daemon, vm: VmId) -> (Duration, Vec<(String, u64)>) {
     console.read_exact(&mut byte).unwrap();
     let first_byte = monotonic_ns();
     let trace = start_trace(daemon, vm);
+    let service = take_service_steps();
     daemon.change(vm, RequestedState::TurnOff);
 
-    let mut steps = Vec::new();
-    let mut previous = ("service: start-vm".to_owned(), start);
-    for (step, at) in &trace {
-        let name = if step == "main" || step == "assigned" {
-            format!("{} → worker {step}", previous.0)
-        } else {
-            format!("worker: {} → {step}", previous.0)
-        };
-        steps.push((name, at.saturating_sub(previous.1)));
-        previous = (step.clone(), *at);
+    let mut events = service;
+    events.extend(
+        trace
+            .iter()
+            .map(|(step, at)| (format!("worker {step}"), *at)),
+    );
+    events.push(("client job completed".to_owned(), job_done));
+    events.push(("client console connected".to_owned(), connected));
+    events.push(("client first byte read".to_owned(), first_byte));
+    let worker_first_byte = trace
+        .iter()
+        .find(|(step, _)| step == "first_byte")
+        .map_or(first_byte, |(_, at)| *at);
+    let steps = events
+        .into_iter()
+        .map(|(name, at)| (name, at.saturating_sub(start)))
+        .collect();
+    ServiceStart {
+        client_first_byte: Duration::from_nanos(first_byte - start),
+        worker_first_byte: Duration::from_nanos(worker_first_byte.saturating_sub(start)),
+        steps,
     }
-    steps.push((
-        "service: ready → job completed (attach, status)".to_owned(),
-        job_done.saturating_sub(previous.1),
-    ));
-    steps.push(("client: console connect".to_owned(), connected - job_done));
-    steps.push(("client: first byte read".to_owned(), first_byte - connected));
-    (Duration::from_nanos(first_byte - start), steps)
+}
+
+/// When each step of a start ended (nanoseconds after its request), gathered over rounds.
+#[derive(Default)]
+struct Timeline(Vec<Vec<(String, u64)>>);
+
+impl Timeline {
+    fn add(&mut self, steps: Vec<(String, u64)>) {
+        self.0.push(steps);
+    }
+
+    /// The steps in the order of their median end, each with that median and the median of
+    /// its distance from the step before (per round, so concurrent steps can be negative).
+    fn print(&self) {
+        let at = |round: &[(String, u64)], name: &str| {
+            round
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| *t as i64)
+        };
+        let mut names: Vec<String> = Vec::new();
+        for round in &self.0 {
+            for (name, _) in round {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        let median_of = |mut values: Vec<i64>| {
+            values.sort_unstable();
+            values.get(values.len() / 2).copied().unwrap_or(0)
+        };
+        let mut ordered: Vec<(String, i64)> = names
+            .into_iter()
+            .map(|name| {
+                let ends = self.0.iter().filter_map(|r| at(r, &name)).collect();
+                (name, median_of(ends))
+            })
+            .collect();
+        ordered.sort_by_key(|(_, end)| *end);
+        let mut previous: Option<&str> = None;
+        for (name, end) in &ordered {
+            let since = previous.map_or(*end, |before| {
+                median_of(
+                    self.0
+                        .iter()
+                        .filter_map(|r| Some(at(r, name)? - at(r, before)?))
+                        .collect(),
+                )
+            });
+            println!(
+                "  {name:>34}: at {:7.3} ms, {:+7.3} ms after the step above",
+                *end as f64 / 1e6,
+                since as f64 / 1e6
+            );
+            previous = Some(name);
+        }
+    }
 }
 
 /// Medians of named spans gathered over rounds, in first-seen order.
@@ -322,9 +440,10 @@ impl Spans {
         for (name, values) in &mut self.0 {
             values.sort_unstable();
             println!(
-                "  {name:>58}: median {:7.3} ms (min {:.3})",
+                "  {name:>40}: median {:7.3} ms (min {:.3}, {} rounds)",
                 values[values.len() / 2] as f64 / 1e6,
-                values[0] as f64 / 1e6
+                values[0] as f64 / 1e6,
+                values.len()
             );
         }
     }
@@ -349,6 +468,7 @@ fn paired_starts() {
     std::fs::write(&kernel, &*kernel_bytes).unwrap();
     let pooled_vm = pooled.define_kernel("micro", &kernel);
     let spawned_vm = spawned.define_kernel("micro", &kernel);
+    vmm_core::fault::observe(record_service_step);
     // Warm the page cache and the service's first-use paths.
     in_process_start(&kernel_bytes);
     service_start(&pooled, pooled_vm);
@@ -356,18 +476,32 @@ fn paired_starts() {
 
     let (mut in_process, mut pool_ms, mut spawn_ms) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pool_ratio, mut spawn_ratio) = (Vec::new(), Vec::new());
+    // The same end point as in-process: the guest's first byte at the worker's console.
+    let (mut pool_worker_ms, mut pool_worker_ratio) = (Vec::new(), Vec::new());
+    let mut in_process_steps = Spans::default();
+    // In-process into a shell built out ahead: what the pool worker's own partition step costs.
+    let mut prebuilt_ms = Vec::new();
     // The service marks a started VM durably (`running` in its folder: write, fsync, rename,
     // fsync the folder) before the start's job completes; what that costs on this disk.
     let mut marker_ms = Vec::new();
     let marker = pooled.store.join("marker-probe");
-    let (mut pool_steps, mut spawn_steps) = (Spans::default(), Spans::default());
+    let (mut pool_steps, mut spawn_steps) = (Timeline::default(), Timeline::default());
     println!("load average before: {}", load_average());
     for _ in 0..rounds {
-        let base = in_process_start(&kernel_bytes).as_secs_f64();
-        let (pool, steps) = service_start(&pooled, pooled_vm);
-        pool_steps.add(steps);
-        let (spawn, steps) = service_start(&spawned, spawned_vm);
-        spawn_steps.add(steps);
+        let (base, steps) = in_process_start(&kernel_bytes);
+        let base = base.as_secs_f64();
+        in_process_steps.add(steps);
+        let prebuilt = in_process_prebuilt_start(&kernel_bytes).as_secs_f64();
+        prebuilt_ms.push(prebuilt * 1e3);
+        let pooled_start = service_start(&pooled, pooled_vm);
+        pool_steps.add(pooled_start.steps);
+        let pool = pooled_start.client_first_byte;
+        let pool_worker = pooled_start.worker_first_byte.as_secs_f64();
+        pool_worker_ms.push(pool_worker * 1e3);
+        pool_worker_ratio.push(pool_worker / base);
+        let spawned_start = service_start(&spawned, spawned_vm);
+        spawn_steps.add(spawned_start.steps);
+        let spawn = spawned_start.client_first_byte;
         let before = Instant::now();
         vmm_core::atomic_file::write_atomic(&marker, b"").unwrap();
         marker_ms.push(before.elapsed().as_secs_f64() * 1e3);
@@ -392,13 +526,27 @@ fn paired_starts() {
         median(&mut spawn_ratio),
     );
     println!(
+        "in-process into a shell built out ahead (the pool worker's partition path, no service): \
+         median {:.3} ms",
+        median(&mut prebuilt_ms)
+    );
+    println!(
+        "to the guest's first byte at the worker's console (the in-process end point): \
+         service + pool worker median {:.3} ms, per-round ratio {:.2}",
+        median(&mut pool_worker_ms),
+        median(&mut pool_worker_ratio),
+    );
+    println!(
         "of which the service's durable `running` marker (write_atomic on this disk): median {:.3} ms",
         median(&mut marker_ms)
     );
+    println!("steps of an in-process start:");
+    in_process_steps.print();
     println!("steps of a start on a pool worker:");
     pool_steps.print();
     println!("steps of a start on a spawned worker:");
     spawn_steps.print();
+    pooled.wait_pool_full();
     for pid in pooled.launcher.idle_workers() {
         println!(
             "idle pool worker {pid}: VmRSS {} KiB, Pss {} KiB, Private {} KiB",

@@ -232,9 +232,12 @@ fn save_completed_while_the_daemon_is_stopped_leaves_the_vm_saved() {
 #[test]
 fn start_survives_a_daemon_kill_at_every_step_without_orphans() {
     require_kvm!();
+    // The `running` marker is written beside the launch: `start.after-marker` may come before
+    // the hand-off (then no worker exists yet) or after the worker is ready.
     let steps = [
         "start.before-launch",
         "launch.after-spawn",
+        "start.after-marker",
         "launch.after-ready",
         "start.after-launch",
     ];
@@ -242,18 +245,27 @@ fn start_survives_a_daemon_kill_at_every_step_without_orphans() {
         for trial in 0..TRIALS {
             let context = format!("start, kill at {step}, trial {trial}");
             let mut daemon = Daemon::start_with(&[], &[("VMMS_FAULT", step)]);
-            daemon.new_vm("g", &["--recovery", "none"]);
+            let id = daemon.new_vm("g", &["--recovery", "none"])["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
 
             let _ = daemon.vmms(&["start-vm", "g"]);
             restart(&mut daemon, step);
             let vm = settle(&daemon, "g");
             assert_no_orphan(&daemon, &vm, &context);
 
+            let marker = daemon.path().join(format!("vms/{id}/was-running"));
             match vm["enabled_state"].as_u64() {
                 Some(2) => {
                     daemon.counter_above("g", 0);
+                    assert!(marker.exists(), "{context}: a running VM is marked running");
                 }
                 Some(3) => {
+                    assert!(
+                        !marker.exists(),
+                        "{context}: an Off VM is not marked running"
+                    );
                     // Never started: it must start now, once.
                     boot(&daemon, "g");
                     let vm = daemon.vm("g");

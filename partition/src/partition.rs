@@ -26,13 +26,13 @@ use crate::exit::ExitReason;
 use crate::host;
 use crate::layout::{
     CMOS_PORT, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, I8042_DATA_PORT, IDLE_PORT,
-    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE,
-    VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    PM1A_CONTROL_PORT, UART_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{
     self, DirtyRange, PartitionMemory, RamRange, create_memory, map_memory_layers, ram_ranges,
     register_memory,
 };
+use crate::shell::{Adopted, BuiltOut, VmShape, VmShell, bare_vm};
 use crate::software_kvm;
 use crate::state::{
     DeviceStates, DiskState, NicState, PartitionState, STATE_VERSION, capture_vcpu, capture_vm,
@@ -66,6 +66,8 @@ struct ExtraDevices {
 pub struct PartitionBuilder {
     config: PartitionConfig,
     extra: ExtraDevices,
+    /// A VM created ahead, to build into instead of creating one.
+    shell: Option<VmShell>,
 }
 
 impl std::fmt::Debug for PartitionBuilder {
@@ -91,11 +93,25 @@ impl PartitionBuilder {
         self
     }
 
+    /// Builds into `shell`, a VM created ahead of time, instead of creating a VM (see
+    /// [`VmShell`]): what is left of the VM's set-up depends on the configuration. A shell built
+    /// out to another shape than the configuration's (or, for a restore, built out at all) is
+    /// dropped and a fresh VM created.
+    pub fn shell(mut self, shell: VmShell) -> Self {
+        self.shell = Some(shell);
+        self
+    }
+
     /// Creates the VM and loads the boot source; the partition is [`RunState::Created`].
     pub fn build(self) -> Result<Partition> {
         self.config.validate(host::max_vcpus()?)?;
         let ranges = ram_ranges(self.config.memory_mib << 20);
-        let memory = create_memory(&ranges)?;
+        let shape = VmShape::of(&self.config);
+        let adopted = self.shell.and_then(|shell| shell.take(Some(shape)));
+        let memory = match &adopted {
+            Some(Adopted::BuiltOut(built)) => built.memory.clone(),
+            _ => create_memory(&ranges)?,
+        };
         let mut cmdline = self.config.boot.cmdline.clone();
         let windows = self.config.disks.len() + self.config.nics.len();
         for index in 0..windows {
@@ -121,7 +137,8 @@ impl PartitionBuilder {
                 .collect(),
         };
         let loaded = boot::load(&memory, &self.config.boot, cmdline.trim(), &machine)?;
-        let partition = Partition::assemble_with(self.config, self.extra, memory, ranges, None)?;
+        let partition =
+            Partition::assemble_with(self.config, self.extra, adopted, memory, ranges, None)?;
         let boot_vcpu = partition
             .parked
             .first()
@@ -165,8 +182,17 @@ impl PartitionBuilder {
             return Err(Error::StateMismatch);
         }
         let memory = map_memory_layers(base, deltas, &ranges)?;
-        let mut partition =
-            Partition::assemble_with(self.config, self.extra, memory, ranges, Some(state))?;
+        // Memory mapped from the images: a shell built out around memory of its own cannot
+        // serve (it is dropped); a bare one can.
+        let adopted = self.shell.and_then(|shell| shell.take(None));
+        let mut partition = Partition::assemble_with(
+            self.config,
+            self.extra,
+            adopted,
+            memory,
+            ranges,
+            Some(state),
+        )?;
         partition.image_layers = std::iter::once(base)
             .chain(deltas)
             .map(|file| file.try_clone().map_err(Error::MemoryFile))
@@ -348,7 +374,8 @@ fn attach_disk(
     })
 }
 
-/// Creates the KVM VM for `memory`: memory slots, then the in-kernel irqchip and PIT.
+/// Creates the KVM VM for `memory` (or takes `shell`'s, created ahead with its TSS and
+/// identity-map addresses set): memory slots, then the in-kernel irqchip and PIT.
 ///
 /// The order keeps every ioctl off SRCU grace periods that an earlier one started. A memory-slot
 /// change (`KVM_SET_USER_MEMORY_REGION`) ends by waiting for a grace period on the VM's SRCU
@@ -364,15 +391,20 @@ fn attach_disk(
 /// irqchip support via KVM_CREATE_IRQCHIP"; the `KVM_SET_TSS_ADDR` region "must not conflict with
 /// any memory slot" (it lies in the MMIO gap) and `KVM_SET_IDENTITY_MAP_ADDR` "fails if any VCPU
 /// has already been created". crosvm, on Intel and AMD hardware, also registers all guest memory
-/// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards.
-fn create_vm(memory: &PartitionMemory, dirty_log: bool) -> Result<VmHandle> {
-    let vm = host::kvm()?.create_vm().map_err(Error::Kvm)?;
-    let vm = VmHandle::new(vm, memory.clone());
+/// right after `KVM_CREATE_VM` (`KvmVm::new`) and creates the irqchip afterwards. The TSS and
+/// identity-map addresses are set in the shell, before the memory slots, as QEMU does (see
+/// [`VmShell`]).
+pub(crate) fn create_vm(
+    bare: Option<VmFd>,
+    memory: &PartitionMemory,
+    dirty_log: bool,
+) -> Result<VmHandle> {
+    let bare = match bare {
+        Some(vm) => vm,
+        None => bare_vm()?,
+    };
+    let vm = VmHandle::new(bare, memory.clone());
     register_memory(&vm, memory, dirty_log)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(Error::Kvm)?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(Error::Kvm)?;
     vm.create_irq_chip().map_err(Error::Kvm)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
@@ -383,7 +415,7 @@ fn create_vm(memory: &PartitionMemory, dirty_log: bool) -> Result<VmHandle> {
 }
 
 /// Creates `count` vCPUs with their CPUID, reset MSRs and local APIC wiring.
-fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<Vcpu>> {
+pub(crate) fn create_vcpus(vm: &VmFd, count: u8) -> Result<Vec<Vcpu>> {
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
         let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Kvm)?;
@@ -408,6 +440,7 @@ impl Partition {
         PartitionBuilder {
             config,
             extra: ExtraDevices::default(),
+            shell: None,
         }
     }
 
@@ -421,12 +454,27 @@ impl Partition {
     fn assemble_with(
         config: PartitionConfig,
         extra: ExtraDevices,
+        adopted: Option<Adopted>,
         memory: PartitionMemory,
         ranges: Vec<RamRange>,
         saved: Option<&PartitionState>,
     ) -> Result<Self> {
-        let vm = create_vm(&memory, config.dirty_log)?;
-        let parked = create_vcpus(&vm, config.vcpus)?;
+        let (vm, parked) = match adopted {
+            Some(Adopted::BuiltOut(built)) => {
+                let BuiltOut { vcpus, vm, .. } = *built;
+                (vm, vcpus)
+            }
+            Some(Adopted::Bare(bare)) => {
+                let vm = create_vm(Some(bare), &memory, config.dirty_log)?;
+                let parked = create_vcpus(&vm, config.vcpus)?;
+                (vm, parked)
+            }
+            None => {
+                let vm = create_vm(None, &memory, config.dirty_log)?;
+                let parked = create_vcpus(&vm, config.vcpus)?;
+                (vm, parked)
+            }
+        };
 
         let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let control = Arc::new(RunControl::notifying(

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Capture;
-use partition::{DiskConfig, KernelImage, Partition, PartitionConfig, PartitionState};
+use partition::{
+    DiskConfig, KernelImage, Partition, PartitionConfig, PartitionState, VmShape, VmShell,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmms_guest::protocol::{self, BANNER, PROMPT, RECORD_SIZE, STATUS_GPA, StatusBlock};
 
@@ -113,6 +115,74 @@ fn test_guest_prints_its_banner_and_answers_the_shell() {
     assert_eq!(echo, "hello partition");
     assert!(status.starts_with("counter="), "status reply: {status:?}");
     assert_eq!(guest.status().magic, protocol::STATUS_MAGIC);
+}
+
+#[test]
+fn partition_built_into_a_shell_created_ahead_runs_its_own_config() {
+    require_kvm!();
+    // Created before the configuration exists, as a pool worker does.
+    let shell = VmShell::create().unwrap();
+    let mut config = guest_config(None);
+    config.memory_mib = 48;
+    config.vcpus = 2;
+
+    let vm = Partition::builder(config).shell(shell).build().unwrap();
+    let mut guest = Guest::attach(vm, true);
+    let echo = guest.run("echo built into a shell");
+    let dirtied = guest.run("dirty 64");
+    let counter = guest.wait_counter_above(0);
+    guest.vm.pause().unwrap();
+    let state = guest.vm.capture_state().unwrap();
+
+    assert_eq!(echo, "built into a shell");
+    assert!(
+        dirtied.starts_with("dirtied 64 pages"),
+        "dirty reply: {dirtied:?}"
+    );
+    assert!(counter > 0);
+    assert_eq!(state.vcpus.len(), 2);
+    assert_eq!(state.memory.iter().map(|r| r.len).sum::<u64>(), 48 << 20);
+}
+
+#[test]
+fn shell_built_out_to_the_config_s_shape_runs_the_guest() {
+    require_kvm!();
+    let mut config = guest_config(None);
+    config.memory_mib = 48;
+    config.vcpus = 2;
+    let shell = VmShell::create_for(VmShape::of(&config)).unwrap();
+
+    let vm = Partition::builder(config).shell(shell).build().unwrap();
+    let mut guest = Guest::attach(vm, true);
+    let dirtied = guest.run("dirty 64");
+    guest.vm.pause().unwrap();
+    let state = guest.vm.capture_state().unwrap();
+
+    assert!(
+        dirtied.starts_with("dirtied 64 pages"),
+        "dirty reply: {dirtied:?}"
+    );
+    assert_eq!(state.vcpus.len(), 2);
+    assert_eq!(state.memory.iter().map(|r| r.len).sum::<u64>(), 48 << 20);
+}
+
+#[test]
+fn shell_built_out_to_another_shape_gives_way_to_the_config() {
+    require_kvm!();
+    let mut config = guest_config(None);
+    config.memory_mib = 48;
+    let mut other = VmShape::of(&config);
+    other.memory_mib = 16;
+    let shell = VmShell::create_for(other).unwrap();
+
+    let vm = Partition::builder(config).shell(shell).build().unwrap();
+    let mut guest = Guest::attach(vm, true);
+    let echo = guest.run("echo still booted");
+    guest.vm.pause().unwrap();
+    let state = guest.vm.capture_state().unwrap();
+
+    assert_eq!(echo, "still booted");
+    assert_eq!(state.memory.iter().map(|r| r.len).sum::<u64>(), 48 << 20);
 }
 
 #[test]

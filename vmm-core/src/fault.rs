@@ -14,6 +14,9 @@
 //! The variable is read once per process. Workers inherit it from the daemon that spawns them, so
 //! one setting reaches both sides; step names say which process they belong to (`worker.` for
 //! the worker side). Tests set it; nothing else should.
+//!
+//! The same steps are where a start's time goes, so a benchmark can [`observe`] them: its
+//! function is called at every step this process passes (benches/daemon.rs times them).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -60,9 +63,22 @@ fn faults() -> &'static [Fault] {
     FAULTS.get_or_init(|| std::env::var(FAULT_ENV).map_or_else(|_| Vec::new(), |s| parse(&s)))
 }
 
+/// Where [`observe`] put its function.
+static OBSERVER: OnceLock<fn(&str)> = OnceLock::new();
+
+/// Has `observer` called with the name of every step this process passes from now on (once per
+/// process; a second call changes nothing and returns `false`). For timing steps, not for tests
+/// of behaviour: the observer runs on whatever thread passes the step, with its locks held.
+pub fn observe(observer: fn(&str)) -> bool {
+    OBSERVER.set(observer).is_ok()
+}
+
 /// Marks the step `name`: returns at once unless [`FAULT_ENV`] names it, in which case this
 /// process is killed (or sleeps) here.
 pub fn point(name: &str) {
+    if let Some(observer) = OBSERVER.get() {
+        observer(name);
+    }
     for fault in faults().iter().filter(|f| f.step == name) {
         match fault.action {
             Action::Kill => {

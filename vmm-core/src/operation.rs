@@ -298,7 +298,9 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
                     format!("cannot undo an interrupted backup: {}", error_chain(&e)),
                 )
             })?;
-            let launched = inner.launcher.launch(config, mode.clone(), events.clone());
+            let launched = launch_marked_running(inner, vm, || {
+                inner.launcher.launch(config, mode.clone(), events.clone())
+            });
             let worker = launched.map_err(|e| {
                 let mut failure = Failure::from_worker("cannot start worker", &e);
                 if matches!(mode, LaunchMode::RestoreSaved { .. }) && !store.has_saved_state(vm) {
@@ -313,10 +315,10 @@ fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
                 // does not leaves it to us. Either way it must not be restored twice.
                 if let Err(error) = store.discard_saved_state(vm) {
                     let _ = worker.turn_off();
+                    mark_running(inner, vm, false);
                     return Err(Failure::from_store("cannot consume saved state", &error));
                 }
             }
-            mark_running(inner, vm, true);
             Ok(Done::Launched(worker))
         }
         Step::Pause(worker) => call(worker.pause(), "pause failed"),
@@ -417,6 +419,44 @@ fn save(inner: &Inner, vm: VmId, worker: &dyn Worker) -> Result<Done, Failure> {
     }
     mark_running(inner, vm, false);
     Ok(Done::WorkerFinished)
+}
+
+/// Runs `launch` while the VM's "was running" marker is made durable beside it (a write and two
+/// fsyncs that would otherwise come after the worker's start, on the path its user waits on);
+/// returns once both are done. A launch that fails takes the marker away again.
+///
+/// The marker only decides `StartIfPreviouslyRunning` when a service finds the VM without a
+/// worker; a running worker is found again by its lock, marker or not. So whichever of the two a
+/// crash interrupts, a restarted service is right: with the marker but no worker (killed before
+/// the hand-off) it starts the VM only if its automatic start action asks for a VM that was meant
+/// to run, and otherwise clears the marker; with a worker but no marker (killed while the
+/// marker's write was still under way) it re-attaches the worker and writes the marker then.
+fn launch_marked_running<T, E>(
+    inner: &Inner,
+    vm: VmId,
+    launch: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let launched = thread::scope(|scope| {
+        let marker = thread::Builder::new()
+            .name("vmms-marker".into())
+            .spawn_scoped(scope, || {
+                mark_running(inner, vm, true);
+                fault::point("start.after-marker");
+            });
+        let launched = launch();
+        if let Ok(marker) = marker {
+            let _ = marker.join();
+        } else {
+            // No thread to spare: the marker the slow way, after the launch.
+            mark_running(inner, vm, true);
+            fault::point("start.after-marker");
+        }
+        launched
+    });
+    if launched.is_err() {
+        mark_running(inner, vm, false);
+    }
+    launched
 }
 
 /// Keeps the "was running" marker in step; a failure only weakens `StartIfPreviouslyRunning`

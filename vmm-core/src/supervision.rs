@@ -398,6 +398,16 @@ fn recover_one(inner: &Arc<Inner>, id: VmId, report: &mut StartupReport) {
     };
     let saved = inner.store.has_saved_state(id);
     let was_running = inner.store.running_marker(id);
+    if !was_running
+        && matches!(
+            status,
+            Some(WorkerStatus::Running | WorkerStatus::Paused | WorkerStatus::NotResponding)
+        )
+    {
+        // A service killed during a start may have left the worker running before the marker
+        // was durable (the two are written side by side): the VM runs, so it was running.
+        let _ = inner.store.set_running_marker(id, true);
+    }
 
     let mut catalog = inner.lock_catalog();
     let Some(record) = catalog.vms.get_mut(&id) else {

@@ -320,3 +320,61 @@ fn unfinished_save_without_a_worker_is_removed_at_restart() {
     assert!(!staging.exists());
     assert_eq!(state_of(&reopened, vm), EnabledState::Off);
 }
+
+#[test]
+fn failed_start_leaves_no_was_running_marker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let config = VmConfig {
+        automatic_start_action: AutomaticStartAction::StartIfPreviouslyRunning,
+        ..VmConfig::new("fails")
+    };
+    let vm = vmms.define_system(config).expect("define");
+    launcher.fail_launches(true);
+
+    let job = change(&vmms, vm, RequestedState::Start);
+    drop(vmms);
+    launcher.fail_launches(false);
+    let reopened = open(dir.path(), &launcher);
+    let report = reopened.recover_on_start();
+
+    assert_eq!(job.state, JobState::Exception);
+    assert!(
+        report.auto_started.is_empty(),
+        "a VM whose start failed was never running: {report:?}"
+    );
+    assert_eq!(state_of(&reopened, vm), EnabledState::Off);
+}
+
+#[test]
+fn reattached_worker_whose_marker_was_not_written_yet_counts_as_previously_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = ThreadLauncher::default();
+    let vmms = open(dir.path(), &launcher);
+    let config = VmConfig {
+        automatic_start_action: AutomaticStartAction::StartIfPreviouslyRunning,
+        ..VmConfig::new("started")
+    };
+    let vm = vmms.define_system(config).expect("define");
+    change(&vmms, vm, RequestedState::Start);
+    drop(vmms);
+    // The service died after the hand-off, before the marker written beside the launch was
+    // durable: the worker runs, the marker is not there.
+    fs::remove_file(dir.path().join(format!("vms/{vm}/was-running"))).expect("marker written");
+
+    let reopened = open(dir.path(), &launcher);
+    let reattached = reopened.recover_on_start().reattached;
+    drop(reopened);
+    let fresh_host = ThreadLauncher::default();
+    let after_reboot = open(dir.path(), &fresh_host);
+    let started: Vec<_> = after_reboot
+        .recover_on_start()
+        .auto_started
+        .iter()
+        .map(|(vm, _)| *vm)
+        .collect();
+
+    assert_eq!(reattached, [vm]);
+    assert_eq!(started, [vm], "the re-attached VM was running");
+}

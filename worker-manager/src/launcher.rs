@@ -195,6 +195,7 @@ impl ProcessLauncher {
                 _ => e,
             })
             .map_err(|e| Error::io(&log_path, e))?;
+        fault::point("launch.locked");
         if let Some(idle) = self.pool.take() {
             let assignment = Assignment {
                 vm,
@@ -388,11 +389,14 @@ impl WorkerLauncher for ProcessLauncher {
             LaunchMode::Boot => None,
             LaunchMode::RestoreSaved { state_dir } => Some(state_dir.as_path()),
         };
+        // The replacement for the worker this launch takes prepares for a VM like this one.
+        self.pool.expect_shape(vm.memory_mib, vm.vcpus);
         let started = self.spawn(vm.id, restore);
         // The pool (re)fills after the first launch, a moment after this one's worker was taken.
         self.pool.fill();
         let started = started?;
         let (supervised, report) = self.attach(vm.id, started.pidfd, started.channel, events)?;
+        fault::point("launch.attached");
         match report {
             Ok(_) => Ok(Box::new(ProcessWorker::new(supervised))),
             Err(error) => {
@@ -494,6 +498,7 @@ fn pool_for(
             args: args.to_vec(),
             store: store.root().to_path_buf(),
             confine: options.confine,
+            shape: Default::default(),
         },
         options.pool_size,
     )

@@ -1,5 +1,6 @@
 //! A pool of pre-started workers: processes already exec'd, with their runtime up, KVM's facts
-//! read and the seccomp filter compiled, each waiting for the VM it will run.
+//! read, the seccomp filter compiled and an empty KVM VM created (a `partition::VmShell`), each
+//! waiting for the VM it will run.
 //!
 //! Starting a worker process (fork, exec, the runtime's own start) costs a few milliseconds that a
 //! guest's start would otherwise wait for. The [`ProcessLauncher`](crate::ProcessLauncher) keeps
@@ -43,6 +44,22 @@ use crate::protocol::{ProtocolError, WorkerReport, read_frame, write_frame};
 
 /// Environment variable naming an idle worker's end of its socket pair.
 pub(crate) const POOL_FD_ENV: &str = "VMMS_WORKER_POOL_FD";
+
+/// Environment variable with the shape (`<memory MiB>x<vCPUs>`) an idle worker builds its VM out
+/// to while it waits: that of the VM the launcher started last, the likeliest next one. A VM of
+/// another shape starts on a fresh VM in the same worker (see `partition::VmShell`).
+pub(crate) const POOL_SHAPE_ENV: &str = "VMMS_WORKER_POOL_SHAPE";
+
+/// The value of [`POOL_SHAPE_ENV`] for `memory_mib` and `vcpus`.
+pub(crate) fn shape_value(memory_mib: u64, vcpus: u8) -> String {
+    format!("{memory_mib}x{vcpus}")
+}
+
+/// Reads a [`POOL_SHAPE_ENV`] value; `None` when it is not one.
+pub(crate) fn parse_shape(value: &str) -> Option<(u64, u8)> {
+    let (memory, vcpus) = value.split_once('x')?;
+    Some((memory.parse().ok()?, vcpus.parse().ok()?))
+}
 
 /// The flag that makes a worker command line an idle pool worker's (instead of `--vm <GUID>`).
 pub(crate) const POOL_FLAG: &str = "--pool";
@@ -158,6 +175,8 @@ pub(crate) struct PoolSpawner {
     pub(crate) args: Vec<std::ffi::OsString>,
     pub(crate) store: PathBuf,
     pub(crate) confine: bool,
+    /// The shape of the VM launched last (memory MiB, vCPUs), for the next idle workers.
+    pub(crate) shape: Arc<Mutex<Option<(u64, u8)>>>,
 }
 
 impl PoolSpawner {
@@ -179,6 +198,10 @@ impl PoolSpawner {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .env(POOL_FD_ENV, fd.to_string());
+        let shape = *self.shape.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((memory_mib, vcpus)) = shape {
+            command.env(POOL_SHAPE_ENV, shape_value(memory_mib, vcpus));
+        }
         // SAFETY: the closure runs in the forked child before exec and calls only
         // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
         unsafe {
@@ -298,6 +321,17 @@ impl WorkerPool {
         None
     }
 
+    /// Workers started from now on build their VM out to this shape while idle (see
+    /// [`POOL_SHAPE_ENV`]).
+    pub(crate) fn expect_shape(&self, memory_mib: u64, vcpus: u8) {
+        *self
+            .inner
+            .spawner
+            .shape
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((memory_mib, vcpus));
+    }
+
     /// The pids of the idle workers.
     pub(crate) fn idle_pids(&self) -> Vec<u32> {
         self.inner
@@ -393,6 +427,27 @@ impl PoolInner {
                     state.last_error = Some(vmm_core::error_chain(&error));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn shape_value_reads_back() {
+        assert_eq!(parse_shape(&shape_value(48, 2)), Some((48, 2)));
+        assert_eq!(parse_shape("48"), None);
+        assert_eq!(parse_shape("x2"), None);
+        assert_eq!(parse_shape("48x999"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_shape_value_parses_without_panicking(value in ".{0,40}") {
+            let _ = parse_shape(&value);
         }
     }
 }

@@ -61,6 +61,108 @@ fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
     wait_until("the worker exits", || !alive(worker.pid()));
 }
 
+/// The size in KiB of each mapping of process `pid`.
+fn mapping_sizes_kib(pid: u32) -> Vec<u64> {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Size:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_pool_worker_builds_the_vm_it_created_while_idle_to_the_assigned_config() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let idle = fixture.launcher.idle_workers();
+    let mut config = VmConfig::new("sized");
+    config.memory_mib = 48;
+    config.vcpus = 2;
+    fixture.define(&config);
+
+    let worker = fixture.boot(&config);
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(config.id).console_socket());
+    console.wait_for(BANNER, 0);
+    let mut counted = 0;
+    wait_until("the guest counts", || {
+        counted = common::counter(&fixture.launcher, config.id);
+        counted > 0
+    });
+    let log = fs::read_to_string(fixture.launcher.runtime_dir(config.id).log_file()).unwrap();
+
+    assert_eq!(idle, vec![worker.pid()], "the VM runs on the idle worker");
+    assert!(
+        log.contains("building into the VM created while idle"),
+        "{log}"
+    );
+    assert!(
+        mapping_sizes_kib(worker.pid()).contains(&(48 << 10)),
+        "the guest's memory is the assigned VM's 48 MiB"
+    );
+    assert!(counted > 0);
+    worker.turn_off().unwrap();
+    wait_until("the worker exits", || !alive(worker.pid()));
+}
+
+/// Boots `config` on the idle pool worker once the pool holds one that is not `not`, and waits
+/// until its guest counts; the worker and its log.
+fn boot_on_next_idle(
+    fixture: &Fixture,
+    config: &VmConfig,
+    not: Option<u32>,
+) -> (Box<dyn vmm_core::Worker>, String) {
+    wait_until("a fresh idle worker", || {
+        let idle = fixture.launcher.idle_workers();
+        !idle.is_empty() && idle.iter().all(|&pid| Some(pid) != not)
+    });
+    let worker = fixture.boot(config);
+    wait_until("the guest counts", || {
+        let report = fixture.launcher.report(config.id, TIMEOUT);
+        report
+            .and_then(Result::ok)
+            .and_then(|r| r.test_guest)
+            .is_some_and(|guest| guest.counter > 0)
+    });
+    let log = fs::read_to_string(fixture.launcher.runtime_dir(config.id).log_file()).unwrap();
+    (worker, log)
+}
+
+#[test]
+fn idle_workers_build_their_vm_out_to_the_shape_started_last_and_serve_any_shape() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let sized = |name: &str, memory_mib: u64, vcpus: u8| {
+        let mut config = VmConfig::new(name);
+        config.memory_mib = memory_mib;
+        config.vcpus = vcpus;
+        fixture.define(&config);
+        config
+    };
+    let (first, second, other) = (sized("a", 48, 2), sized("b", 48, 2), sized("c", 16, 1));
+
+    let (a, _) = boot_on_next_idle(&fixture, &first, None);
+    let (b, b_log) = boot_on_next_idle(&fixture, &second, Some(a.pid()));
+    let (c, c_log) = boot_on_next_idle(&fixture, &other, Some(b.pid()));
+
+    assert!(
+        b_log.contains("built out to 48 MiB, 2 vCPUs"),
+        "the worker after a 48 MiB, 2-vCPU start prepared that shape: {b_log}"
+    );
+    assert!(mapping_sizes_kib(b.pid()).contains(&(48 << 10)));
+    assert!(
+        c_log.contains("built out to 48 MiB, 2 vCPUs"),
+        "prepared for the last shape: {c_log}"
+    );
+    assert!(
+        mapping_sizes_kib(c.pid()).contains(&(16 << 10)),
+        "a VM of another shape still gets its own memory"
+    );
+    for worker in [a, b, c] {
+        worker.turn_off().unwrap();
+    }
+}
+
 #[test]
 fn a_pool_worker_that_cannot_start_its_vm_says_why_and_the_next_start_works() {
     require_kvm!();

@@ -3,7 +3,9 @@
 //! clean stops of the worker.
 //!
 //! The file is only believed when it says `clean`: a worker that starts from it merges its maps
-//! into the new partition's and at once rewrites it marked in use. Only a clean end (turn-off
+//! into the new partition's and at once rewrites it marked in use (a VM without disks has no
+//! writes to miss, so its worker does that only once a capture moves the reference point: one
+//! fsync less on every start). Only a clean end (turn-off
 //! with the worker alive, the guest powering off or resetting, a save) writes it clean again, with
 //! every write the guest made until then. A worker killed meanwhile leaves it in use, and the next
 //! worker starts without a reference point ("the VM stopped uncleanly"): writes may have reached
@@ -59,6 +61,9 @@ pub(crate) struct ChangeTracking {
     /// Per disk: its size and the map of the partition now running (kept past the partition,
     /// so a clean end writes what its last writes marked).
     maps: Vec<(u64, Arc<ChangedBlockMap>)>,
+    /// The file says in use (or is gone); `false` while a VM without disks runs on its clean
+    /// file, which stays true until a capture moves the reference point.
+    marked_in_use: bool,
 }
 
 impl ChangeTracking {
@@ -71,11 +76,27 @@ impl ChangeTracking {
             reference: None,
             untracked_reason: None,
             maps: current_maps(partition),
+            marked_in_use: false,
         };
         match load(&tracking.path, &tracking.maps) {
             Ok(reference) => tracking.reference = Some(reference),
             Err(reason) => tracking.untracked_reason = Some(reason),
         }
+        if tracking.maps.is_empty() {
+            // No disk, no write to miss: a clean file stays true while the guest runs (until a
+            // capture moves the reference point: see `set_reference`), and marking it in use
+            // would cost every start an fsync for nothing.
+            return Ok(tracking);
+        }
+        tracking.mark_in_use()?;
+        Ok(tracking)
+    }
+
+    /// Rewrites the file marked in use; when that fails, removes it, so that no stale clean
+    /// file outlives this worker. Fails only when neither worked.
+    fn mark_in_use(&mut self) -> std::io::Result<()> {
+        self.marked_in_use = true;
+        let tracking = self;
         if let Err(error) = tracking.write(false) {
             eprintln!(
                 "worker: cannot mark {} in use ({error}); change tracking restarts",
@@ -90,7 +111,7 @@ impl ChangeTracking {
             tracking.untracked_reason =
                 Some(format!("change tracking could not be recorded: {error}"));
         }
-        Ok(tracking)
+        Ok(())
     }
 
     /// The reference point the maps count from, or why there is none.
@@ -100,6 +121,13 @@ impl ChangeTracking {
 
     /// A capture took the maps: they count from `reference` now.
     pub(crate) fn set_reference(&mut self, reference: ReferencePointId) {
+        if !self.marked_in_use {
+            // The clean file names the reference point this one replaces: a worker killed from
+            // here on must leave a file that is not believed.
+            if let Err(error) = self.mark_in_use() {
+                eprintln!("worker: cannot invalidate {}: {error}", self.path.display());
+            }
+        }
         self.reference = Some(reference);
         self.untracked_reason = None;
     }
@@ -249,7 +277,29 @@ mod tests {
             reference: None,
             untracked_reason: None,
             maps,
+            marked_in_use: true,
         }
+    }
+
+    #[test]
+    fn diskless_vm_keeps_its_clean_file_until_a_capture_moves_the_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(snapshot::folder::CHANGE_TRACKING_FILE);
+        let first = ReferencePointId::new_random();
+        let mut earlier = tracking(&path, Vec::new());
+        earlier.set_reference(first);
+        earlier.write_clean();
+        // A worker of the diskless VM that started on the clean file without rewriting it.
+        let mut running = tracking(&path, Vec::new());
+        running.marked_in_use = false;
+        let while_running = load(&path, &[]);
+
+        running.set_reference(ReferencePointId::new_random());
+        // Killed here: no clean end.
+        let after_capture = load(&path, &[]);
+
+        assert_eq!(while_running, Ok(first));
+        assert_eq!(after_capture, Err(STOPPED_UNCLEANLY.into()));
     }
 
     #[test]

@@ -111,6 +111,7 @@ impl ConsoleSink {
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.push(buf);
+        super::start_trace::first_output();
         Ok(buf.len())
     }
 
@@ -129,16 +130,30 @@ pub(crate) fn serve(listener: UnixListener, shared: &Arc<WorkerShared>) {
     }
 }
 
-/// Starts the two threads of one client.
+/// Sends one client what the guest printed so far, then starts its two threads.
+///
+/// The backlog goes out from the accepting thread: a client that connects to watch a starting
+/// guest gets its first bytes without waiting for a thread to start. A fresh socket takes a whole
+/// ring without blocking; whatever it would not take is left to the output thread.
 fn attach(stream: UnixStream, shared: &Arc<WorkerShared>) -> io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let input = stream.try_clone()?;
     let left = Arc::new(AtomicBool::new(false));
     let log = shared.console();
+    let mut chunk = Vec::with_capacity(CONSOLE_RING_BYTES);
+    let end = log.read_from(log.oldest(), &mut chunk, Duration::ZERO);
+    stream.set_nonblocking(true)?;
+    let sent = match (&stream).write(&chunk) {
+        Ok(sent) => sent,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    stream.set_nonblocking(false)?;
+    let position = end - (chunk.len() - sent) as u64;
     let output_left = Arc::clone(&left);
     std::thread::Builder::new()
         .name("console-out".into())
-        .spawn(move || output(stream, &log, &output_left))?;
+        .spawn(move || output(stream, &log, position, chunk, &output_left))?;
     let shared = Arc::clone(shared);
     std::thread::Builder::new()
         .name("console-in".into())
@@ -150,10 +165,15 @@ fn attach(stream: UnixStream, shared: &Arc<WorkerShared>) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies guest output to the client until it leaves or stops taking it.
-fn output(mut stream: UnixStream, log: &ConsoleLog, left: &AtomicBool) {
-    let mut position = log.oldest();
-    let mut chunk = Vec::with_capacity(CONSOLE_RING_BYTES);
+/// Copies guest output from `position` on to the client until it leaves or stops taking it
+/// (`chunk` is a buffer to reuse).
+fn output(
+    mut stream: UnixStream,
+    log: &ConsoleLog,
+    mut position: u64,
+    mut chunk: Vec<u8>,
+    left: &AtomicBool,
+) {
     while !left.load(Ordering::SeqCst) {
         position = log.read_from(position, &mut chunk, IDLE_CHECK);
         if !chunk.is_empty() && stream.write_all(&chunk).is_err() {

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use partition::{
-    DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig,
-    PartitionState,
+    DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionBuilder,
+    PartitionConfig, PartitionState, VmShell,
 };
 use vmm_core::{BootSource, CheckpointContent, StopReason, VmConfig, VmId, error_chain, fault};
 
@@ -126,10 +126,12 @@ impl Machine {
     /// Builds or restores the partition, opens the sockets, starts the guest and writes the pid
     /// file. On error nothing is left in the runtime folder but the log. `lock` is the VM's
     /// `worker.lock` as a pool worker received it; an exec'd worker inherits it (or takes it).
+    /// `shell` is the VM a pool worker created while it waited; the partition is built into it.
     pub(crate) fn start(
         options: &WorkerOptions<'_>,
         vm_id: VmId,
         lock: Option<File>,
+        shell: Option<VmShell>,
     ) -> Result<Self> {
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(vm_id);
@@ -157,6 +159,7 @@ impl Machine {
             vm.id,
             vm.boot == BootSource::TestGuest,
         )?;
+        mark("network");
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
@@ -168,15 +171,22 @@ impl Machine {
                 ..Confinement::default()
             }
         };
+        mark("landlock");
         fence::watch(layout.vm_dir(vm.id).join(vmm_core::FENCE_FILE)).map_err(Error::Thread)?;
+        mark("fence");
+        let mut builder = Partition::builder(config.clone());
+        if let Some(shell) = shell {
+            builder = builder.shell(shell);
+        }
         let (partition, restored_state) = match &options.restore {
-            Some(dir) => restore(config.clone(), dir)?,
-            None => (Partition::new(config.clone())?, None),
+            Some(dir) => restore(builder, dir)?,
+            None => (builder.build()?, None),
         };
         mark("partition");
         let vm_dir = layout.vm_dir(vm.id);
         let change_tracking =
             ChangeTracking::start(&vm_dir, &partition).map_err(|e| Error::io(vm_dir, e))?;
+        mark("tracking");
         let console = Arc::new(ConsoleLog::default());
         let (tx, commands) = control::command_queue().map_err(Error::EventFd)?;
         let test_guest = vm.boot == BootSource::TestGuest;
@@ -216,6 +226,7 @@ impl Machine {
     fn open_and_run(&mut self, partition: Partition, restored_from: Option<&Path>) -> Result<()> {
         let control = bind(&self.runtime.control_socket())?;
         let console_listener = bind(&self.runtime.console_socket())?;
+        mark("bind");
         if let Some(dir) = restored_from {
             // From here on the guest lives in this process only: the saved state must be gone
             // before anyone can see this worker run, or a crash of the service could have the
@@ -242,6 +253,7 @@ impl Machine {
                 .spawn(move || agent::serve(jobs, shared))
                 .map_err(Error::Thread)?;
         }
+        mark("threads");
         if self.confine {
             // Set-up is over: from the first KVM_RUN on, only the allowlist.
             confinement::install_seccomp()?;
@@ -253,7 +265,7 @@ impl Machine {
             );
             confinement::start_test_escape(&self.vm_name);
         }
-        mark("sockets");
+        mark("seccomp");
         if let Some(partition) = &mut self.partition {
             partition.resume()?;
         }
@@ -821,7 +833,7 @@ fn read_config(layout: &StoreLayout, vm_id: VmId) -> Result<VmConfig> {
 /// Rebuilds a partition from a saved-state folder, and gives the folder's identity when it has
 /// a memory manifest. The memory files are mapped copy-on-write, so the folder may be deleted as
 /// soon as this returns.
-fn restore(config: PartitionConfig, dir: &Path) -> Result<(Partition, Option<String>)> {
+fn restore(builder: PartitionBuilder, dir: &Path) -> Result<(Partition, Option<String>)> {
     let state_path = dir.join(STATE_FILE);
     let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state = PartitionState::from_json(&bytes).map_err(|e| Error::Config {
@@ -829,8 +841,7 @@ fn restore(config: PartitionConfig, dir: &Path) -> Result<(Partition, Option<Str
         source: Box::new(e),
     })?;
     let layers = state_folder::open_memory(dir)?;
-    let partition =
-        Partition::builder(config).restore_layered(&state, &layers.base, &layers.deltas)?;
+    let partition = builder.restore_layered(&state, &layers.base, &layers.deltas)?;
     Ok((partition, layers.state_id))
 }
 

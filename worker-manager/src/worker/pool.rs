@@ -2,7 +2,8 @@
 //! its VM, then starts that VM exactly as an exec'd worker does (see `crate::pool` for the
 //! exchange with the parent).
 //!
-//! While idle it holds nothing of any VM and runs no guest, so it is not confined yet: the
+//! While idle it holds no VM's data and runs no guest (its one KVM VM, created ahead, is empty:
+//! no memory, no devices, no vCPU), so it is not confined yet: the
 //! confinement is the VM's (Landlock rules for that VM's folders and disks, then seccomp once the
 //! guest is set up) and goes on after the assignment, on the same single thread and in the same
 //! order as in an exec'd worker. Warming up creates no thread, so Landlock, which binds the
@@ -14,11 +15,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
+use partition::{VmShape, VmShell};
 use vmm_core::error_chain;
 
 use super::machine::Machine;
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
-use crate::pool::{POOL_FD_ENV, PoolMessage, receive_assignment};
+use crate::pool::{POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment};
 use crate::protocol::write_frame;
 
 /// The life of a pool worker: the process's exit code. An idle worker whose parent goes away
@@ -31,10 +33,22 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     };
     // Exactly what the parent meant to pass survives: stdio and the socket pair.
     confinement::close_inherited_fds(&[channel.as_raw_fd()]);
-    if let Err(reason) = warm_up(options.confine) {
-        let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
-        return ExitCode::from(EXIT_START_FAILED);
-    }
+    let shape = std::env::var(POOL_SHAPE_ENV)
+        .ok()
+        .and_then(|value| parse_shape(&value))
+        .map(|(memory_mib, vcpus)| VmShape {
+            memory_mib,
+            vcpus,
+            // A worker's partitions always log dirty pages (see `Machine::start`).
+            dirty_log: true,
+        });
+    let shell = match warm_up(options.confine, shape) {
+        Ok(shell) => shell,
+        Err(reason) => {
+            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
     if write_frame(&mut &channel, &PoolMessage::Idle).is_err() {
         return ExitCode::SUCCESS;
     }
@@ -63,7 +77,15 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         ..options
     };
     log_start(vm, &options, " (pool worker)");
-    match Machine::start(&options, vm, Some(lock)) {
+    match shell.shape() {
+        Some(shape) => eprintln!(
+            "worker {vm}: building into the VM created while idle, built out to {} MiB, {} vCPUs",
+            shape.memory_mib, shape.vcpus
+        ),
+        None => eprintln!("worker {vm}: building into the VM created while idle"),
+    }
+    start_trace::mark("log");
+    match Machine::start(&options, vm, Some(lock), Some(shell)) {
         Ok(machine) => {
             let report = Box::new(machine.report());
             let told = write_frame(&mut &channel, &PoolMessage::Ready { report });
@@ -88,13 +110,22 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 }
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
-/// (`/dev/kvm` opened, CPUID and vCPU limit read) and the compiled seccomp filters.
-fn warm_up(confine: bool) -> Result<(), String> {
+/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filters, and the VM
+/// itself (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
+/// partition to be built into once the VM's configuration is known. Given the likely `shape`,
+/// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
+fn warm_up(confine: bool, shape: Option<VmShape>) -> Result<VmShell, String> {
     partition::prepare_host().map_err(|e| error_chain(&e))?;
     if confine {
         confinement::compiled_programs().map_err(|e| error_chain(&e))?;
     }
-    Ok(())
+    let built_out = shape.map(VmShell::create_for);
+    match built_out {
+        Some(Ok(shell)) => Ok(shell),
+        // A shape this host cannot build (too many vCPUs, too much memory to map): the VM
+        // will not fit it either, and a bare VM serves any.
+        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e)),
+    }
 }
 
 /// The socket pair's end the launcher passed in [`POOL_FD_ENV`].

@@ -7,7 +7,12 @@
 //! `assigned` instead for a pool worker: when it received its VM), a
 //! clock every process on the host shares, so a parent can place the steps next to its own.
 //! Steps are marked with `mark` from wherever they end, without threading a recorder through.
+//!
+//! The guest's first console byte usually comes after the worker reported ready, so it gets a
+//! line of its own, `worker: start trace: first_byte=<ns>`, written once by the vCPU thread that
+//! saw it (`first_output`: one relaxed atomic load per console write while tracing is off).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use vmm_core::VmId;
@@ -20,6 +25,9 @@ pub const START_TRACE_MARKER: &str = "start trace:";
 
 /// The steps so far; `None` while tracing is off.
 static STEPS: Mutex<Option<Vec<(&'static str, u64)>>> = Mutex::new(None);
+
+/// Tracing is on and the guest's first console byte is still to come.
+static AWAITING_FIRST_BYTE: AtomicBool = AtomicBool::new(false);
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
@@ -45,6 +53,17 @@ pub(crate) fn begin() {
 pub(crate) fn begin_at(step: &'static str) {
     if std::env::var_os(START_TRACE_ENV).is_some() {
         *steps() = Some(vec![(step, monotonic_ns())]);
+        AWAITING_FIRST_BYTE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Called on each console write: logs when the guest's first byte arrived (once, while tracing).
+/// Nothing but one atomic load when tracing is off or the byte was logged already.
+pub(crate) fn first_output() {
+    if AWAITING_FIRST_BYTE.load(Ordering::Relaxed)
+        && AWAITING_FIRST_BYTE.swap(false, Ordering::Relaxed)
+    {
+        eprintln!("worker: {START_TRACE_MARKER} first_byte={}", monotonic_ns());
     }
 }
 
