@@ -1,8 +1,9 @@
 //! A polled virtio-blk driver over the virtio-mmio (version 2, "modern") transport.
 //!
 //! One split virtqueue, one request in flight, no interrupts: the driver publishes a request,
-//! notifies the device (one MMIO write, one VM exit) and spins on the used ring at CPL3, where
-//! spinning is native. The rings and buffers live in a static [`Dma`] area; the guest runs on an
+//! notifies the device (one MMIO write, one VM exit) unless the device asked not to be notified
+//! (`VRING_USED_F_NO_NOTIFY`: it is polling the available ring; Linux's driver honours it too),
+//! and spins on the used ring at CPL3, where spinning is native. The rings and buffers live in a static [`Dma`] area; the guest runs on an
 //! identity map, so their addresses are guest-physical addresses. The transport and the ring
 //! layout are [`crate::virtio_mmio`]'s, shared with the virtio-net driver.
 
@@ -36,6 +37,9 @@ const REQUEST_IN: u32 = 0;
 const REQUEST_OUT: u32 = 1;
 const REQUEST_FLUSH: u32 = 4;
 const REQUEST_STATUS_OK: u8 = 0;
+
+/// The device polls the available ring and asks not to be notified (virtio 1.2, 2.7.10).
+const USED_F_NO_NOTIFY: u16 = 1;
 
 /// Queue size the driver asks for (fewer if the device offers fewer).
 const QUEUE_SIZE: usize = 16;
@@ -250,9 +254,15 @@ impl VirtioBlk {
             fence(Ordering::SeqCst);
             self.next_avail = self.next_avail.wrapping_add(1);
             write_volatile(addr_of_mut!((*dma).ring.avail.index), self.next_avail);
+            // The index before the device's flags (virtio 1.2, 2.7.13.4): a device that clears
+            // NO_NOTIFY and then re-reads the index sees either this request or our notification.
             fence(Ordering::SeqCst);
         }
-        self.regs.write32(QUEUE_NOTIFY, 0);
+        // SAFETY: a volatile read of the used ring's flags, which the device writes.
+        let flags = unsafe { read_volatile(addr_of!((*dma).ring.used.flags)) };
+        if flags & USED_F_NO_NOTIFY == 0 {
+            self.regs.write32(QUEUE_NOTIFY, 0);
+        }
 
         let started = rdtsc();
         // SAFETY: volatile reads of the used index the device writes.

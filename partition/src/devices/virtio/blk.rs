@@ -344,6 +344,11 @@ impl VirtioDevice for Block {
         Ok(used)
     }
 
+    /// The request queue: a driver writing a file submits request after request.
+    fn polls_queue(&self, _index: usize) -> bool {
+        true
+    }
+
     fn state(&self) -> BlockState {
         BlockState {
             capacity_sectors: self.capacity_sectors(),

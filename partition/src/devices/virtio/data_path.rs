@@ -8,8 +8,10 @@
 //! interrupt status and the "needs reset" flag are atomics so the driver's interrupt handler
 //! (read `InterruptStatus`, write `InterruptACK`) never waits behind a batch.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
@@ -42,6 +44,8 @@ pub(super) struct DataPath<D> {
     /// The partition is paused: notifications and backend input wait (see
     /// [`MmioTransport::set_paused`](super::MmioTransport::set_paused)).
     paused: AtomicBool,
+    /// Threads waiting for [`lock`](Self::lock): a polling window ends early for them.
+    waiting: AtomicUsize,
     queues: Mutex<Queues<D>>,
 }
 
@@ -58,6 +62,7 @@ impl<D: VirtioDevice> DataPath<D> {
             interrupt_status: AtomicU32::new(interrupt_status),
             needs_reset: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             queues: Mutex::new(queues),
         }
     }
@@ -66,7 +71,16 @@ impl<D: VirtioDevice> DataPath<D> {
     pub(super) fn lock(&self) -> MutexGuard<'_, Queues<D>> {
         // A panic while serving cannot leave a queue half-updated in a way that matters more than
         // losing the device, so keep serving.
-        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+        match self.queues.try_lock() {
+            Ok(queues) => return queues,
+            Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        // Someone holds the queues, perhaps the I/O thread polling: tell it to stop.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        queues
     }
 
     pub(super) fn interrupt(&self) -> &EventFd {
@@ -120,17 +134,52 @@ impl<D: VirtioDevice> DataPath<D> {
     /// a queue the driver never set up breaks the device; one before `DRIVER_OK` (or after a
     /// reset or a break) is ignored.
     pub(super) fn notify(&self, index: u32) {
+        self.notify_polling(index, Duration::ZERO);
+    }
+
+    /// [`notify`](Self::notify), then, if that served a request and `window` is not zero, polls
+    /// the queue's available ring with the driver's notifications suppressed
+    /// (`VRING_USED_F_NO_NOTIFY`) and serves what the driver adds, until nothing came for
+    /// `window`, or until another thread wants the lock. The lock is held throughout, and
+    /// notifications are enabled again (and the ring checked once more) before it is released:
+    /// whoever takes the lock (a capture, a reset, a pause, a register access) finds the driver
+    /// notifying.
+    pub(super) fn notify_polling(&self, index: u32, window: Duration) -> Polled {
         let mut queues = self.lock();
         if !queues.running || self.paused() {
-            return;
+            return Polled::default();
         }
         let ready = usize::try_from(index)
             .ok()
             .filter(|&i| queues.queues.get(i).is_some_and(Queue::ready));
-        match ready {
-            Some(index) => self.serve(&mut queues, index),
-            None => self.mark_broken(&mut queues),
+        let Some(index) = ready else {
+            self.mark_broken(&mut queues);
+            return Polled::default();
+        };
+        let mut polled = Polled::default();
+        if self.serve(&mut queues, index) {
+            polled.served_at = Some(Instant::now());
         }
+        if polled.served_at.is_none() || window.is_zero() {
+            return polled;
+        }
+        while queues.running && self.waiting.load(Ordering::Acquire) == 0 {
+            let Some(queue) = queues.queues.get_mut(index) else {
+                break;
+            };
+            let arrived = poll_available(&self.memory, queue, window, &self.waiting);
+            // Enabled again, then the index read once more (virtio 1.x section 2.7.10): a chain
+            // made available meanwhile is either seen here or notified.
+            let pending = queue.enable_notification(&self.memory).unwrap_or(false);
+            if !arrived && !pending {
+                break;
+            }
+            polled.caught += 1;
+            if self.serve(&mut queues, index) {
+                polled.served_at = Some(Instant::now());
+            }
+        }
+        polled
     }
 
     /// Serves every ready queue's available buffers now, on this thread: the quiesce before a
@@ -168,22 +217,63 @@ impl<D: VirtioDevice> DataPath<D> {
         queues.running && !queues.device.backend_starved()
     }
 
-    fn serve(&self, queues: &mut Queues<D>, index: usize) {
+    /// Serves queue `index`; returns whether a buffer was used.
+    fn serve(&self, queues: &mut Queues<D>, index: usize) -> bool {
         let Queues {
             device, queues: q, ..
         } = queues;
         let Some(queue) = q.get_mut(index) else {
-            return;
+            return false;
         };
         match device.process_queue(&self.memory, index, queue) {
             Ok(true) => {
                 if driver_wants_interrupt(&self.memory, queue) {
                     self.signal(VIRTIO_MMIO_INT_VRING);
                 }
+                true
             }
-            Ok(false) => {}
-            Err(_) => self.mark_broken(queues),
+            Ok(false) => false,
+            Err(_) => {
+                self.mark_broken(queues);
+                false
+            }
         }
+    }
+}
+
+/// What one served notification did, for the I/O thread's adaptive polling window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Polled {
+    /// When the last buffer was used (`None`: the notification found nothing to serve).
+    pub(super) served_at: Option<Instant>,
+    /// Batches the polling window found that the driver made available without notifying.
+    pub(super) caught: u32,
+}
+
+/// Spins for up to `window` with the driver's notifications of `queue` suppressed, until the
+/// driver makes a buffer available (returns `true`) or another thread wants the queues
+/// (`waiting`). Leaves notifications suppressed: the caller enables them again.
+fn poll_available(
+    memory: &PartitionMemory,
+    queue: &mut Queue,
+    window: Duration,
+    waiting: &AtomicUsize,
+) -> bool {
+    if queue.disable_notification(memory).is_err() {
+        return false;
+    }
+    let next = queue.next_avail();
+    let deadline = Instant::now() + window;
+    loop {
+        match queue.avail_idx(memory, Ordering::Acquire) {
+            Ok(index) if index.0 != next => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if Instant::now() >= deadline || waiting.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        std::hint::spin_loop();
     }
 }
 

@@ -208,3 +208,10 @@ pub(super) fn used_elem(memory: &PartitionMemory, n: u16) -> (u32, u32) {
         .expect("used ring in memory");
     (id, len)
 }
+
+/// The used ring's `flags`: `VRING_USED_F_NO_NOTIFY` while the device polls.
+pub(super) fn used_flags(memory: &PartitionMemory) -> u16 {
+    memory
+        .read_obj(GuestAddress(USED_RING))
+        .expect("used ring in memory")
+}

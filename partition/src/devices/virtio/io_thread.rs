@@ -5,15 +5,20 @@
 //! kernel, which signals the eventfd, and the vCPU goes straight back to the guest. This thread
 //! waits on those eventfds, and on each wake-up clears the eventfd and serves the queue's whole
 //! available ring, then raises the interrupt (an irqfd) once for the batch. A notification that
-//! arrives while a batch is being served sets the eventfd again, so nothing is missed.
+//! arrives while a batch is being served sets the eventfd again, so nothing is missed. For a
+//! device that asks for it ([`VirtioDevice::polls_queue`]) the thread then polls the queue for an
+//! adaptive window with the driver's notifications suppressed (see `poll_window`).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use std::time::Instant;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::data_path::DataPath;
+use super::poll_window::{PollWindow, may_poll};
 use super::{VirtioDevice, VirtioError};
 
 /// The running I/O thread of one device; stopping it (on drop) waits for its batch to finish.
@@ -86,6 +91,10 @@ fn serve<D: VirtioDevice>(path: &DataPath<D>, notifiers: &[EventFd], stop: &Even
         })
         .collect();
     let backend_slot = 1 + notifiers.len();
+    let may_poll = may_poll();
+    let mut windows: Vec<PollWindow> = (0..notifiers.len())
+        .map(|index| PollWindow::new(may_poll && path.lock().device.polls_queue(index)))
+        .collect();
     loop {
         // SAFETY: `fds` is a live array of `fds.len()` pollfds whose descriptors stay open while
         // `stop` and `notifiers` are borrowed and the device in `path` (which owns the backend's
@@ -108,8 +117,11 @@ fn serve<D: VirtioDevice>(path: &DataPath<D>, notifiers: &[EventFd], stop: &Even
             }
             // Cleared before serving: a notification from here on wakes the next round.
             let _ = notifier.read();
+            let poll = &mut windows[index];
+            poll.notified(Instant::now());
             // `index` < queue count <= u16::MAX.
-            path.notify(index as u32);
+            let polled = path.notify_polling(index as u32, poll.window());
+            poll.batch_done(polled.served_at);
             rearm |= backend.is_some_and(|(_, queue)| queue == index);
         }
         if let Some(fd) = fds.get_mut(backend_slot).filter(|_| rearm) {

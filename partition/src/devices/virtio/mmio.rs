@@ -442,6 +442,16 @@ fn activate<D: VirtioDevice>(
         return Err(VirtioError::QueueOutsideMemory { index });
     }
     queues.device.activate(features)?;
+    // The driver is notifying: a used ring that still says otherwise (a ring reused after a
+    // reset, memory captured by an older build) would make it wait for a device that no longer
+    // polls. The I/O thread suppresses notifications only while it polls, holding the queues.
+    for (index, queue) in queues.queues.iter_mut().enumerate() {
+        if queue.ready() {
+            queue
+                .enable_notification(memory)
+                .map_err(|_| VirtioError::QueueOutsideMemory { index })?;
+        }
+    }
     queues.running = true;
     Ok(())
 }
@@ -611,3 +621,7 @@ pub struct MmioTransportState {
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "polling_tests.rs"]
+mod polling_tests;

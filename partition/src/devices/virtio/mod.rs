@@ -31,6 +31,7 @@ mod net;
 mod net_tap;
 #[cfg(test)]
 mod net_tests;
+mod poll_window;
 
 use std::os::fd::RawFd;
 
@@ -151,6 +152,15 @@ pub trait VirtioDevice: Send {
     /// moves data only when the driver notifies.
     fn backend(&self) -> Option<(RawFd, usize)> {
         None
+    }
+
+    /// Whether the I/O thread should poll queue `index` for a short while after serving it, with
+    /// the driver's notifications suppressed (`VRING_USED_F_NO_NOTIFY`), so a driver that submits
+    /// request after request does not exit to notify each. For queues the driver fills with work
+    /// (a disk's requests); not for queues of buffers the device fills (a NIC's receive queue).
+    /// Default: no.
+    fn polls_queue(&self, _index: usize) -> bool {
+        false
     }
 
     /// After serving the [`backend`](Self::backend)'s queue: whether input is waiting that found
