@@ -16,6 +16,11 @@
 //! partition does, so it is the like-for-like baseline; `Unsafe`, Firecracker's default, does
 //! not offer FLUSH, so the guest's final flush costs it nothing and its data is not durable.
 //!
+//! Next to each median it prints the CPU time the VMM's threads used during the run (their
+//! schedstat), vCPU included: a guest that polls keeps its vCPU busy under either VMM, and the
+//! partition's I/O thread polls too when it may run on a CPU of its own (notification
+//! suppression), which this makes visible.
+//!
 //! Run it optimized, as Firecracker is built: `cargo bench -p partition --bench blk_write`.
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -33,7 +38,7 @@ use vmms_guest::protocol::PROMPT;
 
 #[path = "../../benches/common/paired.rs"]
 mod paired;
-use paired::{CONSOLE_TIMEOUT as TIMEOUT, Console, ConsoleSink, Firecracker};
+use paired::{CONSOLE_TIMEOUT as TIMEOUT, Console, ConsoleSink, Firecracker, cpu_time};
 
 const MEMORY_MIB: u64 = 32;
 const DISK_BYTES: u64 = 64 << 20;
@@ -187,8 +192,15 @@ fn disk_dir() -> tempfile::TempDir {
     }
 }
 
+/// One timed run: wall-clock time, and the CPU time the VMM's threads used meanwhile.
+#[derive(Clone, Copy)]
+struct Round {
+    wall: Duration,
+    cpu: Duration,
+}
+
 /// One timed `workload` on a freshly booted partition over `disk`.
-fn partition_round(case: &BackendCase, workload: Workload) -> Duration {
+fn partition_round(case: &BackendCase, workload: Workload) -> Round {
     let dir = disk_dir();
     let path = (case.prepare)(dir.path(), DISK_BYTES);
     let mut config = PartitionConfig::new(KernelImage::Bytes(Arc::from(vmms_guest::ELF)), "");
@@ -201,15 +213,19 @@ fn partition_round(case: &BackendCase, workload: Workload) -> Duration {
     vm.resume().unwrap();
     let ready = console.wait_for(PROMPT, 0);
 
+    let cpu = cpu_time(std::process::id());
     let start = Instant::now();
     vm.com1()
         .send_all(format!("{}\r", workload.command()).as_bytes(), TIMEOUT)
         .unwrap();
     console.wait_for(&workload.reply(), ready);
-    let elapsed = start.elapsed();
+    let round = Round {
+        wall: start.elapsed(),
+        cpu: cpu_time(std::process::id()).saturating_sub(cpu),
+    };
 
     vm.stop();
-    elapsed
+    round
 }
 
 fn bench_write(c: &mut Criterion) {
@@ -222,7 +238,11 @@ fn bench_write(c: &mut Criterion) {
         for workload in [Workload::batched(100), PAIRED[0], PAIRED[1]] {
             let name = workload.command().replace(' ', "_");
             group.bench_function(format!("{}/{name}", case.name), |b| {
-                b.iter_custom(|iters| (0..iters).map(|_| partition_round(&case, workload)).sum())
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| partition_round(&case, workload).wall)
+                        .sum()
+                })
             });
         }
     }
@@ -230,7 +250,7 @@ fn bench_write(c: &mut Criterion) {
 }
 
 /// Firecracker running the test guest over a fresh raw disk with the drive cache type `cache`.
-fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, workload: Workload) -> Duration {
+fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, workload: Workload) -> Round {
     let dir = disk_dir();
     let disk = raw_image(dir.path(), DISK_BYTES);
     let config = serde_json::json!({
@@ -246,10 +266,14 @@ fn firecracker_round(binary: &Path, kernel: &Path, cache: &str, workload: Worklo
     });
     let mut vm = Firecracker::start(binary, &config, dir.path());
     let ready = vm.console.wait_for(PROMPT, 0);
+    let cpu = cpu_time(vm.pid());
     let start = Instant::now();
     vm.type_line(&workload.command());
     vm.console.wait_for(&workload.reply(), ready);
-    start.elapsed()
+    Round {
+        wall: start.elapsed(),
+        cpu: cpu_time(vm.pid()).saturating_sub(cpu),
+    }
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -279,8 +303,8 @@ fn paired_with_firecracker(binary: &Path) {
     std::fs::write(&kernel, vmms_guest::ELF).unwrap();
     let cases = backend_cases();
     for workload in PAIRED {
-        let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); caches.len()];
-        let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+        let mut theirs: Vec<Vec<Round>> = vec![Vec::new(); caches.len()];
+        let mut ours: Vec<Vec<Round>> = vec![Vec::new(); cases.len()];
         for _ in 0..rounds {
             for (cache, times) in caches.iter().zip(&mut theirs) {
                 times.push(firecracker_round(binary, &kernel, cache, workload));
@@ -293,22 +317,26 @@ fn paired_with_firecracker(binary: &Path) {
             "{}, {rounds} interleaved rounds (medians; ratio per-round range)",
             workload.command()
         );
-        for (cache, times) in caches.iter().zip(&theirs) {
+        let walls = |rounds: &[Round]| rounds.iter().map(|r| r.wall).collect::<Vec<_>>();
+        let cpus = |rounds: &[Round]| rounds.iter().map(|r| r.cpu).collect::<Vec<_>>();
+        for (cache, rounds) in caches.iter().zip(&theirs) {
             println!(
-                "  firecracker {cache:<16} {:.1} ms",
-                millis(median(times.clone()))
+                "  firecracker {cache:<16} {:.1} ms (cpu {:.1} ms)",
+                millis(median(walls(rounds))),
+                millis(median(cpus(rounds)))
             );
         }
-        for (case, times) in cases.iter().zip(&ours) {
+        for (case, rounds) in cases.iter().zip(&ours) {
             let ratios: Vec<String> = caches
                 .iter()
                 .zip(&theirs)
-                .map(|(cache, base)| format!("{cache} {}", ratio(times, base)))
+                .map(|(cache, base)| format!("{cache} {}", ratio(&walls(rounds), &walls(base))))
                 .collect();
             println!(
-                "  partition   {:<16} {:.1} ms; vs firecracker {}",
+                "  partition   {:<16} {:.1} ms (cpu {:.1} ms); vs firecracker {}",
                 case.name,
-                millis(median(times.clone())),
+                millis(median(walls(rounds))),
+                millis(median(cpus(rounds))),
                 ratios.join(", ")
             );
         }
