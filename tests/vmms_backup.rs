@@ -11,33 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use vmms_common::{Daemon, qemu_img_check_all};
-
-fn vm_dir(daemon: &Daemon, target: &str) -> PathBuf {
-    let id = daemon.vm(target)["id"].as_str().expect("id").to_owned();
-    daemon.path().join("vms").join(id)
-}
-
-/// The absolute path of disk `index` of VM `target`.
-fn disk_of(daemon: &Daemon, target: &str, index: usize) -> PathBuf {
-    let vm = daemon.vm(target);
-    let path = vm["config"]["disks"][index]["path"].as_str().expect("disk");
-    let path = Path::new(path);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        vm_dir(daemon, target).join("disks").join(path)
-    }
-}
+use vmms_common::{Daemon, path_str, qemu_img_check_all};
 
 /// `get-vm-backup SET -o json`.
 fn describe(daemon: &Daemon, set: &Path) -> Value {
-    let text = daemon.ok(&["get-vm-backup", path(set), "--output", "json"]);
+    let text = daemon.ok(&["get-vm-backup", path_str(set), "--output", "json"]);
     serde_json::from_str(&text).expect("get-vm-backup json")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// `qemu-img compare` of two images (any formats, through their chains).
@@ -68,9 +47,9 @@ fn backup_of_an_off_vm_restores_as_a_new_vm_with_the_same_disk() {
     let sets = tempfile::tempdir().expect("tempdir");
     let set = sets.path().join("monday");
 
-    daemon.ok(&["backup-vm", "web", "--to", path(&set)]);
-    daemon.ok(&["test-vm-backup", path(&set)]);
-    let id = daemon.ok(&["restore-vm-backup", path(&set), "--as", "web-copy"]);
+    daemon.ok(&["backup-vm", "web", "--to", path_str(&set)]);
+    daemon.ok(&["test-vm-backup", path_str(&set)]);
+    let id = daemon.ok(&["restore-vm-backup", path_str(&set), "--as", "web-copy"]);
 
     let info = describe(&daemon, &set);
     assert_eq!(info["vm_name"], "web");
@@ -87,11 +66,11 @@ fn backup_of_an_off_vm_restores_as_a_new_vm_with_the_same_disk() {
     assert_eq!(copy["id"].as_str(), Some(id.trim()));
     assert_ne!(copy["id"], daemon.vm("web")["id"]);
     assert!(images_equal(
-        &disk_of(&daemon, "web", 0),
-        &disk_of(&daemon, "web-copy", 0)
+        &daemon.disk("web", 0),
+        &daemon.disk("web-copy", 0)
     ));
     qemu_img_check_all(&set);
-    qemu_img_check_all(&vm_dir(&daemon, "web-copy"));
+    qemu_img_check_all(&daemon.vm_dir("web-copy"));
 }
 
 #[test]
@@ -100,17 +79,17 @@ fn restore_over_an_off_vm_brings_back_its_disk() {
     off_vm_with_records(&daemon, "db", 10);
     let sets = tempfile::tempdir().expect("tempdir");
     let set = sets.path().join("full");
-    daemon.ok(&["backup-vm", "db", "--to", path(&set)]);
+    daemon.ok(&["backup-vm", "db", "--to", path_str(&set)]);
     daemon.ok(&["start-vm", "db"]);
     daemon.console_command("db", "write 5", "wrote 5 records, total 15");
     daemon.ok(&["stop-vm", "db", "--turn-off"]);
     daemon.wait_state("db", 3);
 
-    daemon.ok(&["restore-vm-backup", path(&set)]);
+    daemon.ok(&["restore-vm-backup", path_str(&set)]);
 
     let vms = daemon.vms();
     assert_eq!(vms.len(), 1, "no second VM: {vms:?}");
-    let disk = disk_of(&daemon, "db", 0);
+    let disk = daemon.disk("db", 0);
     let image = fs::File::open(&disk).expect("open restored disk");
     drop(image);
     let raw = tempfile::tempdir().expect("tempdir");
@@ -135,11 +114,11 @@ fn a_running_vm_cannot_be_restored_over() {
     off_vm_with_records(&daemon, "busy", 2);
     let sets = tempfile::tempdir().expect("tempdir");
     let set = sets.path().join("s");
-    daemon.ok(&["backup-vm", "busy", "--to", path(&set)]);
+    daemon.ok(&["backup-vm", "busy", "--to", path_str(&set)]);
     daemon.ok(&["start-vm", "busy"]);
     let config_before = daemon.vm("busy")["config"].clone();
 
-    let error = daemon.fails(&["restore-vm-backup", path(&set)]);
+    let error = daemon.fails(&["restore-vm-backup", path_str(&set)]);
 
     assert!(
         error.contains("32775") || error.to_lowercase().contains("stop"),
@@ -154,7 +133,7 @@ fn a_backup_into_an_existing_folder_is_refused_and_writes_nothing() {
     off_vm_with_records(&daemon, "v", 1);
     let sets = tempfile::tempdir().expect("tempdir");
 
-    let error = daemon.fails(&["backup-vm", "v", "--to", path(sets.path())]);
+    let error = daemon.fails(&["backup-vm", "v", "--to", path_str(sets.path())]);
 
     assert!(error.contains("exists already"), "{error}");
     assert_eq!(fs::read_dir(sets.path()).expect("dir").count(), 0);
@@ -165,7 +144,7 @@ fn damaged_fixture(daemon: &Daemon) -> (tempfile::TempDir, PathBuf) {
     off_vm_with_records(daemon, "src", 20);
     let sets = tempfile::tempdir().expect("tempdir");
     let set = sets.path().join("set");
-    daemon.ok(&["backup-vm", "src", "--to", path(&set)]);
+    daemon.ok(&["backup-vm", "src", "--to", path_str(&set)]);
     (sets, set)
 }
 
@@ -178,8 +157,8 @@ fn a_corrupt_manifest_fails_verify_and_restore_and_defines_nothing() {
     text.truncate(text.len() / 2);
     fs::write(&manifest, text).expect("damage");
 
-    let verify = daemon.fails(&["test-vm-backup", path(&set)]);
-    let restore = daemon.fails(&["restore-vm-backup", path(&set), "--as", "x"]);
+    let verify = daemon.fails(&["test-vm-backup", path_str(&set)]);
+    let restore = daemon.fails(&["restore-vm-backup", path_str(&set), "--as", "x"]);
 
     assert!(verify.contains("not a backup manifest"), "{verify}");
     assert!(restore.contains("not a backup manifest"), "{restore}");
@@ -208,8 +187,8 @@ fn an_altered_data_byte_fails_verify_and_restore() {
     bytes[file_offset as usize] ^= 0xff;
     fs::write(&image, bytes).expect("alter");
 
-    let verify = daemon.fails(&["test-vm-backup", path(&set)]);
-    let restore = daemon.fails(&["restore-vm-backup", path(&set), "--as", "x"]);
+    let verify = daemon.fails(&["test-vm-backup", path_str(&set)]);
+    let restore = daemon.fails(&["restore-vm-backup", path_str(&set), "--as", "x"]);
 
     assert!(verify.contains("do not match their checksum"), "{verify}");
     assert!(restore.contains("do not match their checksum"), "{restore}");
@@ -228,7 +207,7 @@ fn a_truncated_data_file_fails_verify() {
         .and_then(|f| f.set_len(length / 3))
         .expect("truncate");
 
-    let verify = daemon.fails(&["test-vm-backup", path(&set)]);
+    let verify = daemon.fails(&["test-vm-backup", path_str(&set)]);
 
     assert!(verify.contains("is not valid"), "{verify}");
 }
@@ -238,7 +217,7 @@ fn describing_a_folder_that_is_not_a_set_says_so() {
     let daemon = Daemon::start();
     let empty = tempfile::tempdir().expect("tempdir");
 
-    let error = daemon.fails(&["get-vm-backup", path(empty.path())]);
+    let error = daemon.fails(&["get-vm-backup", path_str(empty.path())]);
 
     assert!(error.contains("cannot read manifest.json"), "{error}");
 }

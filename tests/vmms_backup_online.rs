@@ -8,74 +8,29 @@
 mod vmms_common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use vmms_common::{Daemon, qemu_img_check_all, wait_until};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn vm_dir(daemon: &Daemon, target: &str) -> PathBuf {
-    let id = daemon.vm(target)["id"].as_str().expect("id").to_owned();
-    daemon.path().join("vms").join(id)
-}
-
-/// The absolute path of disk 0 of VM `target`.
-fn disk0(daemon: &Daemon, target: &str) -> PathBuf {
-    let vm = daemon.vm(target);
-    let disk = Path::new(vm["config"]["disks"][0]["path"].as_str().expect("disk")).to_path_buf();
-    if disk.is_absolute() {
-        disk
-    } else {
-        vm_dir(daemon, target).join("disks").join(disk)
-    }
-}
-
-/// Records the guest has written, from its worker's report.
-fn records(daemon: &Daemon, target: &str) -> u64 {
-    let mut records = None;
-    wait_until(&format!("{target}'s guest publishes its records"), || {
-        records = daemon.worker_report(target)["test_guest"]["records"].as_u64();
-        records.is_some()
-    });
-    records.expect("records in the worker report")
-}
-
-/// The valid records at the start of `image` (any format, read through its chain), and
-/// whether the block after them was never written (no torn record at the end).
-fn records_in(image: &Path) -> (u64, bool) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let raw = dir.path().join("disk.raw");
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(converted.success(), "qemu-img convert {}", image.display());
-    let bytes = fs::read(&raw).expect("raw image");
-    let count = vmms_guest::count_records(&bytes[..]).expect("count");
-    vmms_guest::verify_records(&bytes[..], count).expect("records whole");
-    let at = usize::try_from(count * 4096).expect("offset");
-    let next_clean = bytes
-        .get(at..at + 4096)
-        .is_none_or(|block| block.iter().all(|&b| b == 0));
-    (count, next_clean)
-}
+use vmms_common::{Daemon, path_str, qemu_img_check_all, records_in, wait_until};
 
 /// `backup-vm ... -o json`: the set's description.
 fn backup(daemon: &Daemon, target: &str, set: &Path, extra: &[&str]) -> Value {
-    let mut args = vec!["backup-vm", target, "--to", path(set), "--output", "json"];
+    let mut args = vec![
+        "backup-vm",
+        target,
+        "--to",
+        path_str(set),
+        "--output",
+        "json",
+    ];
     args.extend_from_slice(extra);
     serde_json::from_str(&daemon.ok(&args)).expect("backup-vm json")
 }
 
 /// No backup overlay, journal or partial set is left behind.
 fn assert_tidy(daemon: &Daemon, target: &str) {
-    let dir = vm_dir(daemon, target);
+    let dir = daemon.vm_dir(target);
     let leftovers: Vec<String> = fs::read_dir(dir.join("disks"))
         .expect("disks")
         .flatten()
@@ -91,13 +46,13 @@ fn busy_vm(daemon: &Daemon, name: &str) {
     daemon.new_vm(name, &["--new-disk", "16M"]);
     daemon.ok(&["start-vm", name]);
     daemon.console_command(name, "writeloop", "writeloop started");
-    wait_until("the workload writes", || records(daemon, name) > 20);
+    wait_until("the workload writes", || daemon.guest_records(name) > 20);
 }
 
 /// Stops the workload and turns the VM off; returns the records it wrote.
 fn quiet_and_off(daemon: &Daemon, name: &str) -> u64 {
     daemon.console_command(name, "stop", "writeloop stopped");
-    let written = records(daemon, name);
+    let written = daemon.guest_records(name);
     daemon.ok(&["stop-vm", name, "--turn-off"]);
     daemon.wait_state(name, 3);
     written
@@ -109,12 +64,12 @@ fn app_consistent_backup_of_a_busy_guest_restores_every_record_up_to_the_freeze(
     busy_vm(&daemon, "web");
     let sets = tempfile::tempdir().expect("tempdir");
     let set = sets.path().join("full");
-    let before = records(&daemon, "web");
+    let before = daemon.guest_records("web");
     let counter_before = daemon.counter("web");
 
     let info = backup(&daemon, "web", &set, &[]);
 
-    let after = records(&daemon, "web");
+    let after = daemon.guest_records("web");
     assert_eq!(
         info["report"]["consistency"], "ApplicationConsistent",
         "{info}"
@@ -124,21 +79,21 @@ fn app_consistent_backup_of_a_busy_guest_restores_every_record_up_to_the_freeze(
     assert_eq!(daemon.vm("web")["enabled_state"], 2, "the VM never stopped");
     daemon.counter_above("web", counter_before);
     wait_until("the workload writes after the backup", || {
-        records(&daemon, "web") > after
+        daemon.guest_records("web") > after
     });
     assert_tidy(&daemon, "web");
-    daemon.ok(&["test-vm-backup", path(&set)]);
-    daemon.ok(&["restore-vm-backup", path(&set), "--as", "web-copy"]);
-    let (restored, clean_end) = records_in(&disk0(&daemon, "web-copy"));
+    daemon.ok(&["test-vm-backup", path_str(&set)]);
+    daemon.ok(&["restore-vm-backup", path_str(&set), "--as", "web-copy"]);
+    let (restored, clean_end) = records_in(&daemon.disk("web-copy", 0));
     assert!(
         (before..=after).contains(&restored),
         "the set holds {restored} records, written {before} before and {after} after"
     );
     assert!(clean_end, "no torn record after the freeze point");
     let written = quiet_and_off(&daemon, "web");
-    let (on_source, _) = records_in(&disk0(&daemon, "web"));
+    let (on_source, _) = records_in(&daemon.disk("web", 0));
     assert_eq!(on_source, written, "the source lost nothing");
-    qemu_img_check_all(&vm_dir(&daemon, "web"));
+    qemu_img_check_all(&daemon.vm_dir("web"));
     qemu_img_check_all(&set);
 }
 
@@ -167,18 +122,23 @@ fn incremental_copies_the_changed_blocks_and_the_chain_restores_the_disk_exactly
     assert_eq!(info["chain"].as_array().map(Vec::len), Some(2));
     daemon.ok(&["stop-vm", "db", "--turn-off"]);
     daemon.wait_state("db", 3);
-    daemon.ok(&["test-vm-backup", path(&incremental)]);
-    daemon.ok(&["restore-vm-backup", path(&incremental), "--as", "db-copy"]);
+    daemon.ok(&["test-vm-backup", path_str(&incremental)]);
+    daemon.ok(&[
+        "restore-vm-backup",
+        path_str(&incremental),
+        "--as",
+        "db-copy",
+    ]);
     let compare = Command::new("qemu-img")
         .args(["compare", "-U"])
-        .arg(disk0(&daemon, "db"))
-        .arg(disk0(&daemon, "db-copy"))
+        .arg(daemon.disk("db", 0))
+        .arg(daemon.disk("db-copy", 0))
         .output()
         .expect("qemu-img compare");
     assert!(compare.status.success(), "{compare:?}");
     let chain_read = Command::new("qemu-img")
         .args(["compare", "-U"])
-        .arg(disk0(&daemon, "db"))
+        .arg(daemon.disk("db", 0))
         .arg(incremental.join("disk0.qcow2"))
         .output()
         .expect("qemu-img compare");
@@ -188,7 +148,7 @@ fn incremental_copies_the_changed_blocks_and_the_chain_restores_the_disk_exactly
     );
     let removed_base = sets.path().join("mon-moved");
     fs::rename(&full, &removed_base).expect("move the base away");
-    let broken = daemon.fails(&["test-vm-backup", path(&incremental)]);
+    let broken = daemon.fails(&["test-vm-backup", path_str(&incremental)]);
     assert!(broken.contains("is missing"), "{broken}");
 }
 
@@ -220,7 +180,7 @@ fn daemon_killed_at(step: &str, set_survives: bool) {
     let counter = daemon.counter("k");
     daemon.kill9();
     daemon.spawn_with(&[], &[("VMMS_FAULT", step)]);
-    let out = daemon.vmms(&["backup-vm", "k", "--to", path(&set)]);
+    let out = daemon.vmms(&["backup-vm", "k", "--to", path_str(&set)]);
     assert!(!out.status.success(), "the daemon died at {step}");
     assert!(daemon.exited_within(vmms_common::TIMEOUT).is_some());
 
@@ -236,9 +196,9 @@ fn daemon_killed_at(step: &str, set_survives: bool) {
     let next = backup(&daemon, "k", &sets.path().join("next"), &["--incremental"]);
     assert_eq!(next["report"]["kind"], "Full", "{step}: {next}");
     let written = quiet_and_off(&daemon, "k");
-    let (on_disk, _) = records_in(&disk0(&daemon, "k"));
+    let (on_disk, _) = records_in(&daemon.disk("k", 0));
     assert_eq!(on_disk, written, "{step}: the VM lost nothing");
-    qemu_img_check_all(&vm_dir(&daemon, "k"));
+    qemu_img_check_all(&daemon.vm_dir("k"));
 }
 
 #[test]
@@ -277,30 +237,30 @@ fn worker_killed_mid_backup_leaves_its_writes_on_the_disk_and_the_vm_restarts() 
             Command::new(vmms_common::vmms_binary())
                 .args([
                     "--store",
-                    path(&store),
+                    path_str(&store),
                     "backup-vm",
                     "w",
                     "--to",
-                    path(&set),
+                    path_str(&set),
                 ])
                 .output()
                 .expect("backup-vm")
         })
     };
     wait_until("the capture switched the disk", || {
-        fs::read_dir(vm_dir(&daemon, "w").join("disks"))
+        fs::read_dir(daemon.vm_dir("w").join("disks"))
             .expect("disks")
             .flatten()
             .any(|e| e.file_name().to_string_lossy().contains("~backup-"))
     });
-    let written_before_kill = records(&daemon, "w");
+    let written_before_kill = daemon.guest_records("w");
     vmms_common::kill9(u64::try_from(pid).expect("pid"));
 
     let out = cli.join().expect("cli thread");
 
     // The copy was of the frozen images, complete: the set stands even though the worker died.
     assert!(out.status.success(), "{out:?}");
-    daemon.ok(&["test-vm-backup", path(&set)]);
+    daemon.ok(&["test-vm-backup", path_str(&set)]);
     // The recovery action starts a fresh worker on the images the overlays were merged into.
     daemon.wait_state("w", 2);
     wait_until("a new worker runs the VM", || {
@@ -309,7 +269,7 @@ fn worker_killed_mid_backup_leaves_its_writes_on_the_disk_and_the_vm_restarts() 
     assert_tidy(&daemon, "w");
     daemon.ok(&["stop-vm", "w", "--turn-off"]);
     daemon.wait_state("w", 3);
-    let (on_disk, _) = records_in(&disk0(&daemon, "w"));
+    let (on_disk, _) = records_in(&daemon.disk("w", 0));
     // The guest counts a batch once written and flushes it after: a kill in between may lose
     // that one unflushed batch (a write cache's right), never a flushed record.
     let flushed = written_before_kill.saturating_sub(vmms_guest::protocol::WRITELOOP_BATCH);
@@ -326,7 +286,7 @@ fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
     fs::write(&elf, vmms_guest::ELF).expect("guest image");
     let args = [
         "--kernel",
-        path(&elf),
+        path_str(&elf),
         "--cmdline",
         cmdline,
         "--new-disk",
@@ -348,7 +308,7 @@ fn a_guest_without_an_agent_is_backed_up_crash_consistent_and_says_so() {
         "backup-vm",
         "mute",
         "--to",
-        path(&strict),
+        path_str(&strict),
         "--require-app-consistent",
     ]);
     let info = backup(&daemon, "mute", &sets.path().join("set"), &[]);
@@ -362,11 +322,11 @@ fn a_guest_without_an_agent_is_backed_up_crash_consistent_and_says_so() {
     assert_tidy(&daemon, "mute");
     daemon.ok(&[
         "restore-vm-backup",
-        path(&sets.path().join("set")),
+        path_str(&sets.path().join("set")),
         "--as",
         "copy",
     ]);
-    assert_eq!(records_in(&disk0(&daemon, "copy")).0, 10);
+    assert_eq!(records_in(&daemon.disk("copy", 0)).0, 10);
 }
 
 #[test]
@@ -386,7 +346,7 @@ fn a_freeze_that_never_answers_is_thawed_at_the_limit_and_the_backup_falls_back(
         "backup-vm",
         "stuck",
         "--to",
-        path(&sets.path().join("strict")),
+        path_str(&sets.path().join("strict")),
         "--freeze-limit",
         "1",
         "--require-app-consistent",

@@ -8,7 +8,7 @@
 mod vmms_common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use vmms_common::{Daemon, qemu_img_check_all, wait_until};
@@ -41,11 +41,6 @@ fn names(tree: &Value) -> Vec<String> {
     names
 }
 
-fn vm_dir(daemon: &Daemon, target: &str) -> PathBuf {
-    let id = daemon.vm(target)["id"].as_str().expect("id").to_owned();
-    daemon.path().join("vms").join(id)
-}
-
 fn qcow2_layers(dir: &Path) -> usize {
     fs::read_dir(dir.join("disks"))
         .expect("disks")
@@ -60,7 +55,7 @@ fn new_disk_is_a_qcow2_image_in_the_vm_folder() {
 
     daemon.new_vm("d", &["--new-disk", "8M"]);
 
-    let dir = vm_dir(&daemon, "d");
+    let dir = daemon.vm_dir("d");
     let image = dir.join("disks/disk0.qcow2");
     let info = std::process::Command::new("qemu-img")
         .args(["info", "--output", "json"])
@@ -89,7 +84,7 @@ fn bad_new_disk_size_is_refused_and_defines_nothing() {
 fn offline_tree_branches_merges_and_deletes_subtrees() {
     let daemon = Daemon::start();
     daemon.new_vm("t", &["--new-disk", "8M"]);
-    let dir = vm_dir(&daemon, "t");
+    let dir = daemon.vm_dir("t");
 
     daemon.ok(&["checkpoint-vm", "t", "--name", "a"]);
     daemon.ok(&["checkpoint-vm", "t", "--name", "b"]);
@@ -220,7 +215,7 @@ fn corrupt_tree_is_reported_and_leaves_other_vms_and_the_daemon_serving() {
     daemon.new_vm("bad", &[]);
     daemon.new_vm("good", &[]);
     daemon.ok(&["checkpoint-vm", "bad", "--name", "one"]);
-    let tree_file = vm_dir(&daemon, "bad").join("checkpoints/tree.json");
+    let tree_file = daemon.vm_dir("bad").join("checkpoints/tree.json");
     fs::write(&tree_file, b"{\"version\": 1, \"checkpoints\": [tru").expect("corrupt");
 
     let listed = daemon.fails(&["get-vm-checkpoint", "bad"]);
@@ -250,7 +245,7 @@ fn checkpoint_with_missing_memory_file_refuses_to_apply() {
         .as_str()
         .expect("id")
         .to_owned();
-    let state = vm_dir(&daemon, "m").join(format!("checkpoints/{cp}/state"));
+    let state = daemon.vm_dir("m").join(format!("checkpoints/{cp}/state"));
     fs::remove_file(state.join("memory.bin")).expect("remove memory");
 
     let refusal = daemon.fails(&["restore-vm-checkpoint", "m", "saved"]);
@@ -286,7 +281,7 @@ fn export_and_import_into_another_daemon_keeps_the_guest_state() {
     other.console_command("e", "write 1", "wrote 1 records, total 3");
     other.ok(&["stop-vm", "e", "--turn-off"]);
     assert_eq!(records_on_live_disk(&other, "e"), 3);
-    qemu_img_check_all(&vm_dir(&other, "e"));
+    qemu_img_check_all(&other.vm_dir("e"));
     let copy = other.ok(&["import-vm", target.to_str().expect("utf-8"), "--copy"]);
     assert_ne!(copy.trim(), id, "--copy gives a new id");
 }
@@ -322,7 +317,7 @@ fn records_on_live_disk(daemon: &Daemon, target: &str) -> u64 {
         .as_str()
         .expect("disk path")
         .to_owned();
-    let disk = vmms::snapshot::open_disk(&vm_dir(daemon, target).join("disks").join(path), true)
+    let disk = vmms::snapshot::open_disk(&daemon.vm_dir(target).join("disks").join(path), true)
         .expect("open live disk");
     let mut image = vec![0u8; 8 << 20];
     disk.read(0, &mut image).expect("read disk");
@@ -348,7 +343,7 @@ fn running_checkpoint_applied_later_continues_exactly_where_it_was_taken() {
     daemon.console_command("run", "write 4", "wrote 4 records, total 7");
     daemon.ok(&["stop-vm", "run", "--turn-off"]);
     assert_eq!(records_on_live_disk(&daemon, "run"), 7);
-    qemu_img_check_all(&vm_dir(&daemon, "run"));
+    qemu_img_check_all(&daemon.vm_dir("run"));
 
     daemon.ok(&["restore-vm-checkpoint", "run", "three"]);
     assert_eq!(daemon.vm("run")["enabled_state"], 6, "Saved");
@@ -362,7 +357,7 @@ fn running_checkpoint_applied_later_continues_exactly_where_it_was_taken() {
     daemon.console_command("run", "write 1", "wrote 1 records, total 4");
     daemon.ok(&["stop-vm", "run", "--turn-off"]);
     assert_eq!(records_on_live_disk(&daemon, "run"), 4);
-    qemu_img_check_all(&vm_dir(&daemon, "run"));
+    qemu_img_check_all(&daemon.vm_dir("run"));
 }
 
 #[test]
@@ -379,7 +374,7 @@ fn deleting_a_checkpoint_whose_layer_a_running_vm_reads_is_refused() {
     assert_eq!(names(&tree(&daemon, "busy")), ["base"]);
     daemon.ok(&["stop-vm", "busy", "--turn-off"]);
     daemon.ok(&["remove-vm-checkpoint", "busy", "base"]);
-    qemu_img_check_all(&vm_dir(&daemon, "busy"));
+    qemu_img_check_all(&daemon.vm_dir("busy"));
 }
 
 /// Applies checkpoint `cp` of `target`, starts it, and checks that the guest continues from
@@ -399,7 +394,7 @@ fn assert_applies_to(daemon: &Daemon, target: &str, cp: &str, records: u64) {
         total,
         "checkpoint {cp}"
     );
-    qemu_img_check_all(&vm_dir(daemon, target));
+    qemu_img_check_all(&daemon.vm_dir(target));
 }
 
 #[test]
@@ -418,7 +413,7 @@ fn every_checkpoint_of_a_branched_tree_applies_exactly_after_merges_and_subtree_
     daemon.console_command("tree", "write 3", "wrote 3 records, total 4");
     daemon.ok(&["checkpoint-vm", "tree", "--name", "d"]);
     daemon.ok(&["stop-vm", "tree", "--turn-off"]);
-    let dir = vm_dir(&daemon, "tree");
+    let dir = daemon.vm_dir("tree");
     qemu_img_check_all(&dir);
     let layers = qcow2_layers(&dir);
 

@@ -11,63 +11,10 @@
 mod vmms_common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use serde_json::Value;
-use vmms_common::{Daemon, qemu_img_check_all, wait_until};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn vm_dir(daemon: &Daemon, target: &str) -> PathBuf {
-    let id = daemon.vm(target)["id"].as_str().expect("id").to_owned();
-    daemon.path().join("vms").join(id)
-}
-
-/// The absolute path of disk 0 of VM `target` (its live layer).
-fn disk0(daemon: &Daemon, target: &str) -> PathBuf {
-    let vm = daemon.vm(target);
-    let disk = Path::new(vm["config"]["disks"][0]["path"].as_str().expect("disk")).to_path_buf();
-    if disk.is_absolute() {
-        disk
-    } else {
-        vm_dir(daemon, target).join("disks").join(disk)
-    }
-}
-
-/// Records the guest has written (or found on its disk at boot), from its worker's report.
-fn records(daemon: &Daemon, target: &str) -> u64 {
-    let mut records = None;
-    wait_until(&format!("{target}'s guest publishes its records"), || {
-        records = daemon.worker_report(target)["test_guest"]["records"].as_u64();
-        records.is_some()
-    });
-    records.expect("records in the worker report")
-}
-
-/// The valid records at the start of `image` (read through its chain), and whether the block
-/// after them was never written (no torn record at the end).
-fn records_in(image: &Path) -> (u64, bool) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let raw = dir.path().join("disk.raw");
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(converted.success(), "qemu-img convert {}", image.display());
-    let bytes = fs::read(&raw).expect("raw image");
-    let count = vmms_guest::count_records(&bytes[..]).expect("count");
-    vmms_guest::verify_records(&bytes[..], count).expect("records whole");
-    let at = usize::try_from(count * 4096).expect("offset");
-    let next_clean = bytes
-        .get(at..at + 4096)
-        .is_none_or(|block| block.iter().all(|&b| b == 0));
-    (count, next_clean)
-}
+use vmms_common::{Daemon, path_str, qemu_img_check_all, records_in, wait_until};
 
 /// `get-vm-checkpoint TARGET -o json`.
 fn tree(daemon: &Daemon, target: &str) -> Value {
@@ -94,7 +41,7 @@ fn checkpoint(daemon: &Daemon, target: &str, name: &str, kind: &str) -> std::pro
 
 /// Every file under the VM's `disks/` and `checkpoints/` (names), for "nothing changed" checks.
 fn files(daemon: &Daemon, target: &str) -> Vec<String> {
-    let dir = vm_dir(daemon, target);
+    let dir = daemon.vm_dir(target);
     let mut names = Vec::new();
     for sub in ["disks", "checkpoints"] {
         for entry in fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
@@ -110,7 +57,7 @@ fn busy_vm(daemon: &Daemon, name: &str) {
     daemon.new_vm(name, &["--new-disk", "16M", "--recovery", "none"]);
     daemon.ok(&["start-vm", name]);
     daemon.console_command(name, "writeloop", "writeloop started");
-    wait_until("the workload writes", || records(daemon, name) > 20);
+    wait_until("the workload writes", || daemon.guest_records(name) > 20);
 }
 
 /// A VM booting the test guest as a kernel with `cmdline` (`agent=off`, `agent=hang-freeze`),
@@ -120,7 +67,7 @@ fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
     fs::write(&elf, vmms_guest::ELF).expect("guest image");
     let args = [
         "--kernel",
-        path(&elf),
+        path_str(&elf),
         "--cmdline",
         cmdline,
         "--new-disk",
@@ -137,13 +84,13 @@ fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
 fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_records() {
     let daemon = Daemon::start();
     busy_vm(&daemon, "db");
-    let before = records(&daemon, "db");
+    let before = daemon.guest_records("db");
     let counter_before = daemon.counter("db");
 
     let out = checkpoint(&daemon, "db", "app", "production");
 
     assert!(out.status.success(), "{out:?}\n{}", daemon.log());
-    let after = records(&daemon, "db");
+    let after = daemon.guest_records("db");
     let cp = node(&daemon, "db", "app");
     assert_eq!(cp["consistency"], "production", "{cp}");
     assert_eq!(cp["has_saved_state"], false, "{cp}");
@@ -151,19 +98,20 @@ fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_
     assert_eq!(daemon.vm("db")["enabled_state"], 2, "the VM never stopped");
     daemon.counter_above("db", counter_before);
     wait_until("the workload writes after the checkpoint", || {
-        records(&daemon, "db") > after
+        daemon.guest_records("db") > after
     });
-    let cp_dir = vm_dir(&daemon, "db")
+    let cp_dir = daemon
+        .vm_dir("db")
         .join("checkpoints")
         .join(cp["id"].as_str().expect("id"));
     assert!(!cp_dir.join("state").exists(), "no memory captured");
 
     daemon.console_command("db", "stop", "writeloop stopped");
-    let written = records(&daemon, "db");
+    let written = daemon.guest_records("db");
     daemon.ok(&["stop-vm", "db", "--turn-off"]);
     daemon.wait_state("db", 3);
     assert_eq!(
-        records_in(&disk0(&daemon, "db")).0,
+        records_in(&daemon.disk("db", 0)).0,
         written,
         "the live disk"
     );
@@ -174,7 +122,7 @@ fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_
         3,
         "a production checkpoint applies Off"
     );
-    let (at_freeze, clean_end) = records_in(&disk0(&daemon, "db"));
+    let (at_freeze, clean_end) = records_in(&daemon.disk("db", 0));
     assert!(
         (before..=after).contains(&at_freeze),
         "the checkpoint holds {at_freeze} records, written {before} before and {after} after"
@@ -182,7 +130,7 @@ fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_
     assert!(clean_end, "no torn record after the freeze point");
     daemon.ok(&["start-vm", "db"]);
     assert_eq!(
-        records(&daemon, "db"),
+        daemon.guest_records("db"),
         at_freeze,
         "the guest boots from them"
     );
@@ -190,7 +138,7 @@ fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_
     daemon.console_command("db", "write 1", &format!("total {total}"));
     daemon.ok(&["stop-vm", "db", "--turn-off"]);
     daemon.wait_state("db", 3);
-    qemu_img_check_all(&vm_dir(&daemon, "db"));
+    qemu_img_check_all(&daemon.vm_dir("db"));
 }
 
 #[test]
@@ -237,7 +185,7 @@ fn without_an_agent_production_falls_back_to_standard_and_production_only_change
     daemon.console_command("mute", "write 1", "wrote 1 records, total 12");
     daemon.ok(&["stop-vm", "mute", "--turn-off"]);
     daemon.wait_state("mute", 3);
-    qemu_img_check_all(&vm_dir(&daemon, "mute"));
+    qemu_img_check_all(&daemon.vm_dir("mute"));
 }
 
 #[test]
@@ -292,9 +240,9 @@ fn daemon_killed_at(step: &str, kept: bool) {
 
     assert_eq!(daemon.vm("k")["enabled_state"], 2, "{step}: the VM ran on");
     // Frozen at the kill, the guest writes again once the worker's hold limit thaws it.
-    let at_restart = records(&daemon, "k");
+    let at_restart = daemon.guest_records("k");
     wait_until("the guest is thawed and writes", || {
-        records(&daemon, "k") > at_restart + 5
+        daemon.guest_records("k") > at_restart + 5
     });
     let names = daemon.checkpoint_names("k");
     let after = files(&daemon, "k");
@@ -314,15 +262,15 @@ fn daemon_killed_at(step: &str, kept: bool) {
         assert_eq!(layers, layers_before, "{step}: no stray overlay");
     }
     daemon.console_command("k", "stop", "writeloop stopped");
-    let written = records(&daemon, "k");
+    let written = daemon.guest_records("k");
     daemon.ok(&["stop-vm", "k", "--turn-off"]);
     daemon.wait_state("k", 3);
     assert_eq!(
-        records_in(&disk0(&daemon, "k")).0,
+        records_in(&daemon.disk("k", 0)).0,
         written,
         "{step}: nothing lost"
     );
-    qemu_img_check_all(&vm_dir(&daemon, "k"));
+    qemu_img_check_all(&daemon.vm_dir("k"));
 }
 
 #[test]
@@ -354,9 +302,9 @@ fn a_freeze_thawed_at_its_hold_limit_before_the_switch_falls_back_or_fails() {
         "{refusal}"
     );
     assert_eq!(files(&daemon, "slow"), files_before, "nothing was made");
-    let at_refusal = records(&daemon, "slow");
+    let at_refusal = daemon.guest_records("slow");
     wait_until("the thawed guest writes", || {
-        records(&daemon, "slow") > at_refusal + 5
+        daemon.guest_records("slow") > at_refusal + 5
     });
 
     let fell_back = checkpoint(&daemon, "slow", "prod", "production");
@@ -368,9 +316,9 @@ fn a_freeze_thawed_at_its_hold_limit_before_the_switch_falls_back_or_fails() {
     let reason = cp["quiesce_failure"].as_str().unwrap_or("");
     assert!(reason.contains("were not frozen"), "{cp}");
     assert_eq!(daemon.vm("slow")["enabled_state"], 2);
-    let after = records(&daemon, "slow");
+    let after = daemon.guest_records("slow");
     wait_until("the guest writes on", || {
-        records(&daemon, "slow") > after + 5
+        daemon.guest_records("slow") > after + 5
     });
 }
 

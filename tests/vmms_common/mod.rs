@@ -465,6 +465,34 @@ impl Daemon {
         u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
     }
 
+    /// The folder of VM `target` in the store (`vms/<GUID>`).
+    pub fn vm_dir(&self, target: &str) -> PathBuf {
+        let id = self.vm(target)["id"].as_str().expect("id").to_owned();
+        self.path().join("vms").join(id)
+    }
+
+    /// The absolute path of disk `index` of VM `target` (its live layer).
+    pub fn disk(&self, target: &str, index: usize) -> PathBuf {
+        let vm = self.vm(target);
+        let disk = Path::new(vm["config"]["disks"][index]["path"].as_str().expect("disk"));
+        if disk.is_absolute() {
+            disk.to_path_buf()
+        } else {
+            self.vm_dir(target).join("disks").join(disk)
+        }
+    }
+
+    /// Records the test guest has written (or found on its disk at boot), from its worker's
+    /// report.
+    pub fn guest_records(&self, target: &str) -> u64 {
+        let mut records = None;
+        wait_until(&format!("{target}'s guest publishes its records"), || {
+            records = self.worker_report(target)["test_guest"]["records"].as_u64();
+            records.is_some()
+        });
+        records.expect("records in the worker report")
+    }
+
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
         // A worker just started (a pooled one reports as soon as it is ready) may answer before
@@ -684,4 +712,32 @@ impl Daemon {
         names.sort();
         names
     }
+}
+
+/// `p` as the UTF-8 argument a CLI call takes.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The valid test-guest records at the start of `image` (any format, read through its chain
+/// with `qemu-img`), and whether the block after them was never written (no torn record at the
+/// end).
+pub fn records_in(image: &Path) -> (u64, bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(converted.success(), "qemu-img convert {}", image.display());
+    let bytes = fs::read(&raw).expect("raw image");
+    let count = vmms::guest::count_records(&bytes[..]).expect("count");
+    vmms::guest::verify_records(&bytes[..], count).expect("records whole");
+    let at = usize::try_from(count * 4096).expect("offset");
+    let next_clean = bytes
+        .get(at..at + 4096)
+        .is_none_or(|block| block.iter().all(|&b| b == 0));
+    (count, next_clean)
 }
