@@ -41,9 +41,10 @@ fn assert_tidy(daemon: &Daemon, target: &str) {
     assert!(!dir.join("backup-session.json").exists(), "journal left");
 }
 
-/// A running VM with a 16 MiB disk, its record workload writing continuously.
+/// A running VM with a 64 MiB disk (room for a minute of `writeloop`), its record workload
+/// writing continuously.
 fn busy_vm(daemon: &Daemon, name: &str) {
-    daemon.new_vm(name, &["--new-disk", "16M"]);
+    daemon.new_vm(name, &["--new-disk", "64M"]);
     daemon.ok(&["start-vm", name]);
     daemon.console_command(name, "writeloop", "writeloop started");
     wait_until("the workload writes", || daemon.guest_records(name) > 20);
