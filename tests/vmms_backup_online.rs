@@ -280,29 +280,11 @@ fn worker_killed_mid_backup_leaves_its_writes_on_the_disk_and_the_vm_restarts() 
     );
 }
 
-/// A VM booting the test guest as a kernel with `cmdline` (e.g. `agent=off`), an 8 MiB disk and
-/// 10 records on it, running.
-fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
-    let elf = dir.join(format!("{name}.elf"));
-    fs::write(&elf, vmms_guest::ELF).expect("guest image");
-    let args = [
-        "--kernel",
-        path_str(&elf),
-        "--cmdline",
-        cmdline,
-        "--new-disk",
-        "8M",
-    ];
-    daemon.new_vm(name, &args);
-    daemon.ok(&["start-vm", name]);
-    daemon.console_command(name, "write 10", "wrote 10 records, total 10");
-}
-
 #[test]
 fn a_guest_without_an_agent_is_backed_up_crash_consistent_and_says_so() {
     let daemon = Daemon::start();
     let sets = tempfile::tempdir().expect("tempdir");
-    guest_with_cmdline(&daemon, "mute", "agent=off", sets.path());
+    daemon.start_guest_with_cmdline("mute", "agent=off", sets.path(), &[]);
     let strict = sets.path().join("strict");
 
     let refused = daemon.fails(&[
@@ -334,7 +316,7 @@ fn a_guest_without_an_agent_is_backed_up_crash_consistent_and_says_so() {
 fn a_freeze_that_never_answers_is_thawed_at_the_limit_and_the_backup_falls_back() {
     let daemon = Daemon::start();
     let sets = tempfile::tempdir().expect("tempdir");
-    guest_with_cmdline(&daemon, "stuck", "agent=hang-freeze", sets.path());
+    daemon.start_guest_with_cmdline("stuck", "agent=hang-freeze", sets.path(), &[]);
     let started = std::time::Instant::now();
 
     let info = backup(

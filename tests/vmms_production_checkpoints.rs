@@ -11,10 +11,9 @@
 mod vmms_common;
 
 use std::fs;
-use std::path::Path;
 
 use serde_json::Value;
-use vmms_common::{Daemon, path_str, qemu_img_check_all, records_in, wait_until};
+use vmms_common::{Daemon, qemu_img_check_all, records_in, wait_until};
 
 /// `get-vm-checkpoint TARGET -o json`.
 fn tree(daemon: &Daemon, target: &str) -> Value {
@@ -60,26 +59,6 @@ fn busy_vm(daemon: &Daemon, name: &str) {
     daemon.ok(&["start-vm", name]);
     daemon.console_command(name, "writeloop", "writeloop started");
     wait_until("the workload writes", || daemon.guest_records(name) > 20);
-}
-
-/// A VM booting the test guest as a kernel with `cmdline` (`agent=off`, `agent=hang-freeze`),
-/// an 8 MiB disk and 10 records on it, running.
-fn guest_with_cmdline(daemon: &Daemon, name: &str, cmdline: &str, dir: &Path) {
-    let elf = dir.join(format!("{name}.elf"));
-    fs::write(&elf, vmms_guest::ELF).expect("guest image");
-    let args = [
-        "--kernel",
-        path_str(&elf),
-        "--cmdline",
-        cmdline,
-        "--new-disk",
-        "8M",
-        "--recovery",
-        "none",
-    ];
-    daemon.new_vm(name, &args);
-    daemon.ok(&["start-vm", name]);
-    daemon.console_command(name, "write 10", "wrote 10 records, total 10");
 }
 
 #[test]
@@ -146,7 +125,7 @@ fn production_checkpoint_of_a_busy_guest_is_app_consistent_and_boots_from_whole_
 fn without_an_agent_production_falls_back_to_standard_and_production_only_changes_nothing() {
     let daemon = Daemon::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    guest_with_cmdline(&daemon, "mute", "agent=off", dir.path());
+    daemon.start_guest_with_cmdline("mute", "agent=off", dir.path(), &["--recovery", "none"]);
     let files_before = files(&daemon, "mute");
 
     let refused = checkpoint(&daemon, "mute", "only", "production-only");
@@ -193,7 +172,12 @@ fn without_an_agent_production_falls_back_to_standard_and_production_only_change
 fn a_freeze_that_never_answers_falls_back_or_fails_and_the_guest_runs_on() {
     let daemon = Daemon::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    guest_with_cmdline(&daemon, "stuck", "agent=hang-freeze", dir.path());
+    daemon.start_guest_with_cmdline(
+        "stuck",
+        "agent=hang-freeze",
+        dir.path(),
+        &["--recovery", "none"],
+    );
     let files_before = files(&daemon, "stuck");
 
     let refused = checkpoint(&daemon, "stuck", "only", "production-only");

@@ -493,6 +493,26 @@ impl Daemon {
         records.expect("records in the worker report")
     }
 
+    /// Defines and starts VM `name` booting the test guest as a kernel (its image written into
+    /// `dir`) with `cmdline` (`agent=off`, `agent=hang-freeze`, …), an 8 MiB disk and the
+    /// `extra` `new-vm` arguments, and writes 10 records.
+    pub fn start_guest_with_cmdline(&self, name: &str, cmdline: &str, dir: &Path, extra: &[&str]) {
+        let elf = dir.join(format!("{name}.elf"));
+        fs::write(&elf, vmms::guest::ELF).expect("guest image");
+        let mut args = vec![
+            "--kernel",
+            path_str(&elf),
+            "--cmdline",
+            cmdline,
+            "--new-disk",
+            "8M",
+        ];
+        args.extend_from_slice(extra);
+        self.new_vm(name, &args);
+        self.ok(&["start-vm", name]);
+        self.console_command(name, "write 10", "wrote 10 records, total 10");
+    }
+
     /// The test guest's counter in `target`'s worker report.
     pub fn counter(&self, target: &str) -> u64 {
         // A worker just started (a pooled one reports as soon as it is ready) may answer before

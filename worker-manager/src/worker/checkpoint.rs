@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use partition::memory::{DirtyRange, PAGE_SIZE};
 use partition::{Partition, PartitionConfig, RunState};
-use vmm_core::{CheckpointReport, CheckpointRequest, fault};
+use vmm_core::{CheckpointReport, CheckpointRequest, DiskOverlay, fault};
 
 use super::machine::{STATE_FILE, create_private, partition_failure};
 use super::overlays::{
@@ -171,21 +171,7 @@ pub(crate) fn checkpoint(
     create_overlays(partition, config, &request.overlays)?;
     fault::point("worker.checkpoint.after-precopy");
 
-    let pause_started = Instant::now();
-    if was_running {
-        let paused = partition.pause().map_err(|e| partition_failure(&e));
-        let stopped = match partition.run_state() {
-            RunState::Stopped(reason) => Some(Failure::invalid_state(format!(
-                "guest stopped during the checkpoint: {reason}"
-            ))),
-            _ => None,
-        };
-        if let Some(failure) = paused.err().or(stopped) {
-            remove_overlays(&request.overlays);
-            return Err(failure);
-        }
-    }
-    fault::point("worker.checkpoint.after-pause");
+    let pause_started = pause_for_switch(partition, was_running, &request.overlays)?;
     let paused = paused_part(partition, config, tracking, request, &plan, &mut written);
     let (dirty_in_pause, state_id) = match paused {
         Ok(done) => done,
@@ -265,6 +251,32 @@ fn final_copy(
 
 /// Refuses a request that names a disk that is not there, read-only or listed twice, an overlay
 /// or state folder that already exists, or a staging folder that does not.
+/// Pauses a running guest for a checkpoint's disk switch; returns when the pause began. A guest
+/// that cannot be paused, or stopped meanwhile, fails the checkpoint, and the overlays made for
+/// it are removed.
+pub(super) fn pause_for_switch(
+    partition: &mut Partition,
+    was_running: bool,
+    overlays: &[DiskOverlay],
+) -> Result<Instant, Failure> {
+    let pause_started = Instant::now();
+    if was_running {
+        let paused = partition.pause().map_err(|e| partition_failure(&e));
+        let stopped = match partition.run_state() {
+            RunState::Stopped(reason) => Some(Failure::invalid_state(format!(
+                "guest stopped during the checkpoint: {reason}"
+            ))),
+            _ => None,
+        };
+        if let Some(failure) = paused.err().or(stopped) {
+            remove_overlays(overlays);
+            return Err(failure);
+        }
+    }
+    fault::point("worker.checkpoint.after-pause");
+    Ok(pause_started)
+}
+
 pub(crate) fn check_request(
     config: &PartitionConfig,
     request: &CheckpointRequest,

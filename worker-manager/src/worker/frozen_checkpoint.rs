@@ -14,7 +14,7 @@ use std::time::Instant;
 use partition::{Partition, PartitionConfig, RunState};
 use vmm_core::{CheckpointContent, CheckpointReport, CheckpointRequest, fault};
 
-use super::checkpoint::{StagingLock, check_request};
+use super::checkpoint::{StagingLock, check_request, pause_for_switch};
 use super::machine::partition_failure;
 use super::overlays::{create_overlays, remove_overlays, switch_back, switch_disks};
 use crate::protocol::Failure;
@@ -58,21 +58,7 @@ pub(crate) fn frozen_disks(
     create_overlays(partition, config, &request.overlays)?;
     fault::point("worker.checkpoint.after-precopy");
 
-    let pause_started = Instant::now();
-    if was_running {
-        let paused = partition.pause().map_err(|e| partition_failure(&e));
-        let stopped = match partition.run_state() {
-            RunState::Stopped(reason) => Some(Failure::invalid_state(format!(
-                "guest stopped during the checkpoint: {reason}"
-            ))),
-            _ => None,
-        };
-        if let Some(failure) = paused.err().or(stopped) {
-            remove_overlays(&request.overlays);
-            return Err(failure);
-        }
-    }
-    fault::point("worker.checkpoint.after-pause");
+    let pause_started = pause_for_switch(partition, was_running, &request.overlays)?;
     let committed = switch_and_commit(partition, config, request, freeze_held);
     if was_running {
         let resumed = partition.resume().map_err(|e| partition_failure(&e));
