@@ -154,8 +154,12 @@ fn idle_workers_build_their_vm_out_to_the_shape_started_last_and_serve_any_shape
         c_log.contains("built out to 48 MiB, 2 vCPUs"),
         "prepared for the last shape: {c_log}"
     );
+    // The kernel may merge the guest's mapping with an adjacent anonymous one of the same
+    // flags, so it shows as at least, not exactly, 16 MiB; a 48 MiB one would be the idle shape's.
     assert!(
-        mapping_sizes_kib(c.pid()).contains(&(16 << 10)),
+        mapping_sizes_kib(c.pid())
+            .iter()
+            .any(|&kib| (16 << 10..48 << 10).contains(&kib)),
         "a VM of another shape still gets its own memory"
     );
     for worker in [a, b, c] {
