@@ -217,13 +217,7 @@ fn paused_part(
         })
         .and_then(|()| {
             fault::point("worker.checkpoint.after-overlays");
-            fault::point("worker.checkpoint.before-commit");
-            vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
-                Failure::failed(format!(
-                    "cannot commit {}: {e}",
-                    request.state_dir.display()
-                ))
-            })
+            commit(request)
         });
     if let Err(failure) = result {
         switch_back(partition, config, switched);
@@ -251,6 +245,18 @@ fn final_copy(
 
 /// Refuses a request that names a disk that is not there, read-only or listed twice, an overlay
 /// or state folder that already exists, or a staging folder that does not.
+/// The worker's commit point of a running checkpoint: its staging folder renamed to the
+/// committed one. Before it the service rolls the checkpoint back, after it forward.
+pub(super) fn commit(request: &CheckpointRequest) -> Result<(), Failure> {
+    fault::point("worker.checkpoint.before-commit");
+    vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
+        Failure::failed(format!(
+            "cannot commit {}: {e}",
+            request.state_dir.display()
+        ))
+    })
+}
+
 /// Pauses a running guest for a checkpoint's disk switch; returns when the pause began. A guest
 /// that cannot be paused, or stopped meanwhile, fails the checkpoint, and the overlays made for
 /// it are removed.

@@ -14,7 +14,7 @@ use std::time::Instant;
 use partition::{Partition, PartitionConfig, RunState};
 use vmm_core::{CheckpointContent, CheckpointReport, CheckpointRequest, fault};
 
-use super::checkpoint::{StagingLock, check_request, pause_for_switch};
+use super::checkpoint::{StagingLock, check_request, commit, pause_for_switch};
 use super::machine::partition_failure;
 use super::overlays::{create_overlays, remove_overlays, switch_back, switch_disks};
 use crate::protocol::Failure;
@@ -99,15 +99,7 @@ fn switch_and_commit(
                 false => Err(not_frozen("while the disks were switched")),
             }
         })
-        .and_then(|()| {
-            fault::point("worker.checkpoint.before-commit");
-            vmm_core::atomic_file::commit_dir(&request.staging, &request.state_dir).map_err(|e| {
-                Failure::failed(format!(
-                    "cannot commit {}: {e}",
-                    request.state_dir.display()
-                ))
-            })
-        });
+        .and_then(|()| commit(request));
     if let Err(failure) = result {
         switch_back(partition, config, switched);
         remove_overlays(&request.overlays);
