@@ -9,10 +9,9 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::images::{assert_clean, count_records, qemu_img};
-use common::{Console, Fixture, TIMEOUT, counter};
+use common::{Console, Fixture, counter, wait_until};
 use vmm_core::{
     CheckpointReport, CheckpointRequest, DiskConfig, DiskOverlay, LaunchMode, VmConfig, Worker,
     WorkerError, WorkerLauncher,
@@ -85,14 +84,6 @@ fn boot_with_records(fixture: &Fixture, vm: &Vm, records: u64) -> (Box<dyn Worke
 fn write_records(console: &mut Console, count: u64, total: u64, from: usize) -> usize {
     console.send(&format!("write {count}\r"));
     console.wait_for(&format!("wrote {count} records, total {total}"), from)
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The test guest's status block in a committed state folder's memory (newest layer that has

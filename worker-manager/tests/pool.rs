@@ -7,27 +7,11 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
-use std::thread;
-use std::time::{Duration, Instant};
 
-use common::{Console, Fixture, TIMEOUT};
+use common::{Console, Fixture, TIMEOUT, pid_alive, wait_until};
 use vmm_core::{VmConfig, WorkerLauncher, WorkerStatus};
 use vmms_guest::protocol::BANNER;
 use worker_manager::LauncherOptions;
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.contains(") Z "))
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
@@ -58,7 +42,7 @@ fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
     let log = fs::read_to_string(fixture.launcher.runtime_dir(vm.id).log_file()).unwrap();
     assert!(log.contains("(pool worker)"), "{log}");
     worker.turn_off().unwrap();
-    wait_until("the worker exits", || !alive(worker.pid()));
+    wait_until("the worker exits", || !pid_alive(worker.pid()));
 }
 
 /// The size in KiB of each mapping of process `pid`.
@@ -102,7 +86,7 @@ fn a_pool_worker_builds_the_vm_it_created_while_idle_to_the_assigned_config() {
     );
     assert!(counted > 0);
     worker.turn_off().unwrap();
-    wait_until("the worker exits", || !alive(worker.pid()));
+    wait_until("the worker exits", || !pid_alive(worker.pid()));
 }
 
 /// Boots `config` on the idle pool worker once the pool holds one that is not `not`, and waits
@@ -211,7 +195,7 @@ fn idle_pool_workers_exit_when_their_launcher_goes_away() {
     drop(fixture);
 
     for pid in idle {
-        wait_until("the idle worker exits", || !alive(pid));
+        wait_until("the idle worker exits", || !pid_alive(pid));
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Console, Fixture, TIMEOUT, counter};
+use common::{Console, Fixture, TIMEOUT, counter, pid_alive, wait_until};
 use vmm_core::{
     BootSource, LaunchMode, StopReason, VmConfig, WorkerError, WorkerEvent, WorkerLauncher,
     WorkerStatus,
@@ -20,19 +20,6 @@ use vmm_core::{
 use vmms_guest::protocol::{BANNER, STATUS_GPA};
 use worker_manager::protocol::{FromWorker, PROTOCOL_VERSION, ToWorker, read_frame, write_frame};
 use worker_manager::{LauncherOptions, MEMORY_FILE, STATE_FILE};
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.contains(") Z "))
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn launched_worker_boots_the_test_guest_and_serves_its_console() {
