@@ -288,24 +288,13 @@ impl ProcessLauncher {
             .stderr(log_err)
             .env(READY_FD_ENV, ready_fd.to_string())
             .env(LOCK_FD_ENV, lock_fd.to_string());
-        // SAFETY: the closure runs in the forked child before exec and calls only
-        // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
-        unsafe {
-            command.pre_exec(move || prepare_child(&[ready_fd, lock_fd]));
-        }
-        let spawned = command.spawn();
+        let spawned = spawn_worker(&mut command, [ready_fd, lock_fd], &self.program);
         // The child has its copies; ours must go so that the pipe reports EOF if the child dies
         // and the lock is held by the child alone.
         drop(ready_tx);
         drop(lock);
         drop(command);
-        let child = spawned.map_err(|source| Error::Spawn {
-            program: self.program.clone(),
-            source,
-        })?;
-        let pid = child.id();
-        // The child is reaped by the exit watcher (waitpid), not through `Child`.
-        drop(child);
+        let pid = spawned?;
         fault::point("launch.after-spawn");
         let pidfd = PidFd::open(pid).map_err(|e| Error::io(format!("/proc/{pid}"), e))?;
 
@@ -538,6 +527,26 @@ fn read_pool_ready(channel: &UnixStream, timeout: Duration) -> Result<PoolReady>
         }
         Err(_) => Err(Error::Disconnected),
     }
+}
+
+/// Spawns a worker from `command`, prepared by [`prepare_child`] to keep `keep` open across
+/// exec; returns its pid. The child is reaped by the exit watcher (waitpid), not through
+/// `Child`, so the handle is let go at once.
+pub(crate) fn spawn_worker<const N: usize>(
+    command: &mut Command,
+    keep: [RawFd; N],
+    program: &Path,
+) -> Result<u32> {
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
+    unsafe {
+        command.pre_exec(move || prepare_child(&keep));
+    }
+    let child = command.spawn().map_err(|source| Error::Spawn {
+        program: program.to_path_buf(),
+        source,
+    })?;
+    Ok(child.id())
 }
 
 /// In the forked child, before exec: a session of its own (no terminal signals, survives the

@@ -28,7 +28,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -202,20 +201,10 @@ impl PoolSpawner {
         if let Some((memory_mib, vcpus)) = shape {
             command.env(POOL_SHAPE_ENV, shape_value(memory_mib, vcpus));
         }
-        // SAFETY: the closure runs in the forked child before exec and calls only
-        // async-signal-safe functions (setsid, sigprocmask, fcntl) on values it owns.
-        unsafe {
-            command.pre_exec(move || crate::launcher::prepare_child(&[fd]));
-        }
-        let spawned = command.spawn();
+        let spawned = crate::launcher::spawn_worker(&mut command, [fd], &self.program);
         drop(theirs);
         drop(command);
-        let child = spawned.map_err(|source| Error::Spawn {
-            program: self.program.clone(),
-            source,
-        })?;
-        let pid = child.id();
-        drop(child);
+        let pid = spawned?;
         let pidfd = PidFd::open(pid).map_err(|e| Error::io(format!("/proc/{pid}"), e))?;
         let said = ours
             .set_read_timeout(Some(IDLE_TIMEOUT))
