@@ -10,7 +10,7 @@
 //!    VM's own folder, its runtime folder, its disks, its kernel and `/dev/kvm`, and no TCP port
 //!    may be bound or connected.
 //! 3. [`install_seccomp`], after set-up and before the first `KVM_RUN`: the syscall allowlist of
-//!    [`super::syscalls`], on every thread at once; anything else kills the process, which the
+//!    [`super::syscalls`] (compiled by [`super::syscall_filter`]), on every thread at once; anything else kills the process, which the
 //!    supervisor reports like any crash ("bad system call").
 //!
 //! `--no-confinement` (the daemon's, passed to its workers) skips 2 and 3 for debugging; the
@@ -56,7 +56,7 @@ pub enum ConfinementError {
     LandlockPath(#[from] landlock::PathFdError),
     /// The seccomp filter could not be built.
     #[error("seccomp filter")]
-    SeccompBuild(#[from] seccompiler::BackendError),
+    SeccompBuild(#[from] super::syscall_filter::FilterError),
     /// The seccomp filter could not be installed.
     #[error("seccomp install")]
     SeccompInstall(#[from] seccompiler::Error),
@@ -175,42 +175,31 @@ fn describe(ruleset: RulesetStatus, kernel: LandlockStatus) -> String {
     format!("{how}{abi}")
 }
 
-/// Step 3: the syscall allowlist on every thread, plus `clone3` → `ENOSYS` so that thread
-/// creation goes through `clone`, whose flags the allowlist can check.
+/// Step 3: the syscall allowlist on every thread (`clone3` answered `ENOSYS`, so that thread
+/// creation goes through `clone`, whose flags the allowlist can check).
 pub(crate) fn install_seccomp() -> Result<(), ConfinementError> {
-    let [fallback, allowlist] = compiled_programs()?;
-    seccompiler::apply_filter_all_threads(fallback)?;
-    seccompiler::apply_filter_all_threads(allowlist)?;
+    seccompiler::apply_filter_all_threads(compiled_program()?)?;
     Ok(())
 }
 
-/// The filters of [`install_seccomp`], compiled once per process: a pool worker compiles them
-/// while it waits for its VM, so a start does not wait for it. The filters depend on nothing
+/// The filter of [`install_seccomp`], compiled once per process: a pool worker compiles it
+/// while it waits for its VM, so a start does not wait for it. The filter depends on nothing
 /// about the VM.
-pub(crate) fn compiled_programs() -> Result<&'static [BpfProgram; 2], ConfinementError> {
-    static PROGRAMS: OnceLock<[BpfProgram; 2]> = OnceLock::new();
-    if let Some(programs) = PROGRAMS.get() {
-        return Ok(programs);
+pub(crate) fn compiled_program() -> Result<&'static BpfProgram, ConfinementError> {
+    static PROGRAM: OnceLock<BpfProgram> = OnceLock::new();
+    if let Some(program) = PROGRAM.get() {
+        return Ok(program);
     }
-    let programs = seccomp_programs()?;
-    Ok(PROGRAMS.get_or_init(|| programs))
+    let program = super::syscall_filter::compile(&super::syscalls::allowlist())?;
+    Ok(PROGRAM.get_or_init(|| program))
 }
 
-/// Installs a worker's seccomp filters on the calling thread only (and so on the threads it
+/// Installs a worker's seccomp filter on the calling thread only (and so on the threads it
 /// starts later, vCPU threads included). For benchmarks that compare exits with and without the
 /// filter in one process, and for integrators who confine their own vCPU threads.
 pub fn install_seccomp_on_current_thread() -> Result<(), ConfinementError> {
-    let [fallback, allowlist] = seccomp_programs()?;
-    seccompiler::apply_filter(&fallback)?;
-    seccompiler::apply_filter(&allowlist)?;
+    seccompiler::apply_filter(compiled_program()?)?;
     Ok(())
-}
-
-fn seccomp_programs() -> Result<[BpfProgram; 2], ConfinementError> {
-    Ok([
-        super::syscalls::clone3_fallback()?.try_into()?,
-        super::syscalls::allowlist()?.try_into()?,
-    ])
 }
 
 /// Environment variable of the confinement tests: `<vm name>:<attempt>` makes that VM's worker
@@ -313,5 +302,22 @@ mod tests {
     #[test]
     fn nothing_kept_closes_everything_above_stderr() {
         assert_eq!(ranges_to_close(&[]), [(3, u32::MAX)]);
+    }
+
+    #[test]
+    fn kernel_accepts_the_filter_and_clone3_fails_with_enosys() {
+        // On a thread of its own: the filter binds that thread only, and it ends right after.
+        let outcome = std::thread::spawn(|| {
+            install_seccomp_on_current_thread()?;
+            // SAFETY: clone3 with a null argument block is refused before it reads anything
+            // (by the filter, or by the kernel with EFAULT/EINVAL without one).
+            let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            Ok::<_, ConfinementError>((rc, io::Error::last_os_error().raw_os_error()))
+        })
+        .join()
+        .unwrap();
+
+        let (rc, errno) = outcome.unwrap();
+        assert_eq!((rc, errno), (-1, Some(libc::ENOSYS)));
     }
 }

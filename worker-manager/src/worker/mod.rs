@@ -23,6 +23,7 @@ mod overlays;
 mod pool;
 pub mod start_trace;
 mod state_folder;
+mod syscall_filter;
 mod syscalls;
 
 use std::ffi::OsString;

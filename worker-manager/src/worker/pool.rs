@@ -110,14 +110,14 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 }
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
-/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filters, and the VM
+/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, and the VM
 /// itself (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
 /// partition to be built into once the VM's configuration is known. Given the likely `shape`,
 /// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
 fn warm_up(confine: bool, shape: Option<VmShape>) -> Result<VmShell, String> {
     partition::prepare_host().map_err(|e| error_chain(&e))?;
     if confine {
-        confinement::compiled_programs().map_err(|e| error_chain(&e))?;
+        confinement::compiled_program().map_err(|e| error_chain(&e))?;
     }
     let built_out = shape.map(VmShell::create_for);
     match built_out {

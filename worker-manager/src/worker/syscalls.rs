@@ -10,15 +10,12 @@
 
 use std::collections::BTreeMap;
 
+use super::syscall_filter::{ArgMatch, SyscallAction};
 use kvm_bindings::{
     KVMIO, kvm_clock_data, kvm_cpuid2, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irq_level,
     kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
     kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-};
-use seccompiler::{
-    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
 };
 
 /// Syscalls allowed with any arguments: number, name, why.
@@ -327,7 +324,7 @@ pub fn allowlist_names() -> Vec<&'static str> {
 pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     (
         "clone3",
-        "answered ENOSYS by the second filter; listed so that it reaches it",
+        "answered ENOSYS (glibc then creates threads with clone, whose flags are checked)",
     ),
     (
         "clock_gettime",
@@ -432,101 +429,103 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ("KVM_SET_IDENTITY_MAP_ADDR", "a reset's VM set-up on VT-x"),
 ];
 
-/// The allowlist as a seccompiler filter: anything not listed kills the process.
-pub(crate) fn allowlist() -> Result<SeccompFilter, seccompiler::BackendError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+/// The allowlist as the filter's policy: anything not listed kills the process.
+pub(crate) fn allowlist() -> BTreeMap<i64, SyscallAction> {
+    let mut list: BTreeMap<i64, SyscallAction> = ALLOWED
         .iter()
-        .map(|&(syscall, _, _)| (syscall, Vec::new()))
+        .map(|&(syscall, _, _)| (syscall, SyscallAction::Allow))
         .collect();
-    rules.insert(libc::SYS_ioctl, ioctl_rules()?);
-    rules.insert(libc::SYS_clone, thread_rules()?);
-    // Naming a new thread (std names vCPU, control and console threads).
-    rules.insert(
-        libc::SYS_prctl,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            libc::PR_SET_NAME as u64,
-        )?])?],
+    list.insert(libc::SYS_ioctl, SyscallAction::AllowIfAny(ioctl_rules()));
+    // `clone` only for threads: `CLONE_THREAD` set, so no new process can ever be made.
+    let thread = libc::CLONE_THREAD as u64;
+    list.insert(
+        libc::SYS_clone,
+        SyscallAction::AllowIfAny(vec![ArgMatch::masked_eq(0, thread, thread)]),
     );
-    // clone3's flags live in memory seccomp cannot read: allowed here, answered ENOSYS by the
-    // second filter, so glibc falls back to clone, whose flags are checked.
-    rules.insert(libc::SYS_clone3, Vec::new());
-    SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        target_arch(),
-    )
+    // Naming a new thread (std names vCPU, control and console threads).
+    list.insert(
+        libc::SYS_prctl,
+        SyscallAction::AllowIfAny(vec![ArgMatch::low_eq(0, libc::PR_SET_NAME as u64)]),
+    );
+    // clone3's flags live in memory seccomp cannot read: it fails with ENOSYS, and glibc then
+    // falls back to clone, whose flags are checked.
+    list.insert(libc::SYS_clone3, SyscallAction::Errno(libc::ENOSYS as u16));
+    list
 }
 
-/// The second filter: `clone3` fails with `ENOSYS` (glibc then uses `clone`).
-pub(crate) fn clone3_fallback() -> Result<SeccompFilter, seccompiler::BackendError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        target_arch(),
-    )
-}
-
-fn ioctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+fn ioctl_rules() -> Vec<ArgMatch> {
     kvm_ioctls()
         .into_iter()
-        .map(|(request, _)| request)
+        .map(|(request, _)| u64::from(request as u32))
         .chain(OTHER_IOCTLS.iter().copied())
-        .map(|request| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                request,
-            )?])
-        })
+        .map(|request| ArgMatch::low_eq(1, request))
         .collect()
-}
-
-/// `clone` only for threads: `CLONE_THREAD` set, so no new process can ever be made.
-fn thread_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    let thread = libc::CLONE_THREAD as u64;
-    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(thread),
-        thread,
-    )?])?])
-}
-
-fn target_arch() -> TargetArch {
-    TargetArch::x86_64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seccompiler::BpfProgram;
+    use crate::worker::syscall_filter::{self, ALLOW, KILL_PROCESS, Verdict};
 
-    #[test]
-    fn allowlist_compiles_to_bpf() {
-        let program: Result<BpfProgram, _> = allowlist().unwrap().try_into();
+    const X86_64: u32 = 0xc000_003e;
 
-        assert!(program.is_ok_and(|p| !p.is_empty()));
+    fn verdict(nr: i64, args: [u64; 6]) -> Verdict {
+        let program = syscall_filter::compile(&allowlist()).unwrap();
+        syscall_filter::run(&program, X86_64, nr as u32, &args).0
     }
 
     #[test]
-    fn kvm_request_numbers_match_the_kernel_headers() {
-        // Values from linux/kvm.h as compiled for x86_64.
-        assert_eq!(KVM_RUN(), 0xae80);
-        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
-        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
-        assert_eq!(KVM_GET_SUPPORTED_CPUID(), 0xc008_ae05);
+    fn kvm_run_is_allowed_and_other_ioctls_kill() {
+        let tiocsti = 0x5412;
+
+        assert_eq!(verdict(libc::SYS_ioctl, [5, KVM_RUN(), 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            verdict(libc::SYS_ioctl, [5, tiocsti, 0, 0, 0, 0]),
+            KILL_PROCESS
+        );
     }
 
     #[test]
-    fn allowlist_holds_no_process_creation_or_exec() {
-        let forbidden = [
+    fn clone_is_allowed_for_threads_only() {
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        let process = libc::SIGCHLD as u64;
+
+        assert_eq!(verdict(libc::SYS_clone, [thread, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            verdict(libc::SYS_clone, [process, 0, 0, 0, 0, 0]),
+            KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn clone3_fails_with_enosys() {
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+        assert_eq!(verdict(libc::SYS_clone3, [0; 6]), enosys);
+    }
+
+    #[test]
+    fn prctl_only_names_threads() {
+        let name = libc::PR_SET_NAME as u64;
+        let dumpable = libc::PR_SET_DUMPABLE as u64;
+
+        assert_eq!(verdict(libc::SYS_prctl, [name, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            verdict(libc::SYS_prctl, [dumpable, 1, 0, 0, 0, 0]),
+            KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn every_allowed_syscall_passes_with_any_arguments() {
+        for &(nr, name, _) in ALLOWED {
+            assert_eq!(verdict(nr, [u64::MAX; 6]), ALLOW, "{name}");
+        }
+    }
+
+    #[test]
+    fn process_creation_exec_and_sockets_kill() {
+        for nr in [
             libc::SYS_execve,
             libc::SYS_execveat,
             libc::SYS_fork,
@@ -536,10 +535,17 @@ mod tests {
             libc::SYS_bind,
             libc::SYS_ptrace,
             libc::SYS_kill,
-        ];
+        ] {
+            assert_eq!(verdict(nr, [0; 6]), KILL_PROCESS, "syscall {nr}");
+        }
+    }
 
-        let listed: Vec<i64> = ALLOWED.iter().map(|&(s, _, _)| s).collect();
-
-        assert!(forbidden.iter().all(|s| !listed.contains(s)));
+    #[test]
+    fn kvm_request_numbers_match_the_kernel_headers() {
+        // Values from linux/kvm.h as compiled for x86_64.
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_GET_SUPPORTED_CPUID(), 0xc008_ae05);
     }
 }
