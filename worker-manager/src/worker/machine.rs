@@ -236,6 +236,19 @@ impl Machine {
             fault::point("worker.restore.after-consume");
         }
         self.install(partition);
+        if self.confine {
+            // Set-up is over: from the first KVM_RUN on, only the allowlist.
+            confinement::install_seccomp()?;
+            self.shared.update_confinement(|c| c.seccomp = true);
+        }
+        mark("seccomp");
+        if let Some(partition) = &mut self.partition {
+            partition.resume()?;
+        }
+        mark("running");
+        self.shared.set_state(GuestState::Running);
+        // The connection threads start once the guest runs, not on its way there: nobody can
+        // reach them before the worker reports ready, and they inherit the filter.
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
             .name("control".into())
@@ -255,9 +268,6 @@ impl Machine {
         }
         mark("threads");
         if self.confine {
-            // Set-up is over: from the first KVM_RUN on, only the allowlist.
-            confinement::install_seccomp()?;
-            self.shared.update_confinement(|c| c.seccomp = true);
             let landlock = self.shared.confinement().landlock;
             eprintln!(
                 "worker {}: confined: seccomp allowlist, no new privileges, landlock {landlock}",
@@ -265,12 +275,6 @@ impl Machine {
             );
             confinement::start_test_escape(&self.vm_name);
         }
-        mark("seccomp");
-        if let Some(partition) = &mut self.partition {
-            partition.resume()?;
-        }
-        mark("running");
-        self.shared.set_state(GuestState::Running);
         let pid_file = self.runtime.pid_file();
         self.runtime
             .write_pid(std::process::id())
