@@ -6,7 +6,6 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -178,23 +177,9 @@ impl ProcessLauncher {
             .ok_or(Error::AlreadyRunning)?;
         // We hold the lock, so no worker owns what is left in the folder.
         runtime.remove_stale_files();
-        let log_path = runtime.log_file();
-        // Never through a link: a link planted here would have our truncate hit its target.
-        let log = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&log_path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "worker.log is a symbolic link; refusing to follow it",
-                ),
-                _ => e,
-            })
-            .map_err(|e| Error::io(&log_path, e))?;
+        let log = runtime
+            .start_log()
+            .map_err(|e| Error::io(runtime.log_file(), e))?;
         fault::point("launch.locked");
         if let Some(idle) = self.pool.take() {
             let assignment = Assignment {

@@ -317,6 +317,8 @@ impl Machine {
     /// thread sleeps in `poll`: on the request queue always, on the partition's stop event while the
     /// guest runs.
     pub(crate) fn serve(mut self) -> ExitCode {
+        // Ready and running: the previous worker's log, moved aside for this start, can go now.
+        self.runtime.remove_previous_log();
         'serve: loop {
             let stop_event = match (&self.partition, self.shared.state()) {
                 (Some(partition), GuestState::Running) => Some(partition.stop_event().as_raw_fd()),
