@@ -12,8 +12,9 @@
 //! [`POOL_FD_ENV`]). It confines nothing yet: it holds no VM's data and has no guest. Over the
 //! pair, in order:
 //! 1. worker → parent: [`PoolMessage::Idle`] once it is warm (or `Failed`, then it exits);
-//! 2. parent → worker: one byte carrying the VM's locked `worker.lock` (`SCM_RIGHTS`), one byte
-//!    carrying its `worker.log`, then an [`Assignment`] frame (the VM, the saved state to restore);
+//! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore) in one
+//!    message with the VM's locked `worker.lock` and its `worker.log` (`SCM_RIGHTS`), so that the
+//!    worker wakes once for all three;
 //! 3. the worker starts exactly as an exec'd one does (config, disks, Landlock, partition,
 //!    sockets, seccomp, guest) and answers [`PoolMessage::Ready`] or `Failed`;
 //! 4. from then on the pair is a control connection like one made to `control.sock`, its
@@ -25,8 +26,8 @@
 //! while assigned ones run on as every worker does.
 
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -39,7 +40,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::error::{Error, Result};
 use crate::process::{PidFd, reap_child};
-use crate::protocol::{ProtocolError, WorkerReport, read_frame, write_frame};
+use crate::protocol::{ProtocolError, WorkerReport, decode_frame, encode_frame, read_frame};
 
 /// Environment variable naming an idle worker's end of its socket pair.
 pub(crate) const POOL_FD_ENV: &str = "VMMS_WORKER_POOL_FD";
@@ -101,54 +102,70 @@ pub(crate) struct Assignment {
     pub(crate) restore: Option<PathBuf>,
 }
 
-/// Sends `assignment` with the VM's locked `worker.lock` and its log to an idle worker.
+/// In the parent: hands `assignment` to an idle worker with copies of the VM's `lock` and `log`
+/// descriptors, in one message.
 pub(crate) fn send_assignment(
     channel: &UnixStream,
     assignment: &Assignment,
     lock: RawFd,
     log: RawFd,
 ) -> io::Result<()> {
-    for fd in [lock, log] {
-        let sent = channel
-            .send_with_fd(&[0u8][..], fd)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        if sent != 1 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "descriptor not sent",
-            ));
-        }
+    let frame = encode_frame(assignment).map_err(frame_io)?;
+    let sent = channel
+        .send_with_fds(&[&frame[..]], &[lock, log])
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    if sent == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "assignment not sent",
+        ));
     }
-    write_frame(&mut &*channel, assignment).map_err(frame_io)
+    // A stream socket may take part of a message; the descriptors went with its first byte.
+    (&*channel).write_all(&frame[sent..])
 }
+
+/// The most of an assignment read with its descriptors; a longer one is read on from the stream.
+const ASSIGNMENT_READ: usize = 4096;
 
 /// In the idle worker: waits for the assignment. `Ok(None)` when the parent went away first.
 pub(crate) fn receive_assignment(
     channel: &UnixStream,
 ) -> io::Result<Option<(Assignment, std::fs::File, std::fs::File)>> {
-    let mut files = Vec::with_capacity(2);
-    for _ in 0..2 {
-        let mut byte = [0u8; 1];
-        let (n, file) = channel
-            .recv_with_fd(&mut byte)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        if n == 0 {
-            return Ok(None);
-        }
-        files.push(file.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "assignment without descriptor")
-        })?);
+    let mut buffer = vec![0u8; ASSIGNMENT_READ];
+    let mut fds = [-1; 2];
+    let mut iovecs = [libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    }];
+    // SAFETY: the one iovec covers `buffer`, which outlives the call and may take any bytes.
+    let (n, count) = unsafe { channel.recv_with_fds(&mut iovecs, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let mut files = fds[..count].iter().map(|&fd| {
+        // SAFETY: the first `count` descriptors were just received: open, and ours alone.
+        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    });
+    let (lock, log) = (files.next(), files.next());
+    if n == 0 {
+        return Ok(None);
     }
-    let assignment = read_frame::<Assignment>(&mut &*channel)
-        .map_err(frame_io)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short"))?;
-    let log = files.pop();
-    let lock = files.pop();
+    let received = &buffer[..n];
+    let assignment = match decode_frame::<Assignment>(received).map_err(frame_io)? {
+        Some((assignment, used)) if used == n => assignment,
+        Some(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after the assignment",
+            ));
+        }
+        None => read_frame::<Assignment>(&mut received.chain(channel))
+            .map_err(frame_io)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short"))?,
+    };
     match (lock, log) {
         (Some(lock), Some(log)) => Ok(Some((assignment, lock, log))),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "descriptors missing",
+            "assignment without its lock and log descriptors",
         )),
     }
 }
@@ -438,5 +455,67 @@ mod tests {
         fn any_shape_value_parses_without_panicking(value in ".{0,40}") {
             let _ = parse_shape(&value);
         }
+    }
+
+    fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (a.metadata().unwrap(), b.metadata().unwrap());
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
+
+    #[test]
+    fn assignment_arrives_with_its_lock_and_log_in_one_read() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let (lock, log) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+        let assignment = Assignment {
+            vm: VmId::new_random(),
+            restore: Some(PathBuf::from("/store/vm/state")),
+        };
+
+        send_assignment(&parent, &assignment, lock.as_raw_fd(), log.as_raw_fd()).unwrap();
+        let (received, got_lock, got_log) = receive_assignment(&worker).unwrap().unwrap();
+
+        assert_eq!(received.vm, assignment.vm);
+        assert_eq!(received.restore, assignment.restore);
+        assert!(same_file(&got_lock, &lock) && same_file(&got_log, &log));
+    }
+
+    #[test]
+    fn a_parent_gone_before_the_assignment_is_no_assignment() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        drop(parent);
+
+        assert!(receive_assignment(&worker).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_assignment_without_descriptors_is_refused() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let assignment = Assignment {
+            vm: VmId::new_random(),
+            restore: None,
+        };
+        (&parent)
+            .write_all(&encode_frame(&assignment).unwrap())
+            .unwrap();
+
+        let error = receive_assignment(&worker).unwrap_err();
+
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn garbage_instead_of_an_assignment_is_an_error() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let lock = tempfile::tempfile().unwrap();
+        parent
+            .send_with_fds(
+                &[&[9u8, 0, 0, 0, b'{', b'x', 1, 2, 3][..]],
+                &[lock.as_raw_fd()],
+            )
+            .unwrap();
+        drop(parent);
+
+        assert!(receive_assignment(&worker).is_err());
     }
 }
