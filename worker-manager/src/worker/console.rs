@@ -8,7 +8,7 @@
 //! and an input thread that feeds its bytes to COM1.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -120,13 +120,10 @@ impl Write for ConsoleSink {
     }
 }
 
-/// Accepts console clients for the life of the process.
-pub(crate) fn serve(listener: UnixListener, shared: &Arc<WorkerShared>) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if let Err(error) = attach(stream, shared) {
-            eprintln!("worker {}: console client: {error}", shared.vm());
-        }
+/// Attaches one client that connected to `console.sock`.
+pub(crate) fn accept(stream: UnixStream, shared: &Arc<WorkerShared>) {
+    if let Err(error) = attach(stream, shared) {
+        eprintln!("worker {}: console client: {error}", shared.vm());
     }
 }
 

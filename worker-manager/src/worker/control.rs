@@ -6,7 +6,7 @@
 
 use std::io::BufReader;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -281,20 +281,17 @@ fn test_guest_counters(memory: &PartitionMemory) -> Option<TestGuestCounters> {
     })
 }
 
-/// Accepts parents for the life of the process.
-pub(crate) fn serve(listener: UnixListener, shared: &Arc<WorkerShared>) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let shared = Arc::clone(shared);
-        // Without a thread this parent cannot be served; it sees the connection close.
-        let _ = std::thread::Builder::new()
-            .name("control-conn".into())
-            .spawn(move || {
-                if let Err(error) = connection(stream, &shared) {
-                    eprintln!("worker {}: control connection: {error}", shared.vm);
-                }
-            });
-    }
+/// Serves one parent that connected to `control.sock`, on a thread of its own.
+pub(crate) fn accept(stream: UnixStream, shared: &Arc<WorkerShared>) {
+    let shared = Arc::clone(shared);
+    // Without a thread this parent cannot be served; it sees the connection close.
+    let _ = std::thread::Builder::new()
+        .name("control-conn".into())
+        .spawn(move || {
+            if let Err(error) = connection(stream, &shared) {
+                eprintln!("worker {}: control connection: {error}", shared.vm);
+            }
+        });
 }
 
 fn connection(stream: UnixStream, shared: &WorkerShared) -> Result<(), ProtocolError> {

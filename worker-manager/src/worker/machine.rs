@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::ExitCode;
@@ -251,13 +251,8 @@ impl Machine {
         // reach them before the worker reports ready, and they inherit the filter.
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || control::serve(control, &shared))
-            .map_err(Error::Thread)?;
-        let shared = Arc::clone(&self.shared);
-        std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || console::serve(console_listener, &shared))
+            .name("listeners".into())
+            .spawn(move || super::listeners::serve(control, console_listener, &shared))
             .map_err(Error::Thread)?;
         if let Some(jobs) = self.agent_jobs.take() {
             let shared = Arc::clone(&self.shared);
@@ -324,7 +319,8 @@ impl Machine {
                 (Some(partition), GuestState::Running) => Some(partition.stop_event().as_raw_fd()),
                 _ => None,
             };
-            let (requests, stopped) = wait_readable(self.commands.ready_fd(), stop_event);
+            let [requests, stopped] =
+                super::listeners::wait_readable([Some(self.commands.ready_fd()), stop_event]);
             if stopped
                 && let Some(partition) = &mut self.partition
                 && let Some(exit) = partition.wait(Some(Duration::ZERO))
@@ -751,30 +747,6 @@ pub(crate) fn partition_failure(error: &partition::Error) -> Failure {
         partition::Error::InvalidRunState { .. } => Failure::invalid_state(error_chain(error)),
         other => Failure::failed(error_chain(other)),
     }
-}
-
-/// Sleeps until `requests` or `stop_event` (when given) is readable; returns which are. An error
-/// from `poll` (EINTR) returns "requests ready" so the caller looks and polls again.
-fn wait_readable(requests: RawFd, stop_event: Option<RawFd>) -> (bool, bool) {
-    let mut fds = [
-        libc::pollfd {
-            fd: requests,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            // A negative descriptor is skipped by poll.
-            fd: stop_event.unwrap_or(-1),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-    if ready < 0 {
-        return (true, false);
-    }
-    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 /// What a confined worker may touch: its VM's folder and runtime folder, its disks (writable

@@ -17,6 +17,7 @@ mod control;
 mod disks;
 pub mod fence;
 mod frozen_checkpoint;
+mod listeners;
 mod machine;
 mod network;
 mod overlays;
