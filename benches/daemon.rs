@@ -481,8 +481,8 @@ fn paired_starts() {
     let mut in_process_steps = Spans::default();
     // In-process into a shell built out ahead: what the pool worker's own partition step costs.
     let mut prebuilt_ms = Vec::new();
-    // The service marks a started VM durably (`running` in its folder: write, fsync, rename,
-    // fsync the folder) before the start's job completes; what that costs on this disk.
+    // The service marks a started VM durably (`running` in its folder: created, the folder
+    // fsynced) before the start's job completes; what that costs on this disk.
     let mut marker_ms = Vec::new();
     let marker = pooled.store.join("marker-probe");
     let (mut pool_steps, mut spawn_steps) = (Timeline::default(), Timeline::default());
@@ -503,7 +503,7 @@ fn paired_starts() {
         spawn_steps.add(spawned_start.steps);
         let spawn = spawned_start.client_first_byte;
         let before = Instant::now();
-        vmm_core::atomic_file::write_atomic(&marker, b"").unwrap();
+        vmm_core::atomic_file::create_marker(&marker).unwrap();
         marker_ms.push(before.elapsed().as_secs_f64() * 1e3);
         std::fs::remove_file(&marker).unwrap();
         in_process.push(base * 1e3);
@@ -537,7 +537,7 @@ fn paired_starts() {
         median(&mut pool_worker_ratio),
     );
     println!(
-        "of which the service's durable `running` marker (write_atomic on this disk): median {:.3} ms",
+        "the service's durable `running` marker beside it (create_marker on this disk): median {:.3} ms",
         median(&mut marker_ms)
     );
     println!("steps of an in-process start:");

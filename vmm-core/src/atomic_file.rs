@@ -50,6 +50,20 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `path` as an empty owner-only file whose existence is durable: a marker, whose
+/// meaning is that it exists. It has no contents to tear, so one folder fsync (which commits the
+/// new name with its inode) does what [`write_atomic`]'s file fsync, rename and folder fsync
+/// would. An existing file is left as it is.
+pub fn create_marker(path: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    sync_dir(parent_dir(path))
+}
+
 /// Flushes a folder's entries (new, renamed or removed names) to stable storage.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -243,5 +257,38 @@ mod tests {
 
         assert_eq!(names_in(dir.path()), ["state"]);
         assert!(to.join("state.json").is_file());
+    }
+
+    #[test]
+    fn marker_is_an_empty_owner_only_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("running");
+
+        create_marker(&marker).unwrap();
+
+        let meta = fs::metadata(&marker).unwrap();
+        assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (0, 0o600));
+    }
+
+    #[test]
+    fn marker_over_an_existing_file_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("running");
+        fs::write(&marker, b"kept").unwrap();
+
+        create_marker(&marker).unwrap();
+
+        assert_eq!(fs::read(&marker).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn marker_is_not_created_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        let marker = dir.path().join("running");
+        std::os::unix::fs::symlink(&target, &marker).unwrap();
+
+        assert!(create_marker(&marker).is_err());
+        assert!(!target.exists());
     }
 }

@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use crate::atomic_file::{is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic};
+use crate::atomic_file::{
+    create_marker, is_temporary, rename_durable, sync_dir, temporary_sibling, write_atomic,
+};
 use crate::cluster::ClusterCoordinator;
 use crate::config::{VmConfig, VmId};
 use crate::error::{Error, Result};
@@ -290,7 +292,7 @@ impl Store {
         }
         self.guard(id)?;
         let result = if running {
-            write_atomic(&marker, b"")
+            create_marker(&marker)
         } else {
             match fs::remove_file(&marker) {
                 Ok(()) => sync_dir(&self.vm_dir(id)),
