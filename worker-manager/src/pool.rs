@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,6 +41,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::error::{Error, Result};
 use crate::process::{PidFd, reap_child};
 use crate::protocol::{ProtocolError, WorkerReport, decode_frame, encode_frame, read_frame};
+use crate::runtime::StoreLayout;
 
 /// Environment variable naming an idle worker's end of its socket pair.
 pub(crate) const POOL_FD_ENV: &str = "VMMS_WORKER_POOL_FD";
@@ -170,6 +171,13 @@ pub(crate) fn receive_assignment(
     }
 }
 
+/// Reaps an idle worker that ended (or was killed) and removes the folder it bound its sockets
+/// in, which a worker that was killed could not remove itself.
+pub(crate) fn reap_idle_worker(store: &Path, pid: u32) {
+    reap_child(pid);
+    let _ = std::fs::remove_dir_all(StoreLayout::new(store).pool_dir(pid));
+}
+
 fn frame_io(error: ProtocolError) -> io::Error {
     match error {
         ProtocolError::Io(io) => io,
@@ -239,7 +247,7 @@ impl PoolSpawner {
             other => {
                 let _ = pidfd.send_signal(libc::SIGKILL);
                 let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
-                reap_child(pid);
+                reap_idle_worker(&self.store, pid);
                 let message = match other {
                     Ok(Some(PoolMessage::Failed { reason })) => reason,
                     Ok(_) => "pool worker ended before it was idle".to_owned(),
@@ -317,7 +325,7 @@ impl WorkerPool {
         let mut state = self.inner.lock();
         while let Some(worker) = state.idle.pop_front() {
             if worker.pidfd.has_exited() {
-                reap_child(worker.pidfd.pid());
+                reap_idle_worker(&self.inner.spawner.store, worker.pidfd.pid());
                 continue;
             }
             state.not_before = Some(Instant::now() + REFILL_DELAY);
@@ -367,7 +375,7 @@ impl Drop for WorkerPool {
             let IdleWorker { pidfd, channel } = worker;
             drop(channel);
             let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
-            reap_child(pidfd.pid());
+            reap_idle_worker(&self.inner.spawner.store, pidfd.pid());
         }
     }
 }
@@ -389,7 +397,7 @@ impl PoolInner {
                     }
                     state.idle.retain(|worker| {
                         if worker.pidfd.has_exited() {
-                            reap_child(worker.pidfd.pid());
+                            reap_idle_worker(&self.spawner.store, worker.pidfd.pid());
                             return false;
                         }
                         true
@@ -415,7 +423,7 @@ impl PoolInner {
                     let IdleWorker { pidfd, channel } = worker;
                     drop(channel);
                     let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
-                    reap_child(pidfd.pid());
+                    reap_idle_worker(&self.spawner.store, pidfd.pid());
                     return;
                 }
                 Ok(worker) => {

@@ -51,6 +51,12 @@ impl StoreLayout {
         }
     }
 
+    /// `<root>/run/pool-<pid>`: where the pool worker `pid` binds its sockets while it waits for
+    /// a VM.
+    pub fn pool_dir(&self, pid: u32) -> PathBuf {
+        self.root.join("run").join(format!("pool-{pid}"))
+    }
+
     /// `<root>/vms/<GUID>`: everything persistent about the VM.
     pub fn vm_dir(&self, vm: VmId) -> PathBuf {
         self.root.join("vms").join(vm.to_string())

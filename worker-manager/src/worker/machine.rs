@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
 use super::fence;
 use super::frozen_checkpoint;
+use super::prebound::bind_listener;
 use super::start_trace::mark;
 use super::state_folder;
 use crate::error::{Error, Result};
@@ -127,11 +128,14 @@ impl Machine {
     /// file. On error nothing is left in the runtime folder but the log. `lock` is the VM's
     /// `worker.lock` as a pool worker received it; an exec'd worker inherits it (or takes it).
     /// `shell` is the VM a pool worker created while it waited; the partition is built into it.
+    /// `listeners` are the control and console sockets a pool worker bound while it waited and
+    /// has moved into the runtime folder; without them they are bound here.
     pub(crate) fn start(
         options: &WorkerOptions<'_>,
         vm_id: VmId,
         lock: Option<File>,
         shell: Option<VmShell>,
+        listeners: Option<(UnixListener, UnixListener)>,
     ) -> Result<Self> {
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(vm_id);
@@ -214,7 +218,7 @@ impl Machine {
             backup: Vec::new(),
             _lock: lock,
         };
-        let result = machine.open_and_run(partition, options.restore.as_deref());
+        let result = machine.open_and_run(partition, options.restore.as_deref(), listeners);
         if result.is_err() {
             machine.runtime.remove_live_files(std::process::id());
         }
@@ -223,9 +227,22 @@ impl Machine {
 
     /// Opens the sockets, consumes the saved state the guest was restored from (if any), and
     /// starts the guest.
-    fn open_and_run(&mut self, partition: Partition, restored_from: Option<&Path>) -> Result<()> {
-        let control = bind(&self.runtime.control_socket())?;
-        let console_listener = bind(&self.runtime.console_socket())?;
+    fn open_and_run(
+        &mut self,
+        partition: Partition,
+        restored_from: Option<&Path>,
+        listeners: Option<(UnixListener, UnixListener)>,
+    ) -> Result<()> {
+        let (control, console_listener) = match listeners {
+            Some(listeners) => listeners,
+            None => {
+                let bind = |path: PathBuf| bind_listener(&path).map_err(|e| Error::io(path, e));
+                (
+                    bind(self.runtime.control_socket())?,
+                    bind(self.runtime.console_socket())?,
+                )
+            }
+        };
         mark("bind");
         if let Some(dir) = restored_from {
             // From here on the guest lives in this process only: the saved state must be gone
@@ -872,18 +889,6 @@ fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
 }
 
 /// Binds a Unix socket at `path` (replacing a stale one a crashed worker left), owner-only.
-fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(path, e)),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| Error::io(path, e))?;
-    Ok(listener)
-}
-
 /// Lock helper shared by the worker's modules: state behind these locks is replaced whole, so a
 /// panic on another thread leaves it consistent.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -22,6 +22,7 @@ mod machine;
 mod network;
 mod overlays;
 mod pool;
+mod prebound;
 pub mod start_trace;
 mod state_folder;
 mod syscall_filter;
@@ -146,7 +147,7 @@ pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     // Exactly what the parent meant to pass survives: stdio, the readiness pipe, the lock.
     confinement::close_inherited_fds(&[ready.raw_fd(), inherited_fd(LOCK_FD_ENV)]);
     log_start(vm, &options, "");
-    match machine::Machine::start(&options, vm, None, None) {
+    match machine::Machine::start(&options, vm, None, None, None) {
         Ok(machine) => {
             ready.send("ready");
             start_trace::mark("ready");
