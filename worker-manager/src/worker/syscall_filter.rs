@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, sock_filter};
 
+mod compact;
+
 /// `AUDIT_ARCH_X86_64` (linux/audit.h): `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 
@@ -120,25 +122,51 @@ pub enum FilterError {
 
 /// The policy as a program: syscalls of another architecture and unlisted ones kill the
 /// process; listed ones get their action.
+///
+/// The compact layout (every leaf jumping to one shared `ret` per verdict, ~55% of the length
+/// for the worker's list: the kernel's JIT and checks cost time in proportion) needs every jump
+/// within a conditional jump's 255 instructions; a list too long for that gets the spread
+/// layout, whose leaves carry their own verdicts.
 pub(crate) fn compile(list: &BTreeMap<i64, SyscallAction>) -> Result<BpfProgram, FilterError> {
-    let entries: Vec<(u32, &SyscallAction)> = list
-        .iter()
+    let entries = numbered(list)?;
+    let program = match compact::compile(&entries)? {
+        Some(program) => program,
+        None => compile_spread(&entries)?,
+    };
+    if program.len() > MAX_INSTRUCTIONS {
+        return Err(FilterError::TooLong(program.len()));
+    }
+    Ok(program)
+}
+
+fn numbered(
+    list: &BTreeMap<i64, SyscallAction>,
+) -> Result<Vec<(u32, &SyscallAction)>, FilterError> {
+    list.iter()
         .map(|(&nr, action)| {
             u32::try_from(nr)
                 .map(|nr| (nr, action))
                 .map_err(|_| FilterError::SyscallNumber(nr))
         })
-        .collect::<Result<_, _>>()?;
-    let mut program = vec![
+        .collect()
+}
+
+/// The four instructions every program starts with: other architectures are killed, the
+/// syscall number goes into the accumulator.
+fn prologue() -> BpfProgram {
+    vec![
         load(DATA_ARCH),
         jump_if(libc::BPF_JEQ, AUDIT_ARCH_X86_64, 1, 0),
         ret(KILL_PROCESS),
         load(DATA_NR),
-    ];
-    search(&entries, &mut program)?;
-    if program.len() > MAX_INSTRUCTIONS {
-        return Err(FilterError::TooLong(program.len()));
-    }
+    ]
+}
+
+/// The spread layout: each leaf ends in its own verdicts, so no jump is longer than its
+/// neighbourhood, whatever the list's length.
+fn compile_spread(entries: &[(u32, &SyscallAction)]) -> Result<BpfProgram, FilterError> {
+    let mut program = prologue();
+    search(entries, &mut program)?;
     Ok(program)
 }
 
@@ -335,9 +363,11 @@ mod tests {
         }
     }
 
-    fn sample_list() -> BTreeMap<i64, SyscallAction> {
+    /// Plain numbers every `step` below 300, ioctl (16) and clone (56) with argument checks,
+    /// clone3 (435) failing with ENOSYS.
+    fn sample_list_every(step: usize) -> BTreeMap<i64, SyscallAction> {
         let mut list: BTreeMap<i64, SyscallAction> = (0..300)
-            .step_by(3)
+            .step_by(step)
             .map(|nr| (nr, SyscallAction::Allow))
             .collect();
         list.insert(
@@ -352,20 +382,66 @@ mod tests {
         list
     }
 
+    /// Long enough (102 entries) that only the spread layout holds it.
+    fn sample_list() -> BTreeMap<i64, SyscallAction> {
+        sample_list_every(3)
+    }
+
+    fn assert_answers_as_listed(list: &BTreeMap<i64, SyscallAction>, program: &[sock_filter]) {
+        for nr in 0..1024 {
+            for args in [[0; 6], [0, 0xae05, 0, 0, 0, 0], [0x10000, 0, 0, 0, 0, 0]] {
+                assert_eq!(
+                    run(program, AUDIT_ARCH_X86_64, nr, &args).0,
+                    expected(list, nr, &args),
+                    "nr {nr}, args {args:x?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn search_answers_what_the_list_says_for_every_number() {
         let list = sample_list();
         let program = compile(&list).unwrap();
 
-        for nr in 0..1024 {
-            for args in [[0; 6], [0, 0xae05, 0, 0, 0, 0], [0x10000, 0, 0, 0, 0, 0]] {
-                assert_eq!(
-                    run(&program, AUDIT_ARCH_X86_64, nr, &args).0,
-                    expected(&list, nr, &args),
-                    "nr {nr}, args {args:x?}"
-                );
-            }
-        }
+        assert_answers_as_listed(&list, &program);
+    }
+
+    #[test]
+    fn compact_and_spread_layouts_answer_alike() {
+        let list = sample_list_every(6);
+        let entries = numbered(&list).unwrap();
+
+        let compact = compact::compile(&entries)
+            .unwrap()
+            .expect("fits the compact layout");
+        let spread = compile_spread(&entries).unwrap();
+
+        assert!(compact.len() < spread.len());
+        assert_answers_as_listed(&list, &compact);
+        assert_answers_as_listed(&list, &spread);
+    }
+
+    #[test]
+    fn a_list_too_long_for_the_compact_layout_gets_the_spread_one() {
+        let list = sample_list();
+        let entries = numbered(&list).unwrap();
+
+        let compact = compact::compile(&entries).unwrap();
+
+        assert!(compact.is_none());
+        assert_eq!(compile(&list).unwrap(), compile_spread(&entries).unwrap());
+    }
+
+    #[test]
+    fn the_worker_allowlist_is_compact() {
+        let list = super::super::syscalls::allowlist();
+        let entries = numbered(&list).unwrap();
+
+        let program = compile(&list).unwrap();
+
+        assert_eq!(Some(&program), compact::compile(&entries).unwrap().as_ref());
+        assert!(program.len() < compile_spread(&entries).unwrap().len());
     }
 
     #[test]
@@ -406,13 +482,16 @@ mod tests {
 
     #[test]
     fn an_unlisted_number_takes_one_test_per_level() {
-        let list = sample_list();
-        let program = compile(&list).unwrap();
+        for list in [sample_list(), sample_list_every(6)] {
+            assert_logarithmic(&list, &compile(&list).unwrap());
+        }
+    }
 
+    fn assert_logarithmic(list: &BTreeMap<i64, SyscallAction>, program: &[sock_filter]) {
         let levels = (list.len() as f64).log2().ceil() as usize;
         let longest = (0..1024u32)
             .filter(|&nr| !list.contains_key(&i64::from(nr)))
-            .map(|nr| run(&program, AUDIT_ARCH_X86_64, nr, &[0; 6]).1)
+            .map(|nr| run(program, AUDIT_ARCH_X86_64, nr, &[0; 6]).1)
             .max()
             .unwrap();
 
