@@ -281,7 +281,7 @@ fn run(inner: Arc<Inner>, op: Operation) {
 }
 
 /// The slow calls, with no lock held.
-fn execute(inner: &Inner, vm: VmId, step: &Step) -> Result<Done, Failure> {
+fn execute(inner: &Arc<Inner>, vm: VmId, step: &Step) -> Result<Done, Failure> {
     let store = &inner.store;
     match step {
         Step::Launch {
@@ -432,27 +432,29 @@ fn save(inner: &Inner, vm: VmId, worker: &dyn Worker) -> Result<Done, Failure> {
 /// to run, and otherwise clears the marker; with a worker but no marker (killed while the
 /// marker's write was still under way) it re-attaches the worker and writes the marker then.
 fn launch_marked_running<T, E>(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     vm: VmId,
     launch: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    let launched = thread::scope(|scope| {
-        let marker = thread::Builder::new()
-            .name("vmms-marker".into())
-            .spawn_scoped(scope, || {
+    let marker_inner = Arc::clone(inner);
+    let marker = inner.beside.run(move || {
+        mark_running(&marker_inner, vm, true);
+        fault::point("start.after-marker");
+    });
+    let launched = launch();
+    match marker {
+        Some(done) => {
+            // An error means the work was dropped unrun (its thread died): write it here.
+            if done.recv().is_err() {
                 mark_running(inner, vm, true);
-                fault::point("start.after-marker");
-            });
-        let launched = launch();
-        if let Ok(marker) = marker {
-            let _ = marker.join();
-        } else {
+            }
+        }
+        None => {
             // No thread to spare: the marker the slow way, after the launch.
             mark_running(inner, vm, true);
             fault::point("start.after-marker");
         }
-        launched
-    });
+    }
     if launched.is_err() {
         mark_running(inner, vm, false);
     }

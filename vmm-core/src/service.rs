@@ -56,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) backups: OnceLock<Arc<dyn crate::backup::VirtualSystemBackupService>>,
     /// Set by the first `recover_on_start`; later calls do nothing.
     recovered: AtomicBool,
+    /// Runs the durable "was running" marker beside a start's launch.
+    pub(crate) beside: crate::beside::Beside,
 }
 
 impl Inner {
@@ -105,6 +107,7 @@ impl VirtualSystemManagementService {
             snapshots: OnceLock::new(),
             backups: OnceLock::new(),
             recovered: AtomicBool::new(false),
+            beside: crate::beside::Beside::default(),
         });
         let weak = Arc::downgrade(&inner);
         thread::Builder::new()
