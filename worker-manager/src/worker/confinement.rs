@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use seccompiler::BpfProgram;
 
@@ -109,13 +109,17 @@ fn close_range(first: u32, last: u32) {
     unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
 }
 
-/// Step 2: no new privileges, no core dumps, a descriptor limit, and the Landlock domain.
-pub(crate) fn restrict_process(view: &FilesystemView) -> Result<Confinement, ConfinementError> {
+/// Step 2: no new privileges, no core dumps, a descriptor limit, and the Landlock domain,
+/// built on `base` when a pool worker prepared it while idle.
+pub(crate) fn restrict_process(
+    view: &FilesystemView,
+    base: Option<LandlockBase>,
+) -> Result<Confinement, ConfinementError> {
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
     prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
     set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     set_rlimit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "RLIMIT_NOFILE")?;
-    let landlock = apply_landlock(view)?;
+    let landlock = apply_landlock(view, base)?;
     Ok(Confinement {
         enabled: true,
         no_new_privs: true,
@@ -124,18 +128,43 @@ pub(crate) fn restrict_process(view: &FilesystemView) -> Result<Confinement, Con
     })
 }
 
-fn apply_landlock(view: &FilesystemView) -> Result<String, ConfinementError> {
+/// A Landlock ruleset holding the rules no VM decides: what a pool worker builds while idle.
+#[derive(Debug)]
+pub(crate) struct LandlockBase(RulesetCreated);
+
+/// The ruleset (every filesystem access handled, TCP bind and connect, abstract sockets and
+/// signals scoped) with `/dev/kvm` and the worker's own `/proc` entry in it.
+pub(crate) fn landlock_base() -> Result<LandlockBase, ConfinementError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
-    let read = AccessFs::from_read(abi);
-    // A file can only carry file rights (a directory's would be refused).
-    let file_rw = all & (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate);
-    let mut ruleset = Ruleset::default()
+    let ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)?
         .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?
         .scope(Scope::AbstractUnixSocket | Scope::Signal)?
         .create()?;
+    // /dev/kvm: a reset opens it again and creates a VM through it.
+    let kvm = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/dev/kvm")?, all & kvm))?;
+    // Its own /proc entry: the status report reads the worker's resident memory.
+    let read = AccessFs::from_read(abi);
+    let ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/proc/self")?, read))?;
+    Ok(LandlockBase(ruleset))
+}
+
+fn apply_landlock(
+    view: &FilesystemView,
+    base: Option<LandlockBase>,
+) -> Result<String, ConfinementError> {
+    let abi = LANDLOCK_ABI;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::from_read(abi);
+    // A file can only carry file rights (a directory's would be refused).
+    let file_rw = all & (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate);
+    let LandlockBase(mut ruleset) = match base {
+        Some(base) => base,
+        None => landlock_base()?,
+    };
     for dir in &view.writable_dirs {
         ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(dir)?, all))?;
     }
@@ -150,11 +179,6 @@ fn apply_landlock(view: &FilesystemView) -> Result<String, ConfinementError> {
         };
         ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(path)?, access))?;
     }
-    // /dev/kvm: a reset opens it again and creates a VM through it.
-    let kvm = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
-    ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/dev/kvm")?, all & kvm))?;
-    // Its own /proc entry: the status report reads the worker's resident memory.
-    ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new("/proc/self")?, read))?;
     let status = ruleset.restrict_self()?;
     Ok(describe(status.ruleset, status.landlock))
 }

@@ -26,7 +26,7 @@ use super::agent::{self, AgentHandle, AgentJobs};
 use super::backup::{self, Captured};
 use super::change_tracking::ChangeTracking;
 use super::checkpoint::{self, DirtyTracking};
-use super::confinement::{self, FilesystemView};
+use super::confinement::{self, FilesystemView, LandlockBase};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
@@ -98,6 +98,20 @@ enum Flow {
     Exit,
 }
 
+/// What a pool worker made ready for its VM's start while it waited, or received with the
+/// assignment; an exec'd worker has none of it and does it all in [`Machine::start`].
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    /// The VM's `worker.lock`, taken by the launcher (an exec'd worker inherits it or takes it).
+    pub(crate) lock: Option<File>,
+    /// The VM created while idle; the partition is built into it.
+    pub(crate) shell: Option<VmShell>,
+    /// The control and console sockets, bound while idle and moved into the runtime folder.
+    pub(crate) listeners: Option<(UnixListener, UnixListener)>,
+    /// The Landlock ruleset with the rules no VM decides.
+    pub(crate) landlock: Option<LandlockBase>,
+}
+
 /// The partition and everything the main thread needs to drive it.
 pub(crate) struct Machine {
     config: PartitionConfig,
@@ -125,18 +139,19 @@ pub(crate) struct Machine {
 
 impl Machine {
     /// Builds or restores the partition, opens the sockets, starts the guest and writes the pid
-    /// file. On error nothing is left in the runtime folder but the log. `lock` is the VM's
-    /// `worker.lock` as a pool worker received it; an exec'd worker inherits it (or takes it).
-    /// `shell` is the VM a pool worker created while it waited; the partition is built into it.
-    /// `listeners` are the control and console sockets a pool worker bound while it waited and
-    /// has moved into the runtime folder; without them they are bound here.
+    /// file. On error nothing is left in the runtime folder but the log. `prepared` is what a
+    /// pool worker made ready while it waited (nothing for an exec'd worker).
     pub(crate) fn start(
         options: &WorkerOptions<'_>,
         vm_id: VmId,
-        lock: Option<File>,
-        shell: Option<VmShell>,
-        listeners: Option<(UnixListener, UnixListener)>,
+        prepared: Prepared,
     ) -> Result<Self> {
+        let Prepared {
+            lock,
+            shell,
+            listeners,
+            landlock,
+        } = prepared;
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(vm_id);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
@@ -168,7 +183,7 @@ impl Machine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
             let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
-            confinement::restrict_process(&view)?
+            confinement::restrict_process(&view, landlock)?
         } else {
             Confinement {
                 landlock: "off".into(),

@@ -148,7 +148,7 @@ pub fn run(options: WorkerOptions<'_>) -> ExitCode {
     // Exactly what the parent meant to pass survives: stdio, the readiness pipe, the lock.
     confinement::close_inherited_fds(&[ready.raw_fd(), inherited_fd(LOCK_FD_ENV)]);
     log_start(vm, &options, "");
-    match machine::Machine::start(&options, vm, None, None, None) {
+    match machine::Machine::start(&options, vm, machine::Prepared::default()) {
         Ok(machine) => {
             ready.send("ready");
             start_trace::mark("ready");

@@ -19,7 +19,8 @@ use std::process::ExitCode;
 use partition::{VmShape, VmShell};
 use vmm_core::error_chain;
 
-use super::machine::Machine;
+use super::confinement::LandlockBase;
+use super::machine::{Machine, Prepared};
 use super::prebound::PreboundListeners;
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
 use crate::pool::{POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment};
@@ -46,12 +47,12 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             dirty_log: true,
         });
     let layout = StoreLayout::new(&options.store);
-    let warm = warm_up(options.confine, shape).and_then(|shell| {
+    let warm = warm_up(options.confine, shape).and_then(|(shell, landlock)| {
         let prebound = PreboundListeners::bind(layout.pool_dir(std::process::id()))
             .map_err(|e| format!("binding the sockets while idle: {e}"))?;
-        Ok((shell, prebound))
+        Ok((shell, landlock, prebound))
     });
-    let (shell, prebound) = match warm {
+    let (shell, landlock, prebound) = match warm {
         Ok(warm) => warm,
         Err(reason) => {
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
@@ -104,7 +105,13 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    match Machine::start(&options, vm, Some(lock), Some(shell), Some(listeners)) {
+    let prepared = Prepared {
+        lock: Some(lock),
+        shell: Some(shell),
+        listeners: Some(listeners),
+        landlock,
+    };
+    match Machine::start(&options, vm, prepared) {
         Ok(machine) => {
             let report = Box::new(machine.report());
             let told = write_frame(&mut &channel, &PoolMessage::Ready { report });
@@ -132,22 +139,30 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 }
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
-/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, and the VM
+/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, the Landlock
+/// ruleset's VM-independent rules, and the VM
 /// itself (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
 /// partition to be built into once the VM's configuration is known. Given the likely `shape`,
 /// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
-fn warm_up(confine: bool, shape: Option<VmShape>) -> Result<VmShell, String> {
+fn warm_up(
+    confine: bool,
+    shape: Option<VmShape>,
+) -> Result<(VmShell, Option<LandlockBase>), String> {
     partition::prepare_host().map_err(|e| error_chain(&e))?;
-    if confine {
+    let landlock = if confine {
         confinement::compiled_program().map_err(|e| error_chain(&e))?;
-    }
+        Some(confinement::landlock_base().map_err(|e| error_chain(&e))?)
+    } else {
+        None
+    };
     let built_out = shape.map(VmShell::create_for);
-    match built_out {
-        Some(Ok(shell)) => Ok(shell),
+    let shell = match built_out {
+        Some(Ok(shell)) => shell,
         // A shape this host cannot build (too many vCPUs, too much memory to map): the VM
         // will not fit it either, and a bare VM serves any.
-        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e)),
-    }
+        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e))?,
+    };
+    Ok((shell, landlock))
 }
 
 /// The socket pair's end the launcher passed in [`POOL_FD_ENV`].
