@@ -94,6 +94,7 @@ pub mod fault;
 pub mod integration;
 mod job;
 mod operation;
+mod operation_threads;
 mod ownership;
 mod production_checkpoint;
 mod return_code;

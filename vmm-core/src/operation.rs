@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use crate::catalog::VmRecord;
@@ -211,11 +210,9 @@ fn begin_transition(
         step,
     };
     let thread_inner = Arc::clone(inner);
-    let spawned = thread::Builder::new()
-        .name(format!("vmms-op-{}", short_id(record.id)))
-        .spawn(move || run(thread_inner, op));
+    let spawned = inner.operation_threads.run(move || run(thread_inner, op));
     match spawned {
-        Ok(_) => (ReturnCode::JobStarted, Some(job)),
+        Ok(()) => (ReturnCode::JobStarted, Some(job)),
         Err(error) => {
             record.requested = RequestedState::NotApplicable;
             record.set_state(previous, &inner.events);
@@ -537,9 +534,4 @@ fn finish(inner: &Arc<Inner>, op: Operation, result: Result<Done, Failure>) {
 fn detach_worker(record: &mut VmRecord) {
     record.worker = None;
     record.owner.next_generation();
-}
-
-/// First block of a GUID, for thread names (Linux limits them to 15 bytes).
-fn short_id(id: VmId) -> String {
-    id.to_string().chars().take(8).collect()
 }

@@ -58,6 +58,8 @@ pub(crate) struct Inner {
     recovered: AtomicBool,
     /// Runs the durable "was running" marker beside a start's launch.
     pub(crate) beside: crate::beside::Beside,
+    /// The threads state-change operations run on.
+    pub(crate) operation_threads: crate::operation_threads::OperationThreads,
 }
 
 impl Inner {
@@ -108,6 +110,7 @@ impl VirtualSystemManagementService {
             backups: OnceLock::new(),
             recovered: AtomicBool::new(false),
             beside: crate::beside::Beside::default(),
+            operation_threads: crate::operation_threads::OperationThreads::default(),
         });
         let weak = Arc::downgrade(&inner);
         thread::Builder::new()
