@@ -95,7 +95,7 @@ impl RuntimeDir {
         self.dir.join("worker.log")
     }
 
-    /// The log of the worker before, moved aside by [`Self::start_log`] until the new worker
+    /// The log of the worker before, moved aside when a worker starts until the new worker
     /// removes it.
     pub fn previous_log_file(&self) -> PathBuf {
         self.dir.join("worker.log.previous")
