@@ -200,7 +200,11 @@ impl RuntimeDir {
                 ),
             ));
         }
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+        // Only when it differs: a chmod is a metadata write, and a start passes here twice.
+        if meta.permissions().mode() & 0o7777 != 0o700 {
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
     }
 
     /// The pid in the pid file; `None` when there is no pid file or it holds no pid (a torn file
