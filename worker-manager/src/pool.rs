@@ -1,6 +1,6 @@
 //! A pool of pre-started workers: processes already exec'd, with their runtime up, KVM's facts
-//! read, the seccomp filter compiled and an empty KVM VM created (a `partition::VmShell`), each
-//! waiting for the VM it will run.
+//! read, the seccomp filter compiled, a KVM VM created (a `partition::VmShell`) and their
+//! sockets bound, each waiting for the VM it will run.
 //!
 //! Starting a worker process (fork, exec, the runtime's own start) costs a few milliseconds that a
 //! guest's start would otherwise wait for. The [`ProcessLauncher`](crate::ProcessLauncher) keeps
@@ -15,8 +15,9 @@
 //! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore) in one
 //!    message with the VM's locked `worker.lock` and its `worker.log` (`SCM_RIGHTS`), so that the
 //!    worker wakes once for all three;
-//! 3. the worker starts exactly as an exec'd one does (config, disks, Landlock, partition,
-//!    sockets, seccomp, guest) and answers [`PoolMessage::Ready`] or `Failed`;
+//! 3. the worker moves the control and console sockets it bound while idle into the VM's runtime
+//!    folder, then starts as an exec'd one does (config, disks, Landlock on the ruleset it
+//!    prepared, partition, seccomp, guest) and answers [`PoolMessage::Ready`] or `Failed`;
 //! 4. from then on the pair is a control connection like one made to `control.sock`, its
 //!    handshake already done: the socket pair is private to the two processes, and the parent
 //!    knows the worker's pid because it spawned it.
