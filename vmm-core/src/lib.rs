@@ -81,7 +81,6 @@
 pub mod atomic_file;
 pub mod backup;
 mod backup_ops;
-mod beside;
 mod catalog;
 pub mod checkpoint;
 mod checkpoint_ops;

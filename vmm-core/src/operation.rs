@@ -434,19 +434,21 @@ fn launch_marked_running<T, E>(
     launch: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
     let marker_inner = Arc::clone(inner);
-    let marker = inner.beside.run(move || {
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let marker = inner.operation_threads.run(move || {
         mark_running(&marker_inner, vm, true);
         fault::point("start.after-marker");
+        let _ = done_tx.send(());
     });
     let launched = launch();
     match marker {
-        Some(done) => {
-            // An error means the work was dropped unrun (its thread died): write it here.
+        Ok(()) => {
+            // An error means the work ended before it was done (a panic): write it here.
             if done.recv().is_err() {
                 mark_running(inner, vm, true);
             }
         }
-        None => {
+        Err(_) => {
             // No thread to spare: the marker the slow way, after the launch.
             mark_running(inner, vm, true);
             fault::point("start.after-marker");

@@ -1,7 +1,7 @@
-//! The threads operations run on, kept a while for reuse: a start, pause or save hands its
-//! work to a thread that finished an earlier operation and waits for the next, where starting a
-//! thread cost every operation ~30 µs before its first step. As many run at once as operations
-//! do; a thread left idle for [`KEEP_IDLE`] ends.
+//! The threads operations run on, kept a while for reuse: a start, pause or save (and work run
+//! beside one, such as a start's durable marker) goes to a thread that finished earlier work and
+//! waits for more, where starting a thread cost every operation ~30 µs before its first step. As
+//! many run at once as are asked for; a thread left idle for [`KEEP_IDLE`] ends.
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -56,9 +56,8 @@ pub(crate) struct Inner {
     pub(crate) backups: OnceLock<Arc<dyn crate::backup::VirtualSystemBackupService>>,
     /// Set by the first `recover_on_start`; later calls do nothing.
     recovered: AtomicBool,
-    /// Runs the durable "was running" marker beside a start's launch.
-    pub(crate) beside: crate::beside::Beside,
-    /// The threads state-change operations run on.
+    /// The threads state-change operations run on, and the work beside them (a start's
+    /// durable "was running" marker while its worker launches).
     pub(crate) operation_threads: crate::operation_threads::OperationThreads,
 }
 
@@ -109,7 +108,6 @@ impl VirtualSystemManagementService {
             snapshots: OnceLock::new(),
             backups: OnceLock::new(),
             recovered: AtomicBool::new(false),
-            beside: crate::beside::Beside::default(),
             operation_threads: crate::operation_threads::OperationThreads::default(),
         });
         let weak = Arc::downgrade(&inner);
