@@ -204,7 +204,7 @@ impl ProcessLauncher {
             // new process is started instead.
             let _ = idle.pidfd.send_signal(libc::SIGKILL);
             let _ = idle.pidfd.wait(None, Some(Duration::from_secs(5)));
-            crate::pool::reap_idle_worker(self.store.root(), idle.pidfd.pid());
+            crate::pool::reap_pool_worker(self.store.root(), idle.pidfd.pid());
         }
         self.spawn_process(vm, restore, &runtime, lock, log)
             .map(|pidfd| Started {
@@ -232,10 +232,8 @@ impl ProcessLauncher {
                 let pid = pidfd.pid();
                 let _ = pidfd.send_signal(libc::SIGKILL);
                 let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
-                let status = reap_child(pid);
+                let status = crate::pool::reap_pool_worker(self.store.root(), pid);
                 runtime.remove_live_files(pid);
-                // A worker that failed before it moved its sockets out of its idle folder.
-                let _ = std::fs::remove_dir_all(self.store.pool_dir(pid));
                 Err(start_failure(outcome, status, runtime))
             }
         }

@@ -172,11 +172,12 @@ pub(crate) fn receive_assignment(
     }
 }
 
-/// Reaps an idle worker that ended (or was killed) and removes the folder it bound its sockets
-/// in, which a worker that was killed could not remove itself.
-pub(crate) fn reap_idle_worker(store: &Path, pid: u32) {
-    reap_child(pid);
+/// Reaps a pool worker that ended (or was killed) before it ran its guest, and removes the
+/// folder it bound its sockets in while idle, which a killed worker could not remove itself.
+pub(crate) fn reap_pool_worker(store: &Path, pid: u32) -> Option<crate::process::ExitStatus> {
+    let status = reap_child(pid);
     let _ = std::fs::remove_dir_all(StoreLayout::new(store).pool_dir(pid));
+    status
 }
 
 fn frame_io(error: ProtocolError) -> io::Error {
@@ -191,6 +192,17 @@ fn frame_io(error: ProtocolError) -> io::Error {
 pub(crate) struct IdleWorker {
     pub(crate) pidfd: PidFd,
     pub(crate) channel: UnixStream,
+}
+
+impl IdleWorker {
+    /// Ends a worker that is no longer wanted: closing its socket pair is what ends it; it is
+    /// reaped once it has gone.
+    fn dismiss(self, store: &Path) {
+        let IdleWorker { pidfd, channel } = self;
+        drop(channel);
+        let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
+        reap_pool_worker(store, pidfd.pid());
+    }
 }
 
 /// How pool workers are started.
@@ -248,7 +260,7 @@ impl PoolSpawner {
             other => {
                 let _ = pidfd.send_signal(libc::SIGKILL);
                 let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
-                reap_idle_worker(&self.store, pid);
+                reap_pool_worker(&self.store, pid);
                 let message = match other {
                     Ok(Some(PoolMessage::Failed { reason })) => reason,
                     Ok(_) => "pool worker ended before it was idle".to_owned(),
@@ -326,7 +338,7 @@ impl WorkerPool {
         let mut state = self.inner.lock();
         while let Some(worker) = state.idle.pop_front() {
             if worker.pidfd.has_exited() {
-                reap_idle_worker(&self.inner.spawner.store, worker.pidfd.pid());
+                reap_pool_worker(&self.inner.spawner.store, worker.pidfd.pid());
                 continue;
             }
             state.not_before = Some(Instant::now() + REFILL_DELAY);
@@ -371,12 +383,8 @@ impl Drop for WorkerPool {
             state.idle.drain(..).collect()
         };
         self.inner.changed.notify_all();
-        // Closing its socket pair is what ends an idle worker; reap it once it has gone.
         for worker in idle {
-            let IdleWorker { pidfd, channel } = worker;
-            drop(channel);
-            let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
-            reap_idle_worker(&self.inner.spawner.store, pidfd.pid());
+            worker.dismiss(&self.inner.spawner.store);
         }
     }
 }
@@ -398,7 +406,7 @@ impl PoolInner {
                     }
                     state.idle.retain(|worker| {
                         if worker.pidfd.has_exited() {
-                            reap_idle_worker(&self.spawner.store, worker.pidfd.pid());
+                            reap_pool_worker(&self.spawner.store, worker.pidfd.pid());
                             return false;
                         }
                         true
@@ -421,10 +429,7 @@ impl PoolInner {
             match spawned {
                 Ok(worker) if state.closed => {
                     drop(state);
-                    let IdleWorker { pidfd, channel } = worker;
-                    drop(channel);
-                    let _ = pidfd.wait(None, Some(Duration::from_secs(1)));
-                    reap_idle_worker(&self.spawner.store, pidfd.pid());
+                    worker.dismiss(&self.spawner.store);
                     return;
                 }
                 Ok(worker) => {
