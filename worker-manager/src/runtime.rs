@@ -2,7 +2,8 @@
 //! folder `<store>/run/<GUID>/` that both sides share.
 //!
 //! The runtime folder holds `worker.lock`, `control.sock`, `console.sock`, `pid` and
-//! `worker.log` (and, while a worker starts, the log of the one before: `worker.log.previous`). Whether a worker runs is decided by the lock alone
+//! `worker.log` (and, while a worker starts, the log of the one before: `worker.log.previous`).
+//! Whether a worker runs is decided by the lock alone
 //! ([`WorkerLock`](crate::WorkerLock)); the worker's identity by its control socket's peer
 //! credentials and handshake. The pid file is for people. The worker creates the sockets and
 //! writes `pid` once its guest runs, and removes them when it exits cleanly; after a crash they

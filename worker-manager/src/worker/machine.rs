@@ -903,7 +903,6 @@ fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Binds a Unix socket at `path` (replacing a stale one a crashed worker left), owner-only.
 /// Lock helper shared by the worker's modules: state behind these locks is replaced whole, so a
 /// panic on another thread leaves it consistent.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

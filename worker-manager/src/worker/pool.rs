@@ -140,9 +140,9 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
 /// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, the Landlock
-/// ruleset's VM-independent rules, and the VM
-/// itself (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
-/// partition to be built into once the VM's configuration is known. Given the likely `shape`,
+/// ruleset's VM-independent rules, and the VM itself (a [`VmShell`]: the process's first
+/// `KVM_CREATE_VM` costs over a millisecond) for the partition to be built into once the VM's
+/// configuration is known. Given the likely `shape`,
 /// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
 fn warm_up(
     confine: bool,
