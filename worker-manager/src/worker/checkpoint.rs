@@ -118,15 +118,7 @@ pub(crate) fn checkpoint(
     request: &CheckpointRequest,
 ) -> Result<CheckpointReport, Failure> {
     let started = Instant::now();
-    let was_running = match partition.run_state() {
-        RunState::Running => true,
-        RunState::Paused | RunState::Created => false,
-        RunState::Stopped(reason) => {
-            return Err(Failure::invalid_state(format!(
-                "guest has stopped: {reason}"
-            )));
-        }
-    };
+    let was_running = running_before(partition)?;
     check_request(config, request)?;
     // Held until this function returns: a service that restarts meanwhile waits on it before it
     // decides whether the checkpoint was committed (snapshot's recovery of a running create).
@@ -281,6 +273,18 @@ pub(super) fn pause_for_switch(
     }
     fault::point("worker.checkpoint.after-pause");
     Ok(pause_started)
+}
+
+/// Whether the guest runs (a checkpoint leaves it running) or is paused; a guest that stopped
+/// has nothing to checkpoint.
+pub(crate) fn running_before(partition: &Partition) -> Result<bool, Failure> {
+    match partition.run_state() {
+        RunState::Running => Ok(true),
+        RunState::Paused | RunState::Created => Ok(false),
+        RunState::Stopped(reason) => Err(Failure::invalid_state(format!(
+            "guest has stopped: {reason}"
+        ))),
+    }
 }
 
 pub(crate) fn check_request(

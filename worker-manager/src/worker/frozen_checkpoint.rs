@@ -11,10 +11,10 @@
 
 use std::time::Instant;
 
-use partition::{Partition, PartitionConfig, RunState};
+use partition::{Partition, PartitionConfig};
 use vmm_core::{CheckpointContent, CheckpointReport, CheckpointRequest, fault};
 
-use super::checkpoint::{StagingLock, check_request, commit, pause_for_switch};
+use super::checkpoint::{StagingLock, check_request, commit, pause_for_switch, running_before};
 use super::machine::partition_failure;
 use super::overlays::{create_overlays, remove_overlays, switch_back, switch_disks};
 use crate::protocol::Failure;
@@ -32,15 +32,7 @@ pub(crate) fn frozen_disks(
     if request.content != CheckpointContent::FrozenDisks {
         return Err(Failure::failed("not a production checkpoint request"));
     }
-    let was_running = match partition.run_state() {
-        RunState::Running => true,
-        RunState::Paused | RunState::Created => false,
-        RunState::Stopped(reason) => {
-            return Err(Failure::invalid_state(format!(
-                "guest has stopped: {reason}"
-            )));
-        }
-    };
+    let was_running = running_before(partition)?;
     check_request(config, request)?;
     if !freeze_held() {
         return Err(not_frozen("before the checkpoint began"));
