@@ -9,6 +9,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::super::data_path::Polled;
 use super::super::driver::{Buffer, Driver, guest_memory, used_flags, used_idx};
 use super::super::{Block, BlockConfig, ChangedBlockMap};
 use super::*;
@@ -73,23 +74,31 @@ fn wait_for_used(memory: &PartitionMemory, count: u16) -> bool {
     false
 }
 
+/// Waits (as generously) until the device sets `VRING_USED_F_NO_NOTIFY`; whether it did.
+fn wait_for_suppressed(memory: &PartitionMemory) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_flags(memory) & NO_NOTIFY == 0 && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    used_flags(memory) & NO_NOTIFY != 0
+}
+
+/// Starts queue 0's polling window on a thread of its own: one no scheduling delay of the tests
+/// outlasts (30 s), which they end by wanting the queues.
+fn start_polling(transport: &Arc<MmioTransport<Block>>) -> std::thread::JoinHandle<Polled> {
+    let transport = Arc::clone(transport);
+    std::thread::spawn(move || transport.path.notify_polling(0, Duration::from_secs(30)))
+}
+
 #[test]
 fn polling_serves_a_request_made_available_without_a_notification() {
     let memory = guest_memory();
     let transport = Arc::new(transport(&memory));
     let mut driver = Driver::start(transport.as_ref());
     publish_read(&memory, &mut driver, 0);
-    let polling = {
-        let transport = Arc::clone(&transport);
-        // A window no scheduling delay of this test outlasts; the test ends it below.
-        std::thread::spawn(move || transport.path.notify_polling(0, Duration::from_secs(30)))
-    };
+    let polling = start_polling(&transport);
     assert!(wait_for_used(&memory, 1));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while used_flags(&memory) & NO_NOTIFY == 0 && Instant::now() < deadline {
-        std::hint::spin_loop();
-    }
-    let suppressed = used_flags(&memory) & NO_NOTIFY != 0;
+    let suppressed = wait_for_suppressed(&memory);
 
     // The driver saw VRING_USED_F_NO_NOTIFY, so it does not notify. (Checking the flag again
     // after publishing would race the device, which clears it while it serves what it found.)
@@ -110,14 +119,8 @@ fn polling_ends_when_another_thread_wants_the_queues_and_leaves_notifications_on
     let transport = Arc::new(transport(&memory));
     let mut driver = Driver::start(transport.as_ref());
     publish_read(&memory, &mut driver, 0);
-    let polling = {
-        let transport = Arc::clone(&transport);
-        std::thread::spawn(move || transport.path.notify_polling(0, Duration::from_secs(30)))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while used_flags(&memory) & NO_NOTIFY == 0 && Instant::now() < deadline {
-        std::hint::spin_loop();
-    }
+    let polling = start_polling(&transport);
+    wait_for_suppressed(&memory);
 
     let started = Instant::now();
     transport.quiesce();
