@@ -4,7 +4,7 @@
 mod common_qemu;
 mod common_vm;
 
-use common_qemu::{assert_check_clean, qemu_img};
+use common_qemu::{assert_images_clean, qemu_img};
 use common_vm::*;
 use snapshot::{
     Allocation, CheckpointType, Consistency, CreateRequest, Error, NoProgress, ProgressCounter,
@@ -16,12 +16,6 @@ fn standard(name: &str) -> CreateRequest {
     CreateRequest {
         name: Some(name.into()),
         checkpoint_type: CheckpointType::Standard,
-    }
-}
-
-fn check_all(folder: &snapshot::VmFolder) {
-    for file in disk_files(folder) {
-        assert_check_clean(&file);
     }
 }
 
@@ -50,7 +44,7 @@ fn create_moves_the_vm_onto_an_overlay_of_the_checkpoint_layer() {
         live.to_str().expect("utf8"),
     ]);
     assert!(info.contains("disk0.qcow2"), "{info}");
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -69,7 +63,7 @@ fn apply_brings_back_the_disk_as_it_was_and_drops_the_discarded_layer() {
     assert_eq!(read_record(&vm, 0, 1), 0);
     assert!(!discarded.exists());
     assert_eq!(disk_files(&vm).len(), 2);
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -195,7 +189,7 @@ fn assert_applies_to(vm: &snapshot::VmFolder, cp: &snapshot::Checkpoint, blocks:
         read_record(vm, 0, 2),
     ];
     assert_eq!(seen, blocks, "checkpoint {}", cp.name);
-    check_all(vm);
+    assert_images_clean(disk_files(vm));
 }
 
 #[test]
@@ -220,7 +214,7 @@ fn deleting_a_middle_checkpoint_merges_its_layer_and_keeps_every_other_exact() {
 
     delete_checkpoint(&vm, b.id, &mut progress).expect("delete B");
 
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
     let tree = vm.tree().expect("tree");
     assert_eq!(tree.get(c.id).and_then(|n| n.parent), Some(a.id));
     assert_eq!(disk_files(&vm).len(), files_before - 1);
@@ -239,7 +233,7 @@ fn deleting_a_subtree_removes_its_nodes_and_layers_and_leaves_the_rest_exact() {
 
     delete_checkpoint_tree(&vm, b.id, &mut NoProgress).expect("delete subtree B");
 
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
     let tree = vm.tree().expect("tree");
     assert!(tree.get(b.id).is_none() && tree.get(c.id).is_none());
     assert!(!vm.checkpoint_dir(b.id).exists() && !vm.checkpoint_dir(c.id).exists());
@@ -272,7 +266,7 @@ fn deleting_now_s_parent_merges_it_into_the_live_disk() {
         .allocation_map()
         .expect("map");
     assert_eq!(map[0].allocation, Allocation::Data);
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -308,7 +302,7 @@ fn two_disks_are_layered_together() {
 
     assert_eq!(read_record(&vm, 1, 0), 9);
     assert_eq!(backing_chain(&live_disk(&vm, 0)).expect("chain").len(), 2);
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -320,7 +314,7 @@ fn deleting_a_checkpoint_two_branches_grow_from_rebases_both_and_removes_its_lay
 
     delete_checkpoint(&vm, a.id, &mut NoProgress).expect("delete A");
 
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
     assert_eq!(disk_files(&vm).len(), files_before - 1);
     assert!(!vm.disks_dir().join("disk0.qcow2").exists());
     assert_eq!(read_record(&vm, 0, 2), 5);
@@ -351,5 +345,5 @@ fn deleting_the_checkpoint_that_owns_a_raw_base_disk_folds_it_into_the_overlay()
         std::slice::from_ref(&live)
     );
     assert_eq!((read_record(&vm, 0, 0), read_record(&vm, 0, 1)), (1, 2));
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }

@@ -33,6 +33,13 @@ pub fn qemu_io(args: &[&str]) {
     );
 }
 
+/// [`assert_check_clean`] on every image in `files` (a VM's disks and their chains).
+pub fn assert_images_clean(files: impl IntoIterator<Item = impl AsRef<Path>>) {
+    for file in files {
+        assert_check_clean(file.as_ref());
+    }
+}
+
 /// `qemu-img check` as JSON; asserts no corruptions and no leaks.
 pub fn assert_check_clean(path: &Path) {
     let out = Command::new("qemu-img")

@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-use common_qemu::assert_check_clean;
+use common_qemu::assert_images_clean;
 use common_vm::*;
 use snapshot::{
     CheckpointId, CheckpointType, CreateRequest, ExportMode, ImportMode, NoProgress, Recovery,
@@ -113,12 +113,6 @@ fn assert_bulk_intact(vm: &VmFolder, step: &str) {
     assert!(buf == bulk_pattern(), "{step}: bulk data changed");
 }
 
-fn check_all_images(vm: &VmFolder) {
-    for file in disk_files(vm) {
-        assert_check_clean(&file);
-    }
-}
-
 fn blocks(vm: &VmFolder) -> [u8; 3] {
     [
         read_record(vm, 0, 0),
@@ -145,7 +139,7 @@ fn create_killed_at_any_step_is_rolled_back_or_finished() {
         save_vm(&vm, 7);
 
         run_until_killed("create", step, &vm, None, None);
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         let recovery = recover(vm.dir()).expect("recover");
 
         let tree = vm.tree().expect("tree");
@@ -172,7 +166,7 @@ fn create_killed_at_any_step_is_rolled_back_or_finished() {
             usize::from(happened),
             "{step}: stray entries {entries:?}"
         );
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
     }
 }
 
@@ -198,7 +192,7 @@ fn apply_killed_at_any_step_is_rolled_back_or_finished() {
         write_record(&vm, 0, 0, 2);
 
         run_until_killed("apply", step, &vm, Some(a.id), None);
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         recover(vm.dir()).expect("recover");
 
         let expected = if happened {
@@ -216,7 +210,7 @@ fn apply_killed_at_any_step_is_rolled_back_or_finished() {
             !vm.dir().join(".state.new").exists() && !vm.dir().join(".state.old").exists(),
             "{step}"
         );
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
     }
 }
 
@@ -249,7 +243,7 @@ fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
         let files_before = disk_files(&vm).len();
 
         run_until_killed("delete", step, &vm, Some(a), None);
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         let recovery = recover(vm.dir()).expect("recover");
 
         assert_eq!(recovery, Recovery::RolledForward("delete"), "{step}");
@@ -263,12 +257,12 @@ fn delete_killed_at_any_step_is_finished_with_every_state_intact() {
             files_before - 1,
             "{step}: chain shrank"
         );
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         assert_eq!(blocks(&vm), [1, 2, 3], "{step}: live data");
         assert_bulk_intact(&vm, step);
         apply_checkpoint(&vm, b, &mut NoProgress).expect("apply b");
         assert_eq!(blocks(&vm), [1, 2, 0], "{step}: checkpoint b");
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
     }
 }
 
@@ -291,7 +285,7 @@ fn delete_of_an_abandoned_branch_killed_while_removing_its_layer_is_finished() {
     assert!(tree.get(b).is_none() && tree.get(a).is_some());
     assert_eq!(disk_files(&vm).len(), 2, "a's layer and the live layer");
     assert_eq!(blocks(&vm), [1, 0, 0]);
-    check_all_images(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -349,12 +343,12 @@ fn delete_of_a_branch_point_killed_mid_rebase_is_finished() {
         let files_before = disk_files(&vm).len();
 
         run_until_killed("delete", step, &vm, Some(a), None);
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         recover(vm.dir()).expect("recover");
 
         assert_eq!(disk_files(&vm).len(), files_before - 1, "{step}");
         assert_eq!(blocks(&vm), [1, 0, 9], "{step}: live data");
-        check_all_images(&vm);
+        assert_images_clean(disk_files(&vm));
         apply_checkpoint(&vm, b, &mut NoProgress).expect("apply b");
         assert_eq!(blocks(&vm), [1, 2, 0], "{step}: checkpoint b");
         assert_bulk_intact(&vm, step);

@@ -10,7 +10,7 @@ mod common_vm;
 
 use std::path::{Path, PathBuf};
 
-use common_qemu::assert_check_clean;
+use common_qemu::assert_images_clean;
 use common_vm::*;
 use snapshot::journal::{JournalEntry, Stage};
 use snapshot::{
@@ -55,12 +55,6 @@ fn overlay_paths(running: &RunningCheckpoint) -> Vec<PathBuf> {
         .iter()
         .map(|o| o.path.clone())
         .collect()
-}
-
-fn check_all(vm: &VmFolder) {
-    for file in disk_files(vm) {
-        assert_check_clean(&file);
-    }
 }
 
 #[test]
@@ -130,7 +124,7 @@ fn committed_production_checkpoint_joins_the_tree_without_state_and_applies_to_o
         "a production checkpoint applies to an Off VM"
     );
     assert_eq!(read_record(&vm, 0, 0), 0x11);
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -160,7 +154,7 @@ fn production_checkpoint_the_worker_did_not_commit_leaves_nothing() {
             .expect("journal")
             .is_none()
     );
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 /// Prepares a production checkpoint and lets the worker go as far as `commit` says; the
@@ -194,7 +188,7 @@ fn recovery_rolls_a_committed_production_checkpoint_forward() {
             .exists()
     );
     assert_eq!(recover(vm.dir()).expect("again"), Recovery::Clean);
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -210,7 +204,7 @@ fn recovery_removes_an_uncommitted_production_checkpoint_and_its_overlays() {
     assert_eq!(live_disk(&vm, 0), disk_before);
     assert!(overlay_paths(&running).iter().all(|p| !p.exists()));
     assert!(!staging_of(&running).exists());
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
@@ -233,7 +227,7 @@ fn recovery_after_the_marker_was_removed_trusts_the_committed_journal() {
     assert_eq!(vm.tree().expect("tree").now, Some(running.checkpoint.id));
     assert_eq!(live_disk(&vm, 0), running.request.overlays[0].path);
     assert!(overlay_paths(&running).iter().all(|p| p.exists()));
-    check_all(&vm);
+    assert_images_clean(disk_files(&vm));
 }
 
 #[test]
