@@ -177,26 +177,20 @@ impl ProcessLauncher {
             .ok_or(Error::AlreadyRunning)?;
         // We hold the lock, so no worker owns what is left in the folder.
         runtime.remove_stale_files();
-        let log = runtime
-            .start_log()
+        // A pool worker brings its own log and moves it in without following a link; one
+        // planted there is refused all the same, as `start_log` refuses it for a spawned worker.
+        runtime
+            .check_log_file()
             .map_err(|e| Error::io(runtime.log_file(), e))?;
-        fault::point("launch.locked");
         if let Some(idle) = self.pool.take() {
+            fault::point("launch.locked");
             let assignment = Assignment {
                 vm,
                 restore: restore.map(Path::to_path_buf),
             };
-            if send_assignment(
-                &idle.channel,
-                &assignment,
-                lock.as_raw_fd(),
-                log.as_raw_fd(),
-            )
-            .is_ok()
-            {
-                // The worker has its copies: the lock is held by it alone from here on.
+            if send_assignment(&idle.channel, &assignment, lock.as_raw_fd()).is_ok() {
+                // The worker has its copy: the lock is held by it alone from here on.
                 drop(lock);
-                drop(log);
                 fault::point("launch.after-spawn");
                 return self.await_pool_ready(idle, &runtime);
             }
@@ -206,6 +200,10 @@ impl ProcessLauncher {
             let _ = idle.pidfd.wait(None, Some(Duration::from_secs(5)));
             crate::pool::reap_pool_worker(self.store.root(), idle.pidfd.pid());
         }
+        let log = runtime
+            .start_log()
+            .map_err(|e| Error::io(runtime.log_file(), e))?;
+        fault::point("launch.locked");
         self.spawn_process(vm, restore, &runtime, lock, log)
             .map(|pidfd| Started {
                 pidfd,
@@ -219,6 +217,7 @@ impl ProcessLauncher {
         match read_pool_ready(&channel, self.options.launch_timeout) {
             Ok(PoolReady::Ready(report)) => {
                 fault::point("launch.after-ready");
+                self.pool.remove_folder_later(pidfd.pid());
                 Ok(Started {
                     pidfd,
                     channel: Some((channel, report)),

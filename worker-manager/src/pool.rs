@@ -13,11 +13,13 @@
 //! pair, in order:
 //! 1. worker → parent: [`PoolMessage::Idle`] once it is warm (or `Failed`, then it exits);
 //! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore) in one
-//!    message with the VM's locked `worker.lock` and its `worker.log` (`SCM_RIGHTS`), so that the
-//!    worker wakes once for all three;
-//! 3. the worker moves the control and console sockets it bound while idle into the VM's runtime
-//!    folder, then starts as an exec'd one does (config, disks, Landlock on the ruleset it
-//!    prepared, partition, seccomp, guest) and answers [`PoolMessage::Ready`] or `Failed`;
+//!    message with the VM's locked `worker.lock` (`SCM_RIGHTS`), so that the worker wakes once
+//!    for both;
+//! 3. the worker moves the log it writes to and the control and console sockets it bound while
+//!    idle into the VM's runtime folder, then starts as an exec'd one does (config, disks,
+//!    Landlock on the ruleset it prepared, partition, seccomp, guest) and answers
+//!    [`PoolMessage::Ready`] or `Failed`; once it is ready, the parent removes the folder the
+//!    worker prepared them in (with the previous worker's log, which the move put there);
 //! 4. from then on the pair is a control connection like one made to `control.sock`, its
 //!    handshake already done: the socket pair is private to the two processes, and the parent
 //!    knows the worker's pid because it spawned it.
@@ -104,17 +106,16 @@ pub(crate) struct Assignment {
     pub(crate) restore: Option<PathBuf>,
 }
 
-/// In the parent: hands `assignment` to an idle worker with copies of the VM's `lock` and `log`
-/// descriptors, in one message.
+/// In the parent: hands `assignment` to an idle worker with a copy of the VM's `lock`
+/// descriptor, in one message.
 pub(crate) fn send_assignment(
     channel: &UnixStream,
     assignment: &Assignment,
     lock: RawFd,
-    log: RawFd,
 ) -> io::Result<()> {
     let frame = encode_frame(assignment).map_err(frame_io)?;
     let sent = channel
-        .send_with_fds(&[&frame[..]], &[lock, log])
+        .send_with_fds(&[&frame[..]], &[lock])
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     if sent == 0 {
         return Err(io::Error::new(
@@ -132,8 +133,9 @@ const ASSIGNMENT_READ: usize = 4096;
 /// In the idle worker: waits for the assignment. `Ok(None)` when the parent went away first.
 pub(crate) fn receive_assignment(
     channel: &UnixStream,
-) -> io::Result<Option<(Assignment, std::fs::File, std::fs::File)>> {
+) -> io::Result<Option<(Assignment, std::fs::File)>> {
     let mut buffer = vec![0u8; ASSIGNMENT_READ];
+    // Room for one more than is sent: a second descriptor is refused below, not left unread.
     let mut fds = [-1; 2];
     let mut iovecs = [libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
@@ -146,7 +148,7 @@ pub(crate) fn receive_assignment(
         // SAFETY: the first `count` descriptors were just received: open, and ours alone.
         std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
     });
-    let (lock, log) = (files.next(), files.next());
+    let (lock, extra) = (files.next(), files.next());
     if n == 0 {
         return Ok(None);
     }
@@ -163,17 +165,22 @@ pub(crate) fn receive_assignment(
             .map_err(frame_io)?
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short"))?,
     };
-    match (lock, log) {
-        (Some(lock), Some(log)) => Ok(Some((assignment, lock, log))),
-        _ => Err(io::Error::new(
+    match (lock, extra) {
+        (Some(lock), None) => Ok(Some((assignment, lock))),
+        (None, _) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "assignment without its lock and log descriptors",
+            "assignment without its lock descriptor",
+        )),
+        (Some(_), Some(_)) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "assignment with more descriptors than its lock",
         )),
     }
 }
 
 /// Reaps a pool worker that ended (or was killed) before it ran its guest, and removes the
-/// folder it bound its sockets in while idle, which a killed worker could not remove itself.
+/// folder it prepared its sockets and log in while idle, which a killed worker could not remove
+/// itself.
 pub(crate) fn reap_pool_worker(store: &Path, pid: u32) -> Option<crate::process::ExitStatus> {
     let status = reap_child(pid);
     let _ = std::fs::remove_dir_all(StoreLayout::new(store).pool_dir(pid));
@@ -299,6 +306,9 @@ struct PoolState {
     failures: u32,
     /// Why the last pool worker failed to start.
     last_error: Option<String>,
+    /// Workers that left the pool and ran their guest: the folders they prepared while idle are
+    /// the refill thread's to remove (see [`WorkerPool::remove_folder_later`]).
+    left: Vec<u32>,
 }
 
 impl WorkerPool {
@@ -373,19 +383,34 @@ impl WorkerPool {
     pub(crate) fn last_error(&self) -> Option<String> {
         self.inner.lock().last_error.clone()
     }
+
+    /// Has the refill thread remove the folder worker `pid` prepared while idle, now that the
+    /// worker moved its files out and reported ready.
+    ///
+    /// The worker cannot remove it (Landlock gives it no rights in `run/`), and the launcher
+    /// should not while a start waits: the folder holds the previous worker's log, and freeing a
+    /// file's blocks costs ext4 ~0.2 ms. The refill thread does it when it next starts a
+    /// replacement, [`REFILL_DELAY`] after the worker was taken.
+    pub(crate) fn remove_folder_later(&self, pid: u32) {
+        self.inner.lock().left.push(pid);
+    }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        let idle: Vec<IdleWorker> = {
+        let (idle, left): (Vec<IdleWorker>, Vec<u32>) = {
             let mut state = self.inner.lock();
             state.closed = true;
-            state.idle.drain(..).collect()
+            (
+                state.idle.drain(..).collect(),
+                std::mem::take(&mut state.left),
+            )
         };
         self.inner.changed.notify_all();
         for worker in idle {
             worker.dismiss(&self.inner.spawner.store);
         }
+        self.inner.remove_folders(left);
     }
 }
 
@@ -394,11 +419,19 @@ impl PoolInner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Removes the idle folders of workers `pids`, which left the pool.
+    fn remove_folders(&self, pids: Vec<u32>) {
+        let layout = StoreLayout::new(&self.spawner.store);
+        for pid in pids {
+            let _ = std::fs::remove_dir_all(layout.pool_dir(pid));
+        }
+    }
+
     /// The refill thread: keeps `size` workers idle, reaps the ones that die while idle, backs
     /// off while workers fail to start.
     fn refill(&self) {
         loop {
-            {
+            let left = {
                 let mut state = self.lock();
                 loop {
                     if state.closed {
@@ -423,7 +456,10 @@ impl PoolInner {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-            }
+                std::mem::take(&mut state.left)
+            };
+            // Outside the lock: a start taking a worker must not wait for the file system.
+            self.remove_folders(left);
             let spawned = self.spawner.spawn();
             let mut state = self.lock();
             match spawned {
@@ -478,20 +514,38 @@ mod tests {
     }
 
     #[test]
-    fn assignment_arrives_with_its_lock_and_log_in_one_read() {
+    fn assignment_arrives_with_its_lock_in_one_read() {
         let (parent, worker) = UnixStream::pair().unwrap();
-        let (lock, log) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+        let lock = tempfile::tempfile().unwrap();
         let assignment = Assignment {
             vm: VmId::new_random(),
             restore: Some(PathBuf::from("/store/vm/state")),
         };
 
-        send_assignment(&parent, &assignment, lock.as_raw_fd(), log.as_raw_fd()).unwrap();
-        let (received, got_lock, got_log) = receive_assignment(&worker).unwrap().unwrap();
+        send_assignment(&parent, &assignment, lock.as_raw_fd()).unwrap();
+        let (received, got_lock) = receive_assignment(&worker).unwrap().unwrap();
 
         assert_eq!(received.vm, assignment.vm);
         assert_eq!(received.restore, assignment.restore);
-        assert!(same_file(&got_lock, &lock) && same_file(&got_log, &log));
+        assert!(same_file(&got_lock, &lock));
+    }
+
+    #[test]
+    fn an_assignment_with_a_descriptor_besides_its_lock_is_refused() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let (lock, other) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+        let assignment = Assignment {
+            vm: VmId::new_random(),
+            restore: None,
+        };
+        let frame = encode_frame(&assignment).unwrap();
+        parent
+            .send_with_fds(&[&frame[..]], &[lock.as_raw_fd(), other.as_raw_fd()])
+            .unwrap();
+
+        let error = receive_assignment(&worker).unwrap_err();
+
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

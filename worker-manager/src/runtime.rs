@@ -110,16 +110,8 @@ impl RuntimeDir {
     /// whoever planted it meant our writes to land elsewhere.
     pub(crate) fn start_log(&self) -> io::Result<fs::File> {
         let log = self.log_file();
-        match fs::symlink_metadata(&log) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "worker.log is a symbolic link; refusing to follow it",
-                ));
-            }
-            Ok(_) => fs::rename(&log, self.previous_log_file())?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if self.check_log_file()? {
+            fs::rename(&log, self.previous_log_file())?;
         }
         // Created here and now: anything at the path since would make this fail, not be used.
         fs::File::options()
@@ -128,6 +120,20 @@ impl RuntimeDir {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&log)
+    }
+
+    /// Whether a `worker.log` is there; an error when it is a symbolic link, which whoever
+    /// planted it meant our writes to follow.
+    pub(crate) fn check_log_file(&self) -> io::Result<bool> {
+        match fs::symlink_metadata(self.log_file()) {
+            Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "worker.log is a symbolic link; refusing to follow it",
+            )),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes the log of the worker before (see [`Self::start_log`]).

@@ -45,6 +45,42 @@ fn a_vm_starts_on_the_idle_pool_worker_and_the_pool_refills() {
     wait_until("the worker exits", || !pid_alive(worker.pid()));
 }
 
+#[test]
+fn a_started_pool_worker_leaves_no_idle_folder_and_its_log_replaces_the_previous_one() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = fixture.small_vm("twice");
+    let first = fixture.boot(&vm);
+    first.turn_off().unwrap();
+    wait_until("the first worker exits", || !pid_alive(first.pid()));
+    wait_until("the pool refills", || {
+        !fixture.launcher.idle_workers().is_empty()
+    });
+
+    let second = fixture.boot(&vm);
+    let mut idle = Vec::new();
+    wait_until("the pool refills again", || {
+        idle = fixture.launcher.idle_workers();
+        !idle.is_empty()
+    });
+
+    let mut pool_folders: Vec<String> = fs::read_dir(fixture.dir.path().join("run"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("pool-"))
+        .collect();
+    pool_folders.sort();
+    let mut expected: Vec<String> = idle.iter().map(|pid| format!("pool-{pid}")).collect();
+    expected.sort();
+    assert_eq!(pool_folders, expected, "only idle workers have a folder");
+    let runtime = fixture.launcher.runtime_dir(vm.id);
+    let log = fs::read_to_string(runtime.log_file()).unwrap();
+    assert!(log.contains(&format!("pid {}", second.pid())), "{log}");
+    assert!(!log.contains(&format!("pid {}", first.pid())), "{log}");
+    assert!(!runtime.previous_log_file().exists());
+    second.turn_off().unwrap();
+}
+
 /// The size in KiB of each mapping of process `pid`.
 fn mapping_sizes_kib(pid: u32) -> Vec<u64> {
     fs::read_to_string(format!("/proc/{pid}/smaps"))

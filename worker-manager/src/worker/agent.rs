@@ -287,7 +287,7 @@ impl Integration {
                 self.prepare();
                 let result = self.client.shutdown(timeout);
                 if result.is_ok() {
-                    eprintln!(
+                    log_line!(
                         "worker {}: asked the guest's agent to shut down",
                         self.shared.vm()
                     );
@@ -367,7 +367,7 @@ impl Integration {
         match self.client.fsfreeze_freeze(reply_timeout) {
             Ok(count) => {
                 self.set_freeze_held(true);
-                eprintln!(
+                log_line!(
                     "worker {}: guest froze {count} file system(s), held at most {hold_limit:?}",
                     self.shared.vm()
                 );
@@ -410,14 +410,14 @@ impl Integration {
         match self.client.fsfreeze_thaw(HOLD_THAW_TIMEOUT) {
             Ok(count) => {
                 self.hold_until = None;
-                eprintln!(
+                log_line!(
                     "worker {}: the freeze reached its hold limit: thawed {count} file system(s)",
                     self.shared.vm()
                 );
             }
             Err(error) => {
                 self.hold_until = Some(Instant::now() + HOLD_THAW_RETRY);
-                eprintln!(
+                log_line!(
                     "worker {}: thaw at the hold limit failed, retrying: {error}",
                     self.shared.vm()
                 );

@@ -264,7 +264,7 @@ pub(crate) fn merge_stopped(
                         disk,
                     });
                 }
-                Err(again) => eprintln!("worker: cannot reopen disk {index}: {again}"),
+                Err(again) => log_line!("worker: cannot reopen disk {index}: {again}"),
             }
             return Err(failure);
         }
@@ -272,14 +272,14 @@ pub(crate) fn merge_stopped(
         report.disks_merged += 1;
         match disks::open_writable(&image) {
             Ok(disk) => config.disks[index].backend = Some(disk),
-            Err(error) => eprintln!(
+            Err(error) => log_line!(
                 "worker: cannot reopen disk {index}: {}",
                 error_chain(&error)
             ),
         }
         config.disks[index].path = image;
         if let Err(error) = snapshot::durable::remove_file(&overlay.path) {
-            eprintln!(
+            log_line!(
                 "worker: cannot remove {}: {}",
                 overlay.path.display(),
                 error_chain(&error)
@@ -360,7 +360,7 @@ fn merge_disks(
             .disk_backend(index)
             .map_or(Ok(()), |disk| disk.flush());
         if let Err(error) = synced {
-            eprintln!(
+            log_line!(
                 "worker: cannot sync disk {index}, keeping {}: {error}",
                 overlay.display()
             );
@@ -368,7 +368,7 @@ fn merge_disks(
         }
         // The disk no longer uses it; a leftover is harmless (the next merge skips the disk).
         if let Err(error) = snapshot::durable::remove_file(&overlay) {
-            eprintln!(
+            log_line!(
                 "worker: cannot remove {}: {}",
                 overlay.display(),
                 error_chain(&error)
@@ -465,7 +465,7 @@ fn switch_to_image(
             failure,
         )),
         Err(again) => {
-            eprintln!(
+            log_line!(
                 "worker: disk {index} is on neither {} nor {}: {again}",
                 image.display(),
                 overlay.display()

@@ -98,7 +98,7 @@ impl ChangeTracking {
         self.marked_in_use = true;
         let tracking = self;
         if let Err(error) = tracking.write(false) {
-            eprintln!(
+            log_line!(
                 "worker: cannot mark {} in use ({error}); change tracking restarts",
                 tracking.path.display()
             );
@@ -125,7 +125,7 @@ impl ChangeTracking {
             // The clean file names the reference point this one replaces: a worker killed from
             // here on must leave a file that is not believed.
             if let Err(error) = self.mark_in_use() {
-                eprintln!("worker: cannot invalidate {}: {error}", self.path.display());
+                log_line!("worker: cannot invalidate {}: {error}", self.path.display());
             }
         }
         self.reference = Some(reference);
@@ -156,7 +156,7 @@ impl ChangeTracking {
         }
         // A guest that stopped on its own had its maps written clean; it runs again now.
         if let Err(error) = self.write(false) {
-            eprintln!(
+            log_line!(
                 "worker: cannot mark {} in use: {error}",
                 self.path.display()
             );
@@ -170,7 +170,7 @@ impl ChangeTracking {
     /// failure the file stays in use and the next backup is full).
     pub(crate) fn write_clean(&self) {
         if let Err(error) = self.write(true) {
-            eprintln!(
+            log_line!(
                 "worker: cannot write {}: {error}; the next backup will be full",
                 self.path.display()
             );

@@ -251,7 +251,7 @@ pub(crate) fn start_test_escape(vm_name: &str) {
         .spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
             let outcome = try_escape(&attempt);
-            eprintln!("escape {attempt}: {outcome}");
+            log_line!("escape {attempt}: {outcome}");
         });
 }
 

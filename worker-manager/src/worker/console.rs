@@ -123,7 +123,7 @@ impl Write for ConsoleSink {
 /// Attaches one client that connected to `console.sock`.
 pub(crate) fn accept(stream: UnixStream, shared: &Arc<WorkerShared>) {
     if let Err(error) = attach(stream, shared) {
-        eprintln!("worker {}: console client: {error}", shared.vm());
+        log_line!("worker {}: console client: {error}", shared.vm());
     }
 }
 

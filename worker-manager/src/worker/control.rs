@@ -289,7 +289,7 @@ pub(crate) fn accept(stream: UnixStream, shared: &Arc<WorkerShared>) {
         .name("control-conn".into())
         .spawn(move || {
             if let Err(error) = connection(stream, &shared) {
-                eprintln!("worker {}: control connection: {error}", shared.vm);
+                log_line!("worker {}: control connection: {error}", shared.vm);
             }
         });
 }
@@ -335,7 +335,7 @@ pub(crate) fn adopt(stream: UnixStream, shared: &WorkerShared) {
         .map_err(ProtocolError::from)
         .and_then(|reader| serve_parent(stream, BufReader::new(reader), shared));
     if let Err(error) = served {
-        eprintln!("worker {}: control connection: {error}", shared.vm);
+        log_line!("worker {}: control connection: {error}", shared.vm);
     }
 }
 

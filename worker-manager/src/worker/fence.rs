@@ -27,14 +27,14 @@ pub(crate) fn watch(path: PathBuf) -> std::io::Result<()> {
     let Some(token) = read_token(&path) else {
         return Ok(());
     };
-    eprintln!("worker: fencing token {token}");
+    log_line!("worker: fencing token {token}");
     std::thread::Builder::new()
         .name("fence".into())
         .spawn(move || {
             while read_token(&path) == Some(token) {
                 std::thread::sleep(POLL);
             }
-            eprintln!("worker: fencing token {token} is stale; stopping the guest");
+            log_line!("worker: fencing token {token} is stale; stopping the guest");
             // SAFETY: _exit ends the process at once without running any code of ours; the
             // guest's memory and every descriptor go with it, which is the point.
             unsafe { libc::_exit(EXIT_FENCED) }

@@ -21,7 +21,7 @@ pub(crate) fn serve(control: UnixListener, console: UnixListener, shared: &Arc<W
     // Non-blocking, so that a client that went away between the wake-up and the accept does
     // not hold up the other socket. Accepted streams are blocking whatever the listener is.
     if control.set_nonblocking(true).is_err() || console.set_nonblocking(true).is_err() {
-        eprintln!("worker {}: listeners: cannot set non-blocking", shared.vm());
+        log_line!("worker {}: listeners: cannot set non-blocking", shared.vm());
         return;
     }
     loop {

@@ -32,7 +32,7 @@ use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
 use super::fence;
 use super::frozen_checkpoint;
-use super::prebound::bind_listener;
+use super::idle_folder::bind_listener;
 use super::start_trace::mark;
 use super::state_folder;
 use crate::error::{Error, Result};
@@ -296,7 +296,7 @@ impl Machine {
         mark("threads");
         if self.confine {
             let landlock = self.shared.confinement().landlock;
-            eprintln!(
+            log_line!(
                 "worker {}: confined: seccomp allowlist, no new privileges, landlock {landlock}",
                 self.shared.vm()
             );
@@ -379,13 +379,13 @@ impl Machine {
         // The folder itself stays: a confined worker may not remove it, and its lock file and
         // log are what the next worker and a post-mortem use.
         self.runtime.remove_live_files(std::process::id());
-        eprintln!("worker {}: exiting", self.shared.vm());
+        log_line!("worker {}: exiting", self.shared.vm());
         ExitCode::SUCCESS
     }
 
     /// The guest stopped on its own: release it, remember why, tell every parent connected.
     fn guest_stopped(&mut self, exit: &ExitReason) {
-        eprintln!("worker {}: guest stopped: {exit}", self.shared.vm());
+        log_line!("worker {}: guest stopped: {exit}", self.shared.vm());
         self.release_guest(stop_reason(exit));
     }
 
@@ -562,7 +562,7 @@ impl Machine {
         match committed {
             Ok(bytes) => {
                 fault::point("worker.save.after-commit");
-                eprintln!(
+                log_line!(
                     "worker {}: saved {bytes} bytes of memory in {:?}",
                     self.shared.vm(),
                     started.elapsed()
@@ -627,7 +627,7 @@ impl Machine {
             self.guest_stopped(&exit);
         }
         match &result {
-            Ok(report) => eprintln!(
+            Ok(report) => log_line!(
                 "worker {}: checkpoint committed: {} bytes of memory{}, paused {:?}, total {:?}",
                 self.shared.vm(),
                 report.memory_bytes,
@@ -635,7 +635,7 @@ impl Machine {
                 report.pause,
                 report.total
             ),
-            Err(failure) => eprintln!("worker {}: checkpoint failed: {failure}", self.shared.vm()),
+            Err(failure) => log_line!("worker {}: checkpoint failed: {failure}", self.shared.vm()),
         }
         result.map(Reply::Checkpoint)
     }
@@ -658,14 +658,14 @@ impl Machine {
         );
         self.note_stopped();
         match &result {
-            Ok(report) => eprintln!(
+            Ok(report) => log_line!(
                 "worker {}: backup capture of {} disks, quiesced {:?}, previous reference {:?}",
                 self.shared.vm(),
                 report.changes.len(),
                 report.quiesce,
                 report.previous_reference
             ),
-            Err(failure) => eprintln!(
+            Err(failure) => log_line!(
                 "worker {}: backup capture failed: {failure}",
                 self.shared.vm()
             ),
@@ -707,14 +707,14 @@ impl Machine {
         };
         self.note_stopped();
         match &result {
-            Ok(report) => eprintln!(
+            Ok(report) => log_line!(
                 "worker {}: backup merge of {} disks, {} bytes, final quiesce {:?}",
                 self.shared.vm(),
                 report.disks_merged,
                 report.bytes_copied,
                 report.final_quiesce
             ),
-            Err(failure) => eprintln!(
+            Err(failure) => log_line!(
                 "worker {}: backup merge failed: {failure}",
                 self.shared.vm()
             ),

@@ -174,7 +174,7 @@ pub(crate) fn reopen(
         Ok(backend) => {
             let _ = attach(partition, config, index, path, backend);
         }
-        Err(error) => eprintln!(
+        Err(error) => log_line!(
             "worker: cannot reopen disk {} after a failed switch: {}",
             path.display(),
             error_chain(&error)

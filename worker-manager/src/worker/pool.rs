@@ -4,7 +4,8 @@
 //!
 //! While idle it holds no VM's data and runs no guest (its one KVM VM, created ahead and maybe
 //! built out to the likely shape, has no guest in it) and has bound its control and console
-//! sockets in a folder of its own (`super::prebound`), so it is not confined yet: the
+//! sockets and created its log in a folder of its own (`super::idle_folder`), so it is not
+//! confined yet: the
 //! confinement is the VM's (Landlock rules for that VM's folders and disks, then seccomp once the
 //! guest is set up) and goes on after the assignment, on the same single thread and in the same
 //! order as in an exec'd worker. Warming up creates no thread, so Landlock, which binds the
@@ -20,8 +21,8 @@ use partition::{VmShape, VmShell};
 use vmm_core::error_chain;
 
 use super::confinement::LandlockBase;
+use super::idle_folder::IdleFolder;
 use super::machine::{Machine, Prepared};
-use super::prebound::PreboundListeners;
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
 use crate::pool::{POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment};
 use crate::protocol::write_frame;
@@ -32,7 +33,7 @@ use crate::runtime::StoreLayout;
 pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     super::unblock_signals();
     let Some(channel) = channel_from_env() else {
-        eprintln!("error: {POOL_FD_ENV} names no open descriptor; --pool is for the launcher");
+        log_line!("error: {POOL_FD_ENV} names no open descriptor; --pool is for the launcher");
         return ExitCode::from(EXIT_START_FAILED);
     };
     // Exactly what the parent meant to pass survives: stdio and the socket pair.
@@ -48,11 +49,14 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         });
     let layout = StoreLayout::new(&options.store);
     let warm = warm_up(options.confine, shape).and_then(|(shell, landlock)| {
-        let prebound = PreboundListeners::bind(layout.pool_dir(std::process::id()))
-            .map_err(|e| format!("binding the sockets while idle: {e}"))?;
-        Ok((shell, landlock, prebound))
+        let folder = IdleFolder::prepare(layout.pool_dir(std::process::id()))
+            .map_err(|e| format!("preparing the sockets and log while idle: {e}"))?;
+        // From here on the worker writes to what becomes the VM's worker.log, as an exec'd
+        // one does.
+        redirect_output(folder.log()).map_err(|e| format!("worker.log: {e}"))?;
+        Ok((shell, landlock, folder))
     });
-    let (shell, landlock, prebound) = match warm {
+    let (shell, landlock, folder) = match warm {
         Ok(warm) => warm,
         Err(reason) => {
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
@@ -62,7 +66,7 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     if write_frame(&mut &channel, &PoolMessage::Idle).is_err() {
         return ExitCode::SUCCESS;
     }
-    let (assignment, lock, log) = match receive_assignment(&channel) {
+    let (assignment, lock) = match receive_assignment(&channel) {
         Ok(Some(received)) => received,
         // The parent went away (or dropped its pool): nothing to run.
         Ok(None) => return ExitCode::SUCCESS,
@@ -73,14 +77,17 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         }
     };
     start_trace::begin_at("assigned");
-    // From here on the worker writes to the VM's worker.log, as an exec'd one does.
-    if let Err(error) = redirect_output(&log) {
-        let reason = format!("worker.log: {error}");
-        let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
-        return ExitCode::from(EXIT_START_FAILED);
-    }
-    drop(log);
     let vm = assignment.vm;
+    // The launcher holds the VM's lock for us: its runtime folder is ours to move into. The
+    // log goes first, so that everything said from here on is in the VM's worker.log.
+    let listeners = match folder.move_into(&layout.runtime(vm)) {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            let reason = format!("moving the sockets and log prepared while idle: {error}");
+            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
     let options = WorkerOptions {
         vm: Some(vm),
         restore: assignment.restore,
@@ -88,23 +95,14 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     };
     log_start(vm, &options, " (pool worker)");
     match shell.shape() {
-        Some(shape) => eprintln!(
+        Some(shape) => log_line!(
             "worker {vm}: building into the VM created while idle, built out to {} MiB, {} vCPUs",
-            shape.memory_mib, shape.vcpus
+            shape.memory_mib,
+            shape.vcpus
         ),
-        None => eprintln!("worker {vm}: building into the VM created while idle"),
+        None => log_line!("worker {vm}: building into the VM created while idle"),
     }
     start_trace::mark("log");
-    // The runtime folder is there: the launcher opened the lock and the log in it.
-    let listeners = match prebound.move_into(&layout.runtime(vm)) {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            let reason = format!("moving the sockets bound while idle: {error}");
-            eprintln!("error: {reason}");
-            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
-            return ExitCode::from(EXIT_START_FAILED);
-        }
-    };
     let prepared = Prepared {
         lock: Some(lock),
         shell: Some(shell),
@@ -116,22 +114,19 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             let report = Box::new(machine.report());
             let told = write_frame(&mut &channel, &PoolMessage::Ready { report });
             start_trace::mark("ready");
-            eprintln!("worker {vm}: guest running");
+            log_line!("worker {vm}: guest running");
             start_trace::log(vm);
-            // Empty since the sockets moved out; removing a folder frees its block, which costs
-            // ext4 ~0.2 ms, so not before the guest ran.
-            let _ = std::fs::remove_dir(layout.pool_dir(std::process::id()));
             // A parent gone since is no reason to stop: the next one connects to control.sock.
             if told.is_ok()
                 && let Err(error) = machine.adopt_parent(channel)
             {
-                eprintln!("worker {vm}: pool connection: {}", error_chain(&error));
+                log_line!("worker {vm}: pool connection: {}", error_chain(&error));
             }
             machine.serve()
         }
         Err(error) => {
             let reason = error_chain(&error);
-            eprintln!("error: {reason}");
+            log_line!("error: {reason}");
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
             ExitCode::from(EXIT_START_FAILED)
         }

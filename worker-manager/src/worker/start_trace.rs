@@ -63,7 +63,7 @@ pub(crate) fn first_output() {
     if AWAITING_FIRST_BYTE.load(Ordering::Relaxed)
         && AWAITING_FIRST_BYTE.swap(false, Ordering::Relaxed)
     {
-        eprintln!("worker: {START_TRACE_MARKER} first_byte={}", monotonic_ns());
+        log_line!("worker: {START_TRACE_MARKER} first_byte={}", monotonic_ns());
     }
 }
 
@@ -81,7 +81,7 @@ pub(crate) fn log(vm: VmId) {
             .iter()
             .map(|(step, ns)| format!("{step}={ns}"))
             .collect();
-        eprintln!("worker {vm}: {START_TRACE_MARKER} {}", list.join(" "));
+        log_line!("worker {vm}: {START_TRACE_MARKER} {}", list.join(" "));
     }
 }
 
