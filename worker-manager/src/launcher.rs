@@ -17,7 +17,9 @@ use vmm_core::{EventSink, LaunchMode, VmConfig, VmId, Worker, WorkerError, Worke
 
 use crate::client::ControlClient;
 use crate::error::{Error, Result};
-use crate::pool::{Assignment, IdleWorker, PoolMessage, PoolSpawner, WorkerPool, send_assignment};
+use crate::pool::{
+    Assignment, IdleWorker, PoolMessage, PoolSpawner, WorkerPool, send_assignment, send_lock,
+};
 use crate::process::{ExitStatus, PidFd, poll_readable, reap_child};
 use crate::protocol::{ProtocolError, WorkerReport, read_frame};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -171,39 +173,42 @@ impl ProcessLauncher {
     /// one is killed mid-launch) sees that a worker runs or is starting.
     fn spawn(&self, vm: VmId, restore: Option<&Path>) -> Result<Started> {
         let runtime = self.store.runtime(vm);
-        runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
-        let lock = WorkerLock::try_acquire(&runtime)
-            .map_err(|e| Error::io(runtime.lock_file(), e))?
-            .ok_or(Error::AlreadyRunning)?;
-        // We hold the lock, so no worker owns what is left in the folder.
-        runtime.remove_stale_files();
-        // A pool worker brings its own log and moves it in without following a link; one
-        // planted there is refused all the same, as `start_log` refuses it for a spawned worker.
-        runtime
-            .check_log_file()
-            .map_err(|e| Error::io(runtime.log_file(), e))?;
-        if let Some(idle) = self.pool.take() {
-            fault::point("launch.locked");
-            let assignment = Assignment {
-                vm,
-                restore: restore.map(Path::to_path_buf),
-            };
-            if send_assignment(&idle.channel, &assignment, lock.as_raw_fd()).is_ok() {
-                // The worker has its copy: the lock is held by it alone from here on.
-                drop(lock);
-                fault::point("launch.after-spawn");
-                return self.await_pool_ready(idle, &runtime);
+        // A pool worker starts on its VM at once and builds it while the lock is taken here;
+        // it writes nothing in the runtime folder before it has the lock.
+        let assignment = Assignment {
+            vm,
+            restore: restore.map(Path::to_path_buf),
+        };
+        let idle = self.pool.take().and_then(|idle| {
+            if send_assignment(&idle.channel, &assignment).is_ok() {
+                return Some(idle);
             }
-            // It died while idle. Once it is gone for sure, the lock is ours alone again and a
-            // new process is started instead.
-            let _ = idle.pidfd.send_signal(libc::SIGKILL);
-            let _ = idle.pidfd.wait(None, Some(Duration::from_secs(5)));
-            crate::pool::reap_pool_worker(self.store.root(), idle.pidfd.pid());
+            // It died while idle: a new process is started instead.
+            idle.kill(self.store.root());
+            None
+        });
+        let lock = match self.lock_runtime(&runtime, idle.is_some()) {
+            Ok(lock) => lock,
+            Err(error) => {
+                // Whatever the worker built for the VM is not to run.
+                if let Some(idle) = idle {
+                    idle.kill(self.store.root());
+                }
+                return Err(error);
+            }
+        };
+        fault::point("launch.locked");
+        if let Some(idle) = idle {
+            // Unsent only when the worker already ended (it said why, which is read next).
+            let _ = send_lock(&idle.channel, lock.as_raw_fd());
+            // The worker has its copy: the lock is held by it alone from here on.
+            drop(lock);
+            fault::point("launch.after-spawn");
+            return self.await_pool_ready(idle, &runtime);
         }
         let log = runtime
             .start_log()
             .map_err(|e| Error::io(runtime.log_file(), e))?;
-        fault::point("launch.locked");
         self.spawn_process(vm, restore, &runtime, lock, log)
             .map(|pidfd| Started {
                 pidfd,
@@ -211,12 +216,32 @@ impl ProcessLauncher {
             })
     }
 
+    /// Creates (or checks) the VM's runtime folder and takes its lock, so that no other worker
+    /// runs or starts for the VM, then removes what an earlier worker left there.
+    ///
+    /// A pool worker brings its own log and moves it in without following a link; one planted as
+    /// `worker.log` is refused all the same, as `start_log` refuses it for a spawned worker.
+    fn lock_runtime(&self, runtime: &RuntimeDir, pooled: bool) -> Result<WorkerLock> {
+        runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
+        let lock = WorkerLock::try_acquire(runtime)
+            .map_err(|e| Error::io(runtime.lock_file(), e))?
+            .ok_or(Error::AlreadyRunning)?;
+        // We hold the lock, so no worker owns what is left in the folder.
+        runtime.remove_stale_files();
+        if pooled {
+            runtime
+                .check_log_file()
+                .map_err(|e| Error::io(runtime.log_file(), e))?;
+        }
+        Ok(lock)
+    }
+
     /// Waits for the pool worker that was just assigned its VM to report ready.
     fn await_pool_ready(&self, idle: IdleWorker, runtime: &RuntimeDir) -> Result<Started> {
-        let IdleWorker { pidfd, channel } = idle;
-        match read_pool_ready(&channel, self.options.launch_timeout) {
+        match read_pool_ready(&idle.channel, self.options.launch_timeout) {
             Ok(PoolReady::Ready(report)) => {
                 fault::point("launch.after-ready");
+                let IdleWorker { pidfd, channel } = idle;
                 self.pool.remove_folder_later(pidfd.pid());
                 Ok(Started {
                     pidfd,
@@ -228,10 +253,8 @@ impl ProcessLauncher {
                     PoolReady::Line(line) => line,
                     PoolReady::Ready(_) => "ready".to_owned(),
                 });
-                let pid = pidfd.pid();
-                let _ = pidfd.send_signal(libc::SIGKILL);
-                let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
-                let status = crate::pool::reap_pool_worker(self.store.root(), pid);
+                let pid = idle.pidfd.pid();
+                let status = idle.kill(self.store.root());
                 runtime.remove_live_files(pid);
                 Err(start_failure(outcome, status, runtime))
             }

@@ -12,15 +12,19 @@
 //! [`POOL_FD_ENV`]). It confines nothing yet: it holds no VM's data and has no guest. Over the
 //! pair, in order:
 //! 1. worker → parent: [`PoolMessage::Idle`] once it is warm (or `Failed`, then it exits);
-//! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore) in one
-//!    message with the VM's locked `worker.lock` (`SCM_RIGHTS`), so that the worker wakes once
-//!    for both;
-//! 3. the worker moves the log it writes to and the control and console sockets it bound while
-//!    idle into the VM's runtime folder, then starts as an exec'd one does (config, disks,
-//!    Landlock on the ruleset it prepared, partition, seccomp, guest) and answers
+//! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore), sent as
+//!    soon as the VM's start takes the worker, before anything else;
+//! 3. the worker starts on it as an exec'd one does (config, disks, network, Landlock on the
+//!    ruleset it prepared, the partition built into its VM), writing nothing in the VM's runtime
+//!    folder, which is not its yet, while the parent takes the VM's lock there;
+//! 4. parent → worker: a copy of the VM's locked `worker.lock` (one byte with `SCM_RIGHTS`), which
+//!    makes the runtime folder the worker's. A parent that cannot take the lock (the VM has a
+//!    worker already) kills the worker instead;
+//! 5. the worker moves the log it writes to and the control and console sockets it bound while
+//!    idle into the runtime folder, starts the guest (seccomp, then the vCPUs) and answers
 //!    [`PoolMessage::Ready`] or `Failed`; once it is ready, the parent removes the folder the
 //!    worker prepared them in (with the previous worker's log, which the move put there);
-//! 4. from then on the pair is a control connection like one made to `control.sock`, its
+//! 6. from then on the pair is a control connection like one made to `control.sock`, its
 //!    handshake already done: the socket pair is private to the two processes, and the parent
 //!    knows the worker's pid because it spawned it.
 //!
@@ -106,36 +110,88 @@ pub(crate) struct Assignment {
     pub(crate) restore: Option<PathBuf>,
 }
 
-/// In the parent: hands `assignment` to an idle worker with a copy of the VM's `lock`
-/// descriptor, in one message.
-pub(crate) fn send_assignment(
-    channel: &UnixStream,
-    assignment: &Assignment,
-    lock: RawFd,
-) -> io::Result<()> {
+/// In the parent: hands `assignment` to an idle worker, which starts on it at once; the VM's
+/// lock follows ([`send_lock`]) once the parent holds it.
+pub(crate) fn send_assignment(channel: &UnixStream, assignment: &Assignment) -> io::Result<()> {
     let frame = encode_frame(assignment).map_err(frame_io)?;
-    let sent = channel
-        .send_with_fds(&[&frame[..]], &[lock])
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    if sent == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "assignment not sent",
-        ));
-    }
-    // A stream socket may take part of a message; the descriptors went with its first byte.
-    (&*channel).write_all(&frame[sent..])
+    (&*channel).write_all(&frame)
 }
 
-/// The most of an assignment read with its descriptors; a longer one is read on from the stream.
+/// The byte that carries the lock's descriptor after an assignment.
+const LOCK_MARKER: u8 = b'L';
+
+/// In the parent: hands the worker a copy of the VM's locked `worker.lock`, which tells it that
+/// the VM's runtime folder is its own.
+pub(crate) fn send_lock(channel: &UnixStream, lock: RawFd) -> io::Result<()> {
+    let sent = channel
+        .send_with_fds(&[&[LOCK_MARKER][..]], &[lock])
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    if sent == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "lock not sent"))
+    }
+}
+
+/// The most of an assignment read at once; a longer one is read on from the stream.
 const ASSIGNMENT_READ: usize = 4096;
 
+/// What the worker's first read brought: the assignment, and the VM's lock when the parent sent
+/// it before the worker read.
+pub(crate) type Received = (Assignment, Option<std::fs::File>);
+
 /// In the idle worker: waits for the assignment. `Ok(None)` when the parent went away first.
-pub(crate) fn receive_assignment(
-    channel: &UnixStream,
-) -> io::Result<Option<(Assignment, std::fs::File)>> {
+///
+/// One `recvmsg`, with room for a descriptor: a read of a stream socket may run on into the lock
+/// message sent after the assignment, and a read without room for its descriptor would close it.
+pub(crate) fn receive_assignment(channel: &UnixStream) -> io::Result<Option<Received>> {
     let mut buffer = vec![0u8; ASSIGNMENT_READ];
-    // Room for one more than is sent: a second descriptor is refused below, not left unread.
+    let (n, lock) = receive_with_lock(channel, &mut buffer)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let received = &buffer[..n];
+    let (assignment, rest) = match decode_frame::<Assignment>(received).map_err(frame_io)? {
+        Some((assignment, used)) => (assignment, &received[used..]),
+        None => {
+            // Longer than one read: the rest of the frame is read from the stream, which then
+            // ends before the lock message (read_frame reads no more than the frame).
+            if lock.is_some() {
+                return Err(invalid("a descriptor inside the assignment"));
+            }
+            let assignment = read_frame::<Assignment>(&mut received.chain(channel))
+                .map_err(frame_io)?
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short")
+                })?;
+            return Ok(Some((assignment, None)));
+        }
+    };
+    match (rest, lock) {
+        ([], None) => Ok(Some((assignment, None))),
+        ([LOCK_MARKER], Some(lock)) => Ok(Some((assignment, Some(lock)))),
+        _ => Err(invalid("bytes after the assignment")),
+    }
+}
+
+/// In the worker: waits for the VM's lock after its assignment. `Ok(None)` when the parent went
+/// away first (it could not take the lock, or died).
+pub(crate) fn receive_lock(channel: &UnixStream) -> io::Result<Option<std::fs::File>> {
+    let mut marker = [0u8; 1];
+    match receive_with_lock(channel, &mut marker)? {
+        (0, _) => Ok(None),
+        (1, Some(lock)) if marker[0] == LOCK_MARKER => Ok(Some(lock)),
+        _ => Err(invalid("something other than the VM's lock")),
+    }
+}
+
+/// One `recvmsg` into `buffer`: the bytes read and the one descriptor that came with them.
+/// More than one descriptor is an error (they are closed).
+fn receive_with_lock(
+    channel: &UnixStream,
+    buffer: &mut [u8],
+) -> io::Result<(usize, Option<std::fs::File>)> {
+    // Room for one more than is sent: a second descriptor is refused, not left unread.
     let mut fds = [-1; 2];
     let mut iovecs = [libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
@@ -148,34 +204,15 @@ pub(crate) fn receive_assignment(
         // SAFETY: the first `count` descriptors were just received: open, and ours alone.
         std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
     });
-    let (lock, extra) = (files.next(), files.next());
-    if n == 0 {
-        return Ok(None);
+    match (files.next(), files.next()) {
+        (lock, None) => Ok((n, lock)),
+        (Some(_), Some(_)) => Err(invalid("more descriptors than the VM's lock")),
+        (None, Some(_)) => Err(invalid("descriptors out of order")),
     }
-    let received = &buffer[..n];
-    let assignment = match decode_frame::<Assignment>(received).map_err(frame_io)? {
-        Some((assignment, used)) if used == n => assignment,
-        Some(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bytes after the assignment",
-            ));
-        }
-        None => read_frame::<Assignment>(&mut received.chain(channel))
-            .map_err(frame_io)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "assignment cut short"))?,
-    };
-    match (lock, extra) {
-        (Some(lock), None) => Ok(Some((assignment, lock))),
-        (None, _) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "assignment without its lock descriptor",
-        )),
-        (Some(_), Some(_)) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "assignment with more descriptors than its lock",
-        )),
-    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
 /// Reaps a pool worker that ended (or was killed) before it ran its guest, and removes the
@@ -202,6 +239,15 @@ pub(crate) struct IdleWorker {
 }
 
 impl IdleWorker {
+    /// Kills the worker (it died, or must not run what it was given), waits until it is gone
+    /// (whatever it held, the VM's disks included, is free then), reaps it and removes its
+    /// folder; how it ended.
+    pub(crate) fn kill(self, store: &Path) -> Option<crate::process::ExitStatus> {
+        let _ = self.pidfd.send_signal(libc::SIGKILL);
+        let _ = self.pidfd.wait(None, Some(Duration::from_secs(5)));
+        reap_pool_worker(store, self.pidfd.pid())
+    }
+
     /// Ends a worker that is no longer wanted: closing its socket pair is what ends it; it is
     /// reaped once it has gone.
     fn dismiss(self, store: &Path) {
@@ -265,9 +311,11 @@ impl PoolSpawner {
                 })
             }
             other => {
-                let _ = pidfd.send_signal(libc::SIGKILL);
-                let _ = pidfd.wait(None, Some(Duration::from_secs(5)));
-                reap_pool_worker(&self.store, pid);
+                IdleWorker {
+                    pidfd,
+                    channel: ours,
+                }
+                .kill(&self.store);
                 let message = match other {
                     Ok(Some(PoolMessage::Failed { reason })) => reason,
                     Ok(_) => "pool worker ended before it was idle".to_owned(),
@@ -513,39 +561,41 @@ mod tests {
         (a.dev(), a.ino()) == (b.dev(), b.ino())
     }
 
-    #[test]
-    fn assignment_arrives_with_its_lock_in_one_read() {
-        let (parent, worker) = UnixStream::pair().unwrap();
-        let lock = tempfile::tempfile().unwrap();
-        let assignment = Assignment {
+    fn assignment() -> Assignment {
+        Assignment {
             vm: VmId::new_random(),
             restore: Some(PathBuf::from("/store/vm/state")),
-        };
+        }
+    }
 
-        send_assignment(&parent, &assignment, lock.as_raw_fd()).unwrap();
-        let (received, got_lock) = receive_assignment(&worker).unwrap().unwrap();
+    #[test]
+    fn the_assignment_then_the_lock_arrive_in_two_reads() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let lock = tempfile::tempfile().unwrap();
+        let sent = assignment();
 
-        assert_eq!(received.vm, assignment.vm);
-        assert_eq!(received.restore, assignment.restore);
+        send_assignment(&parent, &sent).unwrap();
+        let (received, early) = receive_assignment(&worker).unwrap().unwrap();
+        send_lock(&parent, lock.as_raw_fd()).unwrap();
+        let got_lock = receive_lock(&worker).unwrap().unwrap();
+
+        assert_eq!(received, sent);
+        assert!(early.is_none());
         assert!(same_file(&got_lock, &lock));
     }
 
     #[test]
-    fn an_assignment_with_a_descriptor_besides_its_lock_is_refused() {
+    fn a_lock_sent_before_the_worker_read_comes_with_the_assignment() {
         let (parent, worker) = UnixStream::pair().unwrap();
-        let (lock, other) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
-        let assignment = Assignment {
-            vm: VmId::new_random(),
-            restore: None,
-        };
-        let frame = encode_frame(&assignment).unwrap();
-        parent
-            .send_with_fds(&[&frame[..]], &[lock.as_raw_fd(), other.as_raw_fd()])
-            .unwrap();
+        let lock = tempfile::tempfile().unwrap();
+        let sent = assignment();
 
-        let error = receive_assignment(&worker).unwrap_err();
+        send_assignment(&parent, &sent).unwrap();
+        send_lock(&parent, lock.as_raw_fd()).unwrap();
+        let (received, early) = receive_assignment(&worker).unwrap().unwrap();
 
-        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(received, sent);
+        assert!(same_file(&early.expect("the lock came along"), &lock));
     }
 
     #[test]
@@ -557,30 +607,59 @@ mod tests {
     }
 
     #[test]
-    fn an_assignment_without_descriptors_is_refused() {
+    fn a_parent_gone_before_the_lock_is_no_lock() {
         let (parent, worker) = UnixStream::pair().unwrap();
-        let assignment = Assignment {
-            vm: VmId::new_random(),
-            restore: None,
-        };
-        (&parent)
-            .write_all(&encode_frame(&assignment).unwrap())
+        send_assignment(&parent, &assignment()).unwrap();
+        receive_assignment(&worker).unwrap().unwrap();
+
+        drop(parent);
+
+        assert!(receive_lock(&worker).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lock_message_without_its_descriptor_is_refused() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+
+        (&parent).write_all(&[LOCK_MARKER]).unwrap();
+
+        let error = receive_lock(&worker).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_lock_message_with_two_descriptors_is_refused() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let (lock, other) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+
+        parent
+            .send_with_fds(
+                &[&[LOCK_MARKER][..]],
+                &[lock.as_raw_fd(), other.as_raw_fd()],
+            )
             .unwrap();
 
-        let error = receive_assignment(&worker).unwrap_err();
+        let error = receive_lock(&worker).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
 
+    #[test]
+    fn bytes_after_the_assignment_are_refused() {
+        let (parent, worker) = UnixStream::pair().unwrap();
+        let mut frame = encode_frame(&assignment()).unwrap();
+        frame.extend_from_slice(b"xy");
+
+        (&parent).write_all(&frame).unwrap();
+
+        let error = receive_assignment(&worker).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
     fn garbage_instead_of_an_assignment_is_an_error() {
         let (parent, worker) = UnixStream::pair().unwrap();
-        let lock = tempfile::tempfile().unwrap();
-        parent
-            .send_with_fds(
-                &[&[9u8, 0, 0, 0, b'{', b'x', 1, 2, 3][..]],
-                &[lock.as_raw_fd()],
-            )
+        (&parent)
+            .write_all(&[9u8, 0, 0, 0, b'{', b'x', 1, 2, 3])
             .unwrap();
         drop(parent);
 

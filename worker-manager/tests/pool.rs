@@ -81,6 +81,37 @@ fn a_started_pool_worker_leaves_no_idle_folder_and_its_log_replaces_the_previous
     second.turn_off().unwrap();
 }
 
+#[test]
+fn a_pool_worker_given_a_vm_that_already_runs_is_killed_and_touches_nothing_of_it() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let vm = fixture.small_vm("taken");
+    let running = fixture.boot(&vm);
+    let mut idle = Vec::new();
+    wait_until("the pool refills", || {
+        idle = fixture.launcher.idle_workers();
+        !idle.is_empty()
+    });
+    let runtime = fixture.launcher.runtime_dir(vm.id);
+    let log_before = fs::read_to_string(runtime.log_file()).unwrap();
+
+    let second = fixture
+        .launcher
+        .launch(&vm, vmm_core::LaunchMode::Boot, fixture.sink());
+
+    let text = vmm_core::error_chain(&second.err().expect("refused"));
+    assert!(text.contains("already runs"), "{text}");
+    for pid in &idle {
+        assert!(!pid_alive(*pid), "the taken pool worker {pid} is gone");
+        assert!(!fixture.dir.path().join(format!("run/pool-{pid}")).exists());
+    }
+    assert_eq!(fs::read_to_string(runtime.log_file()).unwrap(), log_before);
+    let mut console = Console::attach(&runtime.console_socket());
+    console.wait_for(BANNER, 0);
+    assert_eq!(running.status(), WorkerStatus::Running);
+    running.turn_off().unwrap();
+}
+
 /// The size in KiB of each mapping of process `pid`.
 fn mapping_sizes_kib(pid: u32) -> Vec<u64> {
     fs::read_to_string(format!("/proc/{pid}/smaps"))

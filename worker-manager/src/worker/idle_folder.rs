@@ -67,6 +67,11 @@ impl IdleFolder {
         }
     }
 
+    /// The folder itself.
+    pub(crate) fn path(&self) -> &Path {
+        &self.dir
+    }
+
     /// The log, for the worker to point its stdout and stderr at while it waits: whatever it
     /// says from then on is in the VM's `worker.log` once it is assigned.
     pub(crate) fn log(&self) -> &File {

@@ -33,6 +33,7 @@ use super::disks;
 use super::fence;
 use super::frozen_checkpoint;
 use super::idle_folder::bind_listener;
+use super::pool::Handover;
 use super::start_trace::mark;
 use super::state_folder;
 use crate::error::{Error, Result};
@@ -98,16 +99,14 @@ enum Flow {
     Exit,
 }
 
-/// What a pool worker made ready for its VM's start while it waited, or received with the
-/// assignment; an exec'd worker has none of it and does it all in [`Machine::start`].
+/// What a pool worker made ready for its VM's start while it waited, and how the VM's runtime
+/// folder becomes its own; an exec'd worker has none of it and does it all in [`Machine::start`].
 #[derive(Debug, Default)]
-pub(crate) struct Prepared {
-    /// The VM's `worker.lock`, taken by the launcher (an exec'd worker inherits it or takes it).
-    pub(crate) lock: Option<File>,
+pub(crate) struct Prepared<'a> {
+    /// The launcher's hand-over of the VM's lock, and the sockets and log prepared while idle.
+    pub(crate) handover: Option<Handover<'a>>,
     /// The VM created while idle; the partition is built into it.
     pub(crate) shell: Option<VmShell>,
-    /// The control and console sockets, bound while idle and moved into the runtime folder.
-    pub(crate) listeners: Option<(UnixListener, UnixListener)>,
     /// The Landlock ruleset with the rules no VM decides.
     pub(crate) landlock: Option<LandlockBase>,
 }
@@ -147,20 +146,23 @@ impl Machine {
         prepared: Prepared,
     ) -> Result<Self> {
         let Prepared {
-            lock,
+            handover,
             shell,
-            listeners,
             landlock,
         } = prepared;
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(vm_id);
         runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
-        let lock = match lock {
-            Some(file) => WorkerLock::from_file(file),
-            None => WorkerLock::inherit_or_acquire(&runtime),
-        }
-        .map_err(|e| Error::io(runtime.lock_file(), e))?
-        .ok_or(Error::AlreadyRunning)?;
+        // An exec'd worker holds the lock from the start; a pool worker gets it from the
+        // launcher while it builds the partition.
+        let lock = match handover {
+            Some(handover) => VmLock::HandedOver(handover),
+            None => VmLock::Held(
+                WorkerLock::inherit_or_acquire(&runtime)
+                    .map_err(|e| Error::io(runtime.lock_file(), e))?
+                    .ok_or(Error::AlreadyRunning)?,
+            ),
+        };
         let vm = read_config(&layout, vm_id)?;
         mark("config");
         let mut config = partition_config(&vm, &layout.disks_dir(vm.id), options.default_kernel);
@@ -182,7 +184,11 @@ impl Machine {
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
-            let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
+            let mut view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
+            // The files prepared while idle move out of their folder after this.
+            if let VmLock::HandedOver(handover) = &lock {
+                view.writable_dirs.push(handover.idle_folder().to_owned());
+            }
             confinement::restrict_process(&view, landlock)?
         } else {
             Confinement {
@@ -202,6 +208,8 @@ impl Machine {
             None => (builder.build()?, None),
         };
         mark("partition");
+        let (lock, listeners) = lock.take(&runtime)?;
+        mark("handover");
         let vm_dir = layout.vm_dir(vm.id);
         let change_tracking =
             ChangeTracking::start(&vm_dir, &partition).map_err(|e| Error::io(vm_dir, e))?;
@@ -820,6 +828,36 @@ fn filesystem_view(
     view.writable_files.retain(|p| p.exists());
     view.readable.retain(|p| p.exists());
     view
+}
+
+/// How a worker comes to hold its VM's lock.
+enum VmLock<'a> {
+    /// Taken (or inherited) by an exec'd worker at its start.
+    Held(WorkerLock),
+    /// To be handed over by the launcher to a pool worker, with the listeners it prepared.
+    HandedOver(Handover<'a>),
+}
+
+impl VmLock<'_> {
+    /// The lock, and the listeners when a pool worker prepared them; a pool worker waits for
+    /// the hand-over here, once everything that writes nothing in the runtime folder is done.
+    fn take(
+        self,
+        runtime: &RuntimeDir,
+    ) -> Result<(WorkerLock, Option<(UnixListener, UnixListener)>)> {
+        match self {
+            VmLock::Held(lock) => Ok((lock, None)),
+            VmLock::HandedOver(handover) => {
+                let (lock, listeners) = handover
+                    .take_over(runtime)
+                    .map_err(|e| Error::io(runtime.path(), e))?;
+                let lock = WorkerLock::from_file(lock)
+                    .map_err(|e| Error::io(runtime.lock_file(), e))?
+                    .ok_or(Error::AlreadyRunning)?;
+                Ok((lock, Some(listeners)))
+            }
+        }
+    }
 }
 
 /// Reads and checks the VM's `config.json`.

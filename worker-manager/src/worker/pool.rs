@@ -14,7 +14,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::process::ExitCode;
 
 use partition::{VmShape, VmShell};
@@ -24,9 +25,11 @@ use super::confinement::LandlockBase;
 use super::idle_folder::IdleFolder;
 use super::machine::{Machine, Prepared};
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
-use crate::pool::{POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment};
+use crate::pool::{
+    POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment, receive_lock,
+};
 use crate::protocol::write_frame;
-use crate::runtime::StoreLayout;
+use crate::runtime::{RuntimeDir, StoreLayout};
 
 /// The life of a pool worker: the process's exit code. An idle worker whose parent goes away
 /// exits with success: there was nothing to run.
@@ -78,16 +81,6 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     };
     start_trace::begin_at("assigned");
     let vm = assignment.vm;
-    // The launcher holds the VM's lock for us: its runtime folder is ours to move into. The
-    // log goes first, so that everything said from here on is in the VM's worker.log.
-    let listeners = match folder.move_into(&layout.runtime(vm)) {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            let reason = format!("moving the sockets and log prepared while idle: {error}");
-            let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
-            return ExitCode::from(EXIT_START_FAILED);
-        }
-    };
     let options = WorkerOptions {
         vm: Some(vm),
         restore: assignment.restore,
@@ -104,9 +97,12 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
     }
     start_trace::mark("log");
     let prepared = Prepared {
-        lock: Some(lock),
+        handover: Some(Handover {
+            channel: &channel,
+            lock,
+            folder,
+        }),
         shell: Some(shell),
-        listeners: Some(listeners),
         landlock,
     };
     match Machine::start(&options, vm, prepared) {
@@ -130,6 +126,44 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
             ExitCode::from(EXIT_START_FAILED)
         }
+    }
+}
+
+/// The VM's runtime folder, as a pool worker comes to own it: the launcher takes the VM's lock
+/// while the worker builds the VM's partition, and hands it over; the worker then moves in what
+/// it prepared while idle.
+#[derive(Debug)]
+pub(crate) struct Handover<'a> {
+    channel: &'a UnixStream,
+    /// The lock, when it came with the assignment.
+    lock: Option<File>,
+    folder: IdleFolder,
+}
+
+impl Handover<'_> {
+    /// The folder the worker prepared its files in: the move out of it needs Landlock's leave.
+    pub(crate) fn idle_folder(&self) -> &Path {
+        self.folder.path()
+    }
+
+    /// Waits for the VM's lock (usually there already), then moves the log and the sockets into
+    /// `runtime`: the lock and the listeners, at the VM's paths.
+    pub(crate) fn take_over(
+        self,
+        runtime: &RuntimeDir,
+    ) -> io::Result<(File, (UnixListener, UnixListener))> {
+        let lock = match self.lock {
+            Some(lock) => lock,
+            None => receive_lock(self.channel)?.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the launcher went away before it handed over the VM's lock",
+                )
+            })?,
+        };
+        // The log goes first, so that everything said from here on is in the VM's worker.log.
+        let listeners = self.folder.move_into(runtime)?;
+        Ok((lock, listeners))
     }
 }
 
