@@ -168,6 +168,13 @@ impl RuntimeDir {
     /// with `lstat`) owned by this process's user; anything else was planted by someone who
     /// wants our files written elsewhere, and is refused. Its mode is then set to 0700.
     pub fn create(&self) -> io::Result<()> {
+        self.create_keeping_mode()?;
+        self.tighten()
+    }
+
+    /// [`Self::create`] without setting the mode of a folder that was there: for a worker whose
+    /// seccomp filter leaves modes to the launcher, which set it before.
+    pub(crate) fn create_keeping_mode(&self) -> io::Result<()> {
         match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -207,8 +214,14 @@ impl RuntimeDir {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Sets the folder's mode to 0700 when it is not.
+    fn tighten(&self) -> io::Result<()> {
+        let mode = fs::symlink_metadata(&self.dir)?.permissions().mode();
         // Only when it differs: a chmod is a metadata write, and a start passes here twice.
-        if meta.permissions().mode() & 0o7777 != 0o700 {
+        if mode & 0o7777 != 0o700 {
             fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
         }
         Ok(())

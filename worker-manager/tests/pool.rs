@@ -99,7 +99,7 @@ fn a_pool_worker_given_a_vm_that_already_runs_is_killed_and_touches_nothing_of_i
         .launcher
         .launch(&vm, vmm_core::LaunchMode::Boot, fixture.sink());
 
-    let text = vmm_core::error_chain(&second.err().expect("refused"));
+    let text = vmm_core::error_chain(&second.map(|_| ()).expect_err("refused"));
     assert!(text.contains("already runs"), "{text}");
     for pid in &idle {
         assert!(!pid_alive(*pid), "the taken pool worker {pid} is gone");

@@ -109,16 +109,20 @@ fn close_range(first: u32, last: u32) {
     unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
 }
 
-/// Step 2: no new privileges, no core dumps, a descriptor limit, and the Landlock domain,
-/// built on `base` when a pool worker prepared it while idle.
+/// Step 2: no new privileges, no core dumps, a descriptor limit, and the Landlock domain. A pool
+/// worker that confined itself while idle ([`confine_idle`]) has the first three already and
+/// completes its Landlock ruleset with the VM's rules.
 pub(crate) fn restrict_process(
     view: &FilesystemView,
-    base: Option<LandlockBase>,
+    idle: Option<IdleConfinement>,
 ) -> Result<Confinement, ConfinementError> {
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
-    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
-    set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
-    set_rlimit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "RLIMIT_NOFILE")?;
+    let base = match idle {
+        Some(IdleConfinement(base)) => base,
+        None => {
+            restrict_basics()?;
+            landlock_base()?
+        }
+    };
     let landlock = apply_landlock(view, base)?;
     Ok(Confinement {
         enabled: true,
@@ -128,13 +132,39 @@ pub(crate) fn restrict_process(
     })
 }
 
-/// A Landlock ruleset holding the rules no VM decides: what a pool worker builds while idle.
+/// What a pool worker confined while it waited, before it knew its VM: no new privileges, no
+/// core dumps, the descriptor limit and the seccomp allowlist are on; the Landlock ruleset holds
+/// the rules no VM decides, for [`restrict_process`] to complete with the VM's.
 #[derive(Debug)]
-pub(crate) struct LandlockBase(RulesetCreated);
+pub(crate) struct IdleConfinement(LandlockBase);
+
+/// Confines a pool worker while it waits (see [`IdleConfinement`]).
+///
+/// Installing the filter costs ~0.1 ms, more on a busy host (the kernel compiles it), which a
+/// start would wait for. The allowlist serves what the worker does once assigned (its runtime
+/// folder, Landlock, restoring a saved state, attaching a TAP) as much as what it does later;
+/// those calls reach nothing a running worker cannot (see `syscalls`).
+pub(crate) fn confine_idle() -> Result<IdleConfinement, ConfinementError> {
+    restrict_basics()?;
+    let base = landlock_base()?;
+    install_seccomp()?;
+    Ok(IdleConfinement(base))
+}
+
+fn restrict_basics() -> Result<(), ConfinementError> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
+    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
+    set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
+    set_rlimit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "RLIMIT_NOFILE")
+}
+
+/// A Landlock ruleset holding the rules no VM decides.
+#[derive(Debug)]
+struct LandlockBase(RulesetCreated);
 
 /// The ruleset (every filesystem access handled, TCP bind and connect, abstract sockets and
 /// signals scoped) with `/dev/kvm` and the worker's own `/proc` entry in it.
-pub(crate) fn landlock_base() -> Result<LandlockBase, ConfinementError> {
+fn landlock_base() -> Result<LandlockBase, ConfinementError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
     let ruleset = Ruleset::default()
@@ -152,19 +182,13 @@ pub(crate) fn landlock_base() -> Result<LandlockBase, ConfinementError> {
     Ok(LandlockBase(ruleset))
 }
 
-fn apply_landlock(
-    view: &FilesystemView,
-    base: Option<LandlockBase>,
-) -> Result<String, ConfinementError> {
+fn apply_landlock(view: &FilesystemView, base: LandlockBase) -> Result<String, ConfinementError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
     let read = AccessFs::from_read(abi);
     // A file can only carry file rights (a directory's would be refused).
     let file_rw = all & (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate);
-    let LandlockBase(mut ruleset) = match base {
-        Some(base) => base,
-        None => landlock_base()?,
-    };
+    let LandlockBase(mut ruleset) = base;
     for dir in &view.writable_dirs {
         ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(dir)?, all))?;
     }

@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use partition::{
-    DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionBuilder,
-    PartitionConfig, PartitionState, VmShell,
+    DiskConfig as PartitionDisk, ExitReason, KernelImage, Partition, PartitionConfig, VmShell,
 };
 use vmm_core::{BootSource, CheckpointContent, StopReason, VmConfig, VmId, error_chain, fault};
 
@@ -26,7 +25,7 @@ use super::agent::{self, AgentHandle, AgentJobs};
 use super::backup::{self, Captured};
 use super::change_tracking::ChangeTracking;
 use super::checkpoint::{self, DirtyTracking};
-use super::confinement::{self, FilesystemView, LandlockBase};
+use super::confinement::{self, IdleConfinement};
 use super::console::{self, ConsoleLog};
 use super::control::{self, Command, CommandReceiver, Taken, WorkerShared};
 use super::disks;
@@ -34,8 +33,8 @@ use super::fence;
 use super::frozen_checkpoint;
 use super::idle_folder::bind_listener;
 use super::pool::Handover;
+use super::set_up::{VmLock, consume_saved_state, filesystem_view, read_config, restore};
 use super::start_trace::mark;
-use super::state_folder;
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, Failure, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -107,8 +106,8 @@ pub(crate) struct Prepared<'a> {
     pub(crate) handover: Option<Handover<'a>>,
     /// The VM created while idle; the partition is built into it.
     pub(crate) shell: Option<VmShell>,
-    /// The Landlock ruleset with the rules no VM decides.
-    pub(crate) landlock: Option<LandlockBase>,
+    /// What the worker confined while idle, the seccomp filter included.
+    pub(crate) confinement: Option<IdleConfinement>,
 }
 
 /// The partition and everything the main thread needs to drive it.
@@ -148,11 +147,18 @@ impl Machine {
         let Prepared {
             handover,
             shell,
-            landlock,
+            confinement: idle_confinement,
         } = prepared;
+        let filtered = idle_confinement.is_some();
         let layout = StoreLayout::new(&options.store);
         let runtime = layout.runtime(vm_id);
-        runtime.create().map_err(|e| Error::io(runtime.path(), e))?;
+        // A filtered worker may not change modes (its filter has no chmod); the launcher sets
+        // the folder's.
+        let created = match filtered {
+            true => runtime.create_keeping_mode(),
+            false => runtime.create(),
+        };
+        created.map_err(|e| Error::io(runtime.path(), e))?;
         // An exec'd worker holds the lock from the start; a pool worker gets it from the
         // launcher while it builds the partition.
         let lock = match handover {
@@ -189,7 +195,9 @@ impl Machine {
             if let VmLock::HandedOver(handover) = &lock {
                 view.writable_dirs.push(handover.idle_folder().to_owned());
             }
-            confinement::restrict_process(&view, landlock)?
+            let mut confinement = confinement::restrict_process(&view, idle_confinement)?;
+            confinement.seccomp = filtered;
+            confinement
         } else {
             Confinement {
                 landlock: "off".into(),
@@ -276,8 +284,9 @@ impl Machine {
             fault::point("worker.restore.after-consume");
         }
         self.install(partition);
-        if self.confine {
-            // Set-up is over: from the first KVM_RUN on, only the allowlist.
+        // Set-up is over: from the first KVM_RUN on, only the allowlist (a pool worker has had
+        // it since it was idle).
+        if self.confine && !self.shared.confinement().seccomp {
             confinement::install_seccomp()?;
             self.shared.update_confinement(|c| c.seccomp = true);
         }
@@ -787,121 +796,6 @@ pub(crate) fn partition_failure(error: &partition::Error) -> Failure {
         partition::Error::InvalidRunState { .. } => Failure::invalid_state(error_chain(error)),
         other => Failure::failed(error_chain(other)),
     }
-}
-
-/// What a confined worker may touch: its VM's folder and runtime folder, its disks (writable
-/// unless read-only), its kernel and initrd, and the folder it restores from.
-fn filesystem_view(
-    layout: &StoreLayout,
-    vm: &VmConfig,
-    config: &PartitionConfig,
-    restore: Option<&Path>,
-) -> FilesystemView {
-    let mut view = FilesystemView {
-        writable_dirs: vec![
-            layout.vm_dir(vm.id),
-            layout.runtime(vm.id).path().to_owned(),
-        ],
-        ..FilesystemView::default()
-    };
-    // Consuming a saved state renames it within its parent.
-    if let Some(parent) = restore.and_then(Path::parent) {
-        view.writable_dirs.push(parent.to_owned());
-    }
-    for disk in &config.disks {
-        let list = if disk.read_only {
-            &mut view.readable
-        } else {
-            &mut view.writable_files
-        };
-        list.push(disk.path.clone());
-    }
-    if let KernelImage::Path(kernel) = &config.boot.kernel {
-        view.readable.push(kernel.clone());
-    }
-    view.readable.extend(config.boot.initrd.clone());
-    // A checkpoint's new overlay is created on the disk's current image and opened with the whole
-    // chain below it.
-    view.readable.extend(disks::backing_files(config));
-    // A path that does not exist cannot carry a rule; building the partition then fails with
-    // its own error about it, which is what the user needs to read.
-    view.writable_files.retain(|p| p.exists());
-    view.readable.retain(|p| p.exists());
-    view
-}
-
-/// How a worker comes to hold its VM's lock.
-enum VmLock<'a> {
-    /// Taken (or inherited) by an exec'd worker at its start.
-    Held(WorkerLock),
-    /// To be handed over by the launcher to a pool worker, with the listeners it prepared.
-    HandedOver(Handover<'a>),
-}
-
-impl VmLock<'_> {
-    /// The lock, and the listeners when a pool worker prepared them; a pool worker waits for
-    /// the hand-over here, once everything that writes nothing in the runtime folder is done.
-    fn take(
-        self,
-        runtime: &RuntimeDir,
-    ) -> Result<(WorkerLock, Option<(UnixListener, UnixListener)>)> {
-        match self {
-            VmLock::Held(lock) => Ok((lock, None)),
-            VmLock::HandedOver(handover) => {
-                let (lock, listeners) = handover
-                    .take_over(runtime)
-                    .map_err(|e| Error::io(runtime.path(), e))?;
-                let lock = WorkerLock::from_file(lock)
-                    .map_err(|e| Error::io(runtime.lock_file(), e))?
-                    .ok_or(Error::AlreadyRunning)?;
-                Ok((lock, Some(listeners)))
-            }
-        }
-    }
-}
-
-/// Reads and checks the VM's `config.json`.
-fn read_config(layout: &StoreLayout, vm_id: VmId) -> Result<VmConfig> {
-    let path = layout.config_path(vm_id);
-    let config_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Config {
-        path: path.clone(),
-        source,
-    };
-    let bytes = fs::read(&path).map_err(|e| config_error(Box::new(e)))?;
-    let config: VmConfig = serde_json::from_slice(&bytes).map_err(|e| config_error(Box::new(e)))?;
-    config.validate().map_err(|e| config_error(Box::new(e)))?;
-    if config.id != vm_id {
-        return Err(config_error(
-            format!("it describes virtual machine {}", config.id).into(),
-        ));
-    }
-    Ok(config)
-}
-
-/// Rebuilds a partition from a saved-state folder, and gives the folder's identity when it has
-/// a memory manifest. The memory files are mapped copy-on-write, so the folder may be deleted as
-/// soon as this returns.
-fn restore(builder: PartitionBuilder, dir: &Path) -> Result<(Partition, Option<String>)> {
-    let state_path = dir.join(STATE_FILE);
-    let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state = PartitionState::from_json(&bytes).map_err(|e| Error::Config {
-        path: state_path.clone(),
-        source: Box::new(e),
-    })?;
-    let layers = state_folder::open_memory(dir)?;
-    let partition = builder.restore_layered(&state, &layers.base, &layers.deltas)?;
-    Ok((partition, layers.state_id))
-}
-
-/// Removes a saved-state folder the guest now runs from: renamed away first (so a crash never
-/// leaves half of it under its real name), then deleted. The memory file stays readable through
-/// the guest's private mapping of it.
-fn consume_saved_state(dir: &Path) -> Result<()> {
-    let doomed = vmm_core::atomic_file::temporary_sibling(dir).map_err(|e| Error::io(dir, e))?;
-    vmm_core::atomic_file::rename_durable(dir, &doomed).map_err(|e| Error::io(dir, e))?;
-    // Renamed away, it is no saved state any more; a leftover is a temporary the service tidies.
-    let _ = fs::remove_dir_all(&doomed);
-    Ok(())
 }
 
 /// Creates `path` for writing, owner-only whatever the umask (guest memory and device state

@@ -37,6 +37,7 @@ mod machine;
 mod network;
 mod overlays;
 mod pool;
+mod set_up;
 pub mod start_trace;
 mod state_folder;
 mod syscall_filter;

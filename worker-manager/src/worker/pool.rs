@@ -3,13 +3,13 @@
 //! exchange with the parent).
 //!
 //! While idle it holds no VM's data and runs no guest (its one KVM VM, created ahead and maybe
-//! built out to the likely shape, has no guest in it) and has bound its control and console
-//! sockets and created its log in a folder of its own (`super::idle_folder`), so it is not
-//! confined yet: the
-//! confinement is the VM's (Landlock rules for that VM's folders and disks, then seccomp once the
-//! guest is set up) and goes on after the assignment, on the same single thread and in the same
-//! order as in an exec'd worker. Warming up creates no thread, so Landlock, which binds the
-//! calling thread and the threads it creates later, still covers the whole process.
+//! built out to the likely shape, has no guest in it); it has bound its control and console
+//! sockets and created its log in a folder of its own (`super::idle_folder`), and then confined
+//! what no VM decides: no new privileges, no core dumps, the descriptor limit and the seccomp
+//! allowlist, which also serves the set-up after the assignment. Landlock's rules are the VM's
+//! (its folders and disks): they go on after the assignment, on the same single thread as in an
+//! exec'd worker. Warming up creates no thread, so Landlock, which binds the calling thread and
+//! the threads it creates later, still covers the whole process.
 
 use std::fs::File;
 use std::io;
@@ -21,7 +21,6 @@ use std::process::ExitCode;
 use partition::{VmShape, VmShell};
 use vmm_core::error_chain;
 
-use super::confinement::LandlockBase;
 use super::idle_folder::IdleFolder;
 use super::machine::{Machine, Prepared};
 use super::{EXIT_START_FAILED, WorkerOptions, confinement, fd_is_open, log_start, start_trace};
@@ -51,15 +50,21 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             dirty_log: true,
         });
     let layout = StoreLayout::new(&options.store);
-    let warm = warm_up(options.confine, shape).and_then(|(shell, landlock)| {
+    let warm = warm_up(options.confine, shape).and_then(|shell| {
         let folder = IdleFolder::prepare(layout.pool_dir(std::process::id()))
             .map_err(|e| format!("preparing the sockets and log while idle: {e}"))?;
         // From here on the worker writes to what becomes the VM's worker.log, as an exec'd
         // one does.
         redirect_output(folder.log()).map_err(|e| format!("worker.log: {e}"))?;
-        Ok((shell, landlock, folder))
+        // Last: the filter has no room for binding sockets or redirecting output.
+        let confinement = if options.confine {
+            Some(confinement::confine_idle().map_err(|e| error_chain(&e))?)
+        } else {
+            None
+        };
+        Ok((shell, confinement, folder))
     });
-    let (shell, landlock, folder) = match warm {
+    let (shell, confinement, folder) = match warm {
         Ok(warm) => warm,
         Err(reason) => {
             let _ = write_frame(&mut &channel, &PoolMessage::Failed { reason });
@@ -103,7 +108,7 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
             folder,
         }),
         shell: Some(shell),
-        landlock,
+        confinement,
     };
     match Machine::start(&options, vm, prepared) {
         Ok(machine) => {
@@ -168,30 +173,22 @@ impl Handover<'_> {
 }
 
 /// What every VM's start needs and nothing about a VM decides, done while idle: KVM's facts
-/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, the Landlock
-/// ruleset's VM-independent rules, and the VM itself (a [`VmShell`]: the process's first
-/// `KVM_CREATE_VM` costs over a millisecond) for the partition to be built into once the VM's
-/// configuration is known. Given the likely `shape`,
+/// (`/dev/kvm` opened, CPUID and vCPU limit read), the compiled seccomp filter, and the VM itself
+/// (a [`VmShell`]: the process's first `KVM_CREATE_VM` costs over a millisecond) for the
+/// partition to be built into once the VM's configuration is known. Given the likely `shape`,
 /// the VM is built out to it: memory slots, irqchip, PIT and vCPUs, whose creation sleeps.
-fn warm_up(
-    confine: bool,
-    shape: Option<VmShape>,
-) -> Result<(VmShell, Option<LandlockBase>), String> {
+fn warm_up(confine: bool, shape: Option<VmShape>) -> Result<VmShell, String> {
     partition::prepare_host().map_err(|e| error_chain(&e))?;
-    let landlock = if confine {
+    if confine {
         confinement::compiled_program().map_err(|e| error_chain(&e))?;
-        Some(confinement::landlock_base().map_err(|e| error_chain(&e))?)
-    } else {
-        None
-    };
+    }
     let built_out = shape.map(VmShell::create_for);
-    let shell = match built_out {
-        Some(Ok(shell)) => shell,
+    match built_out {
+        Some(Ok(shell)) => Ok(shell),
         // A shape this host cannot build (too many vCPUs, too much memory to map): the VM
         // will not fit it either, and a bare VM serves any.
-        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e))?,
-    };
-    Ok((shell, landlock))
+        Some(Err(_)) | None => VmShell::create().map_err(|e| error_chain(&e)),
+    }
 }
 
 /// The socket pair's end the launcher passed in [`POOL_FD_ENV`].

@@ -2,8 +2,13 @@
 //!
 //! Built from what a worker was seen to call over a full lifecycle (boot, pause, resume, save,
 //! restore, reset, shutdown, console, turn-off; `tests/vmms_confinement.rs` traces one with
-//! strace and checks this list against it) after its set-up, i.e. from the first `KVM_RUN` on.
-//! Every entry says who needs it. Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`).
+//! strace and checks this list against it) after its set-up, i.e. from the first `KVM_RUN` on,
+//! plus what a pool worker's set-up calls after it was assigned its VM: a pool worker installs
+//! the filter while idle (`confinement::confine_idle`), so that a start does not wait for it.
+//! Those set-up calls reach nothing a running worker cannot: other names for file operations it
+//! has (`mkdir`, `unlinkat`, `renameat2`), Landlock (which can only narrow), the KVM state its
+//! reset and restore already set, and a TAP it already holds. Every entry says who needs it.
+//! Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`).
 //!
 //! One filter serves every thread: vCPU threads exist before the filter can be installed, and
 //! `SECCOMP_FILTER_FLAG_TSYNC` is the only way to reach them, so the roles share one list.
@@ -141,6 +146,36 @@ pub(crate) const ALLOWED: &[(i64, &str, &str)] = &[
     ),
     (libc::SYS_renameat, "renameat", "committing the saved state"),
     (
+        libc::SYS_renameat2,
+        "renameat2",
+        "a pool worker's log exchanged into the runtime folder",
+    ),
+    (
+        libc::SYS_mkdir,
+        "mkdir",
+        "a pool worker's runtime folder, made if the launcher has not yet",
+    ),
+    (
+        libc::SYS_unlinkat,
+        "unlinkat",
+        "a pool worker consuming the saved state it restored",
+    ),
+    (
+        libc::SYS_geteuid,
+        "geteuid",
+        "a pool worker checking its runtime folder's owner",
+    ),
+    (
+        libc::SYS_landlock_add_rule,
+        "landlock_add_rule",
+        "a pool worker's Landlock rules for its VM",
+    ),
+    (
+        libc::SYS_landlock_restrict_self,
+        "landlock_restrict_self",
+        "a pool worker confining itself to its VM's files",
+    ),
+    (
         libc::SYS_unlink,
         "unlink",
         "removing the runtime files on exit",
@@ -252,12 +287,20 @@ vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+// linux/kvm.h declares KVM_SET_IRQCHIP with _IOR, and the number carries that.
+vmm_sys_util::ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 
 /// KVM ioctls the worker issues from its first `KVM_RUN` on — the run loop, state capture,
-/// dirty logging, and a reset that builds a fresh VM in the same process — with their
-/// linux/kvm.h names. Restoring state (`KVM_SET_XSAVE`, `KVM_SET_IRQCHIP`, …) happens before the
-/// filter goes on and is not allowed after it.
-fn kvm_ioctls() -> [(std::os::raw::c_ulong, &'static str); 35] {
+/// dirty logging, and a reset that builds a fresh VM in the same process — and those with which
+/// a pool worker, filtered while idle, restores a saved state into its own VM
+/// (`KVM_SET_XSAVE`, `KVM_SET_IRQCHIP`, …), with their linux/kvm.h names.
+fn kvm_ioctls() -> [(std::os::raw::c_ulong, &'static str); 42] {
     macro_rules! named {
         ($($name:ident),* $(,)?) => { [$(($name(), stringify!($name))),*] };
     }
@@ -297,6 +340,13 @@ fn kvm_ioctls() -> [(std::os::raw::c_ulong, &'static str); 35] {
         KVM_GET_IRQCHIP,
         KVM_GET_PIT2,
         KVM_GET_CLOCK,
+        KVM_SET_IRQCHIP,
+        KVM_SET_CLOCK,
+        KVM_SET_PIT2,
+        KVM_SET_MP_STATE,
+        KVM_SET_VCPU_EVENTS,
+        KVM_SET_XSAVE,
+        KVM_SET_XCRS,
     ]
 }
 
@@ -304,8 +354,22 @@ fn kvm_ioctls() -> [(std::os::raw::c_ulong, &'static str); 35] {
 /// (virtio-net activation and reset) tells the TAP which ones the guest takes.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
-/// Non-KVM ioctls: `FIONBIO` (std's `set_nonblocking`), `FIOCLEX` and `TUNSETOFFLOAD`.
-const OTHER_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, TUNSETOFFLOAD];
+/// `TUNSETIFF` (`_IOW('T', 202, int)`): a pool worker, filtered while idle, attaching its TAP.
+/// On a descriptor that is attached already it fails; opening `/dev/net/tun` for another is
+/// Landlock's to refuse once the worker runs.
+const TUNSETIFF: u64 = 0x4004_54ca;
+
+/// `TUNSETVNETHDRSZ` (`_IOW('T', 216, int)`): the virtio-net header size of a TAP being attached.
+const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
+
+/// Non-KVM ioctls: `FIONBIO` (std's `set_nonblocking`), `FIOCLEX` and the TAP's.
+const OTHER_IOCTLS: &[u64] = &[
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    TUNSETOFFLOAD,
+    TUNSETIFF,
+    TUNSETVNETHDRSZ,
+];
 
 /// Everything the allowlist lets a confined worker call, by name: syscalls as the kernel and
 /// strace name them, and `ioctl` requests by their linux/kvm.h names. For tests and audits.
@@ -313,7 +377,13 @@ pub fn allowlist_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = ALLOWED.iter().map(|&(_, name, _)| name).collect();
     names.extend(["ioctl", "clone", "clone3", "prctl"]);
     names.extend(kvm_ioctls().iter().map(|&(_, name)| name));
-    names.extend(["FIONBIO", "FIOCLEX", "TUNSETOFFLOAD"]);
+    names.extend([
+        "FIONBIO",
+        "FIOCLEX",
+        "TUNSETOFFLOAD",
+        "TUNSETIFF",
+        "TUNSETVNETHDRSZ",
+    ]);
     names.sort_unstable();
     names
 }
@@ -427,6 +497,25 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ("KVM_IOEVENTFD", "queue notifications of the data path"),
     ("KVM_GET_DIRTY_LOG", "incremental checkpoints and backups"),
     ("KVM_SET_IDENTITY_MAP_ADDR", "a reset's VM set-up on VT-x"),
+    // A pool worker's set-up after its assignment, under the filter it installed while idle.
+    ("renameat2", "a pool worker's log exchanged into place"),
+    ("mkdir", "a pool worker making its runtime folder"),
+    ("unlinkat", "a pool worker consuming its restored state"),
+    ("geteuid", "a pool worker checking its runtime folder"),
+    ("landlock_add_rule", "a pool worker's Landlock rules"),
+    ("landlock_restrict_self", "a pool worker's Landlock domain"),
+    ("KVM_SET_IRQCHIP", "a pool worker restoring a saved state"),
+    ("KVM_SET_CLOCK", "a pool worker restoring a saved state"),
+    ("KVM_SET_PIT2", "a pool worker restoring a saved state"),
+    ("KVM_SET_MP_STATE", "a pool worker restoring a saved state"),
+    (
+        "KVM_SET_VCPU_EVENTS",
+        "a pool worker restoring a saved state",
+    ),
+    ("KVM_SET_XSAVE", "a pool worker restoring a saved state"),
+    ("KVM_SET_XCRS", "a pool worker restoring a saved state"),
+    ("TUNSETIFF", "a pool worker attaching its TAP"),
+    ("TUNSETVNETHDRSZ", "a pool worker attaching its TAP"),
 ];
 
 /// The allowlist as the filter's policy: anything not listed kills the process.
@@ -442,10 +531,14 @@ pub(crate) fn allowlist() -> BTreeMap<i64, SyscallAction> {
         libc::SYS_clone,
         SyscallAction::AllowIfAny(vec![ArgMatch::masked_eq(0, thread, thread)]),
     );
-    // Naming a new thread (std names vCPU, control and console threads).
+    // Naming a new thread (std names vCPU, control and console threads), and no new privileges
+    // (Landlock sets it again for a pool worker; the kernel only ever lets it be set).
     list.insert(
         libc::SYS_prctl,
-        SyscallAction::AllowIfAny(vec![ArgMatch::low_eq(0, libc::PR_SET_NAME as u64)]),
+        SyscallAction::AllowIfAny(vec![
+            ArgMatch::low_eq(0, libc::PR_SET_NAME as u64),
+            ArgMatch::low_eq(0, libc::PR_SET_NO_NEW_PRIVS as u64),
+        ]),
     );
     // clone3's flags live in memory seccomp cannot read: it fails with ENOSYS, and glibc then
     // falls back to clone, whose flags are checked.
@@ -505,11 +598,16 @@ mod tests {
     }
 
     #[test]
-    fn prctl_only_names_threads() {
+    fn prctl_only_names_threads_and_sets_no_new_privileges() {
         let name = libc::PR_SET_NAME as u64;
+        let no_new_privs = libc::PR_SET_NO_NEW_PRIVS as u64;
         let dumpable = libc::PR_SET_DUMPABLE as u64;
 
         assert_eq!(verdict(libc::SYS_prctl, [name, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            verdict(libc::SYS_prctl, [no_new_privs, 1, 0, 0, 0, 0]),
+            ALLOW
+        );
         assert_eq!(
             verdict(libc::SYS_prctl, [dumpable, 1, 0, 0, 0, 0]),
             KILL_PROCESS
@@ -535,6 +633,10 @@ mod tests {
             libc::SYS_bind,
             libc::SYS_ptrace,
             libc::SYS_kill,
+            // Landlock does not cover modes and owners.
+            libc::SYS_chmod,
+            libc::SYS_fchmodat,
+            libc::SYS_chown,
         ] {
             assert_eq!(verdict(nr, [0; 6]), KILL_PROCESS, "syscall {nr}");
         }
@@ -547,5 +649,8 @@ mod tests {
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SUPPORTED_CPUID(), 0xc008_ae05);
+        assert_eq!(KVM_SET_IRQCHIP(), 0x8208_ae63);
+        assert_eq!(KVM_SET_XSAVE(), 0x5000_aea5);
+        assert_eq!(KVM_SET_VCPU_EVENTS(), 0x4040_aea0);
     }
 }
