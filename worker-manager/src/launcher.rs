@@ -187,7 +187,19 @@ impl ProcessLauncher {
             idle.kill(self.store.root());
             None
         });
-        let lock = match self.lock_runtime(&runtime, idle.is_some()) {
+        let locked = self
+            .lock_runtime(&runtime, idle.is_some())
+            .and_then(|lock| {
+                if let Some(idle) = &idle {
+                    // The worker's files, prepared while it waited, become the VM's.
+                    let folder = self.store.idle_folder(idle.pidfd.pid());
+                    runtime
+                        .take_in(&folder)
+                        .map_err(|e| Error::io(folder.path(), e))?;
+                }
+                Ok(lock)
+            });
+        let lock = match locked {
             Ok(lock) => lock,
             Err(error) => {
                 // Whatever the worker built for the VM is not to run.

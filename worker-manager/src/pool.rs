@@ -16,14 +16,15 @@
 //!    soon as the VM's start takes the worker, before anything else;
 //! 3. the worker starts on it as an exec'd one does (config, disks, network, Landlock on the
 //!    ruleset it prepared, the partition built into its VM), writing nothing in the VM's runtime
-//!    folder, which is not its yet, while the parent takes the VM's lock there;
+//!    folder, which is not its yet; meanwhile the parent takes the VM's lock there and moves in
+//!    the log the worker writes to and the control and console sockets it bound while idle
+//!    ([`RuntimeDir::take_in`](crate::RuntimeDir::take_in));
 //! 4. parent → worker: a copy of the VM's locked `worker.lock` (one byte with `SCM_RIGHTS`), which
 //!    makes the runtime folder the worker's. A parent that cannot take the lock (the VM has a
 //!    worker already) kills the worker instead;
-//! 5. the worker moves the log it writes to and the control and console sockets it bound while
-//!    idle into the runtime folder, starts the guest (seccomp, then the vCPUs) and answers
+//! 5. the worker starts the guest (its seccomp filter has been on since it was idle) and answers
 //!    [`PoolMessage::Ready`] or `Failed`; once it is ready, the parent removes the folder the
-//!    worker prepared them in (with the previous worker's log, which the move put there);
+//!    worker prepared its files in (with the previous worker's log, which the move put there);
 //! 6. from then on the pair is a control connection like one made to `control.sock`, its
 //!    handshake already done: the socket pair is private to the two processes, and the parent
 //!    knows the worker's pid because it spawned it.
@@ -432,8 +433,8 @@ impl WorkerPool {
         self.inner.lock().last_error.clone()
     }
 
-    /// Has the refill thread remove the folder worker `pid` prepared while idle, now that the
-    /// worker moved its files out and reported ready.
+    /// Has the refill thread remove the folder worker `pid` prepared while idle, now that its
+    /// files were moved out and it reported ready.
     ///
     /// The worker cannot remove it (Landlock gives it no rights in `run/`), and the launcher
     /// should not while a start waits: the folder holds the previous worker's log, and freeing a

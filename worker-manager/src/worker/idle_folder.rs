@@ -1,46 +1,40 @@
 //! A pool worker's own folder, `<store>/run/pool-<pid>/`, and what it prepares there while it
-//! waits: its `control.sock` and `console.sock`, bound and listening, and its `worker.log`. On
-//! assignment all three are moved into the VM's runtime folder: three renames on the start's path
-//! instead of creating a file (an inode allocation and a journal write on ext4) and creating,
-//! binding and listening on two sockets there.
+//! waits: its `control.sock` and `console.sock`, bound and listening, and its `worker.log`. The
+//! launcher moves all three into the VM's runtime folder once it holds the VM's lock
+//! ([`RuntimeDir::take_in`]), while the worker builds the VM: three renames instead of creating a
+//! file (an inode allocation and a journal write on ext4) and creating, binding and listening on
+//! two sockets on the start's path. The worker's listeners and log descriptor stay what they were;
+//! only their names change.
 //!
 //! Nobody looks in the folder, so what is there only becomes reachable once it carries the VM's
-//! paths. The log the VM's previous worker wrote is swapped into the folder by the move
-//! (`RENAME_EXCHANGE`) rather than deleted: deleting a file frees its blocks, which costs ext4
-//! ~0.2 ms that a start would wait for. The launcher removes the folder, with that old log, once
-//! the worker reported ready (a confined worker may not: Landlock gives it no rights in `run/`),
-//! and the folder of an idle worker that died or that it killed. A worker that leaves the pool
-//! without an assignment removes the folder itself.
+//! paths. The launcher removes the folder (with the previous worker's log, which the move put
+//! there) once the worker reported ready, and the folder of an idle worker that died or that it
+//! killed. A worker that leaves the pool without an assignment removes the folder itself.
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::runtime::RuntimeDir;
 
-const CONTROL: &str = "control.sock";
-const CONSOLE: &str = "console.sock";
-const LOG: &str = "worker.log";
-
-/// The idle folder with the two listeners and the log prepared in it, until [`Self::move_into`].
+/// The idle folder with the two listeners and the log prepared in it.
 #[derive(Debug)]
 pub(crate) struct IdleFolder {
-    dir: PathBuf,
-    /// `None` once moved.
+    folder: RuntimeDir,
+    /// `None` once the worker took them for its VM.
     listeners: Option<(UnixListener, UnixListener)>,
     log: File,
 }
 
 impl IdleFolder {
-    /// Creates `dir` (owner-only, with any missing parent, like the store's `run/`; a folder left
-    /// by an earlier process with this pid is replaced), binds both sockets in it and creates an
-    /// empty, owner-only log.
-    pub(crate) fn prepare(dir: PathBuf) -> io::Result<Self> {
-        match fs::remove_dir_all(&dir) {
+    /// Creates `folder` (owner-only, with any missing parent, like the store's `run/`; a folder
+    /// left by an earlier process with this pid is replaced), binds both sockets in it and
+    /// creates an empty, owner-only log.
+    pub(crate) fn prepare(folder: RuntimeDir) -> io::Result<Self> {
+        let dir = folder.path();
+        match fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -48,28 +42,23 @@ impl IdleFolder {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)?;
-        let made = create_log(&dir.join(LOG)).and_then(|log| {
-            let control = bind_listener(&dir.join(CONTROL))?;
-            let console = bind_listener(&dir.join(CONSOLE))?;
+            .create(dir)?;
+        let made = create_log(&folder.log_file()).and_then(|log| {
+            let control = bind_listener(&folder.control_socket())?;
+            let console = bind_listener(&folder.console_socket())?;
             Ok((log, control, console))
         });
         match made {
             Ok((log, control, console)) => Ok(IdleFolder {
-                dir,
+                folder,
                 listeners: Some((control, console)),
                 log,
             }),
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_dir_all(dir);
                 Err(e)
             }
         }
-    }
-
-    /// The folder itself.
-    pub(crate) fn path(&self) -> &Path {
-        &self.dir
     }
 
     /// The log, for the worker to point its stdout and stderr at while it waits: whatever it
@@ -78,28 +67,21 @@ impl IdleFolder {
         &self.log
     }
 
-    /// Moves the log and both sockets to `runtime`'s `worker.log`, `control.sock` and
-    /// `console.sock` (the caller holds the VM's lock): the listeners, now at the VM's paths.
-    ///
-    /// A `worker.log` already there (the previous worker's, or anything planted under that name)
-    /// is exchanged into the idle folder, never written to or followed.
-    pub(crate) fn move_into(
-        mut self,
-        runtime: &RuntimeDir,
-    ) -> io::Result<(UnixListener, UnixListener)> {
-        move_log(&self.dir.join(LOG), &runtime.log_file())?;
-        fs::rename(self.dir.join(CONTROL), runtime.control_socket())?;
-        fs::rename(self.dir.join(CONSOLE), runtime.console_socket())?;
+    /// The listeners, for the VM the worker was assigned: the launcher, which holds the VM's
+    /// lock, has moved them (or is about to) into the VM's runtime folder, and removes this
+    /// folder later.
+    pub(crate) fn into_listeners(mut self) -> io::Result<(UnixListener, UnixListener)> {
         self.listeners
             .take()
-            .ok_or_else(|| io::Error::other("listeners already moved"))
+            .ok_or_else(|| io::Error::other("listeners already taken"))
     }
 }
 
 impl Drop for IdleFolder {
     fn drop(&mut self) {
+        // Still the worker's: it never got a VM.
         if self.listeners.is_some() {
-            let _ = fs::remove_dir_all(&self.dir);
+            let _ = fs::remove_dir_all(self.folder.path());
         }
     }
 }
@@ -112,45 +94,6 @@ fn create_log(path: &Path) -> io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-}
-
-/// Puts the file at `from` at `to`. What was at `to` ends at `from` (`RENAME_EXCHANGE`); with
-/// nothing at `to`, it is a rename that would not replace what appeared there since. A file
-/// system without exchange (`EINVAL`) gets the old file renamed aside next to `from` first.
-fn move_log(from: &Path, to: &Path) -> io::Result<()> {
-    match rename2(from, to, libc::RENAME_EXCHANGE) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => rename2(from, to, libc::RENAME_NOREPLACE),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            fs::rename(to, from.with_extension("log.previous"))?;
-            rename2(from, to, libc::RENAME_NOREPLACE)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
-    let c_path = |path: &Path| {
-        CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
-    };
-    let (from, to) = (c_path(from)?, c_path(to)?);
-    // SAFETY: both paths are NUL-terminated strings that outlive the call; renameat2 only reads
-    // them.
-    let done = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Binds a listening socket at `path`, owner-only, replacing a socket file left there.
@@ -183,15 +126,16 @@ mod tests {
     }
 
     #[test]
-    fn moved_files_are_at_the_vm_paths_and_the_idle_folder_is_left_empty() {
+    fn files_taken_in_by_the_vm_folder_keep_serving_the_worker() {
         let store = tempfile::tempdir().unwrap();
         let layout = StoreLayout::new(store.path());
         let runtime = layout.runtime(vmm_core::VmId::new_random());
         runtime.create().unwrap();
-        let folder = IdleFolder::prepare(layout.pool_dir(4242)).unwrap();
+        let folder = IdleFolder::prepare(layout.idle_folder(4242)).unwrap();
         let log = folder.log().try_clone().unwrap();
 
-        let (control, console) = folder.move_into(&runtime).unwrap();
+        runtime.take_in(&layout.idle_folder(4242)).unwrap();
+        let (control, console) = folder.into_listeners().unwrap();
         let _client = UnixStream::connect(runtime.control_socket()).unwrap();
         let _viewer = UnixStream::connect(runtime.console_socket()).unwrap();
 
@@ -209,14 +153,15 @@ mod tests {
         let runtime = layout.runtime(vmm_core::VmId::new_random());
         runtime.create().unwrap();
         fs::write(runtime.log_file(), "the worker before").unwrap();
-        let folder = IdleFolder::prepare(layout.pool_dir(4245)).unwrap();
+        let folder = IdleFolder::prepare(layout.idle_folder(4245)).unwrap();
         writeln!(folder.log(), "waiting").unwrap();
 
-        drop(folder.move_into(&runtime).unwrap());
+        runtime.take_in(&layout.idle_folder(4245)).unwrap();
 
         assert_eq!(fs::read_to_string(runtime.log_file()).unwrap(), "waiting\n");
-        let aside = layout.pool_dir(4245).join(LOG);
+        let aside = layout.idle_folder(4245).log_file();
         assert_eq!(fs::read_to_string(aside).unwrap(), "the worker before");
+        drop(folder.into_listeners().unwrap());
     }
 
     #[test]
@@ -228,14 +173,15 @@ mod tests {
         let victim = store.path().join("victim");
         fs::write(&victim, "precious").unwrap();
         std::os::unix::fs::symlink(&victim, runtime.log_file()).unwrap();
-        let folder = IdleFolder::prepare(layout.pool_dir(4246)).unwrap();
+        let folder = IdleFolder::prepare(layout.idle_folder(4246)).unwrap();
 
-        drop(folder.move_into(&runtime).unwrap());
+        runtime.take_in(&layout.idle_folder(4246)).unwrap();
 
         assert!(fs::symlink_metadata(runtime.log_file()).unwrap().is_file());
-        let aside = fs::symlink_metadata(layout.pool_dir(4246).join(LOG)).unwrap();
+        let aside = fs::symlink_metadata(layout.idle_folder(4246).log_file()).unwrap();
         assert!(aside.file_type().is_symlink());
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        drop(folder.into_listeners().unwrap());
     }
 
     #[test]
@@ -243,7 +189,7 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let layout = StoreLayout::new(store.path());
 
-        drop(IdleFolder::prepare(layout.pool_dir(4243)).unwrap());
+        drop(IdleFolder::prepare(layout.idle_folder(4243)).unwrap());
 
         assert!(!layout.pool_dir(4243).exists());
     }
@@ -252,15 +198,15 @@ mod tests {
     fn a_stale_folder_of_the_same_pid_is_replaced() {
         let store = tempfile::tempdir().unwrap();
         let layout = StoreLayout::new(store.path());
-        let dir = layout.pool_dir(4244);
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join(CONTROL), b"stale").unwrap();
-        fs::write(dir.join(LOG), b"stale").unwrap();
+        let stale = layout.idle_folder(4244);
+        fs::create_dir_all(stale.path()).unwrap();
+        fs::write(stale.control_socket(), b"stale").unwrap();
+        fs::write(stale.log_file(), b"stale").unwrap();
 
-        let folder = IdleFolder::prepare(dir.clone()).unwrap();
+        let folder = IdleFolder::prepare(layout.idle_folder(4244)).unwrap();
 
-        assert!(UnixStream::connect(dir.join(CONTROL)).is_ok());
-        assert_eq!(fs::metadata(dir.join(LOG)).unwrap().len(), 0);
+        assert!(UnixStream::connect(stale.control_socket()).is_ok());
+        assert_eq!(fs::metadata(stale.log_file()).unwrap().len(), 0);
         drop(folder);
     }
 }

@@ -190,11 +190,7 @@ impl Machine {
         let confinement = if options.confine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
-            let mut view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
-            // The files prepared while idle move out of their folder after this.
-            if let VmLock::HandedOver(handover) = &lock {
-                view.writable_dirs.push(handover.idle_folder().to_owned());
-            }
+            let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
             let mut confinement = confinement::restrict_process(&view, idle_confinement)?;
             confinement.seccomp = filtered;
             confinement

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::process::ExitCode;
 
 use partition::{VmShape, VmShell};
@@ -28,7 +27,7 @@ use crate::pool::{
     POOL_FD_ENV, POOL_SHAPE_ENV, PoolMessage, parse_shape, receive_assignment, receive_lock,
 };
 use crate::protocol::write_frame;
-use crate::runtime::{RuntimeDir, StoreLayout};
+use crate::runtime::StoreLayout;
 
 /// The life of a pool worker: the process's exit code. An idle worker whose parent goes away
 /// exits with success: there was nothing to run.
@@ -51,7 +50,7 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
         });
     let layout = StoreLayout::new(&options.store);
     let warm = warm_up(options.confine, shape).and_then(|shell| {
-        let folder = IdleFolder::prepare(layout.pool_dir(std::process::id()))
+        let folder = IdleFolder::prepare(layout.idle_folder(std::process::id()))
             .map_err(|e| format!("preparing the sockets and log while idle: {e}"))?;
         // From here on the worker writes to what becomes the VM's worker.log, as an exec'd
         // one does.
@@ -135,8 +134,8 @@ pub(super) fn run(options: WorkerOptions<'_>) -> ExitCode {
 }
 
 /// The VM's runtime folder, as a pool worker comes to own it: the launcher takes the VM's lock
-/// while the worker builds the VM's partition, and hands it over; the worker then moves in what
-/// it prepared while idle.
+/// and moves in what the worker prepared while idle, while the worker builds the VM's partition;
+/// then it hands the lock over.
 #[derive(Debug)]
 pub(crate) struct Handover<'a> {
     channel: &'a UnixStream,
@@ -146,17 +145,9 @@ pub(crate) struct Handover<'a> {
 }
 
 impl Handover<'_> {
-    /// The folder the worker prepared its files in: the move out of it needs Landlock's leave.
-    pub(crate) fn idle_folder(&self) -> &Path {
-        self.folder.path()
-    }
-
-    /// Waits for the VM's lock (usually there already), then moves the log and the sockets into
-    /// `runtime`: the lock and the listeners, at the VM's paths.
-    pub(crate) fn take_over(
-        self,
-        runtime: &RuntimeDir,
-    ) -> io::Result<(File, (UnixListener, UnixListener))> {
+    /// Waits for the VM's lock (usually there already): the lock, and the listeners, now at the
+    /// VM's paths.
+    pub(crate) fn take_over(self) -> io::Result<(File, (UnixListener, UnixListener))> {
         let lock = match self.lock {
             Some(lock) => lock,
             None => receive_lock(self.channel)?.ok_or_else(|| {
@@ -166,9 +157,7 @@ impl Handover<'_> {
                 )
             })?,
         };
-        // The log goes first, so that everything said from here on is in the VM's worker.log.
-        let listeners = self.folder.move_into(runtime)?;
-        Ok((lock, listeners))
+        Ok((lock, self.folder.into_listeners()?))
     }
 }
 

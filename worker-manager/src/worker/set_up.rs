@@ -78,7 +78,7 @@ impl VmLock<'_> {
             VmLock::Held(lock) => Ok((lock, None)),
             VmLock::HandedOver(handover) => {
                 let (lock, listeners) = handover
-                    .take_over(runtime)
+                    .take_over()
                     .map_err(|e| Error::io(runtime.path(), e))?;
                 let lock = WorkerLock::from_file(lock)
                     .map_err(|e| Error::io(runtime.lock_file(), e))?

@@ -6,7 +6,7 @@
 //! plus what a pool worker's set-up calls after it was assigned its VM: a pool worker installs
 //! the filter while idle (`confinement::confine_idle`), so that a start does not wait for it.
 //! Those set-up calls reach nothing a running worker cannot: other names for file operations it
-//! has (`mkdir`, `unlinkat`, `renameat2`), Landlock (which can only narrow), the KVM state its
+//! has (`mkdir`, `unlinkat`), Landlock (which can only narrow), the KVM state its
 //! reset and restore already set, and a TAP it already holds. Every entry says who needs it.
 //! Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`).
 //!
@@ -145,11 +145,6 @@ pub(crate) const ALLOWED: &[(i64, &str, &str)] = &[
         "a delta checkpoint links its parent's memory layers",
     ),
     (libc::SYS_renameat, "renameat", "committing the saved state"),
-    (
-        libc::SYS_renameat2,
-        "renameat2",
-        "a pool worker's log exchanged into the runtime folder",
-    ),
     (
         libc::SYS_mkdir,
         "mkdir",
@@ -498,7 +493,6 @@ pub const ALLOWANCE_MARGIN: &[(&str, &str)] = &[
     ("KVM_GET_DIRTY_LOG", "incremental checkpoints and backups"),
     ("KVM_SET_IDENTITY_MAP_ADDR", "a reset's VM set-up on VT-x"),
     // A pool worker's set-up after its assignment, under the filter it installed while idle.
-    ("renameat2", "a pool worker's log exchanged into place"),
     ("mkdir", "a pool worker making its runtime folder"),
     ("unlinkat", "a pool worker consuming its restored state"),
     ("geteuid", "a pool worker checking its runtime folder"),
