@@ -236,6 +236,16 @@ impl WorkerLauncher for FencedLauncher {
         mode: LaunchMode,
         events: EventSink,
     ) -> std::result::Result<Box<dyn Worker>, WorkerError> {
+        self.launch_handing_off(vm, mode, events, &mut || {})
+    }
+
+    fn launch_handing_off(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+        handed_off: &mut dyn FnMut(),
+    ) -> std::result::Result<Box<dyn Worker>, WorkerError> {
         let refused = |e: ClusterError| WorkerError::Refused {
             reason: e.to_string(),
         };
@@ -243,7 +253,10 @@ impl WorkerLauncher for FencedLauncher {
         self.node.write_fence(vm.id, token).map_err(refused)?;
         let deadline = Instant::now() + DISK_RELEASE_WAIT;
         loop {
-            match self.inner.launch(vm, mode.clone(), events.clone()) {
+            match self
+                .inner
+                .launch_handing_off(vm, mode.clone(), events.clone(), handed_off)
+            {
                 Err(error)
                     if error_chain(&error).contains("locked")
                         && Instant::now() < deadline

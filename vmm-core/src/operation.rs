@@ -295,8 +295,10 @@ fn execute(inner: &Arc<Inner>, vm: VmId, step: &Step) -> Result<Done, Failure> {
                     format!("cannot undo an interrupted backup: {}", error_chain(&e)),
                 )
             })?;
-            let launched = launch_marked_running(inner, vm, || {
-                inner.launcher.launch(config, mode.clone(), events.clone())
+            let launched = launch_marked_running(inner, vm, |handed_off| {
+                inner
+                    .launcher
+                    .launch_handing_off(config, mode.clone(), events.clone(), handed_off)
             });
             let worker = launched.map_err(|e| {
                 let mut failure = Failure::from_worker("cannot start worker", &e);
@@ -418,40 +420,56 @@ fn save(inner: &Inner, vm: VmId, worker: &dyn Worker) -> Result<Done, Failure> {
     Ok(Done::WorkerFinished)
 }
 
-/// Runs `launch` while the VM's "was running" marker is made durable beside it (a write and two
-/// fsyncs that would otherwise come after the worker's start, on the path its user waits on);
+/// Runs `launch` while the VM's "was running" marker is made durable beside it (a write and an
+/// fsync that would otherwise come after the worker's start, on the path its user waits on);
 /// returns once both are done. A launch that fails takes the marker away again.
+///
+/// The marker's write starts when `launch` calls the hand-off callback it is given (see
+/// [`WorkerLauncher::launch_handing_off`](crate::WorkerLauncher::launch_handing_off)): from then
+/// on the service only waits, while before it the launcher and the waking worker need the CPUs.
 ///
 /// The marker only decides `StartIfPreviouslyRunning` when a service finds the VM without a
 /// worker; a running worker is found again by its lock, marker or not. So whichever of the two a
-/// crash interrupts, a restarted service is right: with the marker but no worker (killed before
-/// the hand-off) it starts the VM only if its automatic start action asks for a VM that was meant
-/// to run, and otherwise clears the marker; with a worker but no marker (killed while the
-/// marker's write was still under way) it re-attaches the worker and writes the marker then.
+/// crash interrupts, a restarted service is right: with the marker but no worker it starts the
+/// VM only if its automatic start action asks for a VM that was meant to run, and otherwise
+/// clears the marker; with a worker but no marker (killed while the marker's write was still
+/// under way) it re-attaches the worker and writes the marker then.
 fn launch_marked_running<T, E>(
     inner: &Arc<Inner>,
     vm: VmId,
-    launch: impl FnOnce() -> Result<T, E>,
+    launch: impl FnOnce(&mut dyn FnMut()) -> Result<T, E>,
 ) -> Result<T, E> {
-    let marker_inner = Arc::clone(inner);
     let (done_tx, done) = std::sync::mpsc::channel();
-    let marker = inner.operation_threads.run(move || {
-        mark_running(&marker_inner, vm, true);
-        fault::point("start.after-marker");
-        let _ = done_tx.send(());
-    });
-    let launched = launch();
+    // Taken by the first call: the sender goes to the marker's thread, so that `done` ends
+    // when that thread does.
+    let mut done_tx = Some(done_tx);
+    let mut marker = None;
+    let mut start_marker = || {
+        let Some(done_tx) = done_tx.take() else {
+            return;
+        };
+        let marker_inner = Arc::clone(inner);
+        marker = Some(inner.operation_threads.run(move || {
+            mark_running(&marker_inner, vm, true);
+            fault::point("start.after-marker");
+            let _ = done_tx.send(());
+        }));
+    };
+    let launched = launch(&mut start_marker);
     match marker {
-        Ok(()) => {
+        Some(Ok(())) => {
             // An error means the work ended before it was done (a panic): write it here.
             if done.recv().is_err() {
                 mark_running(inner, vm, true);
             }
         }
-        Err(_) => {
-            // No thread to spare: the marker the slow way, after the launch.
-            mark_running(inner, vm, true);
-            fault::point("start.after-marker");
+        // No thread to spare, or the launch never handed off: the marker the slow way, after
+        // the launch.
+        Some(Err(_)) | None => {
+            if launched.is_ok() {
+                mark_running(inner, vm, true);
+                fault::point("start.after-marker");
+            }
         }
     }
     if launched.is_err() {

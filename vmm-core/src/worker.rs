@@ -481,6 +481,22 @@ pub trait WorkerLauncher: Send + Sync + fmt::Debug {
         events: EventSink,
     ) -> Result<Box<dyn Worker>, WorkerError>;
 
+    /// [`launch`](Self::launch), calling `handed_off` once the worker has everything it needs
+    /// from the caller's side and only builds and starts its guest from there on: the service
+    /// starts work it does beside the launch then, so that it does not take the CPU the hand-off
+    /// needs. A launch that fails before the hand-off may not call it. The default calls it
+    /// first.
+    fn launch_handing_off(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+        handed_off: &mut dyn FnMut(),
+    ) -> Result<Box<dyn Worker>, WorkerError> {
+        handed_off();
+        self.launch(vm, mode, events)
+    }
+
     /// Finds a worker for `vm` that outlived a previous service instance (its runtime folder,
     /// pid and control socket) and re-attaches to it. `Ok(None)` when there is none or it is
     /// dead (the launcher cleans up what it left). Runs for every VM, including degraded ones.

@@ -6,10 +6,13 @@ mod common;
 use std::fs;
 
 use common::{TIMEOUT, ThreadLauncher, change, open, state_of, wait_for_state};
+use std::sync::Arc;
 use vmm_core::atomic_file::temporary_sibling;
+
 use vmm_core::{
-    AutomaticStartAction, EnabledState, Error, HealthState, JobState, OperationalStatus,
-    RequestedState, ReturnCode, VmConfig,
+    AutomaticStartAction, EnabledState, Error, EventSink, HealthState, JobState, LaunchMode,
+    OperationalStatus, RequestedState, ReturnCode, VirtualSystemManagementService, VmConfig, VmId,
+    Worker, WorkerError, WorkerLauncher,
 };
 
 #[test]
@@ -319,6 +322,52 @@ fn unfinished_save_without_a_worker_is_removed_at_restart() {
 
     assert!(!staging.exists());
     assert_eq!(state_of(&reopened, vm), EnabledState::Off);
+}
+
+/// A launcher that never reports its hand-off (one written before the hook existed).
+#[derive(Debug)]
+struct WithoutHandOff(ThreadLauncher);
+
+impl WorkerLauncher for WithoutHandOff {
+    fn launch(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+    ) -> Result<Box<dyn Worker>, WorkerError> {
+        self.0.launch(vm, mode, events)
+    }
+
+    fn launch_handing_off(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+        _handed_off: &mut dyn FnMut(),
+    ) -> Result<Box<dyn Worker>, WorkerError> {
+        self.0.launch(vm, mode, events)
+    }
+
+    fn reattach(
+        &self,
+        vm: VmId,
+        events: EventSink,
+    ) -> Result<Option<Box<dyn Worker>>, WorkerError> {
+        self.0.reattach(vm, events)
+    }
+}
+
+#[test]
+fn a_launcher_that_never_hands_off_still_gets_its_vm_marked_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = WithoutHandOff(ThreadLauncher::default());
+    let vmms = VirtualSystemManagementService::open(dir.path(), Arc::new(launcher)).expect("open");
+    let vm = vmms.define_system(VmConfig::new("quiet")).expect("define");
+
+    let job = change(&vmms, vm, RequestedState::Start);
+
+    assert_eq!(job.state, JobState::Completed);
+    assert!(dir.path().join(format!("vms/{vm}/was-running")).exists());
 }
 
 #[test]

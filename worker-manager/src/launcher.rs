@@ -171,7 +171,12 @@ impl ProcessLauncher {
     /// The runtime folder's lock is taken before the worker exists (or is assigned) and handed
     /// to it, so a service that looks at any instant from here on (a daemon restarted while this
     /// one is killed mid-launch) sees that a worker runs or is starting.
-    fn spawn(&self, vm: VmId, restore: Option<&Path>) -> Result<Started> {
+    fn spawn(
+        &self,
+        vm: VmId,
+        restore: Option<&Path>,
+        handed_off: &mut dyn FnMut(),
+    ) -> Result<Started> {
         let runtime = self.store.runtime(vm);
         // A pool worker starts on its VM at once and builds it while the lock is taken here;
         // it writes nothing in the runtime folder before it has the lock.
@@ -216,12 +221,13 @@ impl ProcessLauncher {
             // The worker has its copy: the lock is held by it alone from here on.
             drop(lock);
             fault::point("launch.after-spawn");
+            handed_off();
             return self.await_pool_ready(idle, &runtime);
         }
         let log = runtime
             .start_log()
             .map_err(|e| Error::io(runtime.log_file(), e))?;
-        self.spawn_process(vm, restore, &runtime, lock, log)
+        self.spawn_process(vm, restore, &runtime, lock, log, handed_off)
             .map(|pidfd| Started {
                 pidfd,
                 channel: None,
@@ -281,6 +287,7 @@ impl ProcessLauncher {
         runtime: &RuntimeDir,
         lock: WorkerLock,
         log: File,
+        handed_off: &mut dyn FnMut(),
     ) -> Result<PidFd> {
         let log_path = runtime.log_file();
         let log_err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
@@ -315,6 +322,7 @@ impl ProcessLauncher {
         drop(command);
         let pid = spawned?;
         fault::point("launch.after-spawn");
+        handed_off();
         let pidfd = PidFd::open(pid).map_err(|e| Error::io(format!("/proc/{pid}"), e))?;
 
         match read_ready(ready_rx, self.options.launch_timeout) {
@@ -393,13 +401,25 @@ impl WorkerLauncher for ProcessLauncher {
         mode: LaunchMode,
         events: EventSink,
     ) -> std::result::Result<Box<dyn Worker>, WorkerError> {
+        self.launch_handing_off(vm, mode, events, &mut || {})
+    }
+
+    /// Hands off once a pool worker has the VM's lock (its files moved in), or once a new
+    /// worker process is spawned.
+    fn launch_handing_off(
+        &self,
+        vm: &VmConfig,
+        mode: LaunchMode,
+        events: EventSink,
+        handed_off: &mut dyn FnMut(),
+    ) -> std::result::Result<Box<dyn Worker>, WorkerError> {
         let restore = match &mode {
             LaunchMode::Boot => None,
             LaunchMode::RestoreSaved { state_dir } => Some(state_dir.as_path()),
         };
         // The replacement for the worker this launch takes prepares for a VM like this one.
         self.pool.expect_shape(vm.memory_mib, vm.vcpus);
-        let started = self.spawn(vm.id, restore);
+        let started = self.spawn(vm.id, restore, handed_off);
         // The pool (re)fills after the first launch, a moment after this one's worker was taken.
         self.pool.fill();
         let started = started?;
