@@ -192,19 +192,7 @@ impl ProcessLauncher {
             idle.kill(self.store.root());
             None
         });
-        let locked = self
-            .lock_runtime(&runtime, idle.is_some())
-            .and_then(|lock| {
-                if let Some(idle) = &idle {
-                    // The worker's files, prepared while it waited, become the VM's.
-                    let folder = self.store.idle_folder(idle.pidfd.pid());
-                    runtime
-                        .take_in(&folder)
-                        .map_err(|e| Error::io(folder.path(), e))?;
-                }
-                Ok(lock)
-            });
-        let lock = match locked {
+        let lock = match self.lock_runtime(&runtime, idle.is_some()) {
             Ok(lock) => lock,
             Err(error) => {
                 // Whatever the worker built for the VM is not to run.
@@ -214,6 +202,17 @@ impl ProcessLauncher {
                 return Err(error);
             }
         };
+        // The worker's files, prepared while it waited, become the VM's. Files that cannot be
+        // moved (the idle folder tampered with) cost that worker, not the start.
+        let idle = idle.and_then(|idle| {
+            match runtime.take_in(&self.store.idle_folder(idle.pidfd.pid())) {
+                Ok(()) => Some(idle),
+                Err(_) => {
+                    idle.kill(self.store.root());
+                    None
+                }
+            }
+        });
         fault::point("launch.locked");
         if let Some(idle) = idle {
             // Unsent only when the worker already ended (it said why, which is read next).

@@ -112,6 +112,31 @@ fn a_pool_worker_given_a_vm_that_already_runs_is_killed_and_touches_nothing_of_i
     running.turn_off().unwrap();
 }
 
+#[test]
+fn a_pool_worker_whose_files_cannot_be_moved_is_replaced_by_a_spawned_worker() {
+    require_kvm!();
+    let fixture = Fixture::new();
+    let first = fixture.small_vm("first");
+    fixture.boot(&first).turn_off().unwrap();
+    let mut idle = Vec::new();
+    wait_until("the pool has an idle worker", || {
+        idle = fixture.launcher.idle_workers();
+        !idle.is_empty()
+    });
+    let tampered = fixture.dir.path().join(format!("run/pool-{}", idle[0]));
+    fs::remove_file(tampered.join("control.sock")).unwrap();
+    let vm = fixture.small_vm("second");
+
+    let worker = fixture.boot(&vm);
+
+    let mut console = Console::attach(&fixture.launcher.runtime_dir(vm.id).console_socket());
+    console.wait_for(BANNER, 0);
+    assert_ne!(worker.pid(), idle[0]);
+    assert!(!pid_alive(idle[0]), "the tampered pool worker is gone");
+    assert!(!tampered.exists());
+    worker.turn_off().unwrap();
+}
+
 /// The size in KiB of each mapping of process `pid`.
 fn mapping_sizes_kib(pid: u32) -> Vec<u64> {
     fs::read_to_string(format!("/proc/{pid}/smaps"))
