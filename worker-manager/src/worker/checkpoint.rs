@@ -28,10 +28,11 @@ use partition::memory::{DirtyRange, PAGE_SIZE};
 use partition::{Partition, PartitionConfig, RunState};
 use vmm_core::{CheckpointReport, CheckpointRequest, DiskOverlay, fault};
 
-use super::machine::{STATE_FILE, create_private, partition_failure};
+use super::machine::{STATE_FILE, partition_failure};
 use super::overlays::{
     check_overlays, create_overlays, io_failure, remove_overlays, switch_back, switch_disks,
 };
+use super::state_folder::create_private;
 use super::state_folder::{MAX_MEMORY_LAYERS, MEMORY_MANIFEST, MemoryManifest};
 use crate::protocol::Failure;
 

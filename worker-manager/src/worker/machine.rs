@@ -6,8 +6,6 @@
 //! idle worker does not wake at all; status questions never come here (the connections answer them
 //! from [`WorkerShared`]).
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -35,6 +33,7 @@ use super::idle_folder::bind_listener;
 use super::pool::Handover;
 use super::set_up::{VmLock, consume_saved_state, filesystem_view, read_config, restore};
 use super::start_trace::mark;
+use super::state_folder::write_saved_state;
 use crate::error::{Error, Result};
 use crate::protocol::{Confinement, Failure, FromWorker, GuestState, Notice, Reply, Request};
 use crate::runtime::{RuntimeDir, StoreLayout};
@@ -792,43 +791,6 @@ pub(crate) fn partition_failure(error: &partition::Error) -> Failure {
         partition::Error::InvalidRunState { .. } => Failure::invalid_state(error_chain(error)),
         other => Failure::failed(error_chain(other)),
     }
-}
-
-/// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
-/// must not be readable by other users), failing if it exists.
-pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// Writes `state.json` and `memory.bin` into `dir`, each fsynced, then the folder; returns the
-/// memory bytes written.
-fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
-    let state = partition.capture_state()?;
-    let state_path = dir.join(STATE_FILE);
-    let json = state.to_json().map_err(|e| Error::Config {
-        path: state_path.clone(),
-        source: Box::new(e),
-    })?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e| Error::io(path, e)
-    };
-    let mut file = create_private(&state_path).map_err(io(&state_path))?;
-    file.write_all(&json).map_err(io(&state_path))?;
-    file.sync_all().map_err(io(&state_path))?;
-    fault::point("worker.save.after-state-file");
-    let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = create_private(&memory_path).map_err(io(&memory_path))?;
-    let bytes = partition.save_memory(&mut memory)?;
-    memory.sync_all().map_err(io(&memory_path))?;
-    vmm_core::atomic_file::sync_dir(dir).map_err(io(dir))?;
-    Ok(bytes)
 }
 
 /// Lock helper shared by the worker's modules: state behind these locks is replaced whole, so a

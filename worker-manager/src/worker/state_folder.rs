@@ -1,5 +1,5 @@
-//! The memory files of a saved-state folder: one full image, or a chain of images listed by a
-//! manifest.
+//! A saved-state folder: written by a save (state and memory, owner-only, fsynced), and read back
+//! as its memory files: one full image, or a chain of images listed by a manifest.
 //!
 //! A folder written by a save (`save-vm`) holds `state.json` and `memory.bin`, one full sparse
 //! image. A folder written by a running checkpoint also holds `memory.json`, a
@@ -10,12 +10,16 @@
 //! is self-contained (it can be copied, hard-linked or exported alone) and committed layers are
 //! never written again. A folder without a manifest is a single full image as before.
 
-use std::fs::File;
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::Path;
+
+use partition::Partition;
+use vmm_core::fault;
 
 use serde::{Deserialize, Serialize};
 
-use super::machine::MEMORY_FILE;
+use super::machine::{MEMORY_FILE, STATE_FILE};
 use crate::error::{Error, Result};
 
 /// Name of the memory manifest in a state folder.
@@ -130,6 +134,43 @@ pub(crate) fn open_memory(dir: &Path) -> Result<MemoryLayers> {
             })
         }
     }
+}
+
+/// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
+/// must not be readable by other users), failing if it exists.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Writes `state.json` and `memory.bin` into `dir`, each fsynced, then the folder; returns the
+/// memory bytes written.
+pub(crate) fn write_saved_state(partition: &Partition, dir: &Path) -> Result<u64> {
+    let state = partition.capture_state()?;
+    let state_path = dir.join(STATE_FILE);
+    let json = state.to_json().map_err(|e| Error::Config {
+        path: state_path.clone(),
+        source: Box::new(e),
+    })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| Error::io(path, e)
+    };
+    let mut file = create_private(&state_path).map_err(io(&state_path))?;
+    file.write_all(&json).map_err(io(&state_path))?;
+    file.sync_all().map_err(io(&state_path))?;
+    fault::point("worker.save.after-state-file");
+    let memory_path = dir.join(MEMORY_FILE);
+    let mut memory = create_private(&memory_path).map_err(io(&memory_path))?;
+    let bytes = partition.save_memory(&mut memory)?;
+    memory.sync_all().map_err(io(&memory_path))?;
+    vmm_core::atomic_file::sync_dir(dir).map_err(io(dir))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
