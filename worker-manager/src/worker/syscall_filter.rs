@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, sock_filter};
 
-mod compact;
+mod layout;
+
+use layout::Mode;
 
 /// `AUDIT_ARCH_X86_64` (linux/audit.h): `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
@@ -118,6 +120,10 @@ pub enum FilterError {
     /// A check needs a jump longer than a conditional jump's 255 instructions.
     #[error("syscall {0}: too many argument checks for one syscall")]
     TooManyChecks(i64),
+    /// A jump the layout could not place within reach (a defect of the compiler, not of the
+    /// list).
+    #[error("a jump of the filter is out of reach")]
+    JumpTooFar,
 }
 
 /// The policy as a program: syscalls of another architecture and unlisted ones kill the
@@ -126,12 +132,12 @@ pub enum FilterError {
 /// The compact layout (every leaf jumping to one shared `ret` per verdict, ~55% of the length
 /// for the worker's list: the kernel's JIT and checks cost time in proportion) needs every jump
 /// within a conditional jump's 255 instructions; a list too long for that gets the spread
-/// layout, whose leaves carry their own verdicts.
+/// layout, whose leaves carry their own verdicts (see `layout`).
 pub(crate) fn compile(list: &BTreeMap<i64, SyscallAction>) -> Result<BpfProgram, FilterError> {
     let entries = numbered(list)?;
-    let program = match compact::compile(&entries)? {
+    let program = match layout::compile(&entries, Mode::Compact)? {
         Some(program) => program,
-        None => compile_spread(&entries)?,
+        None => layout::compile(&entries, Mode::Spread)?.ok_or(FilterError::JumpTooFar)?,
     };
     if program.len() > MAX_INSTRUCTIONS {
         return Err(FilterError::TooLong(program.len()));
@@ -160,105 +166,6 @@ fn prologue() -> BpfProgram {
         ret(KILL_PROCESS),
         load(DATA_NR),
     ]
-}
-
-/// The spread layout: each leaf ends in its own verdicts, so no jump is longer than its
-/// neighbourhood, whatever the list's length.
-fn compile_spread(entries: &[(u32, &SyscallAction)]) -> Result<BpfProgram, FilterError> {
-    let mut program = prologue();
-    search(entries, &mut program)?;
-    Ok(program)
-}
-
-/// Emits the search over `entries` (sorted by number) with the syscall number in the
-/// accumulator: each inner node sends numbers at or above its pivot to its right half, each
-/// leaf tests its one number and runs its action, or kills.
-fn search(entries: &[(u32, &SyscallAction)], program: &mut BpfProgram) -> Result<(), FilterError> {
-    match entries {
-        [] => program.push(ret(KILL_PROCESS)),
-        [(nr, action)] => {
-            let body = action_body(i64::from(*nr), action)?;
-            let skip =
-                u8::try_from(body.len()).map_err(|_| FilterError::TooManyChecks(i64::from(*nr)))?;
-            program.push(jump_if(libc::BPF_JEQ, *nr, 0, skip));
-            program.extend(body);
-            program.push(ret(KILL_PROCESS));
-        }
-        _ => {
-            let (left, right) = entries.split_at(entries.len() / 2);
-            let pivot = right[0].0;
-            let mut left_code = Vec::new();
-            search(left, &mut left_code)?;
-            // `jge pivot` jumps over the left half to the right one: directly when the left
-            // half is within a conditional jump's 255 instructions, else through an
-            // unconditional jump, which reaches any distance.
-            match u8::try_from(left_code.len()) {
-                Ok(distance) => program.push(jump_if(libc::BPF_JGE, pivot, distance, 0)),
-                Err(_) => {
-                    program.push(jump_if(libc::BPF_JGE, pivot, 0, 1));
-                    program.push(jump_always(left_code.len() as u32));
-                }
-            }
-            program.extend(left_code);
-            search(right, program)?;
-        }
-    }
-    Ok(())
-}
-
-/// The instructions a leaf runs once the number matched: a verdict, or the argument checks
-/// (which leave the accumulator changed, so each ends in a verdict) falling through to the
-/// leaf's kill.
-fn action_body(nr: i64, action: &SyscallAction) -> Result<BpfProgram, FilterError> {
-    let mut body = Vec::new();
-    match action {
-        SyscallAction::Allow => body.push(ret(ALLOW)),
-        SyscallAction::Errno(code) => body.push(ret(errno(*code))),
-        SyscallAction::AllowIfAny(checks) => {
-            for check in checks {
-                if check.index > 5 {
-                    return Err(FilterError::ArgumentIndex {
-                        nr,
-                        index: check.index,
-                    });
-                }
-                body.extend(check_program(check));
-            }
-        }
-    }
-    Ok(body)
-}
-
-/// One comparison: allows the syscall when it holds, falls through when it does not.
-fn check_program(check: &ArgMatch) -> BpfProgram {
-    let low_offset = DATA_ARGS + 8 * u32::from(check.index);
-    let mut low = half_compare(low_offset, check.mask as u32, check.value as u32);
-    low.push(ret(ALLOW));
-    if !check.wide {
-        return low;
-    }
-    // High half first; a mismatch skips the low half and its allow.
-    let mut program = half_compare(
-        low_offset + 4,
-        (check.mask >> 32) as u32,
-        (check.value >> 32) as u32,
-    );
-    if let Some(last) = program.last_mut() {
-        last.jf = low.len() as u8;
-    }
-    program.extend(low);
-    program
-}
-
-/// Loads one 32-bit half of an argument and compares it, masked, with `value`: falls through
-/// when equal, skips one instruction when not.
-fn half_compare(offset: u32, mask: u32, value: u32) -> BpfProgram {
-    let mut program = vec![load(offset)];
-    if mask != u32::MAX {
-        program.push(alu_and(mask));
-    }
-    program.push(jump_if(libc::BPF_JEQ, value & mask, 0, 1));
-    program
 }
 
 fn load(offset: u32) -> sock_filter {
@@ -412,10 +319,10 @@ mod tests {
         let list = sample_list_every(6);
         let entries = numbered(&list).unwrap();
 
-        let compact = compact::compile(&entries)
+        let compact = layout::compile(&entries, Mode::Compact)
             .unwrap()
             .expect("fits the compact layout");
-        let spread = compile_spread(&entries).unwrap();
+        let spread = layout::compile(&entries, Mode::Spread).unwrap().unwrap();
 
         assert!(compact.len() < spread.len());
         assert_answers_as_listed(&list, &compact);
@@ -427,10 +334,11 @@ mod tests {
         let list = sample_list();
         let entries = numbered(&list).unwrap();
 
-        let compact = compact::compile(&entries).unwrap();
+        let compact = layout::compile(&entries, Mode::Compact).unwrap();
 
         assert!(compact.is_none());
-        assert_eq!(compile(&list).unwrap(), compile_spread(&entries).unwrap());
+        let spread = layout::compile(&entries, Mode::Spread).unwrap();
+        assert_eq!(Some(compile(&list).unwrap()), spread);
     }
 
     #[test]
@@ -440,8 +348,21 @@ mod tests {
 
         let program = compile(&list).unwrap();
 
-        assert_eq!(Some(&program), compact::compile(&entries).unwrap().as_ref());
-        assert!(program.len() < compile_spread(&entries).unwrap().len());
+        let compact = layout::compile(&entries, Mode::Compact).unwrap();
+        assert_eq!(Some(&program), compact.as_ref());
+        let spread = layout::compile(&entries, Mode::Spread).unwrap().unwrap();
+        assert!(program.len() < spread.len());
+    }
+
+    #[test]
+    fn the_worker_allowlist_answers_as_listed_in_both_layouts() {
+        let list = super::super::syscalls::allowlist();
+        let entries = numbered(&list).unwrap();
+
+        for mode in [Mode::Compact, Mode::Spread] {
+            let program = layout::compile(&entries, mode).unwrap().unwrap();
+            assert_answers_as_listed(&list, &program);
+        }
     }
 
     #[test]
