@@ -292,6 +292,28 @@ fn idle_pool_workers_exit_when_their_launcher_goes_away() {
 }
 
 #[test]
+fn idle_pool_workers_leave_no_folder_when_their_launcher_goes_away() {
+    require_kvm!();
+    let store = tempfile::tempdir().unwrap();
+    let launcher = worker_manager::ProcessLauncher::new(
+        store.path(),
+        env!("CARGO_BIN_EXE_vmms-worker"),
+        Vec::<String>::new(),
+    );
+    launcher.fill_pool();
+    wait_until("a worker is idle", || !launcher.idle_workers().is_empty());
+    let idle = launcher.idle_workers();
+
+    drop(launcher);
+
+    for pid in idle {
+        wait_until("the idle worker exits", || !pid_alive(pid));
+        let folder = store.path().join(format!("run/pool-{pid}"));
+        wait_until("its folder is removed", || !folder.exists());
+    }
+}
+
+#[test]
 fn pool_size_zero_starts_no_idle_worker() {
     require_kvm!();
     let fixture = Fixture::with_options(LauncherOptions {
