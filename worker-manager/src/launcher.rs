@@ -168,9 +168,10 @@ impl ProcessLauncher {
     /// Starts the VM's worker (an idle one from the pool when there is one, a new process
     /// otherwise) and waits until it reports ready.
     ///
-    /// The runtime folder's lock is taken before the worker exists (or is assigned) and handed
-    /// to it, so a service that looks at any instant from here on (a daemon restarted while this
-    /// one is killed mid-launch) sees that a worker runs or is starting.
+    /// The runtime folder's lock is taken before the worker exists (or may touch the runtime
+    /// folder) and handed to it, so a service that looks at any instant from here on (a daemon
+    /// restarted while this one is killed mid-launch) sees that a worker runs or is starting. A
+    /// pool worker gets its assignment first and builds the VM while the lock is taken.
     fn spawn(
         &self,
         vm: VmId,

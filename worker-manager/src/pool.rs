@@ -1,6 +1,6 @@
 //! A pool of pre-started workers: processes already exec'd, with their runtime up, KVM's facts
-//! read, the seccomp filter compiled, a KVM VM created (a `partition::VmShell`) and their
-//! sockets bound, each waiting for the VM it will run.
+//! read, a KVM VM created (a `partition::VmShell`), their sockets bound and what no VM decides
+//! confined (seccomp included), each waiting for the VM it will run.
 //!
 //! Starting a worker process (fork, exec, the runtime's own start) costs a few milliseconds that a
 //! guest's start would otherwise wait for. The [`ProcessLauncher`](crate::ProcessLauncher) keeps
@@ -9,8 +9,8 @@
 //!
 //! An idle worker is `program args… --pool --store <DIR> [--no-confinement]`, started like any
 //! worker (its own session, nothing inherited but stdio and its end of a socket pair named in
-//! [`POOL_FD_ENV`]). It confines nothing yet: it holds no VM's data and has no guest. Over the
-//! pair, in order:
+//! [`POOL_FD_ENV`]). It holds no VM's data and has no guest; its Landlock rules, which are the
+//! VM's, go on once it is assigned. Over the pair, in order:
 //! 1. worker → parent: [`PoolMessage::Idle`] once it is warm (or `Failed`, then it exits);
 //! 2. parent → worker: an [`Assignment`] frame (the VM, the saved state to restore), sent as
 //!    soon as the VM's start takes the worker, before anything else;
@@ -221,8 +221,13 @@ fn invalid(what: &str) -> io::Error {
 /// itself.
 pub(crate) fn reap_pool_worker(store: &Path, pid: u32) -> Option<crate::process::ExitStatus> {
     let status = reap_child(pid);
-    let _ = std::fs::remove_dir_all(StoreLayout::new(store).pool_dir(pid));
+    remove_idle_folder(store, pid);
     status
+}
+
+/// Removes the folder pool worker `pid` prepared its files in, whatever is left in it.
+fn remove_idle_folder(store: &Path, pid: u32) {
+    let _ = std::fs::remove_dir_all(StoreLayout::new(store).pool_dir(pid));
 }
 
 fn frame_io(error: ProtocolError) -> io::Error {
@@ -470,9 +475,8 @@ impl PoolInner {
 
     /// Removes the idle folders of workers `pids`, which left the pool.
     fn remove_folders(&self, pids: Vec<u32>) {
-        let layout = StoreLayout::new(&self.spawner.store);
         for pid in pids {
-            let _ = std::fs::remove_dir_all(layout.pool_dir(pid));
+            remove_idle_folder(&self.spawner.store, pid);
         }
     }
 

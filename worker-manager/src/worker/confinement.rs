@@ -10,8 +10,12 @@
 //!    VM's own folder, its runtime folder, its disks, its kernel and `/dev/kvm`, and no TCP port
 //!    may be bound or connected.
 //! 3. [`install_seccomp`], after set-up and before the first `KVM_RUN`: the syscall allowlist of
-//!    [`super::syscalls`] (compiled by [`super::syscall_filter`]), on every thread at once; anything else kills the process, which the
-//!    supervisor reports like any crash ("bad system call").
+//!    [`super::syscalls`] (compiled by [`super::syscall_filter`]), on every thread at once;
+//!    anything else kills the process, which the supervisor reports like any crash ("bad system
+//!    call").
+//!
+//! A pool worker does what no VM decides while it waits ([`confine_idle`]: step 2 but Landlock's
+//! VM rules, and step 3), and only completes Landlock once it is assigned.
 //!
 //! `--no-confinement` (the daemon's, passed to its workers) skips 2 and 3 for debugging; the
 //! worker's status report says what it runs under either way.
@@ -116,6 +120,8 @@ pub(crate) fn restrict_process(
     view: &FilesystemView,
     idle: Option<IdleConfinement>,
 ) -> Result<Confinement, ConfinementError> {
+    // The filter is on already when the worker confined itself while idle.
+    let seccomp = idle.is_some();
     let base = match idle {
         Some(IdleConfinement(base)) => base,
         None => {
@@ -127,7 +133,7 @@ pub(crate) fn restrict_process(
     Ok(Confinement {
         enabled: true,
         no_new_privs: true,
-        seccomp: false,
+        seccomp,
         landlock,
     })
 }

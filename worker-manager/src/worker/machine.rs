@@ -153,9 +153,10 @@ impl Machine {
         let runtime = layout.runtime(vm_id);
         // A filtered worker may not change modes (its filter has no chmod); the launcher sets
         // the folder's.
-        let created = match filtered {
-            true => runtime.create_keeping_mode(),
-            false => runtime.create(),
+        let created = if filtered {
+            runtime.create_keeping_mode()
+        } else {
+            runtime.create()
         };
         created.map_err(|e| Error::io(runtime.path(), e))?;
         // An exec'd worker holds the lock from the start; a pool worker gets it from the
@@ -190,9 +191,7 @@ impl Machine {
             // Facts the partition reads from outside the sandbox, read once before it closes.
             partition::software_kvm::is_software_kvm();
             let view = filesystem_view(&layout, &vm, &config, options.restore.as_deref());
-            let mut confinement = confinement::restrict_process(&view, idle_confinement)?;
-            confinement.seccomp = filtered;
-            confinement
+            confinement::restrict_process(&view, idle_confinement)?
         } else {
             Confinement {
                 landlock: "off".into(),
