@@ -124,12 +124,7 @@ impl RuntimeDir {
             fs::rename(&log, self.previous_log_file())?;
         }
         // Created here and now: anything at the path since would make this fail, not be used.
-        fs::File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&log)
+        create_private(&log)
     }
 
     /// Whether a `worker.log` is there; an error when it is a symbolic link, which whoever
@@ -302,6 +297,17 @@ impl RuntimeDir {
             .find(|line| !line.is_empty())
             .map(str::to_owned)
     }
+}
+
+/// Creates `path` for writing, owner-only whatever the umask (logs, guest memory and device
+/// state must not be readable by other users), failing if anything is there already.
+pub(crate) fn create_private(path: &Path) -> io::Result<fs::File> {
+    fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 /// Puts the file at `from` at `to`. What was at `to` ends at `from` (`RENAME_EXCHANGE`); with

@@ -32,9 +32,9 @@ use super::machine::{STATE_FILE, partition_failure};
 use super::overlays::{
     check_overlays, create_overlays, io_failure, remove_overlays, switch_back, switch_disks,
 };
-use super::state_folder::create_private;
 use super::state_folder::{MAX_MEMORY_LAYERS, MEMORY_MANIFEST, MemoryManifest};
 use crate::protocol::Failure;
+use crate::runtime::create_private;
 
 /// Pre-copy passes after the first full copy, at most.
 const PRECOPY_PASSES: usize = 4;

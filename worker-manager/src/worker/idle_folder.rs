@@ -13,11 +13,11 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use crate::runtime::RuntimeDir;
+use crate::runtime::{RuntimeDir, create_private};
 
 /// The idle folder with the two listeners and the log prepared in it.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ impl IdleFolder {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let made = create_log(&folder.log_file()).and_then(|log| {
+        let made = create_private(&folder.log_file()).and_then(|log| {
             let control = bind_listener(&folder.control_socket())?;
             let console = bind_listener(&folder.console_socket())?;
             Ok((log, control, console))
@@ -84,16 +84,6 @@ impl Drop for IdleFolder {
             let _ = fs::remove_dir_all(self.folder.path());
         }
     }
-}
-
-/// A new, empty, owner-only file at `path`; anything already there makes this fail.
-fn create_log(path: &Path) -> io::Result<File> {
-    File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
 }
 
 /// Binds a listening socket at `path`, owner-only, replacing a socket file left there.

@@ -10,7 +10,7 @@
 //! is self-contained (it can be copied, hard-linked or exported alone) and committed layers are
 //! never written again. A folder without a manifest is a single full image as before.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::{MEMORY_FILE, STATE_FILE};
 use crate::error::{Error, Result};
+use crate::runtime::create_private;
 
 /// Name of the memory manifest in a state folder.
 pub const MEMORY_MANIFEST: &str = "memory.json";
@@ -134,18 +135,6 @@ pub(crate) fn open_memory(dir: &Path) -> Result<MemoryLayers> {
             })
         }
     }
-}
-
-/// Creates `path` for writing, owner-only whatever the umask (guest memory and device state
-/// must not be readable by other users), failing if it exists.
-pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
 }
 
 /// Writes `state.json` and `memory.bin` into `dir`, each fsynced, then the folder; returns the
